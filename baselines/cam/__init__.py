@@ -1,0 +1,1 @@
+"""The CAM family: a shared multi-label classifier and a toolbox turning class maps into masks."""

@@ -1,0 +1,25 @@
+"""Turning class activation maps into segmentation scores, shared by the CAM-family baselines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalise_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, bilinear upsampling to ``size`` and per-class division by the maximum: (B, C, h, w) ->
+    (B, C, H, W) in [0, 1]."""
+    maps = F.interpolate(F.relu(maps), size=size, mode="bilinear", align_corners=False)
+    peak = maps.amax(dim=(2, 3), keepdim=True)
+    return maps / peak.clamp_min(1e-6)
+
+
+def gate_classes(maps: torch.Tensor, probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Zero the maps of classes the classifier does not predict (probability below ``threshold``).
+
+    The most probable class is always kept, so every image gets a prediction.
+    maps (B, C, H, W), probabilities (B, C) -> (B, C, H, W).
+    """
+    keep = probabilities >= threshold
+    keep[torch.arange(len(keep)), probabilities.argmax(1)] = True
+    return maps * keep[:, :, None, None]

@@ -1,0 +1,3 @@
+from pathmamba.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Checks of a workflow config beyond its JSON schema, and the resolution of per-method settings.
+
+The schema (``workflow/schemas/config.schema.yaml``) checks types and ranges; these checks need the
+registries and the file system. Every message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pathmamba.data.specs import dataset_names, get_dataset_spec
+from pathmamba.registry import method_names
+
+
+class ConfigError(ValueError):
+    """A config value that the workflow cannot run with."""
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` listing every problem found in ``config``."""
+    problems = []
+    for method in config.get("methods", {}):
+        if method not in method_names():
+            problems.append(f"methods.{method}: unknown method; registered methods: {', '.join(method_names())}")
+    for name, entry in config.get("datasets", {}).items():
+        if name not in dataset_names():
+            problems.append(f"datasets.{name}: unknown dataset; known datasets: {', '.join(dataset_names())}")
+            continue
+        spec = get_dataset_spec(name)
+        if "synthetic" in entry and not spec.synthetic:
+            problems.append(f"datasets.{name}.synthetic: only synthetic datasets are generated "
+                            f"(synthetic-luad, synthetic-bcss); give 'root' for {name}")
+        if "root" in entry and not Path(entry["root"]).is_dir():
+            problems.append(f"datasets.{name}.root: {entry['root']!r} is not a directory; expected the "
+                            "extracted dataset folder holding training/, val/ and test/")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def train_settings(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """The training settings of ``method``: the global ``train`` block, then the method's overrides."""
+    return {**config.get("train", {}), **config["methods"][method].get("train", {})}
+
+
+def method_hparams(config: dict[str, Any], method: str) -> dict[str, Any]:
+    return dict(config["methods"][method].get("hparams", {}))

@@ -1,0 +1,1 @@
+"""Datasets: specs of the published datasets, readers, synthetic demo data, torch datasets."""

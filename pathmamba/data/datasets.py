@@ -1,0 +1,99 @@
+"""Torch datasets over indexed files: image-level labels for training, pixel masks for val/test.
+
+Decoding is the hot path of CPU training: one PIL decode, one numpy copy to float, in-place
+normalisation, no per-pixel Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pathmamba.data.readers import read_image, read_mask
+from pathmamba.data.specs import DatasetSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Mean and std on the 0..255 scale, so uint8 pixels are normalised in one subtract and one divide.
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+_STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with the ImageNet mean and std."""
+    chw = image.transpose(2, 0, 1).astype(np.float32)  # a fresh writable copy, so no torch warning
+    return torch.from_numpy(chw).sub_(_MEAN_255).div_(_STD_255)
+
+
+def random_dihedral(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Apply one random flip/rotation by a multiple of 90 degrees to the last two dims of all tensors.
+
+    One draw of ``torch.randint`` picks one of the 8 symmetries of the square (4 rotations, each
+    with or without a horizontal flip; a vertical flip is a horizontal flip plus a half turn), so
+    images and masks stay aligned and DataLoader worker seeding makes the choice reproducible.
+    Tensors are (..., H, W) with H == W, as the 224 px patches are.
+    """
+    choice = int(torch.randint(8, ()))
+    out = []
+    for tensor in tensors:
+        tensor = torch.rot90(tensor, choice % 4, dims=(-2, -1))
+        if choice >= 4:
+            tensor = tensor.flip(-1)
+        out.append(tensor.contiguous())
+    return tuple(out)
+
+
+class ImageLabelDataset(Dataset):
+    """Training images with image-level labels.
+
+    ``items``: (image path, label) pairs, label 4 ints 0/1. ``__getitem__`` returns
+    (image (3, H, W) float32 normalised, label (4,) float32 multi-hot).
+    """
+
+    def __init__(self, items: list[tuple[Path, tuple[int, ...]]], augment: bool = False):
+        self.paths = [Path(path) for path, _ in items]
+        self.labels = torch.tensor([label for _, label in items], dtype=torch.float32)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = to_tensor(read_image(self.paths[index]))
+        if self.augment:
+            (image,) = random_dihedral(image)
+        return image, self.labels[index]
+
+
+class ImageMaskDataset(Dataset):
+    """Images with pixel masks (val/test).
+
+    ``items``: (image path, mask path) pairs. ``__getitem__`` returns (image (3, H, W) float32
+    normalised, mask (H, W) int64 with 0..3 tissue and 4 ignored background, the item's index).
+    """
+
+    def __init__(self, items: list[tuple[Path, Path]], spec: DatasetSpec, augment: bool = False):
+        self.items = [(Path(image), Path(mask)) for image, mask in items]
+        self.spec = spec
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image_path, mask_path = self.items[index]
+        image = read_image(image_path)
+        mask = read_mask(mask_path, self.spec)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {image_path} is "
+                f"{image.shape[1]}x{image.shape[0]} px; expected the same size"
+            )
+        image_tensor = to_tensor(image)
+        mask_tensor = torch.from_numpy(mask.astype(np.int64))
+        if self.augment:
+            image_tensor, mask_tensor = random_dihedral(image_tensor, mask_tensor)
+        return image_tensor, mask_tensor, index

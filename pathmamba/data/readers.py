@@ -1,0 +1,196 @@
+"""Readers of the published dataset formats, shared by the real and the synthetic datasets.
+
+Layout (DESIGN.md section 3): ``<root>/training/*.png`` with the image-level label in the file name,
+``<root>/{val,test}/img/*.png`` with masks of the same name in ``<root>/{val,test}/mask/``.
+``index_dataset`` tolerates the variants seen in the wild and records each one it met in
+``DatasetIndex.tolerated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
+
+EXPECTED_LAYOUT = "<root>/training/*.png, <root>/{val,test}/{img,mask}/*.png"
+TRAIN_FOLDERS = ("training", "train")
+LABEL_EXAMPLE = {"luad": "'[1 0 0 1]'", "bcss": "'[1101]'"}
+RGB_MODES = ("RGB", "RGBA")
+
+
+class LabelError(ValueError):
+    """A training file name does not carry a readable image-level label."""
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder does not have the published layout."""
+
+
+class MaskError(ValueError):
+    """A mask file cannot be read as class indices 0..4."""
+
+
+@dataclass
+class DatasetIndex:
+    """The files of one dataset, sorted by file name.
+
+    ``train``: (image, label) pairs, label a tuple of 4 ints 0/1 in the spec's class order.
+    ``val`` / ``test``: (image, mask) pairs. ``root``: the folder that holds the splits (after
+    descending into a nested top folder). ``tolerated``: one human-readable note per deviation from
+    the published layout that was accepted.
+    """
+
+    root: Path
+    spec: DatasetSpec
+    train: list[tuple[Path, tuple[int, ...]]] = field(default_factory=list)
+    val: list[tuple[Path, Path]] = field(default_factory=list)
+    test: list[tuple[Path, Path]] = field(default_factory=list)
+    tolerated: list[str] = field(default_factory=list)
+
+
+def parse_label(path: Path | str, spec: DatasetSpec) -> tuple[int, ...]:
+    """Image-level label from a training file name: the 0/1 digits between the last '[' and its ']'.
+
+    Spaces are ignored, so both ``...-[1 0 0 1].png`` (LUAD) and ``...+0[1101].png`` (BCSS) read as
+    (1, 0, 0, 1) / (1, 1, 0, 1). Anything else raises ``LabelError`` naming the file.
+    """
+    name = Path(path).name
+    n = len(spec.classes)
+    start = name.rfind("[")
+    end = name.find("]", start + 1)
+    digits = name[start + 1:end].replace(" ", "") if start >= 0 and end >= 0 else None
+    if digits is None or len(digits) != n or set(digits) - {"0", "1"}:
+        found = "no '[...]'" if digits is None else f"{digits!r}"
+        raise LabelError(
+            f"{path}: cannot read the image-level label (found {found}); expected {n} digits of 0/1 "
+            f"between the last '[' and ']', like {LABEL_EXAMPLE[spec.layout]}"
+        )
+    return tuple(int(d) for d in digits)
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of an image file (read-only: copy before writing into it)."""
+    with Image.open(path) as image:
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def read_mask(path: Path | str, spec: DatasetSpec) -> np.ndarray:
+    """(H, W) uint8 class indices 0..4 (4 = white background) of a mask file.
+
+    P- and L-mode masks hold the indices directly; RGB(A) masks are mapped through ``spec.palette``.
+    A colour outside the palette, an index above 4 or another image mode raises ``MaskError``.
+    """
+    with Image.open(path) as image:
+        if image.mode in ("P", "L"):
+            mask = np.asarray(image)
+        elif image.mode in RGB_MODES:
+            mask = _colours_to_indices(np.asarray(image.convert("RGB")), spec, path)
+        else:
+            raise MaskError(
+                f"{path}: mask in image mode {image.mode}; expected a P- or L-mode PNG of class "
+                f"indices 0..{IGNORE_INDEX} or an RGB PNG in the {spec.name} palette"
+            )
+    if mask.max(initial=0) > IGNORE_INDEX:
+        raise MaskError(f"{path}: mask value {mask.max()}; expected class indices 0..{IGNORE_INDEX}")
+    return mask
+
+
+def _colours_to_indices(rgb: np.ndarray, spec: DatasetSpec, path: Path | str) -> np.ndarray:
+    """(H, W) uint8 palette indices of an (H, W, 3) uint8 RGB mask; vectorised via 24-bit colour codes."""
+    codes = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    palette = np.array([(r << 16) | (g << 8) | b for r, g, b in spec.palette], dtype=np.uint32)
+    order = np.argsort(palette)
+    position = np.minimum(np.searchsorted(palette[order], codes), len(palette) - 1)
+    known = palette[order][position] == codes
+    if not known.all():
+        y, x = np.argwhere(~known)[0]
+        raise MaskError(
+            f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at row {y}, column {x} is not in the "
+            f"{spec.name} palette; expected one of {list(spec.palette)}"
+        )
+    return order[position].astype(np.uint8)
+
+
+def _pngs(folder: Path) -> list[Path]:
+    """*.png files of a folder sorted by name; hidden files (macOS '._' resource forks) skipped."""
+    return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+
+
+def _split_root(root: Path, tolerated: list[str]) -> Path:
+    """The folder holding the splits: ``root``, or the folder nested under it (unzip artefact)."""
+    start = root
+    while not any((root / name).is_dir() for name in TRAIN_FOLDERS):
+        # Hidden folders and __MACOSX (zip artefacts) do not count as a second top folder.
+        subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+        if len(subfolders) != 1:
+            break
+        root = subfolders[0]
+    if root != start:
+        tolerated.append(f"nested top folder: the splits are in {root.relative_to(start)}/ under {start}")
+    return root
+
+
+def _training_items(
+    root: Path, spec: DatasetSpec, tolerated: list[str]
+) -> list[tuple[Path, tuple[int, ...]]]:
+    """(image, label) pairs of the training split, from ``training/`` or its alias ``train/``."""
+    folder = root / "training"
+    if not folder.is_dir():
+        folder = root / "train"
+        if not folder.is_dir():
+            raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
+        tolerated.append(f"training images are in {folder.name}/ instead of training/")
+    files = _pngs(folder)
+    if not files:
+        raise DatasetLayoutError(f"{folder}: no *.png training images; expected {EXPECTED_LAYOUT}")
+    return [(path, parse_label(path, spec)) for path in files]
+
+
+def _paired_items(root: Path, split: str, tolerated: list[str]) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of a val/test split, matched by file name."""
+    image_folder, mask_folder = root / split / "img", root / split / "mask"
+    for folder in (image_folder, mask_folder):
+        if not folder.is_dir():
+            raise DatasetLayoutError(f"{folder}: missing folder; expected {EXPECTED_LAYOUT}")
+    images = {p.name: p for p in _pngs(image_folder)}
+    masks = {p.name: p for p in _pngs(mask_folder)}
+    pairs = [(images[name], masks[name]) for name in sorted(images.keys() & masks.keys())]
+    for name in sorted(images.keys() - masks.keys()):
+        tolerated.append(f"{split}: image {name} has no mask in {mask_folder}; skipped")
+    for name in sorted(masks.keys() - images.keys()):
+        tolerated.append(f"{split}: mask {name} has no image in {image_folder}; ignored")
+    if not pairs:
+        raise DatasetLayoutError(
+            f"{root / split}: no image with a mask of the same name; expected {EXPECTED_LAYOUT}"
+        )
+    # Opening a PNG reads its header only, so checking the mode of every mask stays cheap.
+    rgb = 0
+    for _, mask in pairs:
+        with Image.open(mask) as image:
+            rgb += image.mode in RGB_MODES
+    if rgb:
+        tolerated.append(
+            f"{split}: {rgb} of {len(pairs)} masks are RGB, not P mode; read through the palette"
+        )
+    return pairs
+
+
+def index_dataset(root: Path | str, spec: DatasetSpec) -> DatasetIndex:
+    """Index a dataset folder in the published layout; raises ``DatasetLayoutError`` if it is not one.
+
+    Tolerated and noted: a nested top folder, ``train/`` for ``training/``, val/test images without
+    a mask (skipped) and RGB masks. A bad training file name raises ``LabelError``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root}: dataset folder not found; expected {EXPECTED_LAYOUT}")
+    tolerated: list[str] = []
+    root = _split_root(root, tolerated)
+    train = _training_items(root, spec, tolerated)
+    val = _paired_items(root, "val", tolerated)
+    test = _paired_items(root, "test", tolerated)
+    return DatasetIndex(root=root, spec=spec, train=train, val=val, test=test, tolerated=tolerated)

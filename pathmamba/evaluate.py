@@ -1,0 +1,132 @@
+"""Prediction and evaluation on a split: both metric protocols, per-image scores, palette masks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pathmamba.data.datasets import ImageMaskDataset
+from pathmamba.data.readers import index_dataset, read_mask
+from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
+from pathmamba.metrics import SegmentationMeter
+from pathmamba.registry import build_method
+from pathmamba.runtime import atomic_write_json, atomic_write_text, environment_record, resolve_device
+
+log = logging.getLogger("pathmamba.evaluate")
+
+
+def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: scores averaged over identity, horizontal and vertical flips."""
+    scores = model.predict(images)
+    scores = scores + model.predict(images.flip(-1)).flip(-1)
+    scores = scores + model.predict(images.flip(-2)).flip(-2)
+    return scores / 3
+
+
+@torch.no_grad()
+def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = False,
+                  names: list[str] | None = None, on_batch=None) -> SegmentationMeter:
+    """Predict every batch of (image, mask, index) and accumulate the metrics.
+
+    ``on_batch(indices, predicted_masks)`` is called per batch (e.g. to save masks).
+    """
+    model.eval()
+    meter = SegmentationMeter(NUM_CLASSES)
+    for images, masks, indices in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            scores = flip_averaged_scores(model, images) if tta else model.predict(images)
+        predicted = scores.float().argmax(1).cpu()
+        meter.update(predicted, masks, [names[i] for i in indices.tolist()] if names else None)
+        if on_batch is not None:
+            on_batch(indices.tolist(), predicted, masks)
+    return meter
+
+
+def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(palette)
+    image.save(path)
+
+
+def _write_results(out_dir: Path, meter: SegmentationMeter, record: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**record, "protocols": meter.summary()}
+    rows = meter.per_image()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "per_image.csv", buffer.getvalue())
+    atomic_write_json(out_dir / "test_metrics.json", record)
+    return record
+
+
+def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path | None = None,
+             n_masks: int = 4, tta: bool = False, device: str = "auto", batch_size: int = 16,
+             workers: int = 0) -> dict:
+    """Evaluate a trained ``model.pt`` once on the test split of its dataset.
+
+    Writes ``test_metrics.json`` (both protocols, per-class values), ``per_image.csv`` and, into
+    ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
+    name (ground-truth background pixels, which are not scored, shown as background).
+    """
+    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
+    spec = get_dataset_spec(checkpoint["dataset"])
+    index = index_dataset(Path(data_root), spec)
+    torch_device = resolve_device(device)
+    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, **checkpoint["hparams"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(torch_device)
+    names = [image.name for image, _ in index.test]
+    loader = DataLoader(ImageMaskDataset(index.test, spec), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=torch_device.type == "cuda")
+
+    def save_masks(indices: list[int], predicted: torch.Tensor, truth: torch.Tensor) -> None:
+        for i, pred, gt in zip(indices, predicted, truth):
+            if i < n_masks and masks_dir is not None:
+                shown = torch.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred).numpy()
+                save_palette_mask(shown, spec.flat_palette, Path(masks_dir) / names[i])
+
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
+    meter = predict_split(model, loader, torch_device, tta=tta, names=names, on_batch=save_masks)
+    record = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
+              "classes": list(spec.classes), "best_epoch": checkpoint["epoch"],
+              "best_val_mIoU": checkpoint["val_mIoU"], "tta": tta, "test_images": len(names),
+              "environment": environment_record(torch_device)}
+    result = _write_results(Path(out_dir), meter, record)
+    log.info("%s on %s seed %s: test mIoU %.4f mDice %.4f", checkpoint["method"], spec.name,
+             checkpoint["seed"], result["protocols"]["ignore_background"]["mIoU"],
+             result["protocols"]["ignore_background"]["mDice"])
+    return result
+
+
+def evaluate_trivial(dataset: str, data_root: Path, out_dir: Path) -> dict:
+    """The trivial reference: every scored pixel of a test image gets the class that is most frequent
+    in the training labels among the classes present in that image's ground truth.
+
+    It is given the test images' true class sets, so it is an upper bound for "guess one class per
+    image" and a floor that a method learning localisation from image-level labels must clear.
+    """
+    spec = get_dataset_spec(dataset)
+    index = index_dataset(Path(data_root), spec)
+    frequency = np.array([label for _, label in index.train], dtype=np.float64).sum(0)
+    meter = SegmentationMeter(NUM_CLASSES)
+    for image_path, mask_path in index.test:
+        truth = read_mask(mask_path, spec)
+        present = [c for c in range(NUM_CLASSES) if (truth == c).any()]
+        choice = max(present, key=lambda c: frequency[c]) if present else int(frequency.argmax())
+        prediction = np.full_like(truth, choice)
+        meter.update(torch.from_numpy(prediction[None]), torch.from_numpy(truth[None]), [image_path.name])
+    record = {"method": "trivial", "dataset": spec.name, "seed": None, "classes": list(spec.classes),
+              "tta": False, "test_images": len(index.test),
+              "description": "most frequent training class among each test image's true classes"}
+    return _write_results(Path(out_dir), meter, record)

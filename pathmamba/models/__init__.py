@@ -1,0 +1,1 @@
+"""Models: backbones, the selective scan, the Contrastive Mamba Block, MIML and PathMamba."""

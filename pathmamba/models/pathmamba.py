@@ -1,0 +1,217 @@
+"""PathMamba (Fan et al., MICCAI 2024) and its ablation variants, as one model class with flags.
+
+Shapes, for images (B, 3, H, W) and m classes (H, W multiples of 32 keep every grid exact):
+
+    MIML branch     -> Y' logits (B, m, H, W) and 3 side logits (B, m, H, W)       [use_miml]
+    saliency M      = max_c sigmoid(Y')  (B, 1, H, W)                               [use_contrast]
+    CMB encoder     -> 4 stage maps (B, H/4/2^i, W/4/2^i, dims[i]), contrast-modulated by M
+    MLP decoder     -> Y'' logits (B, m, H, W)
+    image level     Yhat = xi GM_r(sigmoid Y') + (1 - xi) GM_r(sigmoid Y'')  (B, m)   (Eq. 3)
+    loss            BCE(Yhat, y) + sum_k lambda_k BCE(GM_r(sigmoid S_k), y)          (Eq. 4, [use_dcl])
+                    S_k: every MIML side map and a 1x1 classifier on every CMB stage
+    predict         xi sigmoid(Y') + (1 - xi) sigmoid(Y''), minus 1 for classes with Yhat < gate
+
+Without MIML, Yhat and the mask use Y'' alone. With ``use_contrast`` and no MIML (pathmamba-b-cmb) the
+saliency comes from the CMB's own class maps: a first pass of encoder + decoder without modulation,
+under no_grad, gives Y'' and M = max_c sigmoid(Y''); the second pass is modulated by it.
+``scan="conv"`` replaces the selective scan by a depthwise convolution (pathmamba-noscan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cmb import CMBEncoder
+from .miml import MIMLBranch
+
+
+def gm_pool(p: torch.Tensor, r: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalized mean over the spatial dims: (B, C, H, W) probabilities -> (B, C).
+
+    (mean p^r)^(1/r): the mean at r = 1, tending to the max as r grows. Computed in float32; the
+    clamp keeps the gradient of the 1/r power finite where every pixel is near zero.
+    """
+    return p.float().clamp_min(eps).pow(r).mean((2, 3)).pow(1.0 / r)
+
+
+def bce(p: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Binary cross-entropy of probabilities, in float32 (torch's BCE refuses to run under autocast)."""
+    p = p.float().clamp(eps, 1 - eps)
+    y = y.float()
+    return -(y * torch.log(p) + (1 - y) * torch.log1p(-p)).mean()
+
+
+class MLPDecoder(nn.Module):
+    """SegFormer's all-MLP head: per-stage linear to ``dim``, upsample to stage 1, concat, fuse, classify.
+
+    Stage maps are channels-last (B, h_i, w_i, dims[i]); returns logits (B, m, h_1, w_1). LayerNorm rather
+    than BatchNorm, so that the no-grad saliency pass of pathmamba-b-cmb leaves no running statistics.
+    """
+
+    def __init__(self, dims: Sequence[int], dim: int, num_classes: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in dims)
+        self.fuse = nn.Linear(len(dims) * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[1:3]
+        ups = [
+            F.interpolate(proj(f).permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+            for proj, f in zip(self.proj, feats)
+        ]
+        x = self.fuse(torch.cat(ups, dim=1).permute(0, 2, 3, 1))
+        return self.classifier(F.gelu(self.norm(x))).permute(0, 3, 1, 2)
+
+
+def _check(name: str, ok: bool, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"PathMamba: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+class PathMamba(nn.Module):
+    """PathMamba with every hyper-parameter of DESIGN.md Sec. 5 as a keyword (paper values as defaults).
+
+    Flags select the variant: ``use_miml`` (pixel-level MIML branch), ``use_contrast`` (contrast
+    modulation in DC-Mamba, Eq. 2), ``use_dcl`` (deep contrast supervision, Eq. 4), ``scan``
+    ("selective" S6 or "conv" depthwise control).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        *,
+        use_miml: bool = True,
+        use_contrast: bool = True,
+        use_dcl: bool = True,
+        scan: str = "selective",
+        # CMB encoder
+        dims: Sequence[int] = (96, 192, 384, 768),
+        depths: Sequence[int] = (2, 2, 9, 2),
+        patch_size: int = 4,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        mlp_ratio: float = 4.0,
+        conv_kernel: int = 7,
+        q: float = 0.2,
+        eta: float = 0.5,
+        decoder_dim: int = 256,
+        # MIML branch
+        backbone: str = "resnet50",
+        pretrained: str = "none",
+        backbone_width: int = 64,
+        side_weights: Sequence[float] = (0.2, 0.35, 0.45),
+        # prediction and loss
+        gm_r: float = 4.0,
+        xi: float = 0.5,
+        gate: float = 0.1,
+        dcl_miml_weights: Sequence[float] = (0.2, 0.35, 0.45),
+        dcl_stage_weights: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
+    ):
+        super().__init__()
+        dims, depths = tuple(int(d) for d in dims), tuple(int(d) for d in depths)
+        _check("depths", len(depths) == len(dims) and min(depths) >= 1, depths, "one depth >= 1 per dim")
+        _check("scan", scan in ("selective", "conv"), scan, "'selective' or 'conv'")
+        _check("q", 0 < q <= 0.5, q, "0 < q <= 0.5")
+        _check("eta", 0 <= eta <= 1, eta, "0 <= eta <= 1")
+        _check("xi", 0 <= xi <= 1, xi, "0 <= xi <= 1")
+        _check("gm_r", gm_r >= 1, gm_r, ">= 1")
+        _check("side_weights", 1 <= len(side_weights) <= 4, side_weights, "1 to 4 weights (ResNet stages)")
+        _check(
+            "dcl_miml_weights",
+            len(dcl_miml_weights) == len(side_weights),
+            dcl_miml_weights,
+            "one weight per side output (len(side_weights))",
+        )
+        _check(
+            "dcl_stage_weights",
+            len(dcl_stage_weights) == len(dims),
+            dcl_stage_weights,
+            "one weight per CMB stage (len(dims))",
+        )
+        self.use_miml, self.use_contrast, self.use_dcl = use_miml, use_contrast, use_dcl
+        self.gm_r, self.xi, self.gate = float(gm_r), float(xi), float(gate)
+        self.dcl_miml_weights = tuple(float(w) for w in dcl_miml_weights)
+        self.dcl_stage_weights = tuple(float(w) for w in dcl_stage_weights)
+
+        self.miml = MIMLBranch(num_classes, backbone, pretrained, side_weights, backbone_width) if use_miml else None
+        self.encoder = CMBEncoder(
+            dims,
+            depths,
+            patch_size,
+            mlp_ratio,
+            d_state=d_state,
+            ssm_ratio=ssm_ratio,
+            dt_rank=dt_rank,
+            d_conv=d_conv,
+            scan=scan,
+            conv_kernel=conv_kernel,
+            q=q,
+            eta=eta,
+        )
+        self.decoder = MLPDecoder(dims, decoder_dim, num_classes)
+        self.stage_classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims) if use_dcl else None
+
+    def _cmb(self, images: torch.Tensor, saliency: torch.Tensor | None):
+        feats = self.encoder(images, saliency)
+        y2 = F.interpolate(self.decoder(feats), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return y2, feats
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """Logits: ``y1`` Y' and ``sides`` (MIML, else None), ``y2`` Y'', ``stages`` (B, m, h_i, w_i)."""
+        y1 = sides = saliency = None
+        if self.miml is not None:
+            y1, sides = self.miml(images)
+            if self.use_contrast:
+                saliency = torch.sigmoid(y1).amax(1, keepdim=True).detach()
+        elif self.use_contrast:
+            with torch.no_grad():
+                saliency = torch.sigmoid(self._cmb(images, None)[0]).amax(1, keepdim=True)
+        y2, feats = self._cmb(images, saliency)
+        stages = None
+        if self.stage_classifiers is not None:
+            stages = [cls(f).permute(0, 3, 1, 2) for cls, f in zip(self.stage_classifiers, feats)]
+        return {"y1": y1, "sides": sides, "y2": y2, "stages": stages}
+
+    def pixel_probs(self, out: dict) -> torch.Tensor:
+        """(B, m, H, W): xi sigmoid(Y') + (1 - xi) sigmoid(Y''), or sigmoid(Y'') without MIML."""
+        p2 = torch.sigmoid(out["y2"].float())
+        if out["y1"] is None:
+            return p2
+        return self.xi * torch.sigmoid(out["y1"].float()) + (1 - self.xi) * p2
+
+    def image_probs(self, out: dict) -> torch.Tensor:
+        """Eq. 3: (B, m) image-level class probabilities."""
+        p2 = gm_pool(torch.sigmoid(out["y2"]), self.gm_r)
+        if out["y1"] is None:
+            return p2
+        return self.xi * gm_pool(torch.sigmoid(out["y1"]), self.gm_r) + (1 - self.xi) * p2
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """BCE of Eq. 3's prediction, plus the deep contrast supervision over side and stage maps."""
+        out = self(images)
+        main = bce(self.image_probs(out), targets)
+        parts = {"bce": main.item()}
+        if not self.use_dcl:
+            return main, parts
+        deep = list(zip(self.dcl_stage_weights, out["stages"]))
+        if out["sides"] is not None:
+            deep += zip(self.dcl_miml_weights, out["sides"])
+        dcl = sum(w * bce(gm_pool(torch.sigmoid(s), self.gm_r), targets) for w, s in deep)
+        parts["dcl"] = dcl.item()
+        return main + dcl, parts
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, m, H, W) scores; classes whose image probability is below ``gate`` drop by 1 and so lose
+        the argmax to every class above it, keeping their order where all classes are gated off."""
+        out = self(images)
+        gated = (self.image_probs(out) < self.gate).float()
+        return self.pixel_probs(out) - gated[:, :, None, None]

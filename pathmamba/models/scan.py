@@ -1,0 +1,316 @@
+"""The selective scan (S6) of Mamba and VMamba's four-direction cross-scan.
+
+``selective_scan`` has the signature and semantics of ``mamba_ssm``'s ``selective_scan_fn``::
+
+    delta = softplus(delta + delta_bias)            (bias and softplus optional)
+    x_t   = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t        x_0 = 0, state (D, N)
+    y_t   = C_t . x_t  (+ D * u_t)  (* silu(z_t))
+
+Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L) or grouped (B, G, N, L), channel d using group
+``d // (D // G)``; D, delta_bias (D,). Returns y (B, D, L) in u's dtype and, with
+``return_last_state``, x_L (B, D, N) in float32 (float64 for float64 inputs).
+
+On CUDA tensors with ``mamba_ssm`` importable it calls the fused kernel. Otherwise it runs
+``selective_scan_chunked``: a sequential loop over L, in chunks of steps, whose hand-written backward
+recomputes the states of one chunk at a time, so memory is O(chunk) rather than O(L) in the state
+dimension. On 2 CPU cores this beat a log-depth parallel scan by 3-10x and a per-step autograd loop
+(mamba_ssm's ``selective_scan_ref``) by about 40x (``notes/mamba-ssm-and-scan.md``).
+``selective_scan_parallel`` (log-depth, work-efficient odd/even scan) and ``selective_scan_ref`` (the
+per-step loop, exact in float64) are the alternatives the tests and ``benchmarks/`` compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _load_fused():
+    """mamba_ssm's fused ``selective_scan_fn``, or None.
+
+    ``import mamba_ssm`` raises without the compiled ``selective_scan_cuda`` extension (it imports it
+    unguarded), so probe the extension and its entry point first; any failure means unavailable.
+    """
+    try:
+        import selective_scan_cuda
+
+        selective_scan_cuda.fwd  # noqa: B018 - a half-built extension lacks its kernels
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:
+        return None
+    return selective_scan_fn
+
+
+FUSED_SELECTIVE_SCAN = _load_fused()
+
+# Bytes of one (T, B, D, N) chunk buffer; backward holds about five of them. Measured on 2 cores
+# (training step of the demo model, and scans at L = 196-3136): 1-4 MiB are within noise of each
+# other, 16 MiB up to 25% slower (the working set leaves the cache), and much smaller chunks pay
+# Python overhead per chunk.
+CHUNK_BYTES = 4 * 2**20
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    # Half-precision states drift over long sequences: scan in float32 at least, like the fused kernel.
+    return torch.promote_types(u.dtype, torch.float32)
+
+
+def _grouped(BC: torch.Tensor) -> torch.Tensor:
+    """(B, N, L) -> (B, 1, N, L); grouped (B, G, N, L) unchanged."""
+    return BC.unsqueeze(1) if BC.dim() == 3 else BC
+
+
+def _selective_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Shared pre- and post-processing around a core ``(u, delta, A, B, C) -> (y, last_state)``.
+
+    The bias, softplus, skip (D) and gate (z) are elementwise over (B, D, L), not over the state
+    dimension N, so plain autograd handles them cheaply; only the core needs care for memory.
+    """
+    dtype_in = u.dtype
+    dtype = _compute_dtype(u)
+    # Under autocast, einsum and matmul inside the core would drop to half precision again.
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(dtype)[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        y, last_state = core(u, delta, A, _grouped(B), _grouped(C))
+        if D is not None:
+            y = y + u * D.to(dtype)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(dtype))
+    y = y.to(dtype_in)
+    return (y, last_state) if return_last_state else y
+
+
+# --- the fallback: chunked sequential scan with a hand-written backward ------------------------------
+
+
+def _chunk_len(Bsz: int, Dch: int, N: int, L: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = CHUNK_BYTES // (Bsz * Dch * N * itemsize)
+    return max(1, min(L, chunk_size))
+
+
+def _chunk_inputs(A, delta_c, u_c, B_c, G):
+    """dA = exp(delta A) and dBu = delta u B for one chunk, as (T, B, D, N) contiguous buffers.
+
+    delta_c, u_c are (T, B, D); B_c is (T, B, G, N).
+    """
+    T, Bsz, Dch = delta_c.shape
+    dA = (delta_c.unsqueeze(-1) * A).exp_()
+    dBu = (delta_c * u_c).view(T, Bsz, G, Dch // G, 1) * B_c.unsqueeze(3)
+    return dA, dBu.view(T, Bsz, Dch, -1)
+
+
+def _scan_states(dA, dBu, x0):
+    """In place: dBu[t] <- dA[t] * x_{t-1} + dBu[t], i.e. dBu becomes the states x_t of the chunk."""
+    x = x0
+    for a_t, x_t in zip(dA.unbind(0), dBu.unbind(0)):
+        x_t.addcmul_(a_t, x)
+        x = x_t
+    return dBu
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Core scan over (L, B, D[, N])-major tensors: u, delta (L, B, D); B, C (L, B, G, N); A (D, N)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk):
+        L, Bsz, Dch = u.shape
+        G, N = B.shape[2], A.shape[1]
+        y = u.new_empty(L, Bsz, Dch)
+        x = u.new_zeros(Bsz, Dch, N)
+        starts = []  # the state entering each chunk, all that backward needs to recompute the rest
+        for s in range(0, L, chunk):
+            e = min(s + chunk, L)
+            starts.append(x)
+            dA, dBu = _chunk_inputs(A, delta[s:e], u[s:e], B[s:e], G)
+            xs = _scan_states(dA, dBu, x)
+            xs_g = xs.view(e - s, Bsz, G, Dch // G, N)
+            y[s:e] = torch.einsum("tbgdn,tbgn->tbgd", xs_g, C[s:e]).reshape(e - s, Bsz, Dch)
+            x = xs[-1].clone()  # a copy, so that the chunk's buffers can be freed
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
+        ctx.chunk = chunk
+        return y, x
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        chunk = ctx.chunk
+        L, Bsz, Dch = u.shape
+        G, N = B.shape[2], A.shape[1]
+        Dg = Dch // G
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA_param = torch.zeros_like(A)
+        # carry = d loss / d x_{s-1} flowing back through step s of the chunk after this one
+        carry = dlast.contiguous() if dlast is not None else u.new_zeros(Bsz, Dch, N)
+        dy = dy.contiguous()
+        for i in reversed(range(len(starts))):
+            s = i * chunk
+            e = min(s + chunk, L)
+            T = e - s
+            x0 = starts[i]
+            d_c, u_c, B_c, C_c, dy_c = delta[s:e], u[s:e], B[s:e], C[s:e], dy[s:e]
+            dA, xs = _chunk_inputs(A, d_c, u_c, B_c, G)
+            xs = _scan_states(dA, xs, x0)
+            xs_g = xs.view(T, Bsz, G, Dg, N)
+            dC[s:e] = torch.einsum("tbgd,tbgdn->tbgn", dy_c.view(T, Bsz, G, Dg), xs_g)
+            # g_t = dL/dx_t = dy_t C_t + dA_{t+1} g_{t+1}, reversed and in place in one buffer
+            g = (dy_c.view(T, Bsz, G, Dg, 1) * C_c.unsqueeze(3)).view(T, Bsz, Dch, N)
+            g[-1].add_(carry)
+            for t in range(T - 2, -1, -1):
+                g[t].addcmul_(dA[t + 1], g[t + 1])
+            g_g = g.view(T, Bsz, G, Dg, N)
+            # through dBu = delta u B
+            gB = torch.einsum("tbgdn,tbgn->tbgd", g_g, B_c).reshape(T, Bsz, Dch)
+            du[s:e] = gB * d_c
+            ddelta[s:e] = gB * u_c
+            dB[s:e] = torch.einsum("tbgdn,tbgd->tbgn", g_g, (d_c * u_c).view(T, Bsz, G, Dg))
+            # through dA = exp(delta A): d(delta A)_t = g_t * x_{t-1} * dA_t
+            h = g.mul_(dA)
+            carry = h[0].clone()
+            h[1:].mul_(xs[:-1])
+            h[0].mul_(x0)
+            # mul + sum: at these shapes 2-7x faster on CPU than einsum's reshapes into bmm
+            ddelta[s:e] += (h * A).sum(-1)
+            dA_param += (h * d_c.unsqueeze(-1)).sum((0, 1))
+        return du, ddelta, dA_param, dB, dC, None
+
+
+def _chunked_core(chunk_size):
+    def core(u, delta, A, B, C):
+        Bsz, Dch, L = u.shape
+        chunk = _chunk_len(Bsz, Dch, A.shape[1], L, u.element_size(), chunk_size)
+        # L-major layout: every step of the loop reads and writes one contiguous (B, D, N) block.
+        y, last = _ChunkedScan.apply(
+            u.permute(2, 0, 1).contiguous(),
+            delta.permute(2, 0, 1).contiguous(),
+            A.contiguous(),
+            B.permute(3, 0, 1, 2).contiguous(),
+            C.permute(3, 0, 1, 2).contiguous(),
+            chunk,
+        )
+        return y.permute(1, 2, 0), last
+
+    return core
+
+
+# --- the alternatives: log-depth parallel scan and the naive reference --------------------------------
+
+
+def _odd_even_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x_t = a_t x_{t-1} + b_t (x_0 = 0) along dim -2, in O(log L) depth and O(L) work.
+
+    Combines neighbouring pairs, scans the half-length problem recursively, then fills in the even
+    positions from their odd predecessors (the odd/even recursion behind Blelloch's scan).
+    """
+    L = a.shape[-2]
+    if L == 1:
+        return b
+    if L % 2:
+        a = F.pad(a, (0, 0, 0, 1), value=1.0)
+        b = F.pad(b, (0, 0, 0, 1))
+    a_e, a_o = a[..., 0::2, :], a[..., 1::2, :]
+    b_e, b_o = b[..., 0::2, :], b[..., 1::2, :]
+    x_o = _odd_even_scan(a_o * a_e, a_o * b_e + b_o)
+    x_e = torch.cat([b_e[..., :1, :], a_e[..., 1:, :] * x_o[..., :-1, :] + b_e[..., 1:, :]], dim=-2)
+    return torch.stack([x_e, x_o], dim=-2).flatten(-3, -2)[..., :L, :]
+
+
+def _expand_groups(BC: torch.Tensor, Dch: int) -> torch.Tensor:
+    """(B, G, N, L) -> (B, D, N, L), channel d reading group d // (D // G)."""
+    return BC.repeat_interleave(Dch // BC.shape[1], dim=1)
+
+
+def _parallel_core(u, delta, A, B, C):
+    Dch = u.shape[1]
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None])  # (B, D, L, N)
+    dBu = (delta * u).unsqueeze(-1) * _expand_groups(B, Dch).transpose(-1, -2)
+    xs = _odd_even_scan(dA, dBu)
+    y = torch.einsum("bdln,bdnl->bdl", xs, _expand_groups(C, Dch))
+    return y, xs[:, :, -1]
+
+
+def _ref_core(u, delta, A, B, C):
+    Bsz, Dch, L = u.shape
+    Bx, Cx = _expand_groups(B, Dch), _expand_groups(C, Dch)
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None])
+    dBu = (delta * u).unsqueeze(-1) * Bx.transpose(-1, -2)
+    x = u.new_zeros(Bsz, Dch, A.shape[1])
+    ys = []
+    for t in range(L):
+        x = dA[:, :, t] * x + dBu[:, :, t]
+        ys.append((x * Cx[..., t]).sum(-1))
+    return torch.stack(ys, dim=2), x
+
+
+# --- public functions, all with mamba_ssm's selective_scan_fn signature -------------------------------
+
+
+def selective_scan_chunked(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    chunk_size: int | None = None,
+):
+    """The CPU fallback: sequential scan in chunks of ``chunk_size`` steps (default: CHUNK_BYTES)."""
+    return _selective_scan(
+        _chunked_core(chunk_size), u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+def selective_scan_parallel(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """Log-depth parallel scan through autograd; memory O(L * N) per channel."""
+    return _selective_scan(
+        _parallel_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """The per-step loop of mamba_ssm's ``selective_scan_ref`` through autograd; exact in float64."""
+    return _selective_scan(_ref_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """The selective scan: mamba_ssm's fused kernel on CUDA when available, else the chunked fallback."""
+    if u.is_cuda and FUSED_SELECTIVE_SCAN is not None:
+        return FUSED_SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# --- VMamba's cross-scan over four directions ---------------------------------------------------------
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    xs = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)
+    return torch.cat([xs, xs.flip(-1)], dim=1)
+
+
+def cross_merge(ys: torch.Tensor) -> torch.Tensor:
+    """(B, 4, C, H, W) -> (B, C, H*W): sum of the four directions, each back in row-major order.
+
+    ``ys`` holds the four scanned sequences of ``cross_scan`` viewed as (H, W) (the column-major ones
+    are still in their scan order), so ``cross_merge(cross_scan(x).view(B, 4, C, H, W))`` is
+    ``4 * x.flatten(2)``.
+    """
+    Bsz, _, Ch, H, W = ys.shape
+    ys = ys.flatten(3)
+    y = ys[:, :2] + ys[:, 2:].flip(-1)
+    return y[:, 0] + y[:, 1].reshape(Bsz, Ch, W, H).transpose(2, 3).flatten(2)

@@ -1,0 +1,93 @@
+"""The method registry: every trainable method, by name.
+
+Entries name their builder as ``"module:callable"`` and are imported only when built, so that listing
+and validating method names (Snakefile start-up, config checks) never imports torch.
+
+Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and returns a
+:class:`torch.nn.Module` with two methods used by the engine (``pathmamba.train``):
+
+``loss(images, targets) -> (loss, parts)``
+    images (B, 3, H, W) float, normalised; targets (B, C) float multi-hot for ``supervision="image"``,
+    or (B, H, W) int64 with ``IGNORE_INDEX`` (4) for ``supervision="pixel"``; ``parts`` is a dict of
+    floats logged per epoch.
+``predict(images) -> scores``
+    (B, C, H, W) float class scores, larger is more likely; the mask is ``scores.argmax(1)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build one method and what supervision it trains with."""
+
+    target: str
+    supervision: str = "image"
+    summary: str = ""
+    preset: dict[str, Any] = field(default_factory=dict)
+
+
+_PATHMAMBA = "pathmamba.models.pathmamba:PathMamba"
+
+METHODS: dict[str, MethodSpec] = {
+    "cam": MethodSpec(
+        "baselines.cam.cam:CAMClassifier",
+        summary="Class activation maps of a multi-label ResNet classifier (Zhou et al., CVPR 2016)",
+    ),
+    # PathMamba's ablation (paper Table 2) and a control: one class, flags in the preset.
+    "pathmamba-b": MethodSpec(
+        _PATHMAMBA,
+        summary="PathMamba baseline (Table 2 a): VMamba-style encoder + MLP head, plain selective scan",
+        preset=dict(use_miml=False, use_contrast=False, use_dcl=False, scan="selective"),
+    ),
+    "pathmamba-b-miml": MethodSpec(
+        _PATHMAMBA,
+        summary="PathMamba baseline + MIML pixel-level branch (Table 2 b)",
+        preset=dict(use_miml=True, use_contrast=False, use_dcl=False, scan="selective"),
+    ),
+    "pathmamba-b-cmb": MethodSpec(
+        _PATHMAMBA,
+        summary="PathMamba baseline + Contrastive Mamba Block, contrast from its own class maps (Table 2 c)",
+        preset=dict(use_miml=False, use_contrast=True, use_dcl=False, scan="selective"),
+    ),
+    "pathmamba-b-miml-cmb": MethodSpec(
+        _PATHMAMBA,
+        summary="PathMamba baseline + MIML + Contrastive Mamba Block (Table 2 d)",
+        preset=dict(use_miml=True, use_contrast=True, use_dcl=False, scan="selective"),
+    ),
+    "pathmamba": MethodSpec(
+        _PATHMAMBA,
+        summary="PathMamba: MIML + Contrastive Mamba Block + Deep Contrast Supervised Loss (Fan et al., MICCAI 2024)",
+        preset=dict(use_miml=True, use_contrast=True, use_dcl=True, scan="selective"),
+    ),
+    "pathmamba-noscan": MethodSpec(
+        _PATHMAMBA,
+        summary="Control: full PathMamba with the selective scan replaced by a depthwise 7x7 convolution",
+        preset=dict(use_miml=True, use_contrast=True, use_dcl=True, scan="conv"),
+    ),
+}
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(METHODS)
+
+
+def get_spec(name: str) -> MethodSpec:
+    """The spec of ``name``; an unknown name raises ``KeyError`` listing the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(method_names())}") from None
+
+
+def build_method(name: str, num_classes: int, **hparams: Any):
+    """Build method ``name`` for ``num_classes`` classes; ``hparams`` override the builder's defaults."""
+    spec = get_spec(name)
+    module_name, _, attr = spec.target.partition(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    return builder(num_classes=num_classes, **{**spec.preset, **hparams})

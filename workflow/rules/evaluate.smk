@@ -1,0 +1,39 @@
+rule evaluate:
+    input:
+        model=f"{RUN_DIR}/model.pt",
+        data=dataset_root,
+    output:
+        metrics=f"{RUN_DIR}/test_metrics.json",
+        per_image=f"{RUN_DIR}/per_image.csv",
+        masks=directory(f"{RUN_DIR}/masks"),
+    params:
+        n_masks=config["evaluate"]["n_masks"],
+        tta="--tta" if config["evaluate"]["tta"] else "--no-tta",
+        device=config["train"].get("device", "auto"),
+        out_dir=RUN_DIR,
+    log:
+        f"{LOG_DIR}/evaluate.log",
+    threads: config["threads_per_job"]
+    conda:
+        "../envs/pathmamba.yaml"
+    shell:
+        "python -m pathmamba evaluate --model {input.model} --data-root {input.data}"
+        " --out {params.out_dir} --masks-dir {output.masks} --n-masks {params.n_masks} {params.tta}"
+        " --device {params.device} --threads {threads} 2> {log}"
+
+
+rule evaluate_trivial:
+    input:
+        data=dataset_root,
+    output:
+        metrics=f"{RESULTS}/runs/{{dataset}}/trivial/test_metrics.json",
+        per_image=f"{RESULTS}/runs/{{dataset}}/trivial/per_image.csv",
+    params:
+        out_dir=f"{RESULTS}/runs/{{dataset}}/trivial",
+    log:
+        f"{RESULTS}/logs/{{dataset}}/trivial.log",
+    conda:
+        "../envs/pathmamba.yaml"
+    shell:
+        "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset} --data-root {input.data}"
+        " --out {params.out_dir} 2> {log}"
