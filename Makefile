@@ -1,9 +1,11 @@
 # Set-up and entry points; `make demo` and `make test` work on a fresh machine with Python >= 3.10.
 VENV ?= .venv
 PYTHON ?= python3
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
+# Rules call `python -m pathmamba`: the virtualenv's python must come first on PATH.
+export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint
+.PHONY: install demo readme report test lint
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,16 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/snakemake --cores all --configfile config/demo.yaml
+
+# The README's results section: the demo run's Table 1, spliced between its markers.
+readme: install
+	$(BIN)/snakemake --cores all --configfile config/demo.yaml
+	$(BIN)/python -m pathmamba readme --table results/demo/tables/table1_comparison.md --readme README.md
+
+# Every table and figure of the demo run in one self-contained HTML file.
+report: install
+	$(BIN)/snakemake --cores all --configfile config/demo.yaml
+	$(BIN)/snakemake --configfile config/demo.yaml --report results/demo/report.html
 
 test: install
 	$(BIN)/python -m pytest

@@ -78,10 +78,148 @@ def _add_aggregate(commands) -> None:
     parser.add_argument("--out-md", required=True, type=Path)
 
 
+def _add_plan(commands) -> None:
+    parser = commands.add_parser("plan", help="GPU jobs and estimated GPU-hours of a workflow config's grid")
+    parser.add_argument("--configfile", required=True, type=Path,
+                        help="workflow config (YAML) with a 'throughput' block")
+
+
+def _add_grid_arguments(parser) -> None:
+    parser.add_argument("--configfile", type=Path, default=None,
+                        help="workflow config (YAML) to take the run folder, datasets, methods and seeds from")
+    parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
+    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
+    parser.add_argument("--paper", type=Path, default=Path(__file__).resolve().parents[1] / "config" / "paper_results.yaml",
+                        help="the paper's reported values (config/paper_results.yaml)")
+    parser.add_argument("--out-dir", required=True, type=Path)
+
+
+def _add_tables(commands) -> None:
+    parser = commands.add_parser("tables", help="Tables 1 and 2, per-class IoU, 5-class protocol and paired "
+                                                "statistics from whatever runs finished")
+    _add_grid_arguments(parser)
+    parser.add_argument("--n-resamples", type=int, default=10000, help="bootstrap resamples")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+
+
+def _add_figures(commands) -> None:
+    parser = commands.add_parser("figures", help="qualitative grid, seed spread, ablation, training curves and "
+                                                 "compute cost (PNG + PDF) from whatever runs finished")
+    _add_grid_arguments(parser)
+    parser.add_argument("--data-root", nargs="+", default=[], metavar="DATASET=FOLDER",
+                        help="dataset folders for the qualitative grid (taken from --configfile when given)")
+    parser.add_argument("--n-images", type=int, default=4, help="test images in the qualitative grid")
+
+
+def _add_readme(commands) -> None:
+    parser = commands.add_parser("readme", help="splice a markdown table into README.md between the "
+                                                "<!-- results:start --> and <!-- results:end --> markers")
+    parser.add_argument("--table", required=True, type=Path, help="e.g. results/demo/tables/table1_comparison.md")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+
+
+def _grid_arguments(args) -> dict:
+    """Run folder, datasets, methods, seeds and dataset folders: explicit arguments win over --configfile."""
+    import yaml
+
+    config = yaml.safe_load(args.configfile.read_text()) if args.configfile else {}
+    resources = config.get("resources_dir", "resources")
+    roots = {name: entry.get("root", f"{resources}/datasets/{name}")
+             for name, entry in config.get("datasets", {}).items()}
+    for item in getattr(args, "data_root", []):
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--data-root: expected DATASET=FOLDER, got {item!r}")
+        roots[name] = folder
+    run_dir = args.run_dir or (Path(config.get("results_dir", "results")) / config["run"] if "run" in config else None)
+    grid = {"run_dir": run_dir, "datasets": args.datasets or list(config.get("datasets", {})),
+            "methods": args.methods or list(config.get("methods", {})),
+            "seeds": args.seeds or [int(seed) for seed in config.get("seeds", [])], "data_roots": roots}
+    missing = [key for key in ("run_dir", "datasets", "methods", "seeds") if not grid[key]]
+    if missing:
+        raise SystemExit(f"{args.command}: give --configfile or --{', --'.join(k.replace('_', '-') for k in missing)}")
+    return grid
+
+
+def _add_fetch_weights(commands) -> None:
+    parser = commands.add_parser("fetch-weights", help="download a backbone's ImageNet weights once, for offline jobs")
+    parser.add_argument("--backbone", required=True, choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--out", required=True, type=Path, help="the weights file to write")
+    parser.add_argument("--url", default=None,
+                        help="a mirror (http(s):// or file://) of torchvision's file; default torchvision's URL")
+
+
+def _add_dataset_commands(commands) -> None:
+    parser = commands.add_parser("download-dataset", help="download a real dataset's published files (resumable)")
+    parser.add_argument("--dataset", required=True, choices=["luad-histoseg", "bcss-wsss"])
+    parser.add_argument("--folder", required=True, type=Path, help="download folder (kept: partial files resume)")
+    parser.add_argument("--record", required=True, type=Path, help="JSON file listing the downloaded files")
+    parser.add_argument("--url", default="", help="one archive at this URL instead of the Google Drive folder")
+
+    parser = commands.add_parser("prepare-dataset", help="verify checksums, extract and normalise a dataset")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--out", required=True, type=Path, help="the canonical dataset folder to create")
+    parser.add_argument("--lock", required=True, type=Path,
+                        help="lock file of the sources' SHA-256 sums: checked if present, else written")
+    sources = parser.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--archive", nargs="+", type=Path, help="zip archive(s) or one extracted folder")
+    sources.add_argument("--downloaded", type=Path, help="the record written by download-dataset")
+
+    parser = commands.add_parser("validate-dataset", help="check every file of a dataset; fail with a summary")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="validation report (JSON), written when valid")
+    parser.add_argument("--image-size", type=int, default=224, help="expected patch side in pixels")
+    parser.add_argument("--counts", choices=["error", "warn"], default="error",
+                        help="a split count other than the published one: a problem or a warning")
+    parser.add_argument("--workers", type=int, default=1, help="decoding threads")
+
+
+def _dataset_command(args) -> None:
+    """download-dataset, prepare-dataset, validate-dataset: expected failures end with their message."""
+    from pathmamba.data import acquire
+    from pathmamba.data.readers import DatasetLayoutError
+    from pathmamba.data.specs import get_dataset_spec
+    from pathmamba.data.validate import validate_dataset
+    from pathmamba.runtime import atomic_write_json
+
+    logger = logging.getLogger("pathmamba.data")
+    expected = (acquire.DownloadFailed, acquire.ChecksumMismatch, acquire.ArchiveError, DatasetLayoutError,
+                FileExistsError, FileNotFoundError, KeyError, ValueError)
+    try:
+        spec = get_dataset_spec(args.dataset)
+        if args.command == "download-dataset":
+            files = acquire.download_dataset(spec, args.folder, args.url or None)
+            origin = {"url": args.url} if args.url else {"gdrive_folder": spec.gdrive_folder}
+            atomic_write_json(args.record, {"dataset": spec.name, "origin": origin, "folder": str(args.folder),
+                                            "files": [str(f) for f in files]})
+        elif args.command == "prepare-dataset":
+            origin = None
+            sources = args.archive
+            if args.downloaded:
+                record = json.loads(args.downloaded.read_text())
+                origin = record["origin"]
+                zips = [Path(f) for f in record["files"] if f.lower().endswith(".zip")]
+                sources = zips or [Path(record["folder"])]
+            manifest = acquire.prepare_dataset(spec, sources, args.out, args.lock, origin)
+            logger.info("prepared %s in %s: %s", spec.name, args.out, manifest["counts"])
+        else:
+            report = validate_dataset(args.data_root, spec, args.image_size, args.counts, args.workers)
+            if not report.ok:
+                raise SystemExit(f"error: {report.summary()}")
+            print(report.summary(), file=sys.stderr)
+            atomic_write_json(args.out, report.to_dict())
+    except expected as error:
+        raise SystemExit(f"error: {error.args[0] if isinstance(error, KeyError) else error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_make_demo_data, _add_train, _add_evaluate, _add_trivial, _add_aggregate):
+    for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_evaluate, _add_trivial, _add_aggregate, _add_plan,
+                _add_tables, _add_figures, _add_readme, _add_fetch_weights):
         add(commands)
     return parser
 
@@ -92,21 +230,26 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if args.command == "make-demo-data":
+    if args.command in ("download-dataset", "prepare-dataset", "validate-dataset"):
+        _dataset_command(args)
+    elif args.command == "make-demo-data":
         from pathmamba.data.synthetic import make_synthetic_dataset
 
         counts = make_synthetic_dataset(args.dataset, args.out, args.n_train, args.n_val, args.n_test,
                                         size=args.size, seed=args.seed)
         logging.getLogger("pathmamba").info("wrote %s to %s: %s", args.dataset, args.out, counts)
     elif args.command == "train":
-        from pathmamba.train import TrainSettings, train
+        from pathmamba.train import TrainingInterrupted, TrainSettings, train
 
         try:
             settings = TrainSettings(**args.settings)
         except TypeError as error:
             raise SystemExit(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}")
-        train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed,
-              args.hparams, settings)
+        try:
+            train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed,
+                  args.hparams, settings)
+        except TrainingInterrupted as interrupted:
+            return 128 + interrupted.signum  # the shell's convention for "killed by this signal"
     elif args.command == "evaluate":
         from pathmamba.evaluate import evaluate
 
@@ -116,8 +259,41 @@ def main(argv: list[str] | None = None) -> int:
         from pathmamba.evaluate import evaluate_trivial
 
         evaluate_trivial(args.dataset, args.data_root, args.out)
+    elif args.command == "fetch-weights":
+        from pathmamba.models.backbones import imagenet_weights_url
+        from pathmamba.runtime import download_file
+
+        official = imagenet_weights_url(args.backbone)
+        # torchvision's file names end with the first hex digits of the file's SHA-256.
+        download_file(args.url or official, args.out, sha256_prefix=official.rsplit("-", 1)[1].split(".")[0])
+        logging.getLogger("pathmamba").info("wrote %s weights to %s", args.backbone, args.out)
     elif args.command == "aggregate":
         from pathmamba.aggregate import write_comparison
 
         write_comparison(args.metrics, args.out_csv, args.out_md)
+    elif args.command == "plan":
+        from pathmamba.config import ConfigError
+        from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
+
+        try:
+            print(format_plan(gpu_jobs(load_workflow_config(args.configfile))))
+        except (ConfigError, KeyError) as error:
+            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
+    elif args.command == "tables":
+        from pathmamba.aggregate import Grid, write_tables
+
+        grid = _grid_arguments(args)
+        write_tables(grid["run_dir"], Grid(grid["datasets"], grid["methods"], grid["seeds"]), args.paper,
+                     args.out_dir, args.n_resamples, args.bootstrap_seed)
+    elif args.command == "figures":
+        from pathmamba.aggregate import load_paper_results
+        from pathmamba.plots import write_figures
+
+        grid = _grid_arguments(args)
+        write_figures(grid["run_dir"], grid["datasets"], grid["methods"], grid["seeds"], grid["data_roots"],
+                      load_paper_results(args.paper), args.out_dir, args.n_images)
+    elif args.command == "readme":
+        from pathmamba.aggregate import splice_readme
+
+        splice_readme(args.readme, args.table)
     return 0

@@ -34,8 +34,21 @@ def check_config(config: dict[str, Any]) -> None:
         if "root" in entry and not Path(entry["root"]).is_dir():
             problems.append(f"datasets.{name}.root: {entry['root']!r} is not a directory; expected the "
                             "extracted dataset folder holding training/, val/ and test/")
+        if "source" in entry and spec.gdrive_folder is None:
+            problems.append(f"datasets.{name}.source: {name} has no published Google Drive folder; "
+                            "give 'archive', 'url' or 'root'")
+        for archive in dataset_archives(entry):
+            if not Path(archive).is_file():
+                problems.append(f"datasets.{name}.archive: {archive!r} is not a file; expected a zip "
+                                "archive of the dataset")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def dataset_archives(entry: dict[str, Any]) -> list[str]:
+    """The hand-downloaded archives of a dataset entry: ``archive`` as a list (empty when not given)."""
+    archive = entry.get("archive", [])
+    return [archive] if isinstance(archive, str) else list(archive)
 
 
 def train_settings(config: dict[str, Any], method: str) -> dict[str, Any]:

@@ -32,8 +32,10 @@ def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = False,
-                  names: list[str] | None = None, on_batch=None) -> SegmentationMeter:
+                  names: list[str] | None = None, on_batch=None, channels_last: bool = False) -> SegmentationMeter:
     """Predict every batch of (image, mask, index) and accumulate the metrics.
+
+    ``channels_last``: feed batches in the NHWC layout (for a model converted to it, on CUDA).
 
     ``on_batch(indices, predicted_masks)`` is called per batch (e.g. to save masks).
     """
@@ -41,6 +43,8 @@ def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = F
     meter = SegmentationMeter(NUM_CLASSES)
     for images, masks, indices in loader:
         images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             scores = flip_averaged_scores(model, images) if tta else model.predict(images)
         predicted = scores.float().argmax(1).cpu()
@@ -85,6 +89,9 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
     model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, **checkpoint["hparams"])
     model.load_state_dict(checkpoint["state_dict"])
     model.to(torch_device)
+    channels_last = torch_device.type == "cuda"  # NHWC: the layout tensor-core convolutions prefer
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     names = [image.name for image, _ in index.test]
     loader = DataLoader(ImageMaskDataset(index.test, spec), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=torch_device.type == "cuda")
@@ -97,7 +104,8 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
 
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
-    meter = predict_split(model, loader, torch_device, tta=tta, names=names, on_batch=save_masks)
+    meter = predict_split(model, loader, torch_device, tta=tta, names=names, on_batch=save_masks,
+                          channels_last=channels_last)
     record = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
               "classes": list(spec.classes), "best_epoch": checkpoint["epoch"],
               "best_val_mIoU": checkpoint["val_mIoU"], "tta": tta, "test_images": len(names),

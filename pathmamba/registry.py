@@ -12,6 +12,11 @@ Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and
     floats logged per epoch.
 ``predict(images) -> scores``
     (B, C, H, W) float class scores, larger is more likely; the mask is ``scores.argmax(1)``.
+
+Optional: ``on_epoch_start(epoch, train_loader, device, dataset)``, called by the engine before each
+epoch (1-based), also the first epoch after a resume; for state that changes between epochs (SC-CAM's
+re-clustering, WSSS-Tissue's stage). That state must live in the model's buffers or be recomputed from
+the weights, so that a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ METHODS: dict[str, MethodSpec] = {
     "cam": MethodSpec(
         "baselines.cam.cam:CAMClassifier",
         summary="Class activation maps of a multi-label ResNet classifier (Zhou et al., CVPR 2016)",
+    ),
+    "gradcam": MethodSpec(
+        "baselines.cam.gradcam:GradCAMClassifier",
+        summary="Grad-CAM (pytorch-grad-cam) of a multi-label ResNet classifier (Selvaraju et al., ICCV 2017)",
+    ),
+    "histosegnet": MethodSpec(
+        "baselines.cam.histosegnet:HistoSegNet",
+        summary="Grad-CAM + white-background and 'other' maps + class subtraction + dense CRF "
+                "(Chan et al., ICCV 2019)",
+    ),
+    "unet": MethodSpec(
+        "baselines.unet:UNet",
+        supervision="pixel",
+        summary="Fully supervised UNet (smp, ResNet-50 encoder), cross-entropy; trained on the val masks "
+                "(the only public pixel labels) with a fixed 80/20 split of val for model selection",
+    ),
+    "sc-cam": MethodSpec(
+        "baselines.cam.sccam:SCCAM",
+        summary="CAM + k-means sub-category head, re-clustered in rounds (Chang et al., CVPR 2020)",
+    ),
+    "c-cam": MethodSpec(
+        "baselines.cam.ccam:CCAM",
+        summary="Causal CAM: category chain + anatomy chain with the tissue mask as prior (Chen et al., CVPR 2022)",
+    ),
+    "wsss-tissue": MethodSpec(
+        "baselines.cam.wsss_tissue:WSSSTissue",
+        summary="Classifier with progressive dropout attention, then DeepLabV3+ on multi-layer Grad-CAM "
+                "pseudo masks (Han et al., MedIA 2022)",
     ),
     # PathMamba's ablation (paper Table 2) and a control: one class, flags in the preset.
     "pathmamba-b": MethodSpec(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import random
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +19,44 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
-    """Seed python, numpy and torch; return the generator that orders the training data.
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) with ``seed``.
 
-    ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (and switches cuDNN's autotuner
-    off), for bitwise-identical GPU runs at some cost in speed.
+    ``deterministic`` turns on ``torch.use_deterministic_algorithms`` and cuDNN's deterministic mode
+    and switches cuDNN's autotuner off, for bitwise-identical GPU runs at some cost in speed. Without
+    it the autotuner is on: it picks the fastest convolution kernels, which may differ run to run.
     """
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this before its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    return torch.Generator().manual_seed(seed)
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG state a resumed run needs to continue exactly where it stopped."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "data": generator.get_state(),
-    }
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. run seed, epoch, item), spread by SHA-256 so
+    that neighbouring tuples give unrelated streams."""
+    digest = hashlib.sha256(",".join(str(int(part)) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch, CUDA) a resumed run needs to continue exactly."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global RNGs back to a state saved by :func:`rng_state`."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -72,7 +82,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     path = Path(path)
     tmp = _temporary_sibling(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            # On disk before the rename: a crash of the machine must not leave an empty checkpoint.
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -100,21 +114,70 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def environment_record(device: torch.device) -> dict[str, Any]:
-    """Package versions, device and git commit, recorded next to every result."""
+#: Distributions whose versions are recorded with every result (those installed).
+RECORDED_PACKAGES = ("pathmamba", "torch", "torchvision", "numpy", "pillow", "scikit-learn",
+                     "segmentation-models-pytorch", "grad-cam", "snakemake")
+
+
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False,
+                                cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def environment_record(device: torch.device) -> dict[str, Any]:
+    """Package versions, device, host and git commit, recorded next to every result.
+
+    ``git_dirty`` is true when the checkout had uncommitted changes (the commit alone then does not
+    say which code ran); both are None outside a git checkout.
+    """
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "packages": versions,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
-        "git_commit": commit,
+        "host": platform.node(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
     }
+
+
+def download_file(url: str, path: Path, sha256_prefix: str | None = None) -> None:
+    """Fetch ``url`` (http(s):// or file://) to ``path`` atomically.
+
+    ``sha256_prefix``: the leading hex digits the file's SHA-256 must start with (torchvision puts
+    them in its weight file names, e.g. ``resnet50-0676ba61.pth``); a mismatch is an error and
+    leaves nothing at ``path``.
+    """
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    digest = hashlib.sha256()
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as handle:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    handle.write(chunk)
+        except urllib.error.URLError as error:
+            raise OSError(f"cannot download {url} to {path}: {error.reason}; without network, fetch the "
+                          f"file elsewhere and give its file:// URL") from None
+        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
+            raise ValueError(f"{url}: SHA-256 {digest.hexdigest()} does not start with {sha256_prefix} "
+                             "as expected; the download is corrupt or the URL serves another file")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

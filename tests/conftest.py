@@ -19,6 +19,8 @@ def snakemake_bin() -> str:
 
 @pytest.fixture(scope="session")
 def workflow_env() -> dict:
+    """The environment for snakemake: this Python first on PATH (the rules call `python`)."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env

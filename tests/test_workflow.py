@@ -37,7 +37,7 @@ def run_snakemake(snakemake_bin, env, workdir: Path, config: dict, *extra: str):
     "change, expected",
     [
         (lambda c: c["methods"].update({"no-such-method": {}}),
-         ["methods.no-such-method: unknown method", "registered methods: cam"]),
+         ["methods.no-such-method: unknown method", "registered methods: ", "pathmamba-b-miml"]),
         (lambda c: c.update(seeds=[0, -1]), ["-1 is less than the minimum of 0", "seeds"]),
         (lambda c: c["datasets"].update({"luad-histoseg": {"root": "/no/such/folder"}}),
          ["datasets.luad-histoseg.root: '/no/such/folder' is not a directory"]),
@@ -70,6 +70,14 @@ def test_pipeline_end_to_end_on_tiny_synthetic_data(tmp_path, snakemake_bin, wor
         for metric in ("mDice", "mIoU", "mPrecision", "mRecall"):
             assert 0.0 <= float(row[f"{metric}_mean"]) <= 1.0
     assert "± " in (results / "tables" / "comparison.md").read_text()
+    with open(results / "tables" / "table1_comparison.csv") as handle:
+        table1 = {(row["dataset"], row["method"], row["metric"]): row for row in csv.DictReader(handle)}
+    for (dataset, method), row in cells.items():
+        assert float(table1[(dataset, method, "mIoU")]["mean"]) == pytest.approx(float(row["mIoU_mean"]), abs=1e-6)
+        assert table1[(dataset, method, "mIoU")]["status"] == "complete"
+    for name in ("qualitative_synthetic-luad", "miou_over_seeds", "ablation", "training_curves", "compute_cost"):
+        for extension in ("png", "pdf"):
+            assert (results / "figures" / f"{name}.{extension}").stat().st_size > 1000
 
     for dataset in TINY["datasets"]:
         for seed in (0, 1):

@@ -2,7 +2,9 @@
 
 Pretrained weights are never fetched silently: ``pretrained`` is ``"none"`` (random init, tests and
 demo), ``"imagenet"`` (torchvision's ImageNet weights through its download cache, ``TORCH_HOME``), or a
-path to a saved state dict. A missing file is an error, not a silent random init.
+path to a saved state dict, such as the workflow's ``resources/weights/<backbone>-imagenet.pth``
+(fetched once by ``python -m pathmamba fetch-weights``, for offline compute nodes). A missing file is
+an error, not a silent random init.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def build_resnet(name: str = "resnet50", pretrained: str = "none", width: int = 
             )
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
+
+
+def imagenet_weights_url(name: str) -> str:
+    """Where torchvision publishes the ImageNet weights of backbone ``name``; the file name ends with
+    the leading hex digits of the file's SHA-256 (``resnet50-0676ba61.pth``)."""
+    if name not in RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(RESNETS)}")
+    return getattr(torchvision.models, RESNETS[name][1]).IMAGENET1K_V1.url
 
 
 def _narrow(model: torchvision.models.ResNet, width: int) -> None:

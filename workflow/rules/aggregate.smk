@@ -1,19 +1,157 @@
-rule aggregate:
+# Tables, statistics and figures of a run; `snakemake --report results/<run>/report.html` gathers them.
+# The CLI commands behind these rules also run by hand on a partial grid (whatever finished):
+#   python -m pathmamba tables --configfile <config> --out-dir results/<run>/tables
+
+from types import SimpleNamespace
+
+
+report: "../report/workflow.rst"
+
+
+PAPER_RESULTS = f"{REPO}/config/paper_results.yaml"
+REPORT_SETTINGS = config["report"]
+TABLES = f"{RESULTS}/tables"
+FIGURES = f"{RESULTS}/figures"
+
+
+# A file of one run; parents[4] of results/<run>/runs/<dataset>/<method>/seed<N>/<name> is results/<run>.
+RUN_FILE = f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/{{name}}"
+
+
+rule tables:
     input:
         trivial=expand(f"{RESULTS}/runs/{{dataset}}/trivial/test_metrics.json", dataset=DATASETS),
-        runs=expand(
-            f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/test_metrics.json",
-            dataset=DATASETS,
-            method=METHODS,
-            seed=SEEDS,
-        ),
+        runs=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="test_metrics.json"),
+        per_image=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="per_image.csv"),
+        paper=PAPER_RESULTS,
     output:
-        csv=f"{RESULTS}/tables/comparison.csv",
-        md=f"{RESULTS}/tables/comparison.md",
+        table1_csv=f"{TABLES}/table1_comparison.csv",
+        table1_html=report(
+            f"{TABLES}/table1_comparison.html",
+            caption="../report/table1.rst",
+            category="Tables",
+            labels={"table": "Table 1: comparison"},
+        ),
+        table1_md=f"{TABLES}/table1_comparison.md",
+        table1_tex=f"{TABLES}/table1_comparison.tex",
+        table2_csv=f"{TABLES}/table2_ablation.csv",
+        table2_html=report(
+            f"{TABLES}/table2_ablation.html",
+            caption="../report/table2.rst",
+            category="Tables",
+            labels={"table": "Table 2: ablation"},
+        ),
+        table2_md=f"{TABLES}/table2_ablation.md",
+        table2_tex=f"{TABLES}/table2_ablation.tex",
+        per_class_csv=f"{TABLES}/per_class_iou.csv",
+        per_class_html=report(
+            f"{TABLES}/per_class_iou.html",
+            caption="../report/per_class.rst",
+            category="Tables",
+            labels={"table": "Per-class IoU"},
+        ),
+        per_class_md=f"{TABLES}/per_class_iou.md",
+        sensitivity_csv=f"{TABLES}/sensitivity_with_background.csv",
+        sensitivity_html=report(
+            f"{TABLES}/sensitivity_with_background.html",
+            caption="../report/sensitivity.rst",
+            category="Tables",
+            labels={"table": "Sensitivity: 5-class protocol"},
+        ),
+        sensitivity_md=f"{TABLES}/sensitivity_with_background.md",
+        statistics_csv=f"{TABLES}/statistics.csv",
+        statistics_html=report(
+            f"{TABLES}/statistics.html",
+            caption="../report/statistics.rst",
+            category="Tables",
+            labels={"table": "Paired statistics"},
+        ),
+        statistics_md=f"{TABLES}/statistics.md",
+        csv=f"{TABLES}/comparison.csv",
+        md=f"{TABLES}/comparison.md",
+    params:
+        run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+        datasets=" ".join(DATASETS),
+        methods=" ".join(METHODS),
+        seeds=" ".join(str(seed) for seed in SEEDS),
+        n_resamples=REPORT_SETTINGS["n_resamples"],
+        bootstrap_seed=REPORT_SETTINGS["bootstrap_seed"],
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     log:
-        f"{RESULTS}/logs/aggregate.log",
+        f"{RESULTS}/logs/tables.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba aggregate {input.runs} {input.trivial}"
-        " --out-csv {output.csv} --out-md {output.md} 2> {log}"
+        "python -m pathmamba tables --run-dir {params.run_dir} --datasets {params.datasets}"
+        " --methods {params.methods} --seeds {params.seeds} --paper {input.paper}"
+        " --n-resamples {params.n_resamples} --bootstrap-seed {params.bootstrap_seed}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule figures:
+    input:
+        # history.csv and the benchmark files are written by the same train job.
+        histories=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="history.csv"),
+        runs=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="test_metrics.json"),
+        masks=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="masks"),
+        data=[dataset_root(SimpleNamespace(dataset=dataset)) for dataset in DATASETS],
+        paper=PAPER_RESULTS,
+    output:
+        *[
+            report(
+                f"{FIGURES}/qualitative_{dataset}.png",
+                caption="../report/qualitative.rst",
+                category="Figures",
+                labels={"figure": f"Qualitative: {dataset}"},
+            )
+            for dataset in DATASETS
+        ],
+        report(
+            f"{FIGURES}/miou_over_seeds.png",
+            caption="../report/seed_spread.rst",
+            category="Figures",
+            labels={"figure": "mIoU over seeds"},
+        ),
+        report(
+            f"{FIGURES}/ablation.png",
+            caption="../report/ablation.rst",
+            category="Figures",
+            labels={"figure": "Ablation (Table 2)"},
+        ),
+        report(
+            f"{FIGURES}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Figures",
+            labels={"figure": "Training curves"},
+        ),
+        report(
+            f"{FIGURES}/compute_cost.png",
+            caption="../report/compute_cost.rst",
+            category="Figures",
+            labels={"figure": "Compute cost"},
+        ),
+        expand(f"{FIGURES}/{{name}}.pdf",
+               name=[*[f"qualitative_{d}" for d in DATASETS], "miou_over_seeds", "ablation",
+                     "training_curves", "compute_cost"]),
+    params:
+        run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+        datasets=" ".join(DATASETS),
+        methods=" ".join(METHODS),
+        seeds=" ".join(str(seed) for seed in SEEDS),
+        data_roots=" ".join(f"{d}={dataset_root(SimpleNamespace(dataset=d))}" for d in DATASETS),
+        n_images=max(1, min(REPORT_SETTINGS["n_images"], config["evaluate"]["n_masks"])),
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    log:
+        f"{RESULTS}/logs/figures.log",
+    conda:
+        "../envs/pathmamba.yaml"
+    shell:
+        "python -m pathmamba figures --run-dir {params.run_dir} --datasets {params.datasets}"
+        " --methods {params.methods} --seeds {params.seeds} --paper {input.paper}"
+        " --data-root {params.data_roots} --n-images {params.n_images} --out-dir {params.out_dir} 2> {log}"

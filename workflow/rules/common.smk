@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,9 +12,10 @@ min_version("8.0")
 # also inside conda environments and cluster jobs (which evaluate this file again).
 REPO = str(Path(workflow.basedir).parent)
 sys.path.insert(0, REPO)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={REPO}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from pathmamba.config import ConfigError, check_config, method_hparams, train_settings
+from pathmamba.config import ConfigError, check_config, dataset_archives, method_hparams, train_settings
+from pathmamba.plan import evaluate_gpu_hours, runtime_minutes, train_gpu_hours
 
 validate(config, "../schemas/config.schema.yaml")
 try:
@@ -37,12 +39,57 @@ wildcard_constraints:
 
 
 def dataset_root(wildcards):
-    """The dataset's folder: generated for synthetic datasets, the configured root otherwise."""
+    """The dataset's folder: the configured root, else the one generated or prepared under resources/."""
     entry = config["datasets"][wildcards.dataset]
-    if "synthetic" in entry:
-        return f"{RESOURCES}/datasets/{wildcards.dataset}"
-    return entry["root"]
+    if "root" in entry:
+        return entry["root"]
+    return f"{RESOURCES}/datasets/{wildcards.dataset}"
+
+
+# Every training job waits for its dataset's validation report, so none starts on invalid data.
+VALIDATION_REPORT = f"{RESULTS}/datasets/{{dataset}}/validation.json"
+
+
+def pretrained_weights(wildcards):
+    """The weights file that the method's `pretrained` hparam names, as a train input when the
+    workflow fetches it (under <resources_dir>/weights/); none for `none`, `imagenet` or other paths."""
+    path = str(method_hparams(config, wildcards.method).get("pretrained", "none"))
+    return [path] if path.startswith(f"{RESOURCES}/weights/") else []
 
 
 def as_json(value):
     return json.dumps(value, sort_keys=True)
+
+
+# --- datasets: which rule makes each one, and its validation settings (rules/data.smk) ---
+
+
+def any_of(names):
+    """A wildcard regex matching exactly these dataset names (nothing when there are none)."""
+    return "|".join(names) or "(?!)"
+
+
+def datasets_with(*keys):
+    return [name for name, entry in config["datasets"].items() if any(key in entry for key in keys)]
+
+
+def prepare_sources(wildcards):
+    """The prepare rule's inputs: hand-downloaded archives, or the download rule's record."""
+    entry = config["datasets"][wildcards.dataset]
+    if "archive" in entry:
+        return dataset_archives(entry)
+    return f"{RESOURCES}/downloads/{wildcards.dataset}.json"
+
+
+def source_arguments(wildcards, input):
+    entry = config["datasets"][wildcards.dataset]
+    if "archive" in entry:
+        return "--archive " + " ".join(shlex.quote(path) for path in input)
+    return f"--downloaded {shlex.quote(str(input[0]))}"
+
+
+def validation_option(wildcards, key):
+    """A validation setting of the dataset: configured, else the default (a synthetic dataset's size)."""
+    entry = config["datasets"][wildcards.dataset]
+    defaults = {"image_size": entry.get("synthetic", {}).get("size", 224), "counts": "error"}
+    return entry.get("validate", {}).get(key, defaults[key])

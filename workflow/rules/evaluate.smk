@@ -10,10 +10,15 @@ rule evaluate:
         n_masks=config["evaluate"]["n_masks"],
         tta="--tta" if config["evaluate"]["tta"] else "--no-tta",
         device=config["train"].get("device", "auto"),
-        out_dir=RUN_DIR,
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     log:
         f"{LOG_DIR}/evaluate.log",
     threads: config["threads_per_job"]
+    resources:
+        mem_mb=lambda wildcards, attempt: 6000 * attempt,
+        runtime=lambda wildcards, attempt: runtime_minutes(
+            evaluate_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
+        ),
     conda:
         "../envs/pathmamba.yaml"
     shell:
@@ -29,7 +34,10 @@ rule evaluate_trivial:
         metrics=f"{RESULTS}/runs/{{dataset}}/trivial/test_metrics.json",
         per_image=f"{RESULTS}/runs/{{dataset}}/trivial/per_image.csv",
     params:
-        out_dir=f"{RESULTS}/runs/{{dataset}}/trivial",
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     log:
         f"{RESULTS}/logs/{{dataset}}/trivial.log",
     conda:

@@ -1,0 +1,72 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017) with the ``grad-cam`` package on the shared classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from baselines.cam.classifier import MultiLabelResNet
+from baselines.cam.toolbox import gate_classes
+
+
+def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torch.Tensor,
+                  num_classes: int) -> torch.Tensor:
+    """Grad-CAM of every class: (B, 3, H, W) images -> (B, C, H, W) maps in [0, 1] on the images' device.
+
+    ``model(images)`` must give (B, C) logits. pytorch-grad-cam weights the activations of
+    ``target_layers`` by the spatial mean of the logit's gradient, applies ReLU, resizes to H x W and
+    scales each map to [0, 1] (min-max per image and class). One forward and backward pass per class.
+    Gradients are needed, so this runs under ``torch.enable_grad`` even when called inside
+    ``torch.no_grad`` (the engine's evaluation), in float32 (the package converts to numpy, which has no
+    bfloat16), and leaves no parameter gradients behind.
+
+    Only the target layers' parameters require gradients meanwhile: their outputs then still carry the
+    gradient Grad-CAM needs, and the backward pass stops at the target layers instead of running through
+    the whole backbone. So each target layer must have parameters (a ResNet stage, a convolution).
+    """
+    for layer in target_layers:
+        if not any(True for _ in layer.parameters()):
+            raise ValueError(f"grad_cam_maps: target layer {type(layer).__name__} has no parameters; "
+                             "choose a layer with weights, e.g. a ResNet stage")
+    maps = []
+    images = images.float()
+    requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for layer in target_layers:
+            for parameter in layer.parameters():
+                parameter.requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(images.device.type, enabled=False), \
+                GradCAM(model=model, target_layers=target_layers) as cam:
+            for c in range(num_classes):
+                maps.append(cam(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)))
+    finally:
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
+    return torch.from_numpy(np.stack(maps, axis=1)).to(images.device)
+
+
+class GradCAMClassifier(MultiLabelResNet):
+    """A :class:`MultiLabelResNet` whose ``predict`` gives gated Grad-CAM maps of its last ResNet layer.
+
+    ``threshold``: classes with a sigmoid probability below it get no pixels (the top class always does).
+    """
+
+    def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
+                 output_stride: int = 8, width: int = 64, threshold: float = 0.5):
+        super().__init__(num_classes, backbone, pretrained, output_stride, width)
+        self.num_classes = num_classes
+        self.threshold = threshold
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C, H, W) in [0, 1]; the mask is their argmax over C."""
+        self.eval()
+        with torch.no_grad():
+            probabilities = torch.sigmoid(self(images.float()))
+        maps = grad_cam_maps(self, [self.features[-1]], images, self.num_classes)
+        return gate_classes(maps, probabilities, self.threshold)

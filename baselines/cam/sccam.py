@@ -1,0 +1,106 @@
+"""SC-CAM (Chang et al., CVPR 2020): sub-category exploration on top of the CAM classifier.
+
+The images of each parent class are clustered (k-means on the classifier's pooled features) into
+``subcategories`` sub-categories; a second 1x1 head over classes x sub-categories is trained jointly
+with the parent head (parent BCE + ``sub_weight`` x sub-category BCE), which pushes the features to
+separate the less discriminative parts of a class. Clustering is redone for ``rounds`` rounds, every
+``cluster_every`` epochs from epoch ``cluster_every + 1`` on. Masks come from the parent head, as CAM.
+
+Sub-category labels: the clustering keeps only the centroids (buffers, so they are checkpointed and a
+resumed run continues with them); a training image's sub-category for each of its classes is the
+nearest centroid of that class to its current pooled feature. The original fixes each image's cluster
+index for the whole round; the engine's loader yields no image identity, and the nearest centroid is
+that index as long as the features move little within a round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from torch import nn
+from torch.utils.data import DataLoader
+
+from baselines.cam.cam import CAMClassifier
+from pathmamba.models.backbones import stage_channels
+
+
+class SCCAM(CAMClassifier):
+    """CAM classifier + sub-category head; ``predict`` is :class:`CAMClassifier`'s.
+
+    Shapes: images (B, 3, H, W) -> features (B, F, h, w) -> parent logits (B, C) and sub-category
+    logits (B, C * K), K = ``subcategories``; centroids (C, K, F).
+    """
+
+    def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
+                 output_stride: int = 8, width: int = 64, threshold: float = 0.5, subcategories: int = 10,
+                 rounds: int = 3, cluster_every: int = 1, sub_weight: float = 5.0, kmeans_seed: int = 0):
+        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
+        if subcategories < 1 or rounds < 1 or cluster_every < 1:
+            raise ValueError(f"sc-cam: subcategories, rounds and cluster_every must be >= 1, got "
+                             f"{subcategories}, {rounds}, {cluster_every}")
+        channels = stage_channels(backbone, width=width)[-1]
+        self.num_classes, self.subcategories = num_classes, subcategories
+        self.rounds, self.cluster_every = rounds, cluster_every
+        self.sub_weight, self.kmeans_seed = sub_weight, kmeans_seed
+        self.sub_classifier = nn.Conv2d(channels, num_classes * subcategories, kernel_size=1, bias=False)
+        self.register_buffer("centroids", torch.zeros(num_classes, subcategories, channels))
+        # A class with fewer training images than K gets fewer clusters; the rest are never assigned.
+        self.register_buffer("centroid_valid", torch.zeros(num_classes, subcategories, dtype=torch.bool))
+        self.register_buffer("rounds_done", torch.zeros((), dtype=torch.long))
+
+    def on_epoch_start(self, epoch: int, loader: DataLoader, device: torch.device, dataset: str) -> None:
+        """Re-cluster at the start of epochs cluster_every + 1, 2 * cluster_every + 1, ... (``rounds`` times)."""
+        due = epoch > 1 and (epoch - 1) % self.cluster_every == 0
+        if due and int(self.rounds_done) < self.rounds:
+            features, labels = self.pooled_training_features(loader, device)
+            self.cluster(features, labels)
+
+    @torch.no_grad()
+    def pooled_training_features(self, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (N, F) and labels (N, C) of every training image, in eval mode."""
+        was_training = self.training
+        self.eval()
+        features, labels = [], []
+        for images, targets in DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False):
+            features.append(self.features(images.to(device)).mean(dim=(2, 3)).float().cpu())
+            labels.append(targets)
+        self.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    def cluster(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """k-means per parent class over the images that carry it; features (N, F), labels (N, C)."""
+        centroids = torch.zeros_like(self.centroids, device="cpu")
+        valid = torch.zeros_like(self.centroid_valid, device="cpu")
+        for c in range(self.num_classes):
+            members = features[labels[:, c] > 0].double().numpy()
+            k = min(self.subcategories, len(members))
+            if k == 0:
+                continue
+            kmeans = KMeans(n_clusters=k, n_init=10, random_state=self.kmeans_seed + int(self.rounds_done))
+            kmeans.fit(members)
+            centroids[c, :k] = torch.from_numpy(kmeans.cluster_centers_).float()
+            valid[c, :k] = True
+        self.centroids.copy_(centroids)
+        self.centroid_valid.copy_(valid)
+        self.rounds_done += 1
+
+    def subcategory_targets(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Multi-hot sub-category labels (B, C * K): for each class of the image, its nearest valid
+        centroid of that class; pooled (B, F), targets (B, C) multi-hot."""
+        distances = torch.cdist(pooled.float(), self.centroids.flatten(0, 1)).view(len(pooled), *self.centroids.shape[:2])
+        distances = distances.masked_fill(~self.centroid_valid, float("inf"))
+        nearest = F.one_hot(distances.argmin(dim=2), self.subcategories).float()  # (B, C, K)
+        return (nearest * targets[:, :, None]).flatten(1)
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Parent BCE, plus ``sub_weight`` x sub-category BCE once a clustering exists."""
+        features = self.features(images)
+        parent = F.binary_cross_entropy_with_logits(self.classifier(features).mean(dim=(2, 3)), targets)
+        if int(self.rounds_done) == 0:
+            return parent, {"parent": float(parent.detach())}
+        pooled = features.mean(dim=(2, 3))
+        sub_logits = self.sub_classifier(features).mean(dim=(2, 3))
+        sub = F.binary_cross_entropy_with_logits(sub_logits, self.subcategory_targets(pooled.detach(), targets))
+        loss = parent + self.sub_weight * sub
+        return loss, {"parent": float(parent.detach()), "subcategory": float(sub.detach())}

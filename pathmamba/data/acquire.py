@@ -1,0 +1,341 @@
+"""Getting a real dataset onto disk: download, verify against a checksum lock, normalise the layout.
+
+Three ways in (DESIGN.md section 3), chosen per dataset in the config:
+
+    source: gdrive   the published Google Drive folder, fetched file by file with gdown
+    url: URL         one archive at a plain URL (a mirror), fetched with gdown too
+    archive: PATH    zip file(s) downloaded by hand (a browser splits a large Drive folder into several)
+    root: PATH       an extracted copy, used in place (nothing here runs for it)
+
+Downloads go to files that gdown names ``<file><8 random chars>.part`` and renames when complete, so a
+partial file is never used; a later call resumes it with an HTTP range request, or restarts from zero
+when the server cannot resume. :func:`prepare_dataset` extracts the archives (zip CRCs checked), moves
+the files into the canonical layout ``<out>/training/*.png, <out>/{val,test}/{img,mask}/*.png`` (the
+variants of :mod:`pathmamba.data.readers` tolerated, RGB masks rewritten as P-mode palette PNGs,
+unpaired val/test images left out) and writes ``<out>/manifest.json``. The SHA-256 of every archive is
+checked against a lock file written on the first successful preparation; a mismatch stops before
+anything is extracted and removes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pathmamba.data.readers import (
+    EXPECTED_LAYOUT,
+    RGB_MODES,
+    TRAIN_FOLDERS,
+    DatasetLayoutError,
+    LabelError,
+    MaskError,
+    _paired_items,
+    _pngs,
+    _split_root,
+    parse_label,
+    read_mask,
+)
+from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
+from pathmamba.runtime import atomic_write_json
+
+log = logging.getLogger("pathmamba.data")
+
+GDRIVE_FILE_URL = "https://drive.google.com/uc?id={}"
+HASH_BLOCK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_RETRIES = 3
+
+
+class DownloadFailed(RuntimeError):
+    """A download did not complete; its partial file is kept for the next attempt to resume."""
+
+
+class ChecksumMismatch(RuntimeError):
+    """A source file's SHA-256 differs from the lock file's."""
+
+
+class ArchiveError(ValueError):
+    """A source archive cannot be read."""
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def partial_files(dest: Path) -> list[Path]:
+    """gdown's partial files of ``dest``: ``<name><8 random chars>.part`` beside it."""
+    if not dest.parent.is_dir():
+        return []
+    return sorted(p for p in dest.parent.iterdir()
+                  if p.name.startswith(dest.name) and p.name.endswith(".part")
+                  and len(p.name) == len(dest.name) + 8 + len(".part"))
+
+
+def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download ``url`` (a Google Drive file link or a plain URL) to ``dest``; return ``dest``.
+
+    ``dest`` only ever appears complete (gdown renames its partial file at the end); an existing
+    ``dest`` is taken as done. A partial file left by an interrupted run is resumed; if the server
+    refuses to resume it, the partial file is discarded and the transfer restarts once from zero.
+    Raises :class:`DownloadFailed` naming the URL and the kept partial file.
+    """
+    import gdown
+    from gdown.exceptions import DownloadError
+
+    dest = Path(dest)
+    if dest.exists():
+        log.info("%s already downloaded", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    quiet = not sys.stderr.isatty()  # progress bars on a terminal, not in log files
+    for attempt in ("resume", "restart") if partial_files(dest) else ("start",):
+        before = _partial_size(dest)
+        log.info("downloading %s to %s (%s)", url, dest, attempt)
+        try:
+            gdown.download(url=url, output=str(dest), quiet=quiet, resume=True, retries=retries,
+                           timeout=timeout)
+            return dest
+        except (DownloadError, OSError) as error:
+            failure = error
+        if attempt == "resume" and _partial_size(dest) == before:
+            # Not one byte added: the server cannot continue this partial file (no range support, or
+            # the file changed), so our partial bytes are worthless and the transfer starts from zero.
+            log.warning("cannot resume %s (%s); restarting from zero", dest, failure)
+            for part in partial_files(dest):
+                part.unlink()
+        else:
+            break
+    parts = ", ".join(str(p) for p in partial_files(dest)) or "none"
+    raise DownloadFailed(f"{url}: download to {dest} failed ({failure}); partial file kept for "
+                         f"the next attempt to resume: {parts}")
+
+
+def _partial_size(dest: Path) -> int:
+    return sum(p.stat().st_size for p in partial_files(dest))
+
+
+def list_gdrive_folder(folder_id: str) -> list[tuple[str, str]]:
+    """(file id, path inside the folder) of every file of a public Google Drive folder (network)."""
+    import gdown
+    from gdown.exceptions import DownloadError
+
+    try:
+        files = gdown.download_folder(id=folder_id, quiet=True, skip_download=True)
+    except (DownloadError, OSError) as error:
+        raise DownloadFailed(
+            f"Google Drive folder {folder_id}: cannot list its files ({error}); without internet access "
+            "here, download the folder by hand and give its zip(s) as 'archive'"
+        ) from None
+    return [(item.id, item.path) for item in files]
+
+
+def download_dataset(spec: DatasetSpec, folder: Path, url: str | None = None) -> list[Path]:
+    """Download ``spec``'s published Google Drive folder (or the archive at ``url``) into ``folder``.
+
+    Returns the downloaded files. Files already complete are kept; partial ones resume.
+    """
+    folder = Path(folder)
+    if url is not None:
+        name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or f"{spec.name}.zip"
+        return [download_file(url, folder / name)]
+    if spec.gdrive_folder is None:
+        raise ValueError(f"{spec.name}: no published Google Drive folder; give 'archive', 'url' or 'root'")
+    files = list_gdrive_folder(spec.gdrive_folder)
+    log.info("%s: %d files in Google Drive folder %s", spec.name, len(files), spec.gdrive_folder)
+    return [download_file(GDRIVE_FILE_URL.format(file_id), folder / path) for file_id, path in files]
+
+
+# --- checksum lock -----------------------------------------------------------------------------------
+
+
+def check_lock(lock: Path, sums: dict[str, str]) -> bool:
+    """Compare ``sums`` (file name -> SHA-256) with the lock file; True if the lock exists and agrees.
+
+    A missing lock returns False (first preparation). Different names or sums raise
+    :class:`ChecksumMismatch` listing each difference; nothing is removed.
+    """
+    lock = Path(lock)
+    if not lock.exists():
+        return False
+    locked = json.loads(lock.read_text())["sha256"]
+    problems = []
+    for name in sorted(sums.keys() | locked.keys()):
+        if name not in locked:
+            problems.append(f"{name}: not in the lock (sha256 {sums[name]})")
+        elif name not in sums:
+            problems.append(f"{name}: in the lock but not among the sources")
+        elif sums[name] != locked[name]:
+            problems.append(f"{name}: sha256 {sums[name]}, the lock has {locked[name]}")
+    if problems:
+        raise ChecksumMismatch(
+            f"{lock}: the sources differ from the checksums recorded on the first verified download:\n  "
+            + "\n  ".join(problems)
+            + f"\nNothing was removed. If the dataset was re-published on purpose, delete {lock} to "
+            "accept the new files; otherwise download them again."
+        )
+    return True
+
+
+def write_lock(lock: Path, dataset: str, sums: dict[str, str]) -> None:
+    atomic_write_json(Path(lock), {"dataset": dataset, "sha256": dict(sorted(sums.items()))})
+
+
+# --- normalisation -----------------------------------------------------------------------------------
+
+
+def _extract(archive: Path, into: Path) -> None:
+    """Extract a zip into ``into``; names escaping it are neutralised by zipfile, CRCs checked on read."""
+    try:
+        with zipfile.ZipFile(archive) as handle:
+            handle.extractall(into)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+        raise ArchiveError(f"{archive}: not a readable zip archive ({error}); download it again") from None
+
+
+def _place(source: Path, target: Path, move: bool) -> None:
+    """Move ``source`` (ours) or link / copy it (the user's or the download cache) to ``target``."""
+    if move:
+        os.replace(source, target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(source, target)
+
+
+def _write_palette_mask(source: Path, target: Path, spec: DatasetSpec) -> bool:
+    """Rewrite an RGB mask as a P-mode palette PNG; False (nothing written) if it cannot be read."""
+    try:
+        mask = read_mask(source, spec)
+    except (MaskError, OSError, SyntaxError, ValueError):
+        return False  # left as it is; validation reports it with its path
+    indexed = Image.fromarray(mask)
+    indexed.putpalette(spec.flat_palette)
+    indexed.save(target)
+    return True
+
+
+def normalise(tree: Path, spec: DatasetSpec, out: Path, move: bool) -> list[str]:
+    """Lay out the dataset found under ``tree`` canonically in the new folder ``out``.
+
+    Returns the notes of what was tolerated (see :func:`pathmamba.data.readers.index_dataset`).
+    Training file names are not parsed here: bad names are validation's to report, all at once.
+    """
+    tolerated: list[str] = []
+    root = _split_root(Path(tree), tolerated)
+    training = next((root / name for name in TRAIN_FOLDERS if (root / name).is_dir()), None)
+    if training is None:
+        raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
+    if training.name != "training":
+        tolerated.append(f"training images are in {training.name}/ instead of training/")
+    (out / "training").mkdir(parents=True)
+    for path in _pngs(training):
+        _place(path, out / "training" / path.name, move)
+    for split in ("val", "test"):
+        (out / split / "img").mkdir(parents=True)
+        (out / split / "mask").mkdir()
+        for image, mask in _paired_items(root, split, tolerated):
+            _place(image, out / split / "img" / image.name, move)
+            with Image.open(mask) as opened:
+                rgb = opened.mode in RGB_MODES
+            if not (rgb and _write_palette_mask(mask, out / split / "mask" / mask.name, spec)):
+                _place(mask, out / split / "mask" / mask.name, move)
+    return tolerated
+
+
+def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
+    """Counts per split, image-level label frequencies and val/test pixel class frequencies of ``out``.
+
+    Unreadable names and masks are skipped here (validation reports them).
+    """
+    names = list(spec.classes) + ["background"]
+    training = _pngs(out / "training")
+    positives = np.zeros(len(spec.classes), dtype=np.int64)
+    for path in training:
+        try:
+            positives += parse_label(path, spec)
+        except LabelError:
+            continue
+    stats = {
+        "counts": {"training": len(training)},
+        "label_frequency": {c: int(n) for c, n in zip(spec.classes, positives)},
+        "pixel_frequency": {},
+    }
+    for split in ("val", "test"):
+        masks = _pngs(out / split / "mask")
+        stats["counts"][split] = len(masks)
+        pixels = np.zeros(IGNORE_INDEX + 1, dtype=np.int64)
+        for path in masks:
+            try:
+                pixels += np.bincount(read_mask(path, spec).ravel(), minlength=IGNORE_INDEX + 1)
+            except (MaskError, OSError, SyntaxError, ValueError):
+                continue
+        total = max(int(pixels.sum()), 1)
+        stats["pixel_frequency"][split] = {c: round(int(n) / total, 6) for c, n in zip(names, pixels)}
+    return stats
+
+
+def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Path,
+                    origin: dict | None = None) -> dict:
+    """Build the canonical dataset ``out`` from ``sources`` and return its manifest.
+
+    ``sources``: zip archives (all extracted into one tree, as the parts of a split Drive download)
+    or one folder holding the extracted tree (a Drive folder downloaded file by file). Their SHA-256
+    sums are checked against ``lock`` (or written to it when it does not exist yet, after the dataset
+    was built). ``origin`` (how the sources were obtained) is recorded in the manifest. ``out`` is
+    built in a hidden sibling and renamed at the end, so it is complete or absent.
+    """
+    sources = [Path(s) for s in sources]
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it to prepare {spec.name} again")
+    for source in sources:
+        if not source.exists():
+            raise FileNotFoundError(f"{source}: source of {spec.name} not found")
+    folders = [s for s in sources if s.is_dir()]
+    if folders and len(sources) > 1:
+        raise ValueError(f"{spec.name}: give zip archives or one extracted folder, not both: {sources}")
+    files = sorted(p for p in folders[0].rglob("*") if p.is_file()) if folders else sources
+    base = folders[0] if folders else None
+    sums = {(p.relative_to(base).as_posix() if base else p.name): sha256(p) for p in files}
+    locked = check_lock(lock, sums)
+
+    building = out.parent / f".{out.name}.building-{os.getpid()}"
+    extracted = out.parent / f".{out.name}.extracting-{os.getpid()}"
+    try:
+        if folders:
+            tolerated = normalise(folders[0], spec, building, move=False)
+        else:
+            for archive in sources:
+                _extract(archive, extracted)
+            tolerated = normalise(extracted, spec, building, move=True)
+            # Name the archives, not the temporary folder they were extracted to.
+            archives = " + ".join(source.name for source in sources)
+            tolerated = [note.replace(str(extracted), archives) for note in tolerated]
+        manifest = {"dataset": spec.name, "origin": origin or {"archives": [str(s) for s in sources]},
+                    "sha256": sums, **dataset_statistics(building, spec), "tolerated": tolerated}
+        atomic_write_json(building / "manifest.json", manifest)
+        building.rename(out)
+    finally:
+        shutil.rmtree(extracted, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
+    if not locked:
+        write_lock(lock, spec.name, sums)
+        log.info("%s: wrote the checksums of %d source files to %s", spec.name, len(sums), lock)
+    for note in tolerated:
+        log.warning("%s: %s", spec.name, note)
+    return manifest

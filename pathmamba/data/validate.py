@@ -1,0 +1,238 @@
+"""Validation of a dataset folder before any training job (DESIGN.md section 3).
+
+Checks, each problem recorded with the path of its file:
+
+- layout: a training folder and ``{val,test}/{img,mask}``, none of them empty (the variants that
+  :func:`pathmamba.data.readers.index_dataset` tolerates are noted, not failed);
+- counts per split: exactly the published ones for a real dataset (``spec.counts``); a difference is a
+  problem, or only a warning with ``counts="warn"``;
+- training file names: a label readable by :func:`~pathmamba.data.readers.parse_label`, written in the
+  dataset's own form (``[1 0 0 1]`` for LUAD, ``[1101]`` for BCSS), with at least one positive class;
+- every image decodes completely, is RGB and ``image_size`` x ``image_size`` px;
+- every mask decodes to class indices 0..4 (:func:`~pathmamba.data.readers.read_mask`) and has the size
+  of its image.
+
+Files are decoded in a thread pool (PIL releases the GIL while decoding).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from pathmamba.data.readers import (
+    RGB_MODES,
+    TRAIN_FOLDERS,
+    DatasetLayoutError,
+    LabelError,
+    MaskError,
+    _paired_items,
+    _pngs,
+    _split_root,
+    parse_label,
+    read_mask,
+)
+from pathmamba.data.specs import DatasetSpec
+
+#: The label part of a training file name as each dataset writes it.
+LABEL_FORMS = {"luad": (re.compile(r"\[[01]( [01]){3}\]\.png$"), "'...-[1 0 0 1].png'"),
+               "bcss": (re.compile(r"\[[01]{4}\]\.png$"), "'...+0[1101].png'")}
+COUNT_POLICIES = ("error", "warn")
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of one file (or folder): ``kind`` groups problems in the summary."""
+
+    path: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate_dataset`; ``ok`` when there is no problem."""
+
+    dataset: str
+    root: str
+    image_size: int
+    counts: dict[str, int]
+    expected_counts: dict[str, int] | None
+    checked_files: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tolerated: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record["ok"] = self.ok
+        record["problem_kinds"] = dict(Counter(p.kind for p in self.problems).most_common())
+        return record
+
+    def summary(self, limit: int | None = None) -> str:
+        """A few lines for a human: the verdict, counts, notes, then the problems with their paths
+        (the first ``limit`` of them, all if None)."""
+        counts = ", ".join(f"{split} {n}" for split, n in self.counts.items())
+        lines = []
+        if self.ok:
+            lines.append(f"{self.dataset}: valid ({self.root}): {counts}; {self.checked_files} files "
+                         f"checked, images {self.image_size}x{self.image_size} px")
+        else:
+            files = len({p.path for p in self.problems})
+            kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(p.kind for p in self.problems).most_common())
+            lines.append(f"{self.dataset}: INVALID ({self.root}): {len(self.problems)} problems in {files} "
+                         f"files ({kinds}); {counts}; {self.checked_files} files checked")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  tolerated: {t}" for t in self.tolerated]
+        lines += [f"  {p}" for p in self.problems[:limit]]
+        if limit is not None and len(self.problems) > limit:
+            lines.append(f"  ... and {len(self.problems) - limit} more problems (all in the log)")
+        return "\n".join(lines)
+
+
+class DatasetInvalid(ValueError):
+    """A dataset failed validation; the message is the report's summary."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__(report.summary())
+        self.report = report
+
+
+def _problem_from(error: Exception, path: Path, kind: str) -> Problem:
+    """A problem from a reader's error, whose message starts with the path already."""
+    return Problem(str(path), kind, str(error).removeprefix(f"{path}: "))
+
+
+def check_image(path: Path, size: int) -> tuple[list[Problem], tuple[int, int] | None]:
+    """Problems of one image file and its (width, height), None if it does not decode."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte: a truncated file fails here, not in training
+            mode, shape = image.mode, image.size
+    except UnidentifiedImageError:
+        return [Problem(str(path), "unreadable image", "not an image file (PIL cannot identify it); "
+                        "expected a PNG")], None
+    except DECODE_ERRORS as error:
+        return [Problem(str(path), "unreadable image", f"does not decode ({error}); the file is damaged "
+                        "or incomplete")], None
+    problems = []
+    if mode not in RGB_MODES:
+        problems.append(Problem(str(path), "image mode", f"image mode {mode}; expected RGB"))
+    if shape != (size, size):
+        problems.append(Problem(str(path), "image size", f"image is {shape[0]}x{shape[1]} px; expected "
+                                f"{size}x{size}"))
+    return problems, shape
+
+
+def check_pair(image: Path, mask: Path, spec: DatasetSpec, size: int) -> list[Problem]:
+    """Problems of one val/test image and its mask."""
+    problems, shape = check_image(image, size)
+    try:
+        values = read_mask(mask, spec)
+    except UnidentifiedImageError:
+        return problems + [Problem(str(mask), "unreadable mask", "not an image file (PIL cannot identify "
+                                   "it); expected a PNG")]
+    except MaskError as error:
+        return problems + [_problem_from(error, mask, "mask values")]
+    except DECODE_ERRORS as error:
+        return problems + [Problem(str(mask), "unreadable mask", f"does not decode ({error}); the file "
+                                   "is damaged or incomplete")]
+    if shape is not None and values.shape[::-1] != shape:
+        problems.append(Problem(str(mask), "mask size", f"mask is {values.shape[1]}x{values.shape[0]} px "
+                                f"but its image {image} is {shape[0]}x{shape[1]} px; expected the same size"))
+    return problems
+
+
+def check_training_name(path: Path, spec: DatasetSpec) -> list[Problem]:
+    """Problems of one training file name: its label, its form, at least one positive class."""
+    try:
+        label = parse_label(path, spec)
+    except LabelError as error:
+        return [_problem_from(error, path, "label")]
+    form, example = LABEL_FORMS[spec.layout]
+    if not form.search(path.name):
+        return [Problem(str(path), "label form", f"label not written as {spec.name} writes it, "
+                        f"like {example}; is this file from another dataset?")]
+    if not any(label):
+        return [Problem(str(path), "no positive label", f"label {list(label)} has no tissue class; "
+                        "expected at least one 1 per training image")]
+    return []
+
+
+def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
+    folder = next((root / name for name in TRAIN_FOLDERS if (root / name).is_dir()), None)
+    if folder is None:
+        problems.append(Problem(str(root / "training"), "layout", "missing training folder; expected "
+                                "<root>/training/*.png"))
+        return []
+    files = _pngs(folder)
+    if not files:
+        problems.append(Problem(str(folder), "layout", "empty split folder: no *.png training images"))
+    return files
+
+
+def _pairs(root: Path, split: str, problems: list[Problem], tolerated: list[str]) -> list[tuple[Path, Path]]:
+    image_folder = root / split / "img"
+    if image_folder.is_dir() and not _pngs(image_folder):
+        problems.append(Problem(str(image_folder), "layout", "empty split folder: no *.png images"))
+        return []
+    try:
+        return _paired_items(root, split, tolerated)
+    except DatasetLayoutError as error:
+        path = str(error).split(": ", 1)[0]  # the readers' messages start with the folder's path
+        problems.append(_problem_from(error, Path(path), "layout"))
+        return []
+
+
+def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, counts: str = "error",
+                     workers: int = 1) -> ValidationReport:
+    """Check every file of the dataset at ``root``; return the report (raises nothing for bad data).
+
+    ``counts``: ``"error"`` makes a split count other than the published one a problem, ``"warn"``
+    only a warning. ``workers``: decoding threads.
+    """
+    if counts not in COUNT_POLICIES:
+        raise ValueError(f"counts={counts!r}; expected one of {COUNT_POLICIES}")
+    root = Path(root)
+    report = ValidationReport(spec.name, str(root), image_size, {}, spec.counts)
+    if not root.is_dir():
+        report.problems.append(Problem(str(root), "layout", "dataset folder not found"))
+        return report
+    root = _split_root(root, report.tolerated)
+    training = _training_files(root, report.problems)
+    pairs = {split: _pairs(root, split, report.problems, report.tolerated) for split in ("val", "test")}
+    report.counts = {"training": len(training), **{split: len(items) for split, items in pairs.items()}}
+
+    for path in training:
+        report.problems += check_training_name(path, spec)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = list(pool.map(lambda path: check_image(path, image_size)[0], training))
+        for split, items in pairs.items():
+            decoded += pool.map(lambda pair: check_pair(*pair, spec, image_size), items)
+    for problems in decoded:
+        report.problems += problems
+    report.checked_files = len(training) + 2 * sum(len(items) for items in pairs.values())
+
+    for split, expected in (spec.counts or {}).items():
+        found = report.counts[split]
+        if found != expected:
+            message = f"{split}: {found} usable files, {spec.name} has {expected} ({found - expected:+d})"
+            if counts == "error":
+                report.problems.append(Problem(str(root / split), "count", message + "; an incomplete "
+                                               "download or extraction? (validate.counts: warn accepts it)"))
+            else:
+                report.warnings.append(message)
+    return report

@@ -1,0 +1,234 @@
+"""Aggregation into the paper's tables, on hand-built run folders with known numbers."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from pathmamba.aggregate import (
+    Grid,
+    finished_runs,
+    latex_results,
+    load_metrics,
+    load_paper_results,
+    results_table,
+    splice_readme,
+    write_tables,
+)
+from pathmamba.cli import main
+from pathmamba.data.specs import get_dataset_spec
+from pathmamba.metrics import METRICS
+
+PAPER = REPO / "config" / "paper_results.yaml"
+
+
+def write_run(run_dir: Path, dataset: str, method: str, seed, scores: dict, per_image: dict | None = None,
+              with_background: dict | None = None) -> Path:
+    """A finished run as evaluation writes it: test_metrics.json (both protocols) and per_image.csv.
+
+    scores: the four m-metrics plus ``IoU`` (per-class list); per_image: ``{image name: mIoU}``.
+    """
+    folder = run_dir / "runs" / dataset / method / ("" if seed is None else f"seed{seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    protocol = {metric: scores[metric] for metric in METRICS}
+    protocol["per_class"] = {"IoU": scores.get("IoU", [scores["mIoU"]] * 4)}
+    other = dict(protocol, **(with_background or {}))
+    record = {"method": method, "dataset": dataset, "seed": seed, "classes": list(get_dataset_spec(dataset).classes),
+              "protocols": {"ignore_background": protocol, "with_background": other}}
+    (folder / "test_metrics.json").write_text(json.dumps(record))
+    per_image = per_image or {"a.png": scores["mIoU"]}
+    rows = [{"image": name, "mDice": v, "mIoU": v, "mPrecision": v, "mRecall": v, "pixels": 100}
+            for name, v in per_image.items()]
+    pd.DataFrame(rows).to_csv(folder / "per_image.csv", index=False)
+    return folder
+
+
+def scores_of(value: float, **overrides) -> dict:
+    return {**{metric: value for metric in METRICS}, **overrides}
+
+
+@pytest.fixture()
+def partial_run(tmp_path):
+    """luad-histoseg: pathmamba 3 seeds (mIoU 0.5/0.6/0.7), cam only seeds 0 and 1, pathmamba-b none."""
+    run_dir = tmp_path / "results" / "r"
+    images = ["i0.png", "i1.png", "i2.png", "i3.png"]
+    for seed, value in zip((0, 1, 2), (0.5, 0.6, 0.7)):
+        write_run(run_dir, "luad-histoseg", "pathmamba", seed,
+                  scores_of(value, mDice=0.8 + 0.01 * seed, IoU=[value, value + 0.1, value - 0.1, value]),
+                  per_image={name: value + 0.1 * i for i, name in enumerate(images)},
+                  with_background={"mIoU": value / 2})
+    for seed, value in zip((0, 1), (0.3, 0.4)):
+        write_run(run_dir, "luad-histoseg", "cam", seed, scores_of(value),
+                  per_image={name: value for name in images})
+    write_run(run_dir, "luad-histoseg", "trivial", None, scores_of(0.2), per_image={name: 0.2 for name in images})
+    grid = Grid(["luad-histoseg"], ["cam", "pathmamba-b", "pathmamba"], [0, 1, 2])
+    return run_dir, grid
+
+
+def test_paper_results_transcribe_table1_and_table2():
+    paper = load_paper_results(PAPER)
+    assert paper["table1"]["bcss-wsss"]["histosegnet"]["mIoU"] == 0.276
+    assert paper["table1"]["luad-histoseg"]["unet"] == {"label": "UNet [16]", "mDice": 0.840, "mIoU": 0.770,
+                                                         "mPrecision": 0.862, "mRecall": 0.855}
+    assert list(paper["table2"]["luad-histoseg"]) == ["pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb",
+                                                      "pathmamba-b-miml-cmb", "pathmamba"]
+    # The paper's full model (Table 2 f) is its Table 1 LUAD row.
+    full = paper["table2"]["luad-histoseg"]["pathmamba"]
+    assert {m: full[m] for m in METRICS} == {m: paper["table1"]["luad-histoseg"]["pathmamba"][m] for m in METRICS}
+
+
+def test_paper_results_reject_a_missing_metric(tmp_path):
+    bad = tmp_path / "paper.yaml"
+    bad.write_text("table1: {luad-histoseg: {cam: {mDice: 0.5}}}\ntable2: {}\n")
+    with pytest.raises(ValueError, match=r"table1.luad-histoseg.cam lacks numeric mIoU, mPrecision, mRecall"):
+        load_paper_results(bad)
+
+
+def test_partial_grid_gives_exact_means_flags_and_missing_cells(partial_run):
+    run_dir, grid = partial_run
+    runs = finished_runs(run_dir, grid)
+    assert sorted(runs["method"].unique()) == ["cam", "pathmamba", "trivial"]
+    metrics = load_metrics([Path(p) / "test_metrics.json" for p in runs["path"]])
+    table = results_table(metrics, [*grid.methods, "trivial"], grid.datasets, 3,
+                          load_paper_results(PAPER)["table1"])
+    cell = table.set_index(["method", "metric"])
+    assert cell.loc[("pathmamba", "mIoU"), "mean"] == pytest.approx(0.6, abs=1e-12)
+    assert cell.loc[("pathmamba", "mIoU"), "std"] == pytest.approx(0.1, abs=1e-12)
+    assert cell.loc[("pathmamba", "mIoU"), "paper"] == 0.767
+    assert cell.loc[("pathmamba", "mIoU"), "difference"] == pytest.approx(0.6 - 0.767, abs=1e-12)
+    assert cell.loc[("pathmamba", "mDice"), "mean"] == pytest.approx(0.81, abs=1e-12)
+    assert cell.loc[("pathmamba", "mIoU"), "status"] == "complete"
+    assert cell.loc[("cam", "mIoU"), "status"] == "incomplete"
+    assert cell.loc[("cam", "mIoU"), "n_seeds"] == 2
+    assert cell.loc[("cam", "mIoU"), "std"] == pytest.approx(math.sqrt(0.005), abs=1e-12)
+    assert math.isnan(cell.loc[("cam", "mIoU"), "paper"])
+    assert cell.loc[("pathmamba-b", "mIoU"), "status"] == "missing"
+    assert cell.loc[("trivial", "mIoU"), "status"] == "complete"
+    assert cell.loc[("trivial", "mIoU"), "supervision"].startswith("reference")
+    assert cell.loc[("pathmamba", "mIoU"), "best"] and not cell.loc[("cam", "mIoU"), "best"]
+    assert not cell.loc[("trivial", "mIoU"), "best"]
+
+
+def test_write_tables_on_a_partial_grid(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    out = tmp_path / "tables"
+    tables = write_tables(run_dir, grid, PAPER, out, n_resamples=500, bootstrap_seed=3)
+    for name in ("table1_comparison.csv", "table1_comparison.md", "table1_comparison.tex",
+                 "table2_ablation.csv", "table2_ablation.md", "table2_ablation.tex", "per_class_iou.csv",
+                 "per_class_iou.md", "sensitivity_with_background.csv", "sensitivity_with_background.md",
+                 "statistics.csv", "statistics.md", "comparison.csv", "comparison.md", "table1_comparison.html",
+                 "table2_ablation.html", "per_class_iou.html", "sensitivity_with_background.html", "statistics.html"):
+        assert (out / name).stat().st_size > 0, name
+
+    table1 = (out / "table1_comparison.md").read_text()
+    pathmamba_line = next(line for line in table1.splitlines() if line.startswith("| pathmamba |"))
+    assert "**0.600** ± 0.100 (paper 0.767, Δ −0.167)" in pathmamba_line
+    html = (out / "table1_comparison.html").read_text()
+    assert "<td><b>0.600</b> ± 0.100 (paper 0.767, Δ −0.167)</td>" in html and html.count("<tr>") == 1 + 4
+    cam_line = next(line for line in table1.splitlines() if line.startswith("| cam |"))
+    assert "2/3 (incomplete)" in cam_line and "0.350 ± 0.071" in cam_line
+    assert "| pathmamba-b | weak (image labels) | — | — | — | — | — |" in table1
+
+    # Ablation: both rows of the configured variants, paper values from Table 2.
+    assert "| f: B+MIML+CMB+DCL (Ours) (pathmamba) | weak (image labels) | 3 |" in (out / "table2_ablation.md").read_text()
+    table2 = tables["table2"].set_index(["method", "metric"])
+    assert list(dict.fromkeys(tables["table2"]["method"])) == ["pathmamba-b", "pathmamba"]
+    assert table2.loc[("pathmamba-b", "mIoU"), "paper"] == 0.701
+
+    per_class = tables["per_class"].set_index(["method", "class"])
+    assert per_class.loc[("pathmamba", "NEC"), "IoU_mean"] == pytest.approx(0.7, abs=1e-12)
+    sensitivity = tables["sensitivity"].set_index(["method", "metric"])
+    assert sensitivity.loc[("pathmamba", "mIoU"), "mean"] == pytest.approx(0.3, abs=1e-12)
+    assert "SENSITIVITY" in (out / "sensitivity_with_background.md").read_text()
+
+    # Paired statistics: per image, pathmamba pools its seeds to (0.6 + 0.1 i), cam to 0.35.
+    stats = tables["statistics"]
+    assert list(stats["other"]) == ["cam", "trivial"]
+    assert stats.iloc[1]["other_seeds"] == "none" and stats.iloc[1]["mean_diff"] == pytest.approx(0.75 - 0.2)
+    row = stats.iloc[0]
+    assert row["n_images"] == 4
+    assert row["mean_diff"] == pytest.approx(0.6 + 0.15 - 0.35, abs=1e-12)
+    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
+    assert row["reference_seeds"] == "0,1,2" and row["other_seeds"] == "0,1"
+
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison.columns) == ["dataset", "method", "mDice_mean", "mDice_std", "mIoU_mean", "mIoU_std",
+                                        "mPrecision_mean", "mPrecision_std", "mRecall_mean", "mRecall_std", "n_seeds"]
+
+
+def tabular_columns(tex: str) -> tuple[int, list[int]]:
+    """Columns declared by the tabular's spec, and the cells of each row."""
+    spec = re.search(r"\\begin\{tabular\}\{([^}]*)\}", tex).group(1)
+    declared = len(re.sub(r"[^lcr]", "", spec))
+    rows = [line for line in tex.splitlines() if line.endswith("\\\\")]
+    counts = []
+    for line in rows:
+        cells = re.split(r"(?<!\\)&", line)
+        multi = sum(int(n) - 1 for n in re.findall(r"\\multicolumn\{(\d+)\}", line))
+        counts.append(len(cells) + multi)
+    return declared, counts
+
+
+def test_latex_table_is_a_consistent_tabular(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    grid = Grid(["luad-histoseg", "bcss-wsss"], grid.methods, grid.seeds)
+    write_tables(run_dir, grid, PAPER, tmp_path, n_resamples=100)
+    tex = (tmp_path / "table1_comparison.tex").read_text()
+    declared, counts = tabular_columns(tex)
+    assert declared == 2 + 5 * 2
+    assert counts and all(count == declared for count in counts)
+    assert "$\\mathbf{0.600} \\pm 0.100$ {\\scriptsize (0.767, $-0.167$)}" in tex
+    assert "2/3" in tex and "--" in tex
+    if shutil.which("pdflatex"):
+        document = tmp_path / "doc.tex"
+        document.write_text("\\documentclass{article}\\begin{document}\n" + tex + "\\end{document}\n")
+        result = subprocess.run(["pdflatex", "-interaction=nonstopmode", document.name], check=False, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_a_table_with_no_configured_method_is_written_empty_and_labelled(partial_run, tmp_path):
+    run_dir, _ = partial_run
+    write_tables(run_dir, Grid(["luad-histoseg"], ["cam"], [0, 1]), PAPER, tmp_path, n_resamples=100)
+    assert "\\begin{tabular}" not in (tmp_path / "table2_ablation.tex").read_text()
+    assert "None of this table's methods is configured." in (tmp_path / "table2_ablation.md").read_text()
+    assert "No finished run of pathmamba to compare." in (tmp_path / "statistics.md").read_text()
+
+
+def test_latex_table_of_an_unfinished_method_marks_missing_cells():
+    table = results_table(pd.DataFrame(columns=["dataset", "method", "seed", *METRICS]), ["cam"],
+                          ["synthetic-luad"], 2)
+    tex = latex_results(table, "caption")
+    assert "synthetic-luad" in tex and "--" in tex
+    declared, counts = tabular_columns(tex)
+    assert all(count == declared for count in counts)
+
+
+def test_tables_command_reads_the_configfile(partial_run, tmp_path):
+    run_dir, _ = partial_run
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run: r\nresults_dir: {run_dir.parent}\nseeds: [0, 1, 2]\n"
+                      "datasets: {luad-histoseg: {root: x}}\nmethods: {cam: {}, pathmamba: {}}\n")
+    assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t"), "--n-resamples", "50"]) == 0
+    table = pd.read_csv(tmp_path / "t" / "table1_comparison.csv")
+    assert list(dict.fromkeys(table["method"])) == ["cam", "pathmamba", "trivial"]
+
+
+def test_splice_readme_replaces_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold numbers\n<!-- results:end -->\noutro\n")
+    table = tmp_path / "t.md"
+    table.write_text("## Table 1\n\n### synthetic-luad\n\n| a |\n")
+    splice_readme(readme, table)
+    assert readme.read_text() == "intro\n<!-- results:start -->\n### synthetic-luad\n\n| a |\n<!-- results:end -->\noutro\n"
+    splice_readme(readme, table)
+    assert readme.read_text().count("synthetic-luad") == 1
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="expected one"):
+        splice_readme(readme, table)

@@ -1,0 +1,278 @@
+"""Method-specific tests of SC-CAM, C-CAM and WSSS-Tissue (the shared build/train/predict test is
+tests/test_baselines.py)."""
+
+import csv
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from baselines.cam.ccam import CCAM
+from baselines.cam.sccam import SCCAM
+from baselines.cam.toolbox import white_background_mask
+from baselines.cam.wsss_tissue import WSSSTissue, dropout_gamma, pseudo_mask
+from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from pathmamba.data.specs import IGNORE_INDEX
+from pathmamba.data.synthetic import make_synthetic_dataset
+from pathmamba.train import TrainSettings, train
+
+TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
+TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as the demo runs its jobs; on a shared 2-core machine more threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rgb_to_input(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..1 -> the normalised model input."""
+    return (rgb - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def half_white_images(n: int = 2, size: int = 32) -> torch.Tensor:
+    """Images whose left half is white glass and right half dark pink tissue."""
+    rgb = torch.empty(n, 3, size, size)
+    rgb[..., : size // 2] = 1.0
+    rgb[..., size // 2:] = torch.tensor([0.6, 0.3, 0.5]).view(1, 3, 1, 1)
+    return rgb_to_input(rgb)
+
+
+# --- SC-CAM ---------------------------------------------------------------------------------------
+
+def grouped_features(classes: int, groups: int, per_group: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-label features in well separated groups: (features (N, dim), labels (N, C), group (N,))."""
+    generator = torch.Generator().manual_seed(0)
+    centres = 10.0 * torch.randn(classes, groups, dim, generator=generator)
+    features, labels, group = [], [], []
+    for c in range(classes):
+        for g in range(groups):
+            features.append(centres[c, g] + 0.1 * torch.randn(per_group, dim, generator=generator))
+            labels.append(torch.nn.functional.one_hot(torch.full((per_group,), c), classes).float())
+            group.append(torch.full((per_group,), g))
+    return torch.cat(features), torch.cat(labels), torch.cat(group)
+
+
+def test_subcategory_labels_refine_the_parent_labels_and_recover_the_clusters():
+    model = SCCAM(num_classes=4, subcategories=3, **TINY)
+    dim = model.centroids.shape[-1]
+    features, labels, group = grouped_features(4, 3, 5, dim)
+    model.cluster(features, labels)
+    assert int(model.rounds_done) == 1 and bool(model.centroid_valid.all())
+
+    targets = model.subcategory_targets(features, labels).view(len(features), 4, 3)
+    # A refinement: exactly one sub-category under each of the image's classes, none elsewhere.
+    assert torch.equal(targets.sum(dim=2), labels)
+    sub_index = targets.sum(dim=1).argmax(dim=1)
+    for c in range(4):
+        for g in range(3):
+            members = sub_index[(labels[:, c] > 0) & (group == g)]
+            assert len(set(members.tolist())) == 1  # one generating group -> one sub-category
+        assert len(set(sub_index[labels[:, c] > 0].tolist())) == 3  # and the groups stay apart
+
+    # Multi-label image: one sub-category per parent class it carries.
+    both = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    multi = model.subcategory_targets(features[:1], both).view(1, 4, 3)
+    assert torch.equal(multi.sum(dim=2), both)
+
+    # The clustering lives in the state dict: a resumed model assigns the same sub-categories.
+    resumed = SCCAM(num_classes=4, subcategories=3, **TINY)
+    resumed.load_state_dict(model.state_dict())
+    assert torch.equal(resumed.subcategory_targets(features, labels), targets.flatten(1))
+
+
+def test_a_class_with_fewer_images_than_subcategories_uses_only_its_clusters():
+    model = SCCAM(num_classes=4, subcategories=3, **TINY)
+    features, labels, _ = grouped_features(4, 3, 5, model.centroids.shape[-1])
+    keep = (labels[:, 1] == 0) | (torch.arange(len(labels)) == int(labels[:, 1].argmax()))  # one image of class 1
+    model.cluster(features[keep], labels[keep])
+    assert model.centroid_valid.sum(dim=1).tolist() == [3, 1, 3, 3]
+    targets = model.subcategory_targets(features[keep], labels[keep]).view(-1, 4, 3)
+    assert targets[:, 1, 1:].sum() == 0  # never an empty cluster
+
+
+def test_reclustering_happens_rounds_times_every_cluster_every_epochs():
+    model = SCCAM(num_classes=4, subcategories=2, rounds=2, cluster_every=2, **TINY)
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]] * 4, dtype=torch.float32)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    done = []
+    for epoch in range(1, 9):
+        model.on_epoch_start(epoch, loader, CPU, "synthetic-luad")
+        done.append(int(model.rounds_done))
+    assert done == [0, 0, 1, 1, 2, 2, 2, 2]  # clustered at the start of epochs 3 and 5 only
+
+    _, parts = model.loss(images[:4], labels[:4])
+    assert set(parts) == {"parent", "subcategory"}
+    _, parts = SCCAM(num_classes=4, **TINY).loss(images[:4], labels[:4])
+    assert set(parts) == {"parent"}  # before the first clustering only the parent head learns
+
+
+# --- C-CAM ----------------------------------------------------------------------------------------
+
+def test_white_background_mask_marks_white_glass_only():
+    mask = white_background_mask(half_white_images(size=16))
+    assert mask.shape == (2, 1, 16, 16)
+    assert mask[..., :8].min() == 1.0 and mask[..., 8:].max() == 0.0
+
+
+def test_ccam_anatomy_prior_is_the_tissue_mask_and_masks_have_no_class_on_white():
+    torch.manual_seed(0)
+    model = CCAM(num_classes=4, **TINY).eval()
+    images = half_white_images(size=32)
+    prior = model.tissue_prior(images, (4, 4))
+    assert torch.equal(prior, torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(2, 1, 4, 4))
+
+    scores = model.predict(images)
+    assert scores.shape == (2, 4, 32, 32)
+    assert scores[..., :16].abs().max() == 0.0
+    assert scores[..., 16:].sum() > 0
+
+    loss, parts = model.train().loss(images, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]]))
+    assert torch.isfinite(loss) and set(parts) == {"category", "anatomy"}
+
+
+def test_ccam_refined_maps_start_equal_to_the_coarse_maps():
+    torch.manual_seed(0)
+    model = CCAM(num_classes=4, **TINY).eval()
+    coarse, refined = model.maps(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(refined, coarse)
+
+
+# --- WSSS-Tissue ----------------------------------------------------------------------------------
+
+def test_progressive_dropout_gamma_schedule():
+    assert dropout_gamma(1) == dropout_gamma(2) == 1.0
+    assert dropout_gamma(3) == pytest.approx(0.98)
+    assert dropout_gamma(5) == pytest.approx(0.98**3)
+    assert dropout_gamma(21) == pytest.approx(0.98**19)  # 0.681, still above the floor
+    assert dropout_gamma(30) == 0.65 and dropout_gamma(100) == 0.65
+
+    model = WSSSTissue(num_classes=4, stage1_epochs=3, **TINY, **TINY_SEGMENTER)
+    seen = []
+    for epoch in (1, 3, 4):
+        model.on_epoch_start(epoch, None, CPU, "synthetic-bcss")
+        seen.append((int(model.stage), round(float(model.gamma), 4)))
+    assert seen == [(1, 1.0), (1, 0.98), (2, 0.9604)]
+
+
+def test_progressive_dropout_drops_the_most_activated_positions():
+    torch.manual_seed(0)
+    model = WSSSTissue(num_classes=4, **TINY, **TINY_SEGMENTER).train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(model.classifier(images), labels)
+    model.gamma.fill_(1.0)
+    torch.testing.assert_close(model.stage1_loss(images, labels)[0], plain)  # gamma 1 drops nothing
+    model.gamma.fill_(0.65)
+    assert not torch.allclose(model.stage1_loss(images, labels)[0], plain)
+
+
+def test_pseudo_masks_keep_the_image_labels_and_white_only_where_asked():
+    maps = torch.rand(2, 4, 4, 4)
+    labels = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])
+    white = white_background_mask(half_white_images(size=16))
+    plain = pseudo_mask(maps, labels, (16, 16))
+    assert set(plain[0].unique().tolist()) <= {0, 3} and set(plain[1].unique().tolist()) == {2}
+    with_white = pseudo_mask(maps, labels, (16, 16), white)
+    assert (with_white[..., :8] == IGNORE_INDEX).all()
+    assert torch.equal(with_white[..., 8:], plain[..., 8:])
+
+
+def test_white_background_channel_only_on_luad():
+    torch.manual_seed(0)
+    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
+    images, labels = half_white_images(size=32), torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])
+    for dataset, expect_white in [("synthetic-luad", True), ("luad-histoseg", True),
+                                  ("synthetic-bcss", False), ("bcss-wsss", False)]:
+        model.on_epoch_start(2, None, CPU, dataset)
+        masks = model.pseudo_masks(images, labels)
+        assert len(masks) == 3
+        for mask in masks:
+            assert bool((mask[..., :16] == IGNORE_INDEX).all()) is expect_white
+            assert (mask[..., 16:] != IGNORE_INDEX).all()
+
+
+def test_stage2_loss_weights_the_three_pseudo_masks_06_02_02():
+    torch.manual_seed(0)
+    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
+    model.on_epoch_start(2, None, CPU, "synthetic-bcss")
+    model.train()
+    assert not model.classifier.training and model.segmenter.training  # stage 1 frozen, BN included
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
+    loss, parts = model.loss(images, labels)
+    expected = 0.6 * parts["ce_layer4"] + 0.2 * parts["ce_layer3"] + 0.2 * parts["ce_layer2"]
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in model.classifier.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.segmenter.parameters())
+
+
+def test_gate_zeroes_classes_the_classifier_puts_below_01():
+    torch.manual_seed(0)
+    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
+    model.on_epoch_start(2, None, CPU, "synthetic-bcss")
+    with torch.no_grad():  # features are >= 0 after the last ReLU: class 0 sure, class 1 excluded
+        weight = model.classifier.classifier.weight
+        weight.zero_()
+        weight[0] = 100.0
+        weight[1] = -100.0
+    model.eval()
+    images = torch.rand(2, 3, 32, 32)
+    scores = model.predict(images)
+    assert scores.shape == (2, 4, 32, 32)
+    assert scores[:, 1].abs().max() == 0.0
+    torch.testing.assert_close(scores[:, [0, 2, 3]], torch.softmax(model.segmenter(images), 1)[:, [0, 2, 3]])
+
+    resumed = WSSSTissue(num_classes=4, **TINY, **TINY_SEGMENTER).eval()  # stage lives in the state dict
+    resumed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(resumed.predict(images), scores)
+
+
+# --- through the engine ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_luad(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "synthetic-luad"
+    make_synthetic_dataset("synthetic-luad", root, 12, 4, 2, size=32, seed=0)
+    return root
+
+
+def _history(run_dir) -> list[dict]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+SETTINGS = TrainSettings(epochs=3, batch_size=6, lr=1e-3, device="cpu", workers=0)
+
+
+def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path):
+    hparams = dict(TINY, subcategories=2, rounds=2, cluster_every=1)
+    train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", seed=0,
+          hparams=hparams, settings=SETTINGS)
+    rows = _history(tmp_path / "run")
+    assert [row["subcategory"] != "" for row in rows] == [False, True, True]
+    last = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
+    assert int(last["model"]["rounds_done"]) == 2
+
+    # As if killed during epoch 3: the checkpoint of epoch 2 brings the clustering state back, and the
+    # rerun ends with the same result as the uninterrupted run.
+    (tmp_path / "ckpt" / "previous.pt").replace(tmp_path / "ckpt" / "last.pt")
+    train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "resumed", tmp_path / "ckpt", seed=0,
+          hparams=hparams, settings=SETTINGS)
+    assert [row["loss"] for row in _history(tmp_path / "resumed")] == [row["loss"] for row in rows]
+
+
+def test_engine_runs_wsss_tissue_stage1_then_stage2(tiny_luad, tmp_path):
+    hparams = dict(TINY, **TINY_SEGMENTER, stage1_epochs=1)
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
+    record = train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", seed=0,
+                   hparams=hparams, settings=settings)
+    rows = _history(tmp_path / "run")
+    assert [float(row["stage"]) for row in rows] == [1.0, 2.0]
+    assert rows[1]["ce_layer4"] != "" and rows[0]["ce_layer4"] == ""
+    assert record["best_epoch"] in (1, 2)

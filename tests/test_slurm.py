@@ -1,0 +1,147 @@
+"""The SLURM profile on a real single-node SLURM cluster (tests/cluster/single_node_slurm.sh).
+
+Runs a tiny grid with `--workflow-profile workflow/profiles/slurm` (executor plugin
+snakemake-executor-plugin-slurm) and checks that the tables equal a local run's, that the GPU rules were
+submitted with a GPU request and the CPU rules without one. Needs root (installs and starts the daemons);
+skipped elsewhere, or when SLURM cannot be set up, unless PATHMAMBA_REQUIRE_SLURM=1 (CI: .ci/run), where
+both are failures.
+"""
+
+import csv
+import importlib.util
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+from conftest import REPO
+
+SETUP = REPO / "tests" / "cluster" / "single_node_slurm.sh"
+REQUIRED = os.environ.get("PATHMAMBA_REQUIRE_SLURM") == "1"
+# The whole SLURM run, hard: a mis-set status command makes the plugin poll for ever.
+RUN_TIMEOUT_S = 600
+
+# Two seeds: two GPU jobs at once on the node's two fake GPUs. Training is deterministic on CPU.
+TINY = {
+    "run": "tiny",
+    "seeds": [0, 1],
+    "threads_per_job": 1,
+    "datasets": {"synthetic-luad": {"synthetic": {"n_train": 16, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}}},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "device": "cpu", "workers": 0},
+    "evaluate": {"n_masks": 1},
+    "methods": {"cam": {"hparams": {"backbone": "resnet18", "pretrained": "none"}}},
+}
+TARGET = "results/tiny/tables/comparison.csv"
+GPU_RULES = {"train", "evaluate"}
+
+
+def unavailable(reason: str):
+    if REQUIRED:
+        pytest.fail(f"PATHMAMBA_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node SLURM with two fake GPUs; stopped afterwards by its daemons' PID files."""
+    if os.geteuid() != 0:
+        unavailable("SLURM set-up needs root")
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        unavailable("snakemake-executor-plugin-slurm is not installed (pip install -e '.[dev]')")
+    started = subprocess.run(["timeout", "-k", "10", "300", str(SETUP), "start"], capture_output=True, text=True,
+                             check=False)
+    if started.returncode != 0:
+        unavailable(f"{SETUP.name} start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    yield
+    subprocess.run(["timeout", "-k", "10", "60", str(SETUP), "stop"], check=True)
+
+
+def start_snakemake(snakemake_bin, env, workdir, *extra, timeout_s):
+    """Start snakemake on TINY in ``workdir`` under a hard timeout, its output to snakemake.log there."""
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    command = ["timeout", "-k", "10", str(timeout_s), snakemake_bin,
+               "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), *extra, TARGET]
+    with open(workdir / "snakemake.log", "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(process, workdir) -> str:
+    """Wait for a :func:`start_snakemake` process; its log, asserting that it succeeded."""
+    process.wait()
+    log = (workdir / "snakemake.log").read_text()
+    assert process.returncode == 0, f"rc {process.returncode} of {process.args}\n{log[-6000:]}"
+    return log
+
+
+def slurm_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge = 600 s)."""
+    text = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                          check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def read_rows(path):
+    with open(path) as handle:
+        return sorted((row["dataset"], row["method"], row) for row in csv.DictReader(handle))
+
+
+@pytest.mark.slurm
+def test_slurm_profile_runs_the_grid_with_gpu_requests(slurm_cluster, tmp_path, snakemake_bin, workflow_env):
+    # The local run, for the reference tables, runs meanwhile: the SLURM run mostly waits.
+    local_run = start_snakemake(snakemake_bin, workflow_env, tmp_path / "local", "--cores", "1",
+                                timeout_s=RUN_TIMEOUT_S)
+    slurm_run = start_snakemake(snakemake_bin, workflow_env, tmp_path / "slurm",
+                                "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+                                # No accounting database on the test node: sacct fails, squeue answers.
+                                "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+                                "--slurm-keep-successful-logs", timeout_s=RUN_TIMEOUT_S)
+    try:
+        log = finish(slurm_run, tmp_path / "slurm")
+        finish(local_run, tmp_path / "local")
+    finally:
+        for process in (slurm_run, local_run):
+            if process.poll() is None:
+                process.terminate()  # `timeout` passes the signal on to snakemake
+    print("\n".join(line for line in log.splitlines()
+                    if re.search(r"submitted with SLURM jobid|Finished jobid|steps \(|Elapsed time", line)))
+
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+    jobs = {job_id: slurm_job(job_id) for job_id in submitted}
+    for job_id, job in jobs.items():
+        print(f"SLURM job {job_id}: {job['Comment']} {job['JobState']} gres={job.get('TresPerJob', '-')} "
+              f"{job['TRES']} elapsed={job['RunTime']}")
+    rules = {job_id: re.match(r"rule_(\w+?)(_wildcards|$)", job["Comment"]).group(1) for job_id, job in jobs.items()}
+    assert sorted(rules.values()).count("train") == 2 and sorted(rules.values()).count("evaluate") == 2
+    assert {"make_demo_data", "evaluate_trivial", "tables"} <= set(rules.values())
+    for job_id, job in jobs.items():
+        assert job["JobState"] == "COMPLETED", (job_id, job)
+        if rules[job_id] in GPU_RULES:
+            assert job.get("TresPerJob") == "gres:gpu:1", (rules[job_id], job)
+        else:
+            assert "gpu" not in job.get("TresPerJob", "") + job.get("TresPerNode", ""), (rules[job_id], job)
+    # The plugin's own logs name the SLURM job of every GPU job.
+    slurm_logs = tmp_path / "slurm" / ".snakemake" / "slurm_logs"
+    assert len(list((slurm_logs / "rule_train").glob("*/*.log"))) == 2
+
+    on_slurm = read_rows(tmp_path / "slurm" / TARGET)
+    local = read_rows(tmp_path / "local" / TARGET)
+    print("comparison.csv, SLURM run vs local run:")
+    for (dataset, method, row), (_, _, local_row) in zip(on_slurm, local):
+        print(f"  {dataset} {method}: mIoU {row['mIoU_mean']} vs {local_row['mIoU_mean']}, "
+              f"mDice {row['mDice_mean']} vs {local_row['mDice_mean']}")
+    assert [key[:2] for key in on_slurm] == [("synthetic-luad", "cam"), ("synthetic-luad", "trivial")]
+    assert on_slurm == local
+
+
+def test_gres_profile_differs_only_in_how_it_asks_for_the_gpu():
+    profiles = REPO / "workflow" / "profiles"
+    gpus = yaml.safe_load((profiles / "slurm" / "config.yaml").read_text())
+    gres = yaml.safe_load((profiles / "slurm-gres" / "config.yaml").read_text())
+    assert gpus["set-resources"] == {rule: {"gpu": 1} for rule in sorted(GPU_RULES)}
+    assert gres["set-resources"] == {rule: {"gres": "gpu:1"} for rule in sorted(GPU_RULES)}
+    assert {k: v for k, v in gpus.items() if k != "set-resources"} == {
+        k: v for k, v in gres.items() if k != "set-resources"}
+    assert gpus["executor"] == "slurm" and "default-resources" not in gpus

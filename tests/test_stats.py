@@ -1,0 +1,78 @@
+"""Paired statistics: Holm, bootstrap intervals, Wilcoxon, effect sizes, seed pooling; known values."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pathmamba.stats import compare_to_reference, effect_sizes, holm, paired_bootstrap, wilcoxon_p
+
+
+def test_holm_on_known_p_values():
+    # Sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone 0.06.
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])
+    adjusted = holm([0.02, math.nan, 0.04])
+    assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.04) and math.isnan(adjusted[1])
+    assert holm([]).shape == (0,)
+
+
+def test_bootstrap_interval_contains_the_true_difference_and_is_reproducible():
+    rng = np.random.default_rng(7)
+    b = rng.uniform(0.3, 0.7, size=200)
+    a = b + 0.1 + rng.normal(0, 0.05, size=200)
+    first = paired_bootstrap(a, b, n_resamples=2000, seed=11)
+    assert first["mean_diff"] == pytest.approx(float(np.mean(a - b)), abs=1e-15)
+    assert first["low"] < 0.1 < first["high"]
+    assert first["high"] - first["low"] < 0.03
+    assert paired_bootstrap(a, b, n_resamples=2000, seed=11) == first
+    assert paired_bootstrap(a, b, n_resamples=2000, seed=12) != first
+
+
+def test_bootstrap_of_a_constant_difference_is_that_constant():
+    result = paired_bootstrap([0.5, 0.75, 1.0], [0.25, 0.5, 0.75], n_resamples=100, seed=0)
+    assert result == {"mean_diff": 0.25, "low": 0.25, "high": 0.25}
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap([], [], n_resamples=10)
+
+
+def test_wilcoxon_exact_p_values():
+    # Five positive differences: the exact two-sided p is 2 / 2**5.
+    assert wilcoxon_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
+    assert wilcoxon_p([0, 0, 0]) == 1.0
+
+
+def test_effect_sizes_on_known_differences():
+    sizes = effect_sizes([1, 2, 3, -1])
+    assert sizes["cohen_dz"] == pytest.approx(1.25 / math.sqrt(8.75 / 3))
+    # |d| ranks 1.5, 3, 4, 1.5; positive 8.5, negative 1.5.
+    assert sizes["rank_biserial"] == pytest.approx(0.7)
+    assert effect_sizes([0, 0]) == {"cohen_dz": pytest.approx(float("nan"), nan_ok=True), "rank_biserial": 0.0}
+
+
+def test_compare_to_reference_pools_seeds_per_image_and_applies_holm():
+    rows = []
+    for seed, shift in ((0, -0.1), (1, 0.1)):  # pathmamba's seeds average to 0.6 + 0.1 i
+        rows += [{"method": "pathmamba", "seed": seed, "image": f"i{i}", "mIoU": 0.6 + 0.1 * i + shift}
+                 for i in range(5)]
+    rows += [{"method": "cam", "seed": 0, "image": f"i{i}", "mIoU": 0.2 + 0.01 * i} for i in range(5)]
+    # unet: the same scores as pathmamba (a zero difference), but no scored pixel on image i4.
+    rows += [dict(row, method="unet", mIoU=math.nan if row["image"] == "i4" else row["mIoU"])
+             for row in rows if row["method"] == "pathmamba"]
+    table = compare_to_reference(pd.DataFrame(rows), "pathmamba", ["cam", "unet", "absent"], n_resamples=200)
+    cam, unet = table.set_index("other").loc["cam"], table.set_index("other").loc["unet"]
+    assert cam["n_images"] == 5 and unet["n_images"] == 4
+    assert cam["mean_diff"] == pytest.approx(np.mean([0.4 + 0.09 * i for i in range(5)]), abs=1e-12)
+    assert cam["wilcoxon_p"] == pytest.approx(2 / 32)
+    assert cam["rank_biserial"] == pytest.approx(1.0)
+    assert unet["mean_diff"] == pytest.approx(0.0, abs=1e-12) and unet["wilcoxon_p"] == 1.0
+    np.testing.assert_allclose(table["holm_p"], holm(table["wilcoxon_p"]))
+    assert list(table["other"]) == ["cam", "unet"]
+
+
+def test_compare_to_reference_with_no_common_image_gives_nan_not_an_error():
+    per_image = pd.DataFrame([{"method": "pathmamba", "seed": 0, "image": "a", "mIoU": 0.5},
+                              {"method": "cam", "seed": 0, "image": "b", "mIoU": 0.4}])
+    row = compare_to_reference(per_image, "pathmamba", ["cam"], n_resamples=10).iloc[0]
+    assert row["n_images"] == 0 and math.isnan(row["mean_diff"]) and math.isnan(row["holm_p"])

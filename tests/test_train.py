@@ -1,0 +1,183 @@
+"""The training engine: determinism, corrupt checkpoints, channels_last, pretrained weights."""
+
+import csv
+import functools
+import hashlib
+import http.server
+import json
+import logging
+import shutil
+import threading
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from pathmamba.cli import main as cli_main
+from pathmamba.data.synthetic import make_synthetic_dataset
+from pathmamba.evaluate import evaluate
+from pathmamba.models.backbones import build_resnet
+from pathmamba.registry import build_method
+from pathmamba.runtime import download_file
+from pathmamba.train import TrainSettings, train
+
+TINY_CAM = {"backbone": "resnet18", "width": 8}
+SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=1e-3, device="cpu")  # workers unset: 0 on CPU
+#: history.csv columns that are measurements of speed, not results.
+TIMING_COLUMNS = ("seconds", "images_per_s", "peak_memory_mb")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synthetic-luad"
+    make_synthetic_dataset("synthetic-luad", root, n_train=16, n_val=4, n_test=4, size=32, seed=0)
+    return root
+
+
+def run_and_evaluate(data_root: Path, work: Path, seed: int = 0, settings: TrainSettings = SETTINGS) -> dict:
+    """Train tiny CAM into ``work`` (checkpoints in ``work/checkpoints``) and evaluate it on test.
+
+    Returns {"history": rows without timing columns, "test": both protocols' metrics}.
+    """
+    train("cam", "synthetic-luad", data_root, work / "run", work / "checkpoints", seed, TINY_CAM, settings)
+    with open(work / "run" / "history.csv") as handle:
+        history = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
+    test = evaluate(work / "run" / "model.pt", data_root, work / "eval", n_masks=0, device="cpu")
+    # Through JSON so that nan (a class absent from the tiny test split) compares equal to nan.
+    return json.loads(json.dumps({"history": history, "test": test["protocols"]}).replace("NaN", '"nan"'))
+
+
+@pytest.fixture(scope="module")
+def seed0_work(data_root, tmp_path_factory) -> Path:
+    """An uninterrupted run with seed 0; its result is in ``result.json``."""
+    work = tmp_path_factory.mktemp("seed0")
+    (work / "result.json").write_text(json.dumps(run_and_evaluate(data_root, work)))
+    return work
+
+
+@pytest.fixture(scope="module")
+def seed0_run(seed0_work) -> dict:
+    return json.loads((seed0_work / "result.json").read_text())
+
+
+def test_same_seed_gives_identical_metrics_with_any_workers_and_other_seeds_differ(data_root, tmp_path,
+                                                                                    seed0_run):
+    # One loader worker instead of none: augmentation and order depend on (seed, epoch, image) only.
+    again = run_and_evaluate(data_root, tmp_path / "again", settings=TrainSettings(
+        epochs=2, batch_size=8, lr=1e-3, device="cpu", workers=1))
+    assert again == seed0_run
+    other = run_and_evaluate(data_root, tmp_path / "other", seed=1)
+    print("test mIoU seed 0, 0 workers: {}; seed 0, 1 worker: {}; seed 1: {}".format(
+        *(run["test"]["ignore_background"]["mIoU"] for run in (seed0_run, again, other))))
+    assert other["history"] != seed0_run["history"]
+    assert other["test"] != seed0_run["test"]
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(data_root, tmp_path, seed0_work,
+                                                                            seed0_run, caplog):
+    work = tmp_path / "work"
+    shutil.copytree(seed0_work / "checkpoints", work / "checkpoints")
+    checkpoints = work / "checkpoints"
+    names = {path.name for path in checkpoints.iterdir()}
+    assert {"last.pt", "previous.pt", "best-epoch0001.pt"} <= names <= {
+        "last.pt", "previous.pt", "best-epoch0001.pt", "best-epoch0002.pt"}
+
+    last = checkpoints / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # a copy cut short, as a full disk leaves it
+    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+        assert run_and_evaluate(data_root, work) == seed0_run
+    assert f"checkpoint {last} is unusable" in caplog.text
+    assert f"resuming from {last} after epoch 1" in caplog.text
+
+    caplog.clear()
+    for name in ("last.pt", "previous.pt"):
+        (checkpoints / name).write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+        assert run_and_evaluate(data_root, work) == seed0_run
+    assert f"no usable checkpoint in {checkpoints}; training from scratch" in caplog.text
+    assert "resuming" not in caplog.text
+
+
+def test_run_json_records_resolved_settings_environment_and_wall_time(seed0_work):
+    record = json.loads((seed0_work / "run" / "run.json").read_text())
+    assert record["settings"]["workers"] == 0  # unset -> resolved: none on the CPU
+    assert record["hparams"] == TINY_CAM and record["resumed_after_epoch"] == 0
+    assert record["environment"]["device"] == "cpu"
+    assert record["environment"]["packages"]["torch"] == metadata.version("torch")
+    assert len(record["environment"]["git_commit"]) == 40 and record["environment"]["git_dirty"] in (True, False)
+    assert record["wall_seconds_this_run"] > 0 and record["train_seconds_all_epochs"] > 0
+
+
+@pytest.mark.parametrize("method, hparams", [
+    ("cam", TINY_CAM),
+    ("pathmamba", {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "d_state": 4, "decoder_dim": 16,
+                   "backbone": "resnet18", "backbone_width": 8}),
+])
+def test_channels_last_gives_the_same_loss_and_scores(method, hparams):
+    """The CUDA path's NHWC layout must not change the maths (checked here on the CPU)."""
+    torch.manual_seed(0)
+    model = build_method(method, num_classes=4, **hparams).eval()
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
+    results = []
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            model = model.to(memory_format=layout)
+            batch = images.contiguous(memory_format=layout)
+            results.append((model.loss(batch, targets)[0], model.predict(batch)))
+    (loss_a, scores_a), (loss_b, scores_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores_a, scores_b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory) -> Path:
+    """A ResNet-18 state dict standing in for torchvision's file (no network here)."""
+    path = tmp_path_factory.mktemp("served") / "resnet18-weights.pth"
+    torch.manual_seed(1)
+    torch.save(build_resnet("resnet18").state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def loopback_url(fake_weights):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(fake_weights.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{fake_weights.name}"
+    server.shutdown()
+    thread.join()
+
+
+def test_fetched_weights_load_into_the_backbone(fake_weights, loopback_url, tmp_path):
+    digest = hashlib.sha256(fake_weights.read_bytes()).hexdigest()
+    for url in (loopback_url, fake_weights.as_uri()):
+        out = tmp_path / "weights" / "resnet18-imagenet.pth"
+        download_file(url, out, sha256_prefix=digest[:8])
+        assert out.read_bytes() == fake_weights.read_bytes()
+        model = build_resnet("resnet18", pretrained=str(out))
+        expected = torch.load(fake_weights, weights_only=True)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+        out.unlink()
+
+
+def test_fetch_weights_rejects_a_file_that_is_not_torchvisions(loopback_url, tmp_path):
+    out = tmp_path / "resnet18-imagenet.pth"
+    with pytest.raises(ValueError, match="does not start with f37072fd"):
+        cli_main(["fetch-weights", "--backbone", "resnet18", "--out", str(out), "--url", loopback_url])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_weights_file_is_an_error_not_a_random_init(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights file .*missing.pth does not exist"):
+        build_resnet("resnet18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_unreachable_weights_url_is_a_clear_error(tmp_path):
+    url = (tmp_path / "nowhere.pth").as_uri()
+    with pytest.raises(OSError, match=f"cannot download {url} to .*resnet50-imagenet.pth: .*No such file"):
+        download_file(url, tmp_path / "resnet50-imagenet.pth")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,25 @@
+# ImageNet weights of the ResNet backbones, fetched once on the submitting host (compute nodes are
+# often offline). A method uses them with `hparams: {pretrained: <resources_dir>/weights/<backbone>-imagenet.pth}`;
+# `pretrained: none` disables them (tests, demo).
+
+localrules:
+    fetch_weights,
+
+
+rule fetch_weights:
+    output:
+        f"{RESOURCES}/weights/{{backbone}}-imagenet.pth",
+    params:
+        url=lambda wildcards: (
+            f"--url {config['weights_urls'][wildcards.backbone]}"
+            if wildcards.backbone in config.get("weights_urls", {})
+            else ""
+        ),
+    wildcard_constraints:
+        backbone="resnet18|resnet34|resnet50",
+    log:
+        f"{RESOURCES}/weights/{{backbone}}-imagenet.log",
+    conda:
+        "../envs/pathmamba.yaml"
+    shell:
+        "python -m pathmamba fetch-weights --backbone {wildcards.backbone} --out {output} {params.url} 2> {log}"
