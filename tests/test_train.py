@@ -181,3 +181,16 @@ def test_unreachable_weights_url_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match=f"cannot download {url} to .*resnet50-imagenet.pth: .*No such file"):
         download_file(url, tmp_path / "resnet50-imagenet.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    import os
+
+    from pathmamba.runtime import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "table.md", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
