@@ -21,6 +21,7 @@ class MultiLabelResNet(nn.Module):
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
                  output_stride: int = 8, width: int = 64):
         super().__init__()
+        self.num_classes = num_classes
         resnet = reduce_output_stride(build_resnet(backbone, pretrained, width), output_stride)
         self.features = nn.Sequential(
             resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,

@@ -8,7 +8,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from baselines.cam.classifier import MultiLabelResNet
+from baselines.cam.cam import CAMClassifier
 from baselines.cam.toolbox import gate_classes
 
 
@@ -51,17 +51,9 @@ def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torc
     return torch.from_numpy(np.stack(maps, axis=1)).to(images.device)
 
 
-class GradCAMClassifier(MultiLabelResNet):
-    """A :class:`MultiLabelResNet` whose ``predict`` gives gated Grad-CAM maps of its last ResNet layer.
-
-    ``threshold``: classes with a sigmoid probability below it get no pixels (the top class always does).
-    """
-
-    def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
-                 output_stride: int = 8, width: int = 64, threshold: float = 0.5):
-        super().__init__(num_classes, backbone, pretrained, output_stride, width)
-        self.num_classes = num_classes
-        self.threshold = threshold
+class GradCAMClassifier(CAMClassifier):
+    """A :class:`CAMClassifier` (same keywords) whose ``predict`` gives gated Grad-CAM maps of its last
+    ResNet layer instead of class activation maps."""
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (B, C, H, W) in [0, 1]; the mask is their argmax over C."""

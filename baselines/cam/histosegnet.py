@@ -56,7 +56,6 @@ class HistoSegNet(MultiLabelResNet):
                  background_scale: float = 0.75, background_sigma: float = 2.0,
                  crf: dict | None = None):
         super().__init__(num_classes, backbone, pretrained, output_stride, width)
-        self.num_classes = num_classes
         self.threshold = threshold
         self.other_scale = other_scale
         self.background_scale = background_scale

@@ -38,11 +38,11 @@ from pathmamba.data.readers import (
     DatasetLayoutError,
     LabelError,
     MaskError,
-    _paired_items,
-    _pngs,
-    _split_root,
+    list_pngs,
+    paired_items,
     parse_label,
     read_mask,
+    split_root,
 )
 from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
 from pathmamba.runtime import atomic_write_json
@@ -236,19 +236,19 @@ def normalise(tree: Path, spec: DatasetSpec, out: Path, move: bool) -> list[str]
     Training file names are not parsed here: bad names are validation's to report, all at once.
     """
     tolerated: list[str] = []
-    root = _split_root(Path(tree), tolerated)
+    root = split_root(Path(tree), tolerated)
     training = next((root / name for name in TRAIN_FOLDERS if (root / name).is_dir()), None)
     if training is None:
         raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
     if training.name != "training":
         tolerated.append(f"training images are in {training.name}/ instead of training/")
     (out / "training").mkdir(parents=True)
-    for path in _pngs(training):
+    for path in list_pngs(training):
         _place(path, out / "training" / path.name, move)
     for split in ("val", "test"):
         (out / split / "img").mkdir(parents=True)
         (out / split / "mask").mkdir()
-        for image, mask in _paired_items(root, split, tolerated):
+        for image, mask in paired_items(root, split, tolerated):
             _place(image, out / split / "img" / image.name, move)
             with Image.open(mask) as opened:
                 rgb = opened.mode in RGB_MODES
@@ -263,7 +263,7 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
     Unreadable names and masks are skipped here (validation reports them).
     """
     names = list(spec.classes) + ["background"]
-    training = _pngs(out / "training")
+    training = list_pngs(out / "training")
     positives = np.zeros(len(spec.classes), dtype=np.int64)
     for path in training:
         try:
@@ -276,7 +276,7 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
         "pixel_frequency": {},
     }
     for split in ("val", "test"):
-        masks = _pngs(out / split / "mask")
+        masks = list_pngs(out / split / "mask")
         stats["counts"][split] = len(masks)
         pixels = np.zeros(IGNORE_INDEX + 1, dtype=np.int64)
         for path in masks:

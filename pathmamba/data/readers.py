@@ -115,12 +115,12 @@ def _colours_to_indices(rgb: np.ndarray, spec: DatasetSpec, path: Path | str) ->
     return order[position].astype(np.uint8)
 
 
-def _pngs(folder: Path) -> list[Path]:
+def list_pngs(folder: Path) -> list[Path]:
     """*.png files of a folder sorted by name; hidden files (macOS '._' resource forks) skipped."""
     return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
 
 
-def _split_root(root: Path, tolerated: list[str]) -> Path:
+def split_root(root: Path, tolerated: list[str]) -> Path:
     """The folder holding the splits: ``root``, or the folder nested under it (unzip artefact)."""
     start = root
     while not any((root / name).is_dir() for name in TRAIN_FOLDERS):
@@ -144,20 +144,20 @@ def _training_items(
         if not folder.is_dir():
             raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
         tolerated.append(f"training images are in {folder.name}/ instead of training/")
-    files = _pngs(folder)
+    files = list_pngs(folder)
     if not files:
         raise DatasetLayoutError(f"{folder}: no *.png training images; expected {EXPECTED_LAYOUT}")
     return [(path, parse_label(path, spec)) for path in files]
 
 
-def _paired_items(root: Path, split: str, tolerated: list[str]) -> list[tuple[Path, Path]]:
+def paired_items(root: Path, split: str, tolerated: list[str]) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of a val/test split, matched by file name."""
     image_folder, mask_folder = root / split / "img", root / split / "mask"
     for folder in (image_folder, mask_folder):
         if not folder.is_dir():
             raise DatasetLayoutError(f"{folder}: missing folder; expected {EXPECTED_LAYOUT}")
-    images = {p.name: p for p in _pngs(image_folder)}
-    masks = {p.name: p for p in _pngs(mask_folder)}
+    images = {p.name: p for p in list_pngs(image_folder)}
+    masks = {p.name: p for p in list_pngs(mask_folder)}
     pairs = [(images[name], masks[name]) for name in sorted(images.keys() & masks.keys())]
     for name in sorted(images.keys() - masks.keys()):
         tolerated.append(f"{split}: image {name} has no mask in {mask_folder}; skipped")
@@ -189,8 +189,8 @@ def index_dataset(root: Path | str, spec: DatasetSpec) -> DatasetIndex:
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: dataset folder not found; expected {EXPECTED_LAYOUT}")
     tolerated: list[str] = []
-    root = _split_root(root, tolerated)
+    root = split_root(root, tolerated)
     train = _training_items(root, spec, tolerated)
-    val = _paired_items(root, "val", tolerated)
-    test = _paired_items(root, "test", tolerated)
+    val = paired_items(root, "val", tolerated)
+    test = paired_items(root, "test", tolerated)
     return DatasetIndex(root=root, spec=spec, train=train, val=val, test=test, tolerated=tolerated)

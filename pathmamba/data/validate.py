@@ -31,11 +31,11 @@ from pathmamba.data.readers import (
     DatasetLayoutError,
     LabelError,
     MaskError,
-    _paired_items,
-    _pngs,
-    _split_root,
+    list_pngs,
+    paired_items,
     parse_label,
     read_mask,
+    split_root,
 )
 from pathmamba.data.specs import DatasetSpec
 
@@ -178,7 +178,7 @@ def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
         problems.append(Problem(str(root / "training"), "layout", "missing training folder; expected "
                                 "<root>/training/*.png"))
         return []
-    files = _pngs(folder)
+    files = list_pngs(folder)
     if not files:
         problems.append(Problem(str(folder), "layout", "empty split folder: no *.png training images"))
     return files
@@ -186,11 +186,11 @@ def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
 
 def _pairs(root: Path, split: str, problems: list[Problem], tolerated: list[str]) -> list[tuple[Path, Path]]:
     image_folder = root / split / "img"
-    if image_folder.is_dir() and not _pngs(image_folder):
+    if image_folder.is_dir() and not list_pngs(image_folder):
         problems.append(Problem(str(image_folder), "layout", "empty split folder: no *.png images"))
         return []
     try:
-        return _paired_items(root, split, tolerated)
+        return paired_items(root, split, tolerated)
     except DatasetLayoutError as error:
         path = str(error).split(": ", 1)[0]  # the readers' messages start with the folder's path
         problems.append(_problem_from(error, Path(path), "layout"))
@@ -211,7 +211,7 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
     if not root.is_dir():
         report.problems.append(Problem(str(root), "layout", "dataset folder not found"))
         return report
-    root = _split_root(root, report.tolerated)
+    root = split_root(root, report.tolerated)
     training = _training_files(root, report.problems)
     pairs = {split: _pairs(root, split, report.problems, report.tolerated) for split in ("val", "test")}
     report.counts = {"training": len(training), **{split: len(items) for split, items in pairs.items()}}
