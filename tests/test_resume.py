@@ -1,10 +1,13 @@
 """Preemption: a training process stopped by SIGTERM, rerun and killed by SIGKILL mid-training, then
-rerun to the end, gives exactly the result of an uninterrupted run."""
+rerun to the end, gives exactly the result of an uninterrupted run; and so does the whole pipeline
+killed mid-training and recovered as README.md's "Interrupted runs" says."""
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from test_workflow import run_snakemake, snakemake_command
 
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import evaluate
 from pathmamba.train import TrainSettings, train
 
-TINY_CAM = {"backbone": "resnet18", "width": 8}
+SYNTHETIC = {"n_train": 32, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}
+TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
 # Enough epochs that a kill sent right after a checkpoint lands before the run ends.
 SETTINGS = {"epochs": 6, "batch_size": 8, "lr": 1e-3, "device": "cpu", "workers": 0}
 TIMING_COLUMNS = ("seconds", "images_per_s", "peak_memory_mb")
@@ -30,7 +35,7 @@ THREADS = 1
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic-luad"
-    make_synthetic_dataset("synthetic-luad", root, n_train=32, n_val=4, n_test=4, size=32, seed=0)
+    make_synthetic_dataset("synthetic-luad", root, **SYNTHETIC)
     return root
 
 
@@ -115,3 +120,76 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, 
     assert resumed == expected
     record = json.loads((work / "run" / "run.json").read_text())
     assert record["resumed_after_epoch"] >= killed_after
+
+
+# The same training run as one pipeline: one dataset, one method, one seed, up to the tables.
+PIPELINE = {
+    "run": "resume",
+    "seeds": [0],
+    "threads_per_job": THREADS,
+    "datasets": {"synthetic-luad": {"synthetic": SYNTHETIC}},
+    # More epochs than the in-process test: the kill must land before the run ends, and snakemake's
+    # child process may start its epochs before the test's poll gets a turn on a loaded machine.
+    "train": {**SETTINGS, "epochs": 20},
+    "evaluate": {"n_masks": 0},
+    "methods": {"cam": {"hparams": TINY_CAM}},
+}
+TABLES = ("comparison.csv", "table1_comparison.csv")
+TARGETS = [f"results/resume/tables/{name}" for name in TABLES]
+SEED0 = "synthetic-luad/cam/seed0"
+
+
+def cam_miou(results: Path) -> str:
+    with open(results / "tables" / "comparison.csv") as handle:
+        return next(row["mIoU_mean"] for row in csv.DictReader(handle) if row["method"] == "cam")
+
+
+@pytest.mark.e2e
+def test_pipeline_killed_mid_training_resumes_and_gives_the_tables_of_an_uninterrupted_run(
+        tmp_path, snakemake_bin, workflow_env):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    finished = run_snakemake(snakemake_bin, workflow_env, reference, PIPELINE, *TARGETS)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    results = work / "results" / "resume"
+    last = results / "checkpoints" / SEED0 / "last.pt"
+    # Snakemake in a process group of its own: one SIGKILL ends it and its training job together, as a
+    # crashed node or a killed login session does, with no chance to clean up.
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen(snakemake_command(snakemake_bin, work, PIPELINE, *TARGETS), stdout=log,
+                                  stderr=subprocess.STDOUT, env=workflow_env, start_new_session=True)
+    try:
+        killed_after = wait_for_checkpoint_after(killed, last, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone if snakemake exited early
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert killed_after < PIPELINE["train"]["epochs"]
+    assert not (results / "runs" / SEED0 / "model.pt").exists()
+
+    # The recovery of README.md's "Interrupted runs": the killed snakemake left its lock, which blocks
+    # the rerun until `--unlock` removes it.
+    locked = run_snakemake(snakemake_bin, workflow_env, work, PIPELINE, "--rerun-incomplete", *TARGETS)
+    assert locked.returncode != 0
+    assert "Directory cannot be locked" in locked.stderr and "--unlock" in locked.stderr
+    unlocked = run_snakemake(snakemake_bin, workflow_env, work, PIPELINE, "--unlock")
+    assert unlocked.returncode == 0, unlocked.stderr[-4000:]
+    rerun = run_snakemake(snakemake_bin, workflow_env, work, PIPELINE, "--rerun-incomplete", *TARGETS)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+
+    # The checkpoint, outside the rule's outputs, survived the rerun's clean-up: training resumed from it.
+    train_log = (results / "logs" / SEED0 / "train.log").read_text()
+    resumed = re.search(rf"resuming from results/resume/checkpoints/{SEED0}/last\.pt after epoch (\d+)", train_log)
+    assert resumed, train_log
+    resumed_after = int(resumed.group(1))
+    assert resumed_after >= killed_after
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == PIPELINE["train"]["epochs"]
+    print(f"killed after epoch {killed_after}, resumed after epoch {resumed_after}; cam mIoU: uninterrupted "
+          f"{cam_miou(reference / 'results' / 'resume')}, killed and resumed {cam_miou(results)}")
+    # The tables hold no timings: every cell must be equal.
+    for name in TABLES:
+        expected = (reference / "results" / "resume" / "tables" / name).read_text()
+        assert (results / "tables" / name).read_text() == expected, name

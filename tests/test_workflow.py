@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 TINY = {
     "run": "tiny",
@@ -25,12 +24,17 @@ TINY = {
 }
 
 
-def run_snakemake(snakemake_bin, env, workdir: Path, config: dict, *extra: str):
+def snakemake_command(snakemake_bin, workdir: Path, config: dict, *extra: str) -> list[str]:
+    """The snakemake command line for ``config`` (written to ``workdir``/config.yaml) in ``workdir``."""
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    command = [snakemake_bin, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(config_path), "--cores", "2", *extra]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    return [snakemake_bin, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(config_path), "--cores", "2", *extra]
+
+
+def run_snakemake(snakemake_bin, env, workdir: Path, config: dict, *extra: str):
+    return subprocess.run(snakemake_command(snakemake_bin, workdir, config, *extra), capture_output=True,
+                          text=True, env=env, timeout=900, check=False)
 
 
 @pytest.mark.parametrize(
