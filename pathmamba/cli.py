@@ -48,6 +48,22 @@ def _add_train(commands) -> None:
     parser.add_argument("--settings", type=_json_object, default={},
                         help=f"training settings as a JSON object; keys and defaults: {defaults}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--stage", type=int, choices=[1], default=None,
+                        help="train the first stage of a two-stage method (wsss-tissue)")
+    parser.add_argument("--stage1-model", type=Path, default=None,
+                        help="a two-stage method: its first stage's model.pt (`train --stage 1`)")
+    parser.add_argument("--pseudo-masks", type=Path, default=None,
+                        help="a two-stage method: the folder written by `pseudo-masks` from --stage1-model")
+
+
+def _add_pseudo_masks(commands) -> None:
+    parser = commands.add_parser("pseudo-masks", help="write a first stage's pseudo masks of every training image")
+    parser.add_argument("--model", required=True, type=Path, help="the first stage's model.pt")
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="the pseudo-mask folder to create")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
 
 
 def _add_evaluate(commands) -> None:
@@ -218,8 +234,8 @@ def _dataset_command(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_evaluate, _add_trivial, _add_aggregate, _add_plan,
-                _add_tables, _add_figures, _add_readme, _add_fetch_weights):
+    for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
+                _add_trivial, _add_aggregate, _add_plan, _add_tables, _add_figures, _add_readme, _add_fetch_weights):
         add(commands)
     return parser
 
@@ -247,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}")
         try:
             train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed,
-                  args.hparams, settings)
+                  args.hparams, settings, args.stage, args.stage1_model, args.pseudo_masks)
         except TrainingInterrupted as interrupted:
             return 128 + interrupted.signum  # the shell's convention for "killed by this signal"
+    elif args.command == "pseudo-masks":
+        from pathmamba.pseudo_masks import write_pseudo_masks
+
+        write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size)
     elif args.command == "evaluate":
         from pathmamba.evaluate import evaluate
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pathmamba.data.specs import dataset_names, get_dataset_spec
-from pathmamba.registry import method_names
+from pathmamba.registry import method_names, two_stage_methods
 
 
 class ConfigError(ValueError):
@@ -20,9 +20,12 @@ class ConfigError(ValueError):
 def check_config(config: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` listing every problem found in ``config``."""
     problems = []
-    for method in config.get("methods", {}):
+    for method, entry in config.get("methods", {}).items():
         if method not in method_names():
             problems.append(f"methods.{method}: unknown method; registered methods: {', '.join(method_names())}")
+        elif "stage1" in entry and method not in two_stage_methods():
+            problems.append(f"methods.{method}.stage1: {method} has no first stage; methods with one: "
+                            f"{', '.join(two_stage_methods())}")
     for name, entry in config.get("datasets", {}).items():
         if name not in dataset_names():
             problems.append(f"datasets.{name}: unknown dataset; known datasets: {', '.join(dataset_names())}")
@@ -51,10 +54,18 @@ def dataset_archives(entry: dict[str, Any]) -> list[str]:
     return [archive] if isinstance(archive, str) else list(archive)
 
 
-def train_settings(config: dict[str, Any], method: str) -> dict[str, Any]:
-    """The training settings of ``method``: the global ``train`` block, then the method's overrides."""
-    return {**config.get("train", {}), **config["methods"][method].get("train", {})}
+def _method_block(config: dict[str, Any], method: str, stage: int | None) -> dict[str, Any]:
+    """The config block of ``method`` (``stage=1``: its ``stage1`` block, empty when not given)."""
+    entry = config["methods"][method]
+    return entry.get("stage1", {}) if stage == 1 else entry
 
 
-def method_hparams(config: dict[str, Any], method: str) -> dict[str, Any]:
-    return dict(config["methods"][method].get("hparams", {}))
+def train_settings(config: dict[str, Any], method: str, stage: int | None = None) -> dict[str, Any]:
+    """The training settings of ``method`` (``stage=1``: of its first stage): the global ``train`` block,
+    then the method's (or stage's) overrides."""
+    return {**config.get("train", {}), **_method_block(config, method, stage).get("train", {})}
+
+
+def method_hparams(config: dict[str, Any], method: str, stage: int | None = None) -> dict[str, Any]:
+    """The builder keywords of ``method`` (``stage=1``: of its first stage)."""
+    return dict(_method_block(config, method, stage).get("hparams", {}))

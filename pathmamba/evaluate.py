@@ -54,6 +54,15 @@ def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = F
     return meter
 
 
+def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
+    """(the ``model.pt`` record written by training, the model built from it with its weights, on the CPU)."""
+    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"),
+                         **checkpoint["hparams"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return checkpoint, model
+
+
 def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(palette)
@@ -82,12 +91,10 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
     ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
     name (ground-truth background pixels, which are not scored, shown as background).
     """
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
+    checkpoint, model = load_model(model_path)
     spec = get_dataset_spec(checkpoint["dataset"])
     index = index_dataset(Path(data_root), spec)
     torch_device = resolve_device(device)
-    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, **checkpoint["hparams"])
-    model.load_state_dict(checkpoint["state_dict"])
     model.to(torch_device)
     channels_last = torch_device.type == "cuda"  # NHWC: the layout tensor-core convolutions prefer
     if channels_last:

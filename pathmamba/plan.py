@@ -4,11 +4,14 @@
 dataset's image counts and the method's measured throughput, given in the config's ``throughput``
 block (images per second on one GPU; a ``default`` entry covers methods without their own):
 
-    train hours    = epochs * (n_train / train_images_per_s + n_val / eval_images_per_s) / 3600
-    evaluate hours = n_test / eval_images_per_s / 3600
+    train hours        = epochs * (n_train / train_images_per_s + n_val / eval_images_per_s) / 3600
+    evaluate hours     = n_test / eval_images_per_s / 3600
+    pseudo-mask hours  = n_train / eval_images_per_s / 3600
 
-(validation runs once per epoch for model selection). The same estimate sizes the SLURM ``runtime`` of
-the training and evaluation rules (workflow/rules/train.smk, evaluate.smk).
+(validation runs once per epoch for model selection). A two-stage method (wsss-tissue) has three jobs
+before its evaluation: its first stage (epochs of ``methods.<method>.stage1.train``), the pseudo masks
+and its second stage; all three use the method's throughput entry. The same estimates size the SLURM
+``runtime`` of the rules (workflow/rules/train.smk, evaluate.smk).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import yaml
 
 from pathmamba.config import ConfigError, train_settings
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.train import TrainSettings
+from pathmamba.registry import two_stage_methods
+from pathmamba.settings import TrainSettings
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 # A GPU job's fixed cost beyond the images: start-up, imports, data indexing, checkpoint writes.
@@ -81,11 +85,11 @@ def method_throughput(config: dict[str, Any], method: str) -> dict[str, float]:
     return merged
 
 
-def train_gpu_hours(config: dict[str, Any], dataset: str, method: str) -> float:
-    """Estimated GPU-hours of training ``method`` on ``dataset`` once (one seed)."""
+def train_gpu_hours(config: dict[str, Any], dataset: str, method: str, stage: int | None = None) -> float:
+    """Estimated GPU-hours of training ``method`` (``stage=1``: its first stage) on ``dataset`` once."""
     counts = dataset_counts(config, dataset)
     speed = method_throughput(config, method)
-    epochs = train_settings(config, method).get("epochs", TrainSettings.epochs)
+    epochs = train_settings(config, method, stage).get("epochs", TrainSettings.epochs)
     seconds_per_epoch = (counts["training"] / speed["train_images_per_s"]
                          + counts["val"] / speed["eval_images_per_s"])
     return epochs * seconds_per_epoch / 3600 + JOB_OVERHEAD_HOURS
@@ -97,21 +101,29 @@ def evaluate_gpu_hours(config: dict[str, Any], dataset: str, method: str) -> flo
     return counts["test"] / method_throughput(config, method)["eval_images_per_s"] / 3600 + JOB_OVERHEAD_HOURS
 
 
+def pseudo_masks_gpu_hours(config: dict[str, Any], dataset: str, method: str) -> float:
+    """Estimated GPU-hours of writing a first stage's pseudo masks of ``dataset``'s training images."""
+    counts = dataset_counts(config, dataset)
+    return counts["training"] / method_throughput(config, method)["eval_images_per_s"] / 3600 + JOB_OVERHEAD_HOURS
+
+
 def runtime_minutes(gpu_hours: float, attempt: int) -> int:
     """SLURM time limit in minutes for a job estimated at ``gpu_hours``, growing with the attempt."""
     return math.ceil(gpu_hours * 60 * RUNTIME_MARGIN) * attempt
 
 
 def gpu_jobs(config: dict[str, Any]) -> list[GpuJob]:
-    """Every training and evaluation job of the config's grid (datasets x methods x seeds)."""
+    """Every GPU job of the config's grid (datasets x methods x seeds), by the rule that runs it."""
     jobs = []
     for dataset in config["datasets"]:
         for method in config["methods"]:
-            train_hours = train_gpu_hours(config, dataset, method)
-            evaluate_hours = evaluate_gpu_hours(config, dataset, method)
+            hours = {"train": train_gpu_hours(config, dataset, method),
+                     "evaluate": evaluate_gpu_hours(config, dataset, method)}
+            if method in two_stage_methods():
+                hours = {"train_stage1": train_gpu_hours(config, dataset, method, stage=1),
+                         "pseudo_masks": pseudo_masks_gpu_hours(config, dataset, method), **hours}
             for seed in config["seeds"]:
-                jobs.append(GpuJob("train", dataset, method, int(seed), train_hours))
-                jobs.append(GpuJob("evaluate", dataset, method, int(seed), evaluate_hours))
+                jobs.extend(GpuJob(rule, dataset, method, int(seed), job_hours) for rule, job_hours in hours.items())
     return jobs
 
 
@@ -126,9 +138,9 @@ def format_plan(jobs: list[GpuJob]) -> str:
         hours = sum(job.gpu_hours for job in cell)
         lines.append(f"| {dataset} | {method} | {len(cell)} | {hours / seeds:.2f} | {hours:.1f} |")
     total = sum(job.gpu_hours for job in jobs)
-    n_train = sum(job.rule == "train" for job in jobs)
+    per_rule = {rule: sum(job.rule == rule for job in jobs) for rule in dict.fromkeys(job.rule for job in jobs)}
     lines.append(f"| **total** | | {len(jobs)} | | {total:.1f} |")
     lines.append("")
-    lines.append(f"{len(jobs)} GPU jobs ({n_train} train, {len(jobs) - n_train} evaluate), "
+    lines.append(f"{len(jobs)} GPU jobs ({', '.join(f'{n} {rule}' for rule, n in per_rule.items())}), "
                  f"{total:.1f} GPU-hours estimated (largest job {max(job.gpu_hours for job in jobs):.2f} h).")
     return "\n".join(lines)

@@ -220,16 +220,17 @@ def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[
 
 
 def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
-    """Training cost per finished run: dataset, method, seed, hours (benchmark ``s`` / 3600), max_rss
-    (MB), device (from run.json's environment; "unknown" without it)."""
+    """Training cost per finished run: dataset, method, seed, hours (benchmark ``s`` / 3600, summed over
+    the run's jobs: a two-stage method's first stage and pseudo masks too), max_rss (MB), device (from
+    run.json's environment; "unknown" without it)."""
     rows = []
     for dataset in datasets:
         for method in methods:
             for seed in seeds:
-                path = Path(run_dir) / "benchmarks" / dataset / method / f"seed{seed}" / "train.tsv"
-                if not path.exists():
+                folder = Path(run_dir) / "benchmarks" / dataset / method / f"seed{seed}"
+                if not (folder / "train.tsv").exists():
                     continue
-                bench = pd.read_csv(path, sep="\t")
+                bench = pd.concat([pd.read_csv(path, sep="\t") for path in sorted(folder.glob("*.tsv"))])
                 run_json = run_path(run_dir, dataset, method, seed) / "run.json"
                 device = "unknown"
                 if run_json.exists():

@@ -15,8 +15,15 @@ Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and
 
 Optional: ``on_epoch_start(epoch, train_loader, device, dataset)``, called by the engine before each
 epoch (1-based), also the first epoch after a resume; for state that changes between epochs (SC-CAM's
-re-clustering, WSSS-Tissue's stage). That state must live in the model's buffers or be recomputed from
-the weights, so that a resumed run equals an uninterrupted one.
+re-clustering, WSSS-Tissue's dropout threshold). That state must live in the model's buffers or be
+recomputed from the weights, so that a resumed run equals an uninterrupted one.
+
+Two-stage methods (``MethodSpec.stage1``, WSSS-Tissue): the first stage is trained as a run of its own
+(``build_method(name, stage=1)``, image supervision) whose model must also have
+``pseudo_masks(images, targets, dataset) -> [(B, H, W) int64] * K``; those masks of every training image
+are written once (``pathmamba.pseudo_masks``), and the method itself (``supervision="pseudo"``) trains on
+them: targets (B, K, H, W) int64. Its builder receives ``stage1_hparams`` (the first stage's keywords)
+and its model has ``init_from_stage1(state_dict)``.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How to build one method and what supervision it trains with."""
+    """How to build one method and what supervision it trains with (``image`` labels, ``pixel`` masks of
+    val, or ``pseudo`` masks written by its first stage, ``stage1``)."""
 
     target: str
     supervision: str = "image"
     summary: str = ""
     preset: dict[str, Any] = field(default_factory=dict)
+    stage1: MethodSpec | None = None
 
 
 _PATHMAMBA = "pathmamba.models.pathmamba:PathMamba"
@@ -68,8 +77,13 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "wsss-tissue": MethodSpec(
         "baselines.cam.wsss_tissue:WSSSTissue",
-        summary="Classifier with progressive dropout attention, then DeepLabV3+ on multi-layer Grad-CAM "
-                "pseudo masks (Han et al., MedIA 2022)",
+        supervision="pseudo",
+        summary="DeepLabV3+ on multi-layer Grad-CAM pseudo masks of a classifier trained with progressive "
+                "dropout attention (Han et al., MedIA 2022)",
+        stage1=MethodSpec(
+            "baselines.cam.wsss_tissue:WSSSTissueClassifier",
+            summary="WSSS-Tissue stage 1: multi-label classifier with progressive dropout attention",
+        ),
     ),
     # PathMamba's ablation (paper Table 2) and a control: one class, flags in the preset.
     "pathmamba-b": MethodSpec(
@@ -110,17 +124,30 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def get_spec(name: str) -> MethodSpec:
-    """The spec of ``name``; an unknown name raises ``KeyError`` listing the valid names."""
+def two_stage_methods() -> list[str]:
+    """Names of the registered methods that train a first stage of their own, sorted."""
+    return [name for name in method_names() if METHODS[name].stage1 is not None]
+
+
+def get_spec(name: str, stage: int | None = None) -> MethodSpec:
+    """The spec of ``name`` (``stage=1``: of its first stage); an unknown name raises ``KeyError`` listing
+    the valid names, ``stage=1`` of a one-stage method a ``ValueError`` listing the two-stage ones."""
     try:
-        return METHODS[name]
+        spec = METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(method_names())}") from None
+    if stage is None:
+        return spec
+    if stage != 1 or spec.stage1 is None:
+        raise ValueError(f"method {name!r} has no stage {stage}; methods with a first stage (stage 1): "
+                         f"{', '.join(two_stage_methods())}")
+    return spec.stage1
 
 
-def build_method(name: str, num_classes: int, **hparams: Any):
-    """Build method ``name`` for ``num_classes`` classes; ``hparams`` override the builder's defaults."""
-    spec = get_spec(name)
+def build_method(name: str, num_classes: int, stage: int | None = None, **hparams: Any):
+    """Build method ``name`` (``stage=1``: its first stage) for ``num_classes`` classes; ``hparams``
+    override the builder's defaults."""
+    spec = get_spec(name, stage)
     module_name, _, attr = spec.target.partition(":")
     builder = getattr(importlib.import_module(module_name), attr)
     return builder(num_classes=num_classes, **{**spec.preset, **hparams})

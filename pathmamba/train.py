@@ -26,14 +26,15 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset
+from pathmamba.data.acquire import sha256
+from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoMaskDataset
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
@@ -49,6 +50,7 @@ from pathmamba.runtime import (
     rng_state,
     seed_everything,
 )
+from pathmamba.settings import TrainSettings
 
 log = logging.getLogger("pathmamba.train")
 
@@ -58,29 +60,6 @@ PIXEL_SPLIT_SEED = 0
 
 #: Settings that change speed but not results; a checkpoint written under other values still resumes.
 NOT_FINGERPRINTED = ("workers",)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation settings; defaults are the paper's (Adam, lr 1e-5, weight decay 5e-4, batch 16,
-    100 epochs).
-
-    ``workers``: data loader processes; None derives them from the CPU threads given to the job (see
-    :func:`default_workers`). ``channels_last``: on CUDA, model and batches in the NHWC memory layout
-    that tensor-core convolutions prefer; ignored on the CPU. ``deterministic``: deterministic
-    algorithms and no cuDNN autotuning (bitwise-repeatable GPU runs, slower).
-    """
-
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-5
-    weight_decay: float = 5e-4
-    augment: bool = True
-    workers: int | None = None
-    device: str = "auto"
-    deterministic: bool = False
-    channels_last: bool = True
-    val_fraction: float = 0.2
 
 
 class TrainingInterrupted(RuntimeError):
@@ -135,7 +114,7 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _loaders(index, spec, supervision: str, settings: TrainSettings, seed: int, workers: int,
-             pin: bool) -> tuple[DataLoader, DataLoader, EpochSeeded, torch.Generator]:
+             pin: bool, pseudo_masks: Path | None) -> tuple[DataLoader, DataLoader, EpochSeeded, torch.Generator]:
     """(train loader, model-selection loader, the epoch-seeded train set, the data-order generator).
 
     Workers are not persistent: a fresh start per epoch is what lets ``set_epoch`` reach them.
@@ -143,6 +122,9 @@ def _loaders(index, spec, supervision: str, settings: TrainSettings, seed: int, 
     val = ImageMaskDataset(index.val, spec)
     if supervision == "image":
         train_set = ImageLabelDataset(index.train, augment=settings.augment)
+        select_set = val
+    elif supervision == "pseudo":
+        train_set = PseudoMaskDataset(index.train, pseudo_masks, spec, augment=settings.augment)
         select_set = val
     else:
         fit, select = split_for_pixel_supervision(len(index.val), settings.val_fraction)
@@ -225,15 +207,39 @@ def _stop_on_sigterm():
         signal.signal(signal.SIGTERM, before)
 
 
+def _stage1_record(method: str, dataset: str, seed: int, stage1_model: Path | None,
+                   pseudo_masks: Path | None) -> dict:
+    """The first stage's ``model.pt`` record that a method trained on pseudo masks builds on, checked
+    to be of the same method, dataset and seed, with the pseudo-mask folder present."""
+    if stage1_model is None or pseudo_masks is None:
+        raise ValueError(f"{method} trains on its first stage's pseudo masks: give stage1_model (the stage-1 "
+                         "model.pt, `train --stage 1`) and pseudo_masks (the folder of `pseudo-masks`)")
+    record = torch.load(stage1_model, map_location="cpu", weights_only=False)
+    found = (record["method"], record.get("stage"), record["dataset"], record["seed"])
+    if found != (method, 1, dataset, seed):
+        raise ValueError(f"{stage1_model}: a model of (method, stage, dataset, seed) {found}; expected "
+                         f"{(method, 1, dataset, seed)}")
+    return record
+
+
 def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_dir: Path, seed: int = 0,
-          hparams: dict[str, Any] | None = None, settings: TrainSettings = TrainSettings()) -> dict:
+          hparams: dict[str, Any] | None = None, settings: TrainSettings = TrainSettings(),
+          stage: int | None = None, stage1_model: Path | None = None, pseudo_masks: Path | None = None) -> dict:
     """Train ``method`` on ``dataset`` and write into ``out_dir``: ``model.pt`` (best epoch's weights
     with its metadata), ``history.csv`` (one row per epoch) and ``run.json`` (resolved settings,
     environment, best epoch, wall time). Resumes from ``checkpoint_dir`` when it holds a checkpoint of
-    this exact run. Returns the run record."""
+    this exact run. Returns the run record.
+
+    ``stage=1`` trains the first stage of a two-stage method. The method itself then trains on the
+    ``pseudo_masks`` folder written from that stage's ``stage1_model``, whose classifier it starts from.
+    """
     hparams = dict(hparams or {})
     spec = get_dataset_spec(dataset)
-    supervision = get_spec(method).supervision
+    supervision = get_spec(method, stage).supervision
+    stage1 = None
+    if supervision == "pseudo":
+        stage1 = _stage1_record(method, dataset, seed, stage1_model, pseudo_masks)
+        hparams["stage1_hparams"] = stage1["hparams"]
     index = index_dataset(Path(data_root), spec)
     for note in index.tolerated:
         log.warning("dataset %s: %s", dataset, note)
@@ -243,15 +249,21 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
         settings = replace(settings, workers=default_workers(device, torch.get_num_threads()))
     channels_last = settings.channels_last and device.type == "cuda"
     seed_everything(seed, settings.deterministic)
-    model = build_method(method, num_classes=NUM_CLASSES, **hparams).to(device)
+    model = build_method(method, num_classes=NUM_CLASSES, stage=stage, **hparams)
+    if stage1 is not None:
+        model.init_from_stage1(stage1["state_dict"])
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     train_loader, select_loader, seeded, order = _loaders(index, spec, supervision, settings, seed,
-                                                         settings.workers, pin=device.type == "cuda")
+                                                         settings.workers, pin=device.type == "cuda",
+                                                         pseudo_masks=pseudo_masks)
 
-    fingerprint = {"method": method, "dataset": dataset, "seed": seed, "hparams": hparams,
-                   "settings": {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED}}
+    # A retrained first stage (new weights, new pseudo masks) must not resume an old second stage.
+    fingerprint = {"method": method, "stage": stage, "dataset": dataset, "seed": seed, "hparams": hparams,
+                   "settings": {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED},
+                   "stage1_sha256": sha256(stage1_model) if stage1 is not None else None}
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
@@ -273,7 +285,7 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                 epoch_started = time.time()
                 seeded.set_epoch(epoch)
                 order.manual_seed(derived_seed(seed, epoch))
-                # Per-epoch state derived from the weights (SC-CAM's clustering, WSSS-Tissue's stage);
+                # Per-epoch state derived from the weights (SC-CAM's clustering, WSSS-Tissue's dropout threshold);
                 # recomputed on resume from the restored checkpoint, so it is the same as without a kill.
                 if hasattr(model, "on_epoch_start"):
                     model.on_epoch_start(epoch, train_loader, device, dataset)
@@ -306,8 +318,8 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
 
     out_dir = Path(out_dir)
     record = {
-        "method": method, "dataset": dataset, "seed": seed, "supervision": supervision,
-        "hparams": hparams, "settings": asdict(settings), "data_root": str(data_root),
+        "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": supervision,
+        "hparams": hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks, "settings": asdict(settings), "data_root": str(data_root),
         "checkpoint_dir": str(checkpoint_dir), "resumed_after_epoch": start_epoch - 1,
         "best_epoch": best["epoch"], "best_val_mIoU": best["val_mIoU"],
         "train_images": len(train_loader.dataset),
@@ -316,7 +328,7 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
         "environment": environment_record(device),
     }
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
-    atomic_torch_save({"method": method, "hparams": hparams, "dataset": dataset, "seed": seed,
+    atomic_torch_save({"method": method, "stage": stage, "hparams": hparams, "dataset": dataset, "seed": seed,
                        "epoch": best["epoch"], "val_mIoU": best["val_mIoU"], "state_dict": best_weights},
                       out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(history))

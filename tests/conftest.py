@@ -24,3 +24,23 @@ def workflow_env() -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+def train_like_the_workflow(method: str, dataset: str, data_root: Path, work: Path, entry: dict, settings,
+                            seed: int = 0) -> dict:
+    """Train ``method`` with its config ``entry`` (``hparams``, and ``stage1.hparams`` for a two-stage
+    method) as the workflow's jobs do: a two-stage method's first stage into work/stage1, its pseudo
+    masks into work/pseudo_masks, then the method into work/run (checkpoints under work/). Every stage
+    with ``settings``; returns the method's run record."""
+    from pathmamba.pseudo_masks import write_pseudo_masks
+    from pathmamba.registry import get_spec
+    from pathmamba.train import train
+
+    stage_inputs = {}
+    if get_spec(method).stage1 is not None:
+        train(method, dataset, data_root, work / "stage1", work / "checkpoints-stage1", seed,
+              entry.get("stage1", {}).get("hparams", {}), settings, stage=1)
+        write_pseudo_masks(work / "stage1" / "model.pt", data_root, work / "pseudo_masks", device="cpu")
+        stage_inputs = {"stage1_model": work / "stage1" / "model.pt", "pseudo_masks": work / "pseudo_masks"}
+    return train(method, dataset, data_root, work / "run", work / "checkpoints", seed, entry.get("hparams", {}),
+                 settings, **stage_inputs)

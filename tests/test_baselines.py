@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import yaml
+from conftest import train_like_the_workflow
 
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.crf import CRFSettings, build_crf, dense_crf
@@ -20,8 +21,9 @@ from pathmamba.data.datasets import ImageMaskDataset, to_tensor
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.registry import build_method, get_spec, method_names
-from pathmamba.train import TrainSettings, train
+from pathmamba.evaluate import load_model
+from pathmamba.registry import get_spec, method_names
+from pathmamba.train import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -52,18 +54,14 @@ def test_every_method_trains_and_predicts_masks(method, data_root, tmp_path):
     best model's scores on the test images are finite (B, 4, H, W) floats whose argmax is a class."""
     entry = DEMO["methods"].get(method)
     assert entry is not None, f"{method} has no entry in config/demo.yaml"
-    # One epoch; a two-stage method (``stage1_epochs``) gets one more, so that its second stage trains too.
-    epochs = entry.get("hparams", {}).get("stage1_epochs", 0) + 1
-    settings = TrainSettings(epochs=epochs, batch_size=4, lr=1e-3, device="cpu")
-    record = train(method, DATASET, data_root, tmp_path / "run", tmp_path / "ckpt", seed=0,
-                   hparams=entry.get("hparams", {}), settings=settings)
+    # One epoch (of each stage, for a two-stage method).
+    settings = TrainSettings(epochs=1, batch_size=4, lr=1e-3, device="cpu")
+    record = train_like_the_workflow(method, DATASET, data_root, tmp_path, entry, settings)
     if get_spec(method).supervision == "pixel":
         assert record["train_images"] == N_VAL - round(0.2 * N_VAL)  # the fixed 80/20 split of val
     assert np.isfinite(record["best_val_mIoU"])
 
-    checkpoint = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=False)
-    model = build_method(method, num_classes=NUM_CLASSES, **checkpoint["hparams"])
-    model.load_state_dict(checkpoint["state_dict"])
+    _, model = load_model(tmp_path / "run" / "model.pt")
     model.eval()
     index = index_dataset(data_root, get_dataset_spec(DATASET))
     test = ImageMaskDataset(index.test, get_dataset_spec(DATASET))

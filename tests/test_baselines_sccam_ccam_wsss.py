@@ -2,18 +2,25 @@
 tests/test_baselines.py)."""
 
 import csv
+import json
+import logging
 
+import numpy as np
 import pytest
 import torch
+from conftest import train_like_the_workflow
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from baselines.cam.ccam import CCAM
 from baselines.cam.sccam import SCCAM
 from baselines.cam.toolbox import white_background_mask
-from baselines.cam.wsss_tissue import WSSSTissue, dropout_gamma, pseudo_mask
-from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from pathmamba.data.specs import IGNORE_INDEX
+from baselines.cam.wsss_tissue import WSSSTissue, WSSSTissueClassifier, dropout_gamma, pseudo_mask
+from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDataset
+from pathmamba.data.readers import index_dataset
+from pathmamba.data.specs import IGNORE_INDEX, get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
+from pathmamba.evaluate import load_model
 from pathmamba.train import TrainSettings, train
 
 TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
@@ -153,23 +160,23 @@ def test_progressive_dropout_gamma_schedule():
     assert dropout_gamma(21) == pytest.approx(0.98**19)  # 0.681, still above the floor
     assert dropout_gamma(30) == 0.65 and dropout_gamma(100) == 0.65
 
-    model = WSSSTissue(num_classes=4, stage1_epochs=3, **TINY, **TINY_SEGMENTER)
+    model = WSSSTissueClassifier(num_classes=4, **TINY)
     seen = []
     for epoch in (1, 3, 4):
         model.on_epoch_start(epoch, None, CPU, "synthetic-bcss")
-        seen.append((int(model.stage), round(float(model.gamma), 4)))
-    assert seen == [(1, 1.0), (1, 0.98), (2, 0.9604)]
+        seen.append(round(float(model.gamma), 4))
+    assert seen == [1.0, 0.98, 0.9604]
 
 
 def test_progressive_dropout_drops_the_most_activated_positions():
     torch.manual_seed(0)
-    model = WSSSTissue(num_classes=4, **TINY, **TINY_SEGMENTER).train()
+    model = WSSSTissueClassifier(num_classes=4, **TINY).train()
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
-    plain = torch.nn.functional.binary_cross_entropy_with_logits(model.classifier(images), labels)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(model(images), labels)
     model.gamma.fill_(1.0)
-    torch.testing.assert_close(model.stage1_loss(images, labels)[0], plain)  # gamma 1 drops nothing
+    torch.testing.assert_close(model.loss(images, labels)[0], plain)  # gamma 1 drops nothing
     model.gamma.fill_(0.65)
-    assert not torch.allclose(model.stage1_loss(images, labels)[0], plain)
+    assert not torch.allclose(model.loss(images, labels)[0], plain)
 
 
 def test_pseudo_masks_keep_the_image_labels_and_white_only_where_asked():
@@ -185,13 +192,12 @@ def test_pseudo_masks_keep_the_image_labels_and_white_only_where_asked():
 
 def test_white_background_channel_only_on_luad():
     torch.manual_seed(0)
-    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
+    model = WSSSTissueClassifier(num_classes=4, **TINY).eval()
     images, labels = half_white_images(size=32), torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])
     for dataset, expect_white in [("synthetic-luad", True), ("luad-histoseg", True),
                                   ("synthetic-bcss", False), ("bcss-wsss", False)]:
-        model.on_epoch_start(2, None, CPU, dataset)
-        masks = model.pseudo_masks(images, labels)
-        assert len(masks) == 3
+        masks = model.pseudo_masks(images, labels, dataset)
+        assert len(masks) == len(model.pseudo_mask_names) == 3
         for mask in masks:
             assert bool((mask[..., :16] == IGNORE_INDEX).all()) is expect_white
             assert (mask[..., 16:] != IGNORE_INDEX).all()
@@ -199,14 +205,19 @@ def test_white_background_channel_only_on_luad():
 
 def test_stage2_loss_weights_the_three_pseudo_masks_06_02_02():
     torch.manual_seed(0)
-    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
-    model.on_epoch_start(2, None, CPU, "synthetic-bcss")
-    model.train()
+    model = WSSSTissue(num_classes=4, stage1_hparams=TINY, **TINY_SEGMENTER).train()
     assert not model.classifier.training and model.segmenter.training  # stage 1 frozen, BN included
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
-    loss, parts = model.loss(images, labels)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 3, 32, 32))
+    torch.manual_seed(1)  # the same dropout draws in both forward passes
+    loss, parts = model.loss(images, masks)
     expected = 0.6 * parts["ce_layer4"] + 0.2 * parts["ce_layer3"] + 0.2 * parts["ce_layer2"]
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    # Each term is the cross-entropy against its own mask, the ignored index left out.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        logits = model.segmenter(images)
+    assert parts["ce_layer3"] == pytest.approx(float(torch.nn.functional.cross_entropy(
+        logits, masks[:, 1], ignore_index=IGNORE_INDEX)), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in model.classifier.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.segmenter.parameters())
@@ -214,8 +225,7 @@ def test_stage2_loss_weights_the_three_pseudo_masks_06_02_02():
 
 def test_gate_zeroes_classes_the_classifier_puts_below_01():
     torch.manual_seed(0)
-    model = WSSSTissue(num_classes=4, stage1_epochs=1, **TINY, **TINY_SEGMENTER)
-    model.on_epoch_start(2, None, CPU, "synthetic-bcss")
+    model = WSSSTissue(num_classes=4, stage1_hparams=TINY, **TINY_SEGMENTER)
     with torch.no_grad():  # features are >= 0 after the last ReLU: class 0 sure, class 1 excluded
         weight = model.classifier.classifier.weight
         weight.zero_()
@@ -227,10 +237,6 @@ def test_gate_zeroes_classes_the_classifier_puts_below_01():
     assert scores.shape == (2, 4, 32, 32)
     assert scores[:, 1].abs().max() == 0.0
     torch.testing.assert_close(scores[:, [0, 2, 3]], torch.softmax(model.segmenter(images), 1)[:, [0, 2, 3]])
-
-    resumed = WSSSTissue(num_classes=4, **TINY, **TINY_SEGMENTER).eval()  # stage lives in the state dict
-    resumed.load_state_dict(model.state_dict())
-    torch.testing.assert_close(resumed.predict(images), scores)
 
 
 # --- through the engine ---------------------------------------------------------------------------
@@ -267,12 +273,53 @@ def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path)
     assert [row["loss"] for row in _history(tmp_path / "resumed")] == [row["loss"] for row in rows]
 
 
-def test_engine_runs_wsss_tissue_stage1_then_stage2(tiny_luad, tmp_path):
-    hparams = dict(TINY, **TINY_SEGMENTER, stage1_epochs=1)
+def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_luad, tmp_path, caplog):
+    entry = {"stage1": {"hparams": TINY}, "hparams": TINY_SEGMENTER}
     settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
-    record = train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", seed=0,
-                   hparams=hparams, settings=settings)
+    record = train_like_the_workflow("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path, entry, settings)
+
+    # The pseudo masks on disk are the stage-1 classifier's, restricted to each image's labels.
+    manifest = json.loads((tmp_path / "pseudo_masks" / "manifest.json").read_text())
+    assert manifest["masks"] == ["layer4", "layer3", "layer2"] and manifest["images"] == 12
+    _, stage1 = load_model(tmp_path / "stage1" / "model.pt")
+    index = index_dataset(tiny_luad, get_dataset_spec("synthetic-luad"))
+    (image_path, label), = index.train[:1]
+    image, target = ImageLabelDataset(index.train[:1])[0]
+    expected = stage1.eval().pseudo_masks(image[None], target[None], "synthetic-luad")
+    for kind, mask in zip(manifest["masks"], expected):
+        written = Image.open(tmp_path / "pseudo_masks" / kind / image_path.name)
+        assert written.mode == "P"
+        assert np.array_equal(np.asarray(written), mask[0].numpy())
+        assert set(np.unique(np.asarray(written)).tolist()) <= {c for c in range(4) if label[c]} | {IGNORE_INDEX}
+
     rows = _history(tmp_path / "run")
-    assert [float(row["stage"]) for row in rows] == [1.0, 2.0]
-    assert rows[1]["ce_layer4"] != "" and rows[0]["ce_layer4"] == ""
-    assert record["best_epoch"] in (1, 2)
+    assert len(rows) == 2 and all(row["ce_layer4"] != "" for row in rows)
+    assert record["stage1_model"] == tmp_path / "stage1" / "model.pt"
+    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert model_file["hparams"]["stage1_hparams"] == TINY  # taken from the stage-1 model file
+    # The gate uses the trained stage-1 classifier, not a fresh one.
+    torch.testing.assert_close(model_file["state_dict"]["classifier.classifier.weight"],
+                               stage1.state_dict()["classifier.weight"])
+
+    # A retrained first stage (another model file) does not resume the old second stage.
+    stage1_record = torch.load(tmp_path / "stage1" / "model.pt", weights_only=False)
+    torch.save({**stage1_record, "val_mIoU": -1.0}, tmp_path / "stage1" / "model.pt")
+    with caplog.at_level(logging.WARNING, logger="pathmamba.train"):
+        train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "checkpoints", 0,
+              TINY_SEGMENTER, settings, stage1_model=tmp_path / "stage1" / "model.pt",
+              pseudo_masks=tmp_path / "pseudo_masks")
+    assert "belongs to other settings" in caplog.text
+
+
+def test_wsss_tissue_second_stage_needs_its_own_first_stage(tiny_luad, tmp_path):
+    with pytest.raises(ValueError, match="give stage1_model"):
+        train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", 0, TINY_SEGMENTER,
+              SETTINGS)
+    train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "stage1", tmp_path / "ckpt1", 1, TINY,
+          TrainSettings(**{**SETTINGS.__dict__, "epochs": 1}), stage=1)
+    with pytest.raises(ValueError, match=r"\('wsss-tissue', 1, 'synthetic-luad', 1\); expected "
+                                         r"\('wsss-tissue', 1, 'synthetic-luad', 0\)"):
+        train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", 0, TINY_SEGMENTER,
+              SETTINGS, stage1_model=tmp_path / "stage1" / "model.pt", pseudo_masks=tmp_path / "none")
+    with pytest.raises(ValueError, match="'cam' has no stage 1; methods with a first stage"):
+        train("cam", "synthetic-luad", tiny_luad, tmp_path / "cam", tmp_path / "ckpt-cam", 0, TINY, SETTINGS, stage=1)

@@ -75,8 +75,20 @@ def test_cli_fills_schema_defaults_and_rejects_bad_values(tmp_path, capsys):
         main(["plan", "--configfile", str(path)])
 
 
+def test_two_stage_method_plans_its_first_stage_and_pseudo_masks_too():
+    config = {**CONFIG, "methods": {"wsss-tissue": {"stage1": {"train": {"epochs": 2}}, "train": {"epochs": 4}}}}
+    jobs = [job for job in gpu_jobs(config) if job.dataset == "synthetic-luad" and job.seed == 0]
+    hours = {job.rule: job.gpu_hours for job in jobs}
+    assert list(hours) == ["train_stage1", "pseudo_masks", "train", "evaluate"]
+    # each stage its own epochs: 2 x (100/10 + 20/20) and 4 x (100/10 + 20/20) s; masks of 100 images at 20/s
+    assert hours["train_stage1"] == pytest.approx(22 / 3600 + JOB_OVERHEAD_HOURS)
+    assert hours["train"] == pytest.approx(44 / 3600 + JOB_OVERHEAD_HOURS)
+    assert hours["pseudo_masks"] == pytest.approx(5 / 3600 + JOB_OVERHEAD_HOURS)
+
+
 def test_paper_config_plans_every_configured_job():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     jobs = gpu_jobs(config)
-    assert len(jobs) == 2 * len(config["datasets"]) * len(config["methods"]) * len(config["seeds"])
+    # train and evaluate per (dataset, method, seed); wsss-tissue's first stage and pseudo masks besides
+    assert len(jobs) == (2 * len(config["methods"]) + 2) * len(config["datasets"]) * len(config["seeds"])
     assert all(job.gpu_hours > JOB_OVERHEAD_HOURS for job in jobs)

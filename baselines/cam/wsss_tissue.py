@@ -1,34 +1,39 @@
-"""WSSS-Tissue (Han et al., MedIA 2022): multi-layer pseudo-supervision, both stages in one method.
+"""WSSS-Tissue (Han et al., MedIA 2022): multi-layer pseudo-supervision in two stages.
 
-Stage 1 (epochs 1..``stage1_epochs``): the multi-label ResNet classifier trained with progressive
-dropout attention: positions whose class activation (normalised per class, image labels only) exceeds
-gamma are dropped from the features before pooling; gamma is 1 (nothing dropped) up to epoch
-``gamma_start_epoch`` and then multiplied by ``gamma_decay`` per epoch down to ``gamma_floor``.
+Stage 1 (:class:`WSSSTissueClassifier`, its own training run): the multi-label ResNet classifier trained
+with progressive dropout attention: positions whose class activation (normalised per class, image labels
+only) exceeds gamma are dropped from the features before pooling; gamma is 1 (nothing dropped) up to
+epoch ``gamma_start_epoch`` and then multiplied by ``gamma_decay`` per epoch down to ``gamma_floor``.
 
-Stage 2 (later epochs): the classifier is frozen; for every training batch, Grad-CAM at three depths
-(layer4, layer3, layer2) restricted to the image's labels gives three pseudo masks (white background
-set to the ignored index on the datasets in ``white_background_datasets``, LUAD in the original); a
-DeepLabV3+ (segmentation-models-pytorch) is trained on them with the cross-entropy weighted
-``pseudo_mask_weights`` (0.6 for the deepest layer, 0.2, 0.2). At test its softmax scores are gated by
-the frozen classifier's probabilities (classes below ``gate_threshold`` zeroed).
+Pseudo masks (written once, by ``python -m pathmamba pseudo-masks``, a workflow rule of its own): for
+every training image, Grad-CAM of the stage-1 classifier at three depths (layer4, layer3, layer2)
+restricted to the image's labels gives three masks; white background is set to the ignored index on the
+datasets in ``white_background_datasets`` (LUAD in the original).
 
-Difference from the original pipeline (three scripts: train stage 1, write pseudo masks, train stage
-2): one registered method trained by the shared engine, so the pseudo masks are computed on the fly
-from the frozen stage-1 classifier (on the augmented batch, the same function of the image) instead of
-being written once; a stage-2 change retrains stage 1.
+Stage 2 (:class:`WSSSTissue`, the method of the tables): a DeepLabV3+ (segmentation-models-pytorch)
+trained on the three pseudo masks with the cross-entropy weighted ``pseudo_mask_weights`` (0.6 for the
+deepest layer, 0.2, 0.2). At test its softmax scores are gated by the frozen stage-1 classifier's
+probabilities (classes below ``gate_threshold`` zeroed).
+
+As in the original's three scripts (train stage 1, write pseudo masks, train stage 2), the stages are
+separate jobs: a stage-2 change does not retrain stage 1 or rewrite the pseudo masks.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
 from pathmamba.data.specs import IGNORE_INDEX
+
+#: The classifier layers whose Grad-CAM gives a pseudo mask, deepest first (the order of the loss weights).
+PSEUDO_MASK_LAYERS = ("layer4", "layer3", "layer2")
 
 
 def dropout_gamma(epoch: int, start_epoch: int = 2, decay: float = 0.98, floor: float = 0.65) -> float:
@@ -48,6 +53,8 @@ def gradcam_per_layer(classifier: MultiLabelResNet, images: torch.Tensor) -> tup
     with torch.no_grad():
         early = stem(images)
     with torch.enable_grad():
+        # The activations need a graph even when the classifier's parameters are frozen.
+        early.requires_grad_(True)
         a2 = layer2(early)
         a3 = layer3(a2)
         a4 = layer4(a3)
@@ -77,84 +84,100 @@ def pseudo_mask(maps: torch.Tensor, targets: torch.Tensor, size: tuple[int, int]
     return mask
 
 
-class WSSSTissue(nn.Module):
-    """Stage-1 classifier + stage-2 DeepLabV3+; ``stage`` and ``gamma`` are buffers set per epoch.
+class WSSSTissueClassifier(MultiLabelResNet):
+    """Stage 1: the multi-label classifier with progressive dropout attention, and the pseudo-mask
+    generator. ``gamma`` is a buffer set per epoch, so a resumed run continues the schedule.
 
-    Shapes: images (B, 3, H, W), H and W multiples of 16 -> predict (B, C, H, W).
+    ``threshold`` gates the classes of ``predict`` (the stage's own model selection on val, as for CAM).
+    Shapes: images (B, 3, H, W) -> logits (B, C); predict and each pseudo mask at (H, W).
     """
 
+    pseudo_mask_names = PSEUDO_MASK_LAYERS
+
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
-                 output_stride: int = 8, width: int = 64, stage1_epochs: int = 20, gamma_start_epoch: int = 2,
-                 gamma_decay: float = 0.98, gamma_floor: float = 0.65,
-                 pseudo_mask_weights: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                 segmenter_encoder: str = "resnet101", segmenter_weights: str | None = None,
-                 decoder_channels: int = 256, gate_threshold: float = 0.1, white_threshold: float = 0.85,
+                 output_stride: int = 8, width: int = 64, threshold: float = 0.5, gamma_start_epoch: int = 2,
+                 gamma_decay: float = 0.98, gamma_floor: float = 0.65, white_threshold: float = 0.85,
                  white_background_datasets: tuple[str, ...] = ("luad-histoseg", "synthetic-luad")):
-        super().__init__()
-        if len(pseudo_mask_weights) != 3:
-            raise ValueError(f"wsss-tissue: pseudo_mask_weights needs 3 values (layer4, layer3, layer2), "
-                             f"got {pseudo_mask_weights!r}")
-        self.classifier = MultiLabelResNet(num_classes, backbone, pretrained, output_stride, width)
-        self.segmenter = smp.DeepLabV3Plus(encoder_name=segmenter_encoder, encoder_weights=segmenter_weights,
-                                           classes=num_classes, decoder_channels=decoder_channels)
-        self.stage1_epochs = stage1_epochs
+        super().__init__(num_classes, backbone, pretrained, output_stride, width)
+        self.threshold = threshold
         self.gamma_schedule = {"start_epoch": gamma_start_epoch, "decay": gamma_decay, "floor": gamma_floor}
-        self.pseudo_mask_weights = tuple(pseudo_mask_weights)
-        self.gate_threshold, self.white_threshold = gate_threshold, white_threshold
+        self.white_threshold = white_threshold
         self.white_background_datasets = tuple(white_background_datasets)
-        self.white_background = False  # set per dataset by on_epoch_start
-        self.register_buffer("stage", torch.ones((), dtype=torch.long))
         self.register_buffer("gamma", torch.ones(()))
 
-    def on_epoch_start(self, epoch: int, loader: DataLoader, device: torch.device, dataset: str) -> None:
-        self.stage.fill_(1 if epoch <= self.stage1_epochs else 2)
+    def on_epoch_start(self, epoch: int, loader, device: torch.device, dataset: str) -> None:
         self.gamma.fill_(dropout_gamma(epoch, **self.gamma_schedule))
-        self.white_background = dataset in self.white_background_datasets
-
-    def train(self, mode: bool = True):
-        """In stage 2 the frozen classifier stays in eval mode (its batch-norm statistics are fixed)."""
-        super().train(mode)
-        if int(self.stage) == 2:
-            self.classifier.eval()
-        return self
-
-    def stage1_loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """BCE of the classifier with the most activated positions (above gamma) dropped."""
-        features = self.classifier.features(images)
-        maps = self.classifier.classifier(features)
-        attention = (normalise_maps(maps.detach(), maps.shape[-2:]) * targets[:, :, None, None]).amax(dim=1, keepdim=True)
-        kept = features * (attention <= self.gamma).to(features.dtype)
-        loss = F.binary_cross_entropy_with_logits(self.classifier.classifier(kept).mean(dim=(2, 3)), targets)
-        return loss, {"stage": 1.0, "gamma": float(self.gamma), "bce": float(loss.detach())}
-
-    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Three pseudo masks (B, H, W) int64, layer4 first, from the frozen classifier."""
-        maps, _ = gradcam_per_layer(self.classifier, images)
-        white = white_background_mask(images, self.white_threshold) if self.white_background else None
-        return [pseudo_mask(layer_maps, targets, images.shape[-2:], white) for layer_maps in maps]
-
-    def stage2_loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy of DeepLabV3+ against the three pseudo masks, weighted 0.6 / 0.2 / 0.2."""
-        masks = self.pseudo_masks(images, targets)
-        logits = self.segmenter(images)
-        terms = [F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX) for mask in masks]
-        loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms))
-        parts = {"stage": 2.0, **{f"ce_{name}": float(term.detach())
-                                  for name, term in zip(("layer4", "layer3", "layer2"), terms)}}
-        return loss, parts
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        if int(self.stage) == 1:
-            return self.stage1_loss(images, targets)
-        return self.stage2_loss(images, targets)
+        """BCE of the classifier with the most activated positions (above gamma) dropped."""
+        features = self.features(images)
+        maps = self.classifier(features)
+        attention = (normalise_maps(maps.detach(), maps.shape[-2:]) * targets[:, :, None, None]).amax(dim=1, keepdim=True)
+        kept = features * (attention <= self.gamma).to(features.dtype)
+        loss = F.binary_cross_entropy_with_logits(self.classifier(kept).mean(dim=(2, 3)), targets)
+        return loss, {"gamma": float(self.gamma), "bce": float(loss.detach())}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Stage 2: DeepLabV3+ softmax gated by the classifier (B, C, H, W). During stage 1 (model
-        selection only sees stage-1 epochs then) the classifier's gated class activation maps."""
-        maps = self.classifier.class_maps(images)
+        """Gated, normalised class activation maps (B, C, H, W) in [0, 1]."""
+        maps = self.class_maps(images)
         probabilities = torch.sigmoid(maps.mean(dim=(2, 3)))
-        if int(self.stage) == 1:
-            return gate_classes(normalise_maps(maps, images.shape[-2:]), probabilities, self.gate_threshold)
+        return gate_classes(normalise_maps(maps, images.shape[-2:]), probabilities, self.threshold)
+
+    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]:
+        """One pseudo mask (B, H, W) int64 per layer of :data:`PSEUDO_MASK_LAYERS`; white background
+        ignored on the datasets in ``white_background_datasets``."""
+        maps, _ = gradcam_per_layer(self, images)
+        white = (white_background_mask(images, self.white_threshold)
+                 if dataset in self.white_background_datasets else None)
+        return [pseudo_mask(layer_maps, targets, images.shape[-2:], white) for layer_maps in maps]
+
+
+class WSSSTissue(nn.Module):
+    """Stage 2: DeepLabV3+ trained on the pseudo masks, gated at test by the frozen stage-1 classifier.
+
+    ``stage1_hparams``: the keywords the stage-1 classifier was built with (the engine takes them from the
+    stage-1 model file); its weights come from there too (:meth:`init_from_stage1`), never from ImageNet.
+    Shapes: images (B, 3, H, W), H and W multiples of 16; targets of ``loss`` (B, 3, H, W) int64 pseudo
+    masks in :data:`PSEUDO_MASK_LAYERS` order -> predict (B, C, H, W).
+    """
+
+    def __init__(self, num_classes: int = 4, stage1_hparams: dict[str, Any] | None = None,
+                 pseudo_mask_weights: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                 segmenter_encoder: str = "resnet101", segmenter_weights: str | None = None,
+                 decoder_channels: int = 256, gate_threshold: float = 0.1):
+        super().__init__()
+        if len(pseudo_mask_weights) != len(PSEUDO_MASK_LAYERS):
+            raise ValueError(f"wsss-tissue: pseudo_mask_weights needs {len(PSEUDO_MASK_LAYERS)} values "
+                             f"({', '.join(PSEUDO_MASK_LAYERS)}), got {pseudo_mask_weights!r}")
+        self.classifier = WSSSTissueClassifier(num_classes, **{**(stage1_hparams or {}), "pretrained": "none"})
+        self.classifier.requires_grad_(False)
+        self.segmenter = smp.DeepLabV3Plus(encoder_name=segmenter_encoder, encoder_weights=segmenter_weights,
+                                           classes=num_classes, decoder_channels=decoder_channels)
+        self.pseudo_mask_weights = tuple(pseudo_mask_weights)
+        self.gate_threshold = gate_threshold
+
+    def init_from_stage1(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the trained stage-1 classifier's weights (``state_dict`` of its model file)."""
+        self.classifier.load_state_dict(state_dict)
+
+    def train(self, mode: bool = True):
+        """The frozen classifier stays in eval mode (its batch-norm statistics are fixed)."""
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of DeepLabV3+ against the three pseudo masks, weighted 0.6 / 0.2 / 0.2."""
+        logits = self.segmenter(images)
+        terms = [F.cross_entropy(logits, targets[:, k], ignore_index=IGNORE_INDEX)
+                 for k in range(len(PSEUDO_MASK_LAYERS))]
+        loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms))
+        return loss, {f"ce_{name}": float(term.detach()) for name, term in zip(PSEUDO_MASK_LAYERS, terms)}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """DeepLabV3+ softmax (B, C, H, W) with the classes the classifier puts below the gate zeroed."""
+        probabilities = torch.sigmoid(self.classifier(images))
         scores = torch.softmax(self.segmenter(images), dim=1)
         return gate_classes(scores, probabilities, self.gate_threshold)

@@ -6,6 +6,7 @@ normalisation, no per-pixel Python.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,49 @@ class ImageMaskDataset(Dataset):
         if self.augment:
             image_tensor, mask_tensor = random_dihedral(image_tensor, mask_tensor)
         return normalise(image_tensor), mask_tensor, index
+
+
+#: The record a pseudo-mask folder ends with (``pathmamba.pseudo_masks``): which masks, for how many images.
+PSEUDO_MASK_MANIFEST = "manifest.json"
+
+
+class PseudoMaskDataset(Dataset):
+    """Training images with the pseudo masks a two-stage method's first stage wrote for them.
+
+    ``folder`` holds one sub-folder per mask kind (listed in its ``manifest.json`` under ``masks``), each
+    with a P-mode PNG per training image under the image's file name. ``__getitem__`` returns (image
+    (3, H, W) float32 normalised, masks (K, H, W) int64 with 0..3 and 4 ignored), one dihedral
+    augmentation applied to all of them alike.
+    """
+
+    def __init__(self, items: list[tuple[Path, tuple[int, ...]]], folder: Path, spec: DatasetSpec,
+                 augment: bool = False):
+        folder = Path(folder)
+        manifest_path = folder / PSEUDO_MASK_MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no pseudo-mask manifest; expected the folder written "
+                                    "by `python -m pathmamba pseudo-masks`")
+        self.kinds = json.loads(manifest_path.read_text())["masks"]
+        self.images = [Path(path) for path, _ in items]
+        self.mask_paths = [[folder / kind / image.name for kind in self.kinds] for image in self.images]
+        missing = [path for paths in self.mask_paths for path in paths if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: {len(missing)} pseudo masks missing for the "
+                                    f"{len(self.images)} training images, e.g. {missing[0]}; rewrite the "
+                                    "folder with `python -m pathmamba pseudo-masks`")
+        self.spec = spec
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = to_chw(read_image(self.images[index]))
+        masks = torch.from_numpy(np.stack([read_mask(path, self.spec) for path in self.mask_paths[index]])
+                                 .astype(np.int64))
+        if masks.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"{self.mask_paths[index][0]}: pseudo mask is {masks.shape[-1]}x{masks.shape[-2]} "
+                             f"px but its image {self.images[index]} is {image.shape[-1]}x{image.shape[-2]} px")
+        if self.augment:
+            image, masks = random_dihedral(image, masks)
+        return normalise(image), masks

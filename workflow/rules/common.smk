@@ -15,7 +15,8 @@ sys.path.insert(0, REPO)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={REPO}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from pathmamba.config import ConfigError, check_config, dataset_archives, method_hparams, train_settings
-from pathmamba.plan import evaluate_gpu_hours, runtime_minutes, train_gpu_hours
+from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
+from pathmamba.registry import two_stage_methods
 
 validate(config, "../schemas/config.schema.yaml")
 try:
@@ -30,6 +31,13 @@ METHODS = list(config["methods"])
 SEEDS = [int(seed) for seed in config["seeds"]]
 RUN_DIR = f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}"
 LOG_DIR = f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}"
+CHECKPOINT_DIR = f"{RESULTS}/checkpoints/{{dataset}}/{{method}}/seed{{seed}}"
+# Two-stage methods (wsss-tissue): a first stage trained on its own, then its pseudo masks of the
+# training images, then the method itself trained on them; three jobs, so a change to a later step
+# does not redo the earlier ones.
+TWO_STAGE_METHODS = [method for method in METHODS if method in two_stage_methods()]
+STAGE1_MODEL = f"{RUN_DIR}/stage1/model.pt"
+PSEUDO_MASKS = f"{RUN_DIR}/pseudo_masks"
 
 
 wildcard_constraints:
@@ -50,11 +58,26 @@ def dataset_root(wildcards):
 VALIDATION_REPORT = f"{RESULTS}/datasets/{{dataset}}/validation.json"
 
 
-def pretrained_weights(wildcards):
-    """The weights file that the method's `pretrained` hparam names, as a train input when the
-    workflow fetches it (under <resources_dir>/weights/); none for `none`, `imagenet` or other paths."""
-    path = str(method_hparams(config, wildcards.method).get("pretrained", "none"))
+def pretrained_weights(wildcards, stage=None):
+    """The weights file that the method's (or its first stage's) `pretrained` hparam names, as a train
+    input when the workflow fetches it (under <resources_dir>/weights/); none for `none`, `imagenet` or
+    other paths."""
+    path = str(method_hparams(config, wildcards.method, stage).get("pretrained", "none"))
     return [path] if path.startswith(f"{RESOURCES}/weights/") else []
+
+
+def first_stage_outputs(wildcards):
+    """What a two-stage method trains from: its first stage's model and pseudo masks; nothing for others."""
+    if wildcards.method not in TWO_STAGE_METHODS:
+        return {}
+    return {"stage1_model": STAGE1_MODEL.format(**wildcards), "pseudo_masks": PSEUDO_MASKS.format(**wildcards)}
+
+
+def first_stage_options(wildcards, input):
+    """The train command's options naming :func:`first_stage_outputs` (empty for one-stage methods)."""
+    if wildcards.method not in TWO_STAGE_METHODS:
+        return ""
+    return f"--stage1-model {input.stage1_model} --pseudo-masks {input.pseudo_masks}"
 
 
 def as_json(value):

@@ -1,5 +1,6 @@
 rule train:
     input:
+        unpack(first_stage_outputs),
         data=dataset_root,
         validated=VALIDATION_REPORT,
         weights=pretrained_weights,
@@ -10,7 +11,8 @@ rule train:
     params:
         hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method)),
         settings=lambda wildcards: as_json(train_settings(config, wildcards.method)),
-        checkpoint_dir=f"{RESULTS}/checkpoints/{{dataset}}/{{method}}/seed{{seed}}",
+        stage=first_stage_options,
+        checkpoint_dir=CHECKPOINT_DIR,
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     log:
         f"{LOG_DIR}/train.log",
@@ -31,4 +33,63 @@ rule train:
         "python -m pathmamba train --method {wildcards.method} --dataset {wildcards.dataset}"
         " --data-root {input.data} --seed {wildcards.seed} --out {params.out_dir}"
         " --checkpoint-dir {params.checkpoint_dir} --hparams '{params.hparams}'"
-        " --settings '{params.settings}' --threads {threads} 2> {log}"
+        " --settings '{params.settings}' {params.stage} --threads {threads} 2> {log}"
+
+
+# The first stage of a two-stage method: the same training command with `--stage 1`, its own config
+# block (`methods.<method>.stage1`), outputs, checkpoints, log and benchmark.
+use rule train as train_stage1 with:
+    input:
+        data=dataset_root,
+        validated=VALIDATION_REPORT,
+        weights=lambda wildcards: pretrained_weights(wildcards, stage=1),
+    output:
+        model=STAGE1_MODEL,
+        history=f"{RUN_DIR}/stage1/history.csv",
+        run=f"{RUN_DIR}/stage1/run.json",
+    wildcard_constraints:
+        method=any_of(TWO_STAGE_METHODS),
+    params:
+        hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method, stage=1)),
+        settings=lambda wildcards: as_json(train_settings(config, wildcards.method, stage=1)),
+        stage="--stage 1",
+        checkpoint_dir=f"{CHECKPOINT_DIR}/stage1",
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+    log:
+        f"{LOG_DIR}/train_stage1.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train_stage1.tsv"
+    resources:
+        mem_mb=lambda wildcards, attempt: 10000 * attempt,
+        runtime=lambda wildcards, attempt: runtime_minutes(
+            train_gpu_hours(config, wildcards.dataset, wildcards.method, stage=1), attempt
+        ),
+
+
+# The first stage's pseudo masks of every training image, written once (palette PNGs, one folder per
+# mask kind); the second stage trains on them.
+rule pseudo_masks:
+    input:
+        model=STAGE1_MODEL,
+        data=dataset_root,
+    output:
+        directory(PSEUDO_MASKS),
+    wildcard_constraints:
+        method=any_of(TWO_STAGE_METHODS),
+    params:
+        device=config["train"].get("device", "auto"),
+    log:
+        f"{LOG_DIR}/pseudo_masks.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/pseudo_masks.tsv"
+    threads: config["threads_per_job"]
+    resources:
+        mem_mb=lambda wildcards, attempt: 6000 * attempt,
+        runtime=lambda wildcards, attempt: runtime_minutes(
+            pseudo_masks_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
+        ),
+    conda:
+        "../envs/pathmamba.yaml"
+    shell:
+        "python -m pathmamba pseudo-masks --model {input.model} --data-root {input.data} --out {output}"
+        " --device {params.device} --threads {threads} 2> {log}"

@@ -1,0 +1,28 @@
+"""Training settings, importable without torch (the Snakefile's start-up and the GPU plan read them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings; defaults are the paper's (Adam, lr 1e-5, weight decay 5e-4, batch 16,
+    100 epochs).
+
+    ``workers``: data loader processes; None derives them from the CPU threads given to the job (see
+    :func:`pathmamba.train.default_workers`). ``channels_last``: on CUDA, model and batches in the NHWC memory layout
+    that tensor-core convolutions prefer; ignored on the CPU. ``deterministic``: deterministic
+    algorithms and no cuDNN autotuning (bitwise-repeatable GPU runs, slower).
+    """
+
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-5
+    weight_decay: float = 5e-4
+    augment: bool = True
+    workers: int | None = None
+    device: str = "auto"
+    deterministic: bool = False
+    channels_last: bool = True
+    val_fraction: float = 0.2
