@@ -39,7 +39,7 @@ TINY = {
     "methods": {"cam": {"hparams": {"backbone": "resnet18", "pretrained": "none"}}},
 }
 TARGET = "results/tiny/tables/comparison.csv"
-GPU_RULES = {"train", "evaluate"}
+GPU_RULES = {"train_stage1", "pseudo_masks", "train", "evaluate"}
 # The training job cancelled mid-training: its checkpoint, log, and the Comment the plugin gives its job.
 SEED0_CHECKPOINT = "results/tiny/checkpoints/synthetic-luad/cam/seed0/last.pt"
 SEED0_TRAIN_LOG = "results/tiny/logs/synthetic-luad/cam/seed0/train.log"
