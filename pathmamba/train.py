@@ -11,6 +11,8 @@ outputs, which Snakemake deletes after a failure): ``last.pt`` (model, optimiser
 history, RNG states), ``previous.pt`` (the one before, the fallback if ``last.pt`` is unreadable) and
 ``best-epochNNNN.pt`` (the best weights). A rerun resumes after the last complete epoch; a job killed
 in the middle of an epoch repeats that epoch and ends with the same result as an uninterrupted run.
+Once the outputs are written the checkpoints are deleted: they are several times the model's size, and a
+run forced to rerun (after a code change, say) must train again, not return the finished run's model.
 SIGTERM (sent by SLURM before its kill) stops training at once, keeping the last complete epoch's
 checkpoint, and raises :class:`TrainingInterrupted` (the CLI exits with 128 + the signal number).
 """
@@ -333,7 +335,19 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                       out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(history))
     atomic_write_json(out_dir / "run.json", record)
+    _remove_checkpoints(checkpoint_dir)
     return record
+
+
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete the checkpoint files of a finished run (with temporary files a killed write left), and
+    their folder if nothing else is in it."""
+    for path in [checkpoint_dir / "last.pt", checkpoint_dir / "previous.pt", *checkpoint_dir.glob("best-epoch*.pt"),
+                 *checkpoint_dir.glob(".*.tmp")]:
+        path.unlink(missing_ok=True)
+    if not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
+    log.info("run finished; removed its checkpoints from %s", checkpoint_dir)
 
 
 def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, channels_last: bool) -> dict:

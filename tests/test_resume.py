@@ -113,7 +113,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, 
     with caplog.at_level(logging.INFO, logger="pathmamba.train"):
         train_in_process(data_root, work)
     assert f"resuming from {last} after epoch " in caplog.text
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == SETTINGS["epochs"]
+    assert not last.exists()  # the finished run removed its checkpoints
     resumed = result(data_root, work)
     print(f"SIGTERM after epoch {kept}, SIGKILL after epoch {killed_after}; resumed == uninterrupted: "
           f"{resumed == expected}\n{expected}")
@@ -186,7 +186,7 @@ def test_pipeline_killed_mid_training_resumes_and_gives_the_tables_of_an_uninter
     assert resumed, train_log
     resumed_after = int(resumed.group(1))
     assert resumed_after >= killed_after
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == PIPELINE["train"]["epochs"]
+    assert not last.exists()  # the finished run removed its checkpoints
     print(f"killed after epoch {killed_after}, resumed after epoch {resumed_after}; cam mIoU: uninterrupted "
           f"{cam_miou(reference / 'results' / 'resume')}, killed and resumed {cam_miou(results)}")
     # The tables hold no timings: every cell must be equal.
