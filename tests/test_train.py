@@ -88,7 +88,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(dat
     with caplog.at_level(logging.INFO, logger="pathmamba.train"):
         assert run_and_evaluate(data_root, work) == seed0_run
     assert f"checkpoint {last} is unusable" in caplog.text
-    assert f"resuming from {last} after epoch {kept - 1}" in caplog.text
+    assert f"resuming from {checkpoints / 'previous.pt'} after epoch {kept - 1}" in caplog.text
 
     # The finished run removed its checkpoints; preempted again, both checkpoint files damaged.
     train_preempted_after(2, "cam", "synthetic-luad", data_root, work / "run", checkpoints, seed=0,
