@@ -11,8 +11,11 @@ outputs, which Snakemake deletes after a failure): ``last.pt`` (model, optimiser
 history, RNG states), ``previous.pt`` (the one before, the fallback if ``last.pt`` is unreadable) and
 ``best-epochNNNN.pt`` (the best weights). A rerun resumes after the last complete epoch; a job killed
 in the middle of an epoch repeats that epoch and ends with the same result as an uninterrupted run.
-SIGTERM (sent by SLURM before its kill) stops training at once, keeping the last complete epoch's
-checkpoint, and raises :class:`TrainingInterrupted` (the CLI exits with 128 + the signal number).
+Once the outputs are written the checkpoints are deleted: they are several times the model's size, and a
+run forced to rerun (after a code change, say) must train again, not return the finished run's model.
+SIGTERM (sent by SLURM before its kill) stops training after the current step (or the current
+epoch's checkpoint write), keeping the last complete epoch's checkpoint, and raises
+:class:`TrainingInterrupted` (the CLI exits with 128 + the signal number).
 """
 
 from __future__ import annotations
@@ -162,19 +165,21 @@ def _read_checkpoint(path: Path, fingerprint: dict) -> dict | None:
     return state
 
 
-def _resume_state(checkpoint_dir: Path, fingerprint: dict) -> dict | None:
-    """The newest usable checkpoint state: ``last.pt``, else ``previous.pt``, else None. Unusable
-    files are deleted, so that the next save does not rotate one into the fallback."""
+def _resume_state(checkpoint_dir: Path, fingerprint: dict) -> tuple[dict | None, Path | None]:
+    """The newest usable checkpoint state and its file: ``last.pt``, else ``previous.pt``, else
+    (None, None). Unusable files are deleted, so that the next save does not rotate one into the fallback."""
     last, previous = checkpoint_dir / "last.pt", checkpoint_dir / "previous.pt"
-    state = _read_checkpoint(last, fingerprint)
-    if state is None and (state := _read_checkpoint(previous, fingerprint)) is not None:
+    if (state := _read_checkpoint(last, fingerprint)) is not None:
+        return state, last
+    if (state := _read_checkpoint(previous, fingerprint)) is not None:
         last.unlink(missing_ok=True)
-    if state is None and (last.exists() or previous.exists()):
+        return state, previous
+    if last.exists() or previous.exists():
         log.warning("no usable checkpoint in %s; training from scratch", checkpoint_dir)
         # Unusable files must not become the fallback of this run's checkpoints.
         last.unlink(missing_ok=True)
         previous.unlink(missing_ok=True)
-    return state
+    return None, None
 
 
 def _save_checkpoint(checkpoint_dir: Path, state: dict, previous_best_epoch: int | None) -> None:
@@ -190,19 +195,33 @@ def _save_checkpoint(checkpoint_dir: Path, state: dict, previous_best_epoch: int
             path.unlink()
 
 
+class _Sigterm:
+    """A SIGTERM noted by its handler and acted on by :meth:`check` between training steps and after
+    each epoch's checkpoint. Raising from the handler itself could land inside ``torch.save``, whose
+    clean-up then fails with its own error instead of a clean stop."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def note(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        """Raise :class:`TrainingInterrupted` if a SIGTERM arrived."""
+        if self.signum is not None:
+            raise TrainingInterrupted(self.signum, f"received {signal.Signals(self.signum).name}")
+
+
 @contextmanager
-def _stop_on_sigterm():
-    """Turn SIGTERM into :class:`TrainingInterrupted` in the main thread while training runs."""
+def _noting_sigterm():
+    """A :class:`_Sigterm` that the process's SIGTERM handler feeds while training runs (main thread only)."""
+    sigterm = _Sigterm()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield sigterm
         return
-
-    def interrupt(signum, frame):
-        raise TrainingInterrupted(signum, f"received {signal.Signals(signum).name}")
-
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = signal.signal(signal.SIGTERM, sigterm.note)
     try:
-        yield
+        yield sigterm
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -269,17 +288,17 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     history: list[dict] = []
     best = {"epoch": 0, "val_mIoU": float("-inf")}
     start_epoch, seconds_before = 1, 0.0
-    state = _resume_state(checkpoint_dir, fingerprint)
+    state, resumed_from = _resume_state(checkpoint_dir, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         restore_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         seconds_before = state["train_seconds"]
-        log.info("resuming from %s after epoch %d", checkpoint_dir / "last.pt", state["epoch"])
+        log.info("resuming from %s after epoch %d", resumed_from, state["epoch"])
 
     started = time.time()
-    with _stop_on_sigterm():
+    with _noting_sigterm() as sigterm:
         try:
             for epoch in range(start_epoch, settings.epochs + 1):
                 epoch_started = time.time()
@@ -289,7 +308,8 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                 # recomputed on resume from the restored checkpoint, so it is the same as without a kill.
                 if hasattr(model, "on_epoch_start"):
                     model.on_epoch_start(epoch, train_loader, device, dataset)
-                row = _train_epoch(model, optimiser, train_loader, device, epoch, settings.epochs, channels_last)
+                row = _train_epoch(model, optimiser, train_loader, device, epoch, settings.epochs, channels_last,
+                                   between_steps=sigterm.check)
                 meter = predict_split(model, select_loader, device, channels_last=channels_last)
                 scores = meter.summary()["ignore_background"]
                 row.update(val_mIoU=scores["mIoU"], val_mDice=scores["mDice"])
@@ -308,6 +328,7 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                 log.info("epoch %d/%d loss %.4f val mIoU %.4f%s  %.1f img/s  %.1f s  peak %.0f MB", epoch,
                          settings.epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
                          row["images_per_s"], row["seconds"], row["peak_memory_mb"])
+                sigterm.check()
         except TrainingInterrupted as interrupted:
             done = history[-1]["epoch"] if history else 0
             message = (f"{interrupted}: stopped during epoch {done + 1}; "
@@ -319,7 +340,8 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     out_dir = Path(out_dir)
     record = {
         "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": supervision,
-        "hparams": hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks, "settings": asdict(settings), "data_root": str(data_root),
+        "hparams": hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks,
+        "settings": asdict(settings), "data_root": str(data_root),
         "checkpoint_dir": str(checkpoint_dir), "resumed_after_epoch": start_epoch - 1,
         "best_epoch": best["epoch"], "best_val_mIoU": best["val_mIoU"],
         "train_images": len(train_loader.dataset),
@@ -333,13 +355,26 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                       out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(history))
     atomic_write_json(out_dir / "run.json", record)
+    _remove_checkpoints(checkpoint_dir)
     return record
 
 
-def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, channels_last: bool) -> dict:
-    """One pass over ``loader``; returns the epoch's row of ``history.csv`` (mean loss and parts,
-    seconds, images/s, peak memory in MB). bf16 autocast on CUDA (no gradient scaler: bf16 has
-    float32's exponent range), float32 on the CPU."""
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete the checkpoint files of a finished run (with temporary files a killed write left), and
+    their folder if nothing else is in it."""
+    for path in [checkpoint_dir / "last.pt", checkpoint_dir / "previous.pt", *checkpoint_dir.glob("best-epoch*.pt"),
+                 *checkpoint_dir.glob(".*.tmp")]:
+        path.unlink(missing_ok=True)
+    if not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
+    log.info("run finished; removed its checkpoints from %s", checkpoint_dir)
+
+
+def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, channels_last: bool,
+                 between_steps=lambda: None) -> dict:
+    """One pass over ``loader``, calling ``between_steps()`` after each optimiser step; returns the
+    epoch's row of ``history.csv`` (mean loss and parts, seconds, images/s, peak memory in MB). bf16
+    autocast on CUDA (no gradient scaler: bf16 has float32's exponent range), float32 on the CPU."""
     model.train()
     totals: dict[str, float] = {}
     seen, started = 0, time.time()
@@ -356,6 +391,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        between_steps()
         seen += len(images)
         for name, value in {"loss": float(loss.detach()), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value * len(images)

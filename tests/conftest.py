@@ -44,3 +44,42 @@ def train_like_the_workflow(method: str, dataset: str, data_root: Path, work: Pa
         stage_inputs = {"stage1_model": work / "stage1" / "model.pt", "pseudo_masks": work / "pseudo_masks"}
     return train(method, dataset, data_root, work / "run", work / "checkpoints", seed, entry.get("hparams", {}),
                  settings, **stage_inputs)
+
+
+def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path, out_dir: Path,
+                          checkpoint_dir: Path, **kwargs) -> int:
+    """``pathmamba.train.train`` in this process, sent SIGTERM (as SLURM does before a preemption) once
+    ``checkpoint_dir/last.pt`` holds ``epoch`` or a later one: the run stops and keeps its checkpoints,
+    as they are before a rerun resumes. Returns the epoch that ``last.pt`` holds."""
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    from pathmamba.train import TrainingInterrupted, train
+
+    last = Path(checkpoint_dir) / "last.pt"
+    stop = threading.Event()
+
+    def send_sigterm_after_epoch() -> None:
+        while not stop.is_set():
+            if last.exists():
+                try:
+                    done = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+                except (OSError, RuntimeError, EOFError):  # replaced while being read: look again
+                    done = 0
+                if done >= epoch:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=send_sigterm_after_epoch, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train(method, dataset, data_root, out_dir, checkpoint_dir, **kwargs)
+    finally:
+        stop.set()
+        watcher.join()
+    return torch.load(last, map_location="cpu", weights_only=False)["epoch"]

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import train_like_the_workflow
+from conftest import train_like_the_workflow, train_preempted_after
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -258,18 +258,21 @@ SETTINGS = TrainSettings(epochs=3, batch_size=6, lr=1e-3, device="cpu", workers=
 
 def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path):
     hparams = dict(TINY, subcategories=2, rounds=2, cluster_every=1)
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 4})
     train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", seed=0,
-          hparams=hparams, settings=SETTINGS)
+          hparams=hparams, settings=settings)
     rows = _history(tmp_path / "run")
-    assert [row["subcategory"] != "" for row in rows] == [False, True, True]
-    last = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
-    assert int(last["model"]["rounds_done"]) == 2
+    assert [row["subcategory"] != "" for row in rows] == [False, True, True, True]
+    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert int(model_file["state_dict"]["rounds_done"]) == 2
 
-    # As if killed during epoch 3: the checkpoint of epoch 2 brings the clustering state back, and the
-    # rerun ends with the same result as the uninterrupted run.
-    (tmp_path / "ckpt" / "previous.pt").replace(tmp_path / "ckpt" / "last.pt")
-    train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "resumed", tmp_path / "ckpt", seed=0,
-          hparams=hparams, settings=SETTINGS)
+    # Preempted after the first round (epoch 2): the checkpoint brings the clustering state back, and
+    # the rerun ends with the same result as the uninterrupted run.
+    kept = train_preempted_after(2, "sc-cam", "synthetic-luad", tiny_luad, tmp_path / "resumed",
+                                 tmp_path / "ckpt-resumed", seed=0, hparams=hparams, settings=settings)
+    assert kept < 4
+    train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "resumed", tmp_path / "ckpt-resumed", seed=0,
+          hparams=hparams, settings=settings)
     assert [row["loss"] for row in _history(tmp_path / "resumed")] == [row["loss"] for row in rows]
 
 
@@ -301,13 +304,16 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     torch.testing.assert_close(model_file["state_dict"]["classifier.classifier.weight"],
                                stage1.state_dict()["classifier.weight"])
 
-    # A retrained first stage (another model file) does not resume the old second stage.
+    # A second stage preempted, then its first stage retrained (another model file): the old second
+    # stage's checkpoint is not resumed.
+    stage2 = {"stage1_model": tmp_path / "stage1" / "model.pt", "pseudo_masks": tmp_path / "pseudo_masks"}
+    train_preempted_after(1, "wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "ckpt-rerun",
+                          seed=0, hparams=TINY_SEGMENTER, settings=SETTINGS, **stage2)
     stage1_record = torch.load(tmp_path / "stage1" / "model.pt", weights_only=False)
     torch.save({**stage1_record, "val_mIoU": -1.0}, tmp_path / "stage1" / "model.pt")
     with caplog.at_level(logging.WARNING, logger="pathmamba.train"):
-        train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "checkpoints", 0,
-              TINY_SEGMENTER, settings, stage1_model=tmp_path / "stage1" / "model.pt",
-              pseudo_masks=tmp_path / "pseudo_masks")
+        train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "ckpt-rerun", 0,
+              TINY_SEGMENTER, SETTINGS, **stage2)
     assert "belongs to other settings" in caplog.text
 
 

@@ -6,13 +6,14 @@ import hashlib
 import http.server
 import json
 import logging
-import shutil
 import threading
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_preempted_after
 
 from pathmamba.cli import main as cli_main
 from pathmamba.data.synthetic import make_synthetic_dataset
@@ -23,7 +24,7 @@ from pathmamba.runtime import download_file
 from pathmamba.train import TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8}
-SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=1e-3, device="cpu")  # workers unset: 0 on CPU
+SETTINGS = TrainSettings(epochs=3, batch_size=8, lr=1e-3, device="cpu")  # workers unset: 0 on CPU
 #: history.csv columns that are measurements of speed, not results.
 TIMING_COLUMNS = ("seconds", "images_per_s", "peak_memory_mb")
 
@@ -64,8 +65,7 @@ def seed0_run(seed0_work) -> dict:
 def test_same_seed_gives_identical_metrics_with_any_workers_and_other_seeds_differ(data_root, tmp_path,
                                                                                     seed0_run):
     # One loader worker instead of none: augmentation and order depend on (seed, epoch, image) only.
-    again = run_and_evaluate(data_root, tmp_path / "again", settings=TrainSettings(
-        epochs=2, batch_size=8, lr=1e-3, device="cpu", workers=1))
+    again = run_and_evaluate(data_root, tmp_path / "again", settings=replace(SETTINGS, workers=1))
     assert again == seed0_run
     other = run_and_evaluate(data_root, tmp_path / "other", seed=1)
     print("test mIoU seed 0, 0 workers: {}; seed 0, 1 worker: {}; seed 1: {}".format(
@@ -74,22 +74,25 @@ def test_same_seed_gives_identical_metrics_with_any_workers_and_other_seeds_diff
     assert other["test"] != seed0_run["test"]
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(data_root, tmp_path, seed0_work,
-                                                                            seed0_run, caplog):
+def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(data_root, tmp_path, seed0_run, caplog):
     work = tmp_path / "work"
-    shutil.copytree(seed0_work / "checkpoints", work / "checkpoints")
     checkpoints = work / "checkpoints"
+    kept = train_preempted_after(2, "cam", "synthetic-luad", data_root, work / "run", checkpoints, seed=0,
+                                 hparams=TINY_CAM, settings=SETTINGS)
     names = {path.name for path in checkpoints.iterdir()}
-    assert {"last.pt", "previous.pt", "best-epoch0001.pt"} <= names <= {
-        "last.pt", "previous.pt", "best-epoch0001.pt", "best-epoch0002.pt"}
+    best = {f"best-epoch000{epoch}.pt" for epoch in (1, 2, 3)}
+    assert {"last.pt", "previous.pt"} <= names <= {"last.pt", "previous.pt", *best}
 
     last = checkpoints / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # a copy cut short, as a full disk leaves it
     with caplog.at_level(logging.INFO, logger="pathmamba.train"):
         assert run_and_evaluate(data_root, work) == seed0_run
     assert f"checkpoint {last} is unusable" in caplog.text
-    assert f"resuming from {last} after epoch 1" in caplog.text
+    assert f"resuming from {checkpoints / 'previous.pt'} after epoch {kept - 1}" in caplog.text
 
+    # The finished run removed its checkpoints; preempted again, both checkpoint files damaged.
+    train_preempted_after(2, "cam", "synthetic-luad", data_root, work / "run", checkpoints, seed=0,
+                          hparams=TINY_CAM, settings=SETTINGS)
     caplog.clear()
     for name in ("last.pt", "previous.pt"):
         (checkpoints / name).write_bytes(b"")
@@ -97,6 +100,11 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(dat
         assert run_and_evaluate(data_root, work) == seed0_run
     assert f"no usable checkpoint in {checkpoints}; training from scratch" in caplog.text
     assert "resuming" not in caplog.text
+
+
+def test_finished_run_removes_its_checkpoints(seed0_work):
+    # Nothing left to resume from: a forced rerun (after a code change, say) trains again.
+    assert not (seed0_work / "checkpoints").exists()
 
 
 def test_run_json_records_resolved_settings_environment_and_wall_time(seed0_work):
