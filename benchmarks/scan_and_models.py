@@ -48,9 +48,10 @@ VARIANTS = [
     "pathmamba-noscan",
 ]
 # The demo setting recommended for config/demo.yaml: every component kept, widths cut to fit 2 CPU cores.
-TINY = dict(
-    dims=[16, 32, 64, 128], depths=[1, 1, 1, 1], d_state=8, ssm_ratio=1.0, decoder_dim=32, backbone="resnet18"
-)
+TINY = {
+    "dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "d_state": 8, "ssm_ratio": 1.0, "decoder_dim": 32,
+    "backbone": "resnet18",
+}
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def fmt_ms(s: float) -> str:
 def scan_inputs(batch: int, L: int, d_inner: int, d_state: int, device, grad: bool):
     K, D = 4, 4 * d_inner
     g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g)
     ts = {
         "u": rnd(batch, D, L),
         "delta": rnd(batch, D, L) * 0.5 - 4.0,  # softplus -> dt around 0.02, as after Mamba's init
@@ -236,10 +237,10 @@ def bench_models(args, device, meter) -> list[str]:
         torch.manual_seed(0)
         if kind == "unet":
             model = smp.Unet("resnet50", encoder_weights=None, classes=4).to(device)
-            loss_fn = lambda: torch.nn.functional.cross_entropy(model(images), masks)  # noqa: E731
+            loss_fn = lambda model=model: torch.nn.functional.cross_entropy(model(images), masks)
         else:
             model = build_method(name, num_classes=4).to(device)
-            loss_fn = lambda: model.loss(images, targets)[0]  # noqa: E731
+            loss_fn = lambda model=model: model.loss(images, targets)[0]
         params = sum(p.numel() for p in model.parameters())
         model.eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -247,10 +248,10 @@ def bench_models(args, device, meter) -> list[str]:
         gflops = counter.get_total_flops() / 1e9
         extra = scan_flops(model, images[:1]) / 1e9 if kind is None else 0.0
         fwd, fwd_mib = timed(
-            lambda: torch.no_grad()(model)(images), device, meter, args.min_time, args.max_runs
+            lambda model=model: torch.no_grad()(model)(images), device, meter, args.min_time, args.max_runs
         )
         model.train()
-        fb, fb_mib = timed(lambda: loss_fn().backward(), device, meter, args.min_time, args.max_runs)
+        fb, fb_mib = timed(lambda loss_fn=loss_fn: loss_fn().backward(), device, meter, args.min_time, args.max_runs)
         rows.append(
             f"| {name} | {params / 1e6:.2f} | {gflops:.2f} | {extra:.2f} | {fmt_ms(fwd / n)} | "
             f"{fmt_ms(fb / n)} | {fwd_mib:.0f} | {fb_mib:.0f} |"
@@ -259,8 +260,8 @@ def bench_models(args, device, meter) -> list[str]:
     head = [
         f"### (b) Models at {size} px, default (paper) hyper-parameters, batch {n} ({device})",
         "",
-        "| model | params (M) | GFLOPs fwd / image (counted) | + scan recurrence GFLOPs | fwd ms / image | "
-        "fwd+bwd ms / image | fwd MiB | fwd+bwd MiB |",
+        ("| model | params (M) | GFLOPs fwd / image (counted) | + scan recurrence GFLOPs | fwd ms / image | "
+        "fwd+bwd ms / image | fwd MiB | fwd+bwd MiB |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     return head + rows
@@ -280,7 +281,7 @@ def bench_tiny(args, device, meter) -> list[str]:
         model = build_method(name, num_classes=4, **args.tiny_hparams).to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=5e-4)
 
-        def step():
+        def step(model=model, opt=opt):
             loss, _ = model.loss(images, targets)
             opt.zero_grad()
             loss.backward()

@@ -89,32 +89,32 @@ METHODS: dict[str, MethodSpec] = {
     "pathmamba-b": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline (Table 2 a): VMamba-style encoder + MLP head, plain selective scan",
-        preset=dict(use_miml=False, use_contrast=False, use_dcl=False, scan="selective"),
+        preset={"use_miml": False, "use_contrast": False, "use_dcl": False, "scan": "selective"},
     ),
     "pathmamba-b-miml": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML pixel-level branch (Table 2 b)",
-        preset=dict(use_miml=True, use_contrast=False, use_dcl=False, scan="selective"),
+        preset={"use_miml": True, "use_contrast": False, "use_dcl": False, "scan": "selective"},
     ),
     "pathmamba-b-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + Contrastive Mamba Block, contrast from its own class maps (Table 2 c)",
-        preset=dict(use_miml=False, use_contrast=True, use_dcl=False, scan="selective"),
+        preset={"use_miml": False, "use_contrast": True, "use_dcl": False, "scan": "selective"},
     ),
     "pathmamba-b-miml-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML + Contrastive Mamba Block (Table 2 d)",
-        preset=dict(use_miml=True, use_contrast=True, use_dcl=False, scan="selective"),
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": False, "scan": "selective"},
     ),
     "pathmamba": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba: MIML + Contrastive Mamba Block + Deep Contrast Supervised Loss (Fan et al., MICCAI 2024)",
-        preset=dict(use_miml=True, use_contrast=True, use_dcl=True, scan="selective"),
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "scan": "selective"},
     ),
     "pathmamba-noscan": MethodSpec(
         _PATHMAMBA,
         summary="Control: full PathMamba with the selective scan replaced by a depthwise 7x7 convolution",
-        preset=dict(use_miml=True, use_contrast=True, use_dcl=True, scan="conv"),
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "scan": "conv"},
     ),
 }
 

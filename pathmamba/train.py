@@ -242,7 +242,7 @@ def _stage1_record(method: str, dataset: str, seed: int, stage1_model: Path | No
 
 
 def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_dir: Path, seed: int = 0,
-          hparams: dict[str, Any] | None = None, settings: TrainSettings = TrainSettings(),
+          hparams: dict[str, Any] | None = None, settings: TrainSettings | None = None,
           stage: int | None = None, stage1_model: Path | None = None, pseudo_masks: Path | None = None) -> dict:
     """Train ``method`` on ``dataset`` and write into ``out_dir``: ``model.pt`` (best epoch's weights
     with its metadata), ``history.csv`` (one row per epoch) and ``run.json`` (resolved settings,
@@ -253,6 +253,7 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     ``pseudo_masks`` folder written from that stage's ``stage1_model``, whose classifier it starts from.
     """
     hparams = dict(hparams or {})
+    settings = settings or TrainSettings()
     spec = get_dataset_spec(dataset)
     supervision = get_spec(method, stage).supervision
     stage1 = None

@@ -7,7 +7,10 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score, precision_score, recall_score
 
 from pathmamba.metrics import (
-    SegmentationMeter, confusion_matrix, per_image_confusion, scores_from_confusion,
+    SegmentationMeter,
+    confusion_matrix,
+    per_image_confusion,
+    scores_from_confusion,
 )
 
 

@@ -1,5 +1,7 @@
 """PathMamba: contrast map, GM pooling, and every registered variant built, trained a few steps, predicted."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from pathmamba.registry import build_method
 
 # Tiny widths keep a training step at 64 px to some tens of milliseconds on 2 cores. 64 px, not 32: at
 # 32 px the last stage is 1x1, a sequence of one step, where A rightly gets no gradient.
-TINY = dict(dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), d_state=4, decoder_dim=16, backbone="resnet18")
+TINY = {"dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "d_state": 4, "decoder_dim": 16, "backbone": "resnet18"}
 VARIANTS = [
     "pathmamba-b",
     "pathmamba-b-miml",
@@ -66,7 +68,7 @@ def test_gm_pool_is_mean_at_r1_and_tends_to_max():
     torch.testing.assert_close(gm_pool(p, r=1), p.mean((2, 3)))
     mx = p.amax((2, 3))
     gaps = [(mx - gm_pool(p, r)).max().item() for r in (1, 4, 16, 64, 512)]
-    assert all(g0 > g1 for g0, g1 in zip(gaps, gaps[1:])), gaps  # power-mean monotone in r
+    assert all(g0 > g1 for g0, g1 in pairwise(gaps)), gaps  # power-mean monotone in r
     assert gaps[-1] < 0.01
 
 

@@ -118,7 +118,7 @@ def test_reference_matches_hand_computed_recurrence():
     for t in range(3):
         x = torch.exp(torch.tensor(dt[t] * a, dtype=torch.float64)).item() * x + dt[t] * b[t] * u[t]
         want.append(c[t] * x + d * u[t])
-    t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    t64 = lambda v: torch.tensor(v, dtype=torch.float64)
     y = selective_scan_ref(t64([[u]]), t64([[dt]]), t64([[a]]), t64([[b]]), t64([[c]]), D=t64([d]))
     torch.testing.assert_close(y, t64([[want]]), atol=1e-12, rtol=1e-12)
 

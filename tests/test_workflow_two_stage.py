@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-
 from test_workflow import run_snakemake
 
 TWO_STAGE = {
@@ -26,7 +25,7 @@ TARGET = "results/two-stage/tables/comparison.csv"
 def planned_jobs(output: str) -> dict[str, int]:
     """Rule -> job count from the "Job stats" table of a dry run."""
     table = output[output.index("Job stats:"):]
-    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.MULTILINE)
             if rule != "total"}
 
 
