@@ -33,7 +33,8 @@ from pathmamba.runtime import atomic_write_text
 from pathmamba.stats import compare_to_reference
 
 METRIC_LABELS = {"mDice": "mDice", "mIoU": "mIoU", "mPrecision": "mP", "mRecall": "mR"}
-SUPERVISION_LABELS = {"image": "weak (image labels)", "pixel": "full (pixel masks)"}
+# A method trained on its own first stage's pseudo masks (wsss-tissue) has seen image labels only.
+SUPERVISION_LABELS = {"image": "weak (image labels)", "pseudo": "weak (image labels)", "pixel": "full (pixel masks)"}
 TRIVIAL = "trivial"
 REFERENCE_METHOD = "pathmamba"
 # Paper Table 2's rows in order, then the control beyond the paper.

@@ -232,3 +232,10 @@ def test_splice_readme_replaces_only_the_marked_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="expected one"):
         splice_readme(readme, table)
+
+
+def test_supervision_column_counts_pseudo_mask_training_as_weak():
+    from pathmamba.aggregate import supervision_of
+
+    assert supervision_of("wsss-tissue") == supervision_of("cam") == "weak (image labels)"
+    assert supervision_of("unet") == "full (pixel masks)"
