@@ -229,7 +229,7 @@ def _noting_sigterm():
 def _stage1_record(method: str, dataset: str, seed: int, stage1_model: Path | None,
                    pseudo_masks: Path | None) -> dict:
     """The first stage's ``model.pt`` record that a method trained on pseudo masks builds on, checked
-    to be of the same method, dataset and seed, with the pseudo-mask folder present."""
+    to be of the same method, dataset and seed (the pseudo-mask folder is checked by its dataset)."""
     if stage1_model is None or pseudo_masks is None:
         raise ValueError(f"{method} trains on its first stage's pseudo masks: give stage1_model (the stage-1 "
                          "model.pt, `train --stage 1`) and pseudo_masks (the folder of `pseudo-masks`)")
