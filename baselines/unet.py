@@ -7,7 +7,6 @@ val masks (``supervision="pixel"`` in the registry, a fixed 80/20 split of val f
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -15,40 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.segmenters import smp_network
 from pathmamba.data.specs import IGNORE_INDEX
 
 
 class UNet(nn.Module):
     """smp ``Unet``: images (B, 3, H, W) -> logits (B, C, H, W); H and W multiples of 2^encoder_depth.
 
-    ``pretrained``: ``"none"`` (random init), ``"imagenet"`` (smp's ImageNet encoder weights, downloaded
-    at build time; for a timm encoder, ``"tu-..."``, timm's default pretrained tag) or the path of a
-    torchvision ResNet state dict (the workflow's ``fetch_weights`` output, for offline compute nodes;
-    smp's ResNet encoders are torchvision ResNets, so the file loads into the encoder unchanged).
-    ``encoder_kwargs`` go to timm encoders only (e.g. ``channels`` and ``stem_width`` of
-    ``tu-resnet18`` for a narrow CPU demo model).
+    ``pretrained``: ``"none"``, ``"imagenet"`` or the path of a torchvision ResNet state dict (see
+    :func:`baselines.segmenters.smp_network`). ``encoder_kwargs`` go to timm encoders only (e.g.
+    ``channels`` and ``stem_width`` of ``tu-resnet18`` for a narrow CPU demo model).
     """
 
     def __init__(self, num_classes: int = 4, encoder: str = "resnet50", pretrained: str = "none",
                  encoder_depth: int = 5, decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
                  encoder_kwargs: dict[str, Any] | None = None):
         super().__init__()
-        weights_file = None if pretrained in ("none", "imagenet") else Path(pretrained)
-        if weights_file is not None and not weights_file.is_file():
-            raise FileNotFoundError(f"unet: pretrained weights file {weights_file} does not exist; set "
-                                    "'pretrained' to 'none', 'imagenet' or the path of a saved state dict")
         if len(decoder_channels) != encoder_depth:
             raise ValueError(f"unet: decoder_channels needs one entry per encoder stage ({encoder_depth}), "
                              f"got {list(decoder_channels)}")
-        if pretrained == "imagenet":
-            weights = True if encoder.startswith("tu-") else "imagenet"
-        else:
-            weights = None
-        self.net = smp.Unet(encoder_name=encoder, encoder_depth=encoder_depth, encoder_weights=weights,
-                            decoder_channels=tuple(decoder_channels), classes=num_classes,
-                            **dict(encoder_kwargs or {}))
-        if weights_file is not None:
-            self.net.encoder.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        self.net = smp_network(smp.Unet, encoder, pretrained, "unet", encoder_depth=encoder_depth,
+                               decoder_channels=tuple(decoder_channels), classes=num_classes,
+                               **dict(encoder_kwargs or {}))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

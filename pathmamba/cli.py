@@ -161,7 +161,7 @@ def _grid_arguments(args) -> dict:
 
 def _add_fetch_weights(commands) -> None:
     parser = commands.add_parser("fetch-weights", help="download a backbone's ImageNet weights once, for offline jobs")
-    parser.add_argument("--backbone", required=True, choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--backbone", required=True, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     parser.add_argument("--out", required=True, type=Path, help="the weights file to write")
     parser.add_argument("--url", default=None,
                         help="a mirror (http(s):// or file://) of torchvision's file; default torchvision's URL")

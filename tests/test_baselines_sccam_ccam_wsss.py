@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import train_like_the_workflow, train_preempted_after
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -329,3 +330,15 @@ def test_wsss_tissue_second_stage_needs_its_own_first_stage(tiny_luad, tmp_path)
               SETTINGS, stage1_model=tmp_path / "stage1" / "model.pt", pseudo_masks=tmp_path / "none")
     with pytest.raises(ValueError, match="'cam' has no stage 1; methods with a first stage"):
         train("cam", "synthetic-luad", tiny_luad, tmp_path / "cam", tmp_path / "ckpt-cam", 0, TINY, SETTINGS, stage=1)
+
+
+def test_wsss_tissue_segmenter_loads_a_fetched_torchvision_resnet(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = WSSSTissue(num_classes=4, stage1_hparams=TINY, segmenter_encoder="resnet18",
+                       segmenter_pretrained=str(path), decoder_channels=8)
+    assert torch.equal(model.segmenter.encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(FileNotFoundError, match="wsss-tissue: pretrained weights file .*missing.pth"):
+        WSSSTissue(num_classes=4, stage1_hparams=TINY, segmenter_encoder="resnet18",
+                   segmenter_pretrained=str(tmp_path / "missing.pth"))

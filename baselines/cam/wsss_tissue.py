@@ -30,6 +30,7 @@ from torch import nn
 
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
+from baselines.segmenters import smp_network
 from pathmamba.data.specs import IGNORE_INDEX
 
 #: The classifier layers whose Grad-CAM gives a pseudo mask, deepest first (the order of the loss weights).
@@ -138,13 +139,15 @@ class WSSSTissue(nn.Module):
 
     ``stage1_hparams``: the keywords the stage-1 classifier was built with (the engine takes them from the
     stage-1 model file); its weights come from there too (:meth:`init_from_stage1`), never from ImageNet.
+    ``segmenter_pretrained``: the DeepLabV3+ encoder's weights, ``"none"``, ``"imagenet"`` or a state-dict
+    path (see :func:`baselines.segmenters.smp_network`).
     Shapes: images (B, 3, H, W), H and W multiples of 16; targets of ``loss`` (B, 3, H, W) int64 pseudo
     masks in :data:`PSEUDO_MASK_LAYERS` order -> predict (B, C, H, W).
     """
 
     def __init__(self, num_classes: int = 4, stage1_hparams: dict[str, Any] | None = None,
                  pseudo_mask_weights: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                 segmenter_encoder: str = "resnet101", segmenter_weights: str | None = None,
+                 segmenter_encoder: str = "resnet101", segmenter_pretrained: str = "none",
                  decoder_channels: int = 256, gate_threshold: float = 0.1):
         super().__init__()
         if len(pseudo_mask_weights) != len(PSEUDO_MASK_LAYERS):
@@ -152,8 +155,8 @@ class WSSSTissue(nn.Module):
                              f"({', '.join(PSEUDO_MASK_LAYERS)}), got {pseudo_mask_weights!r}")
         self.classifier = WSSSTissueClassifier(num_classes, **{**(stage1_hparams or {}), "pretrained": "none"})
         self.classifier.requires_grad_(False)
-        self.segmenter = smp.DeepLabV3Plus(encoder_name=segmenter_encoder, encoder_weights=segmenter_weights,
-                                           classes=num_classes, decoder_channels=decoder_channels)
+        self.segmenter = smp_network(smp.DeepLabV3Plus, segmenter_encoder, segmenter_pretrained, "wsss-tissue",
+                                     classes=num_classes, decoder_channels=decoder_channels)
         self.pseudo_mask_weights = tuple(pseudo_mask_weights)
         self.gate_threshold = gate_threshold
 

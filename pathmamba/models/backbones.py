@@ -19,6 +19,7 @@ RESNETS = {
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
     "resnet34": (torchvision.models.resnet34, "ResNet34_Weights"),
     "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights"),
 }
 
 

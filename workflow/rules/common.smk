@@ -59,11 +59,11 @@ VALIDATION_REPORT = f"{RESULTS}/datasets/{{dataset}}/validation.json"
 
 
 def pretrained_weights(wildcards, stage=None):
-    """The weights file that the method's (or its first stage's) `pretrained` hparam names, as a train
-    input when the workflow fetches it (under <resources_dir>/weights/); none for `none`, `imagenet` or
-    other paths."""
-    path = str(method_hparams(config, wildcards.method, stage).get("pretrained", "none"))
-    return [path] if path.startswith(f"{RESOURCES}/weights/") else []
+    """The weights files that the method's (or its first stage's) hparams name under
+    <resources_dir>/weights/ (`pretrained`, `segmenter_pretrained`), as train inputs: the fetch_weights
+    rule makes them. None for `none`, `imagenet` or other paths."""
+    values = method_hparams(config, wildcards.method, stage).values()
+    return [value for value in values if isinstance(value, str) and value.startswith(f"{RESOURCES}/weights/")]
 
 
 def first_stage_outputs(wildcards):

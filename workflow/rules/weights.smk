@@ -1,6 +1,6 @@
 # ImageNet weights of the ResNet backbones, fetched once on the submitting host (compute nodes are
-# often offline). A method uses them with `hparams: {pretrained: <resources_dir>/weights/<backbone>-imagenet.pth}`;
-# `pretrained: none` disables them (tests, demo).
+# often offline). A method uses them with `hparams: {pretrained: <resources_dir>/weights/<backbone>-imagenet.pth}`
+# (wsss-tissue's DeepLabV3+ encoder: `segmenter_pretrained`); `none` disables them (tests, demo).
 
 localrules:
     fetch_weights,
@@ -16,7 +16,7 @@ rule fetch_weights:
             else ""
         ),
     wildcard_constraints:
-        backbone="resnet18|resnet34|resnet50",
+        backbone="resnet18|resnet34|resnet50|resnet101",
     log:
         f"{RESOURCES}/weights/{{backbone}}-imagenet.log",
     conda:
