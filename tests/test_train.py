@@ -18,7 +18,7 @@ from conftest import train_preempted_after
 from pathmamba.cli import main as cli_main
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import evaluate
-from pathmamba.models.backbones import build_resnet
+from pathmamba.models.backbones import RESNETS, build_resnet, resnet_stages, stage_channels
 from pathmamba.registry import build_method
 from pathmamba.runtime import download_file
 from pathmamba.train import TrainSettings, train
@@ -202,3 +202,14 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("backbone", sorted(RESNETS))
+def test_stage_channels_match_every_backbone(backbone):
+    stages = resnet_stages(build_resnet(backbone, width=8))
+    images = torch.randn(1, 3, 64, 64)
+    channels = []
+    for stage in stages:
+        images = stage(images)
+        channels.append(images.shape[1])
+    assert channels == stage_channels(backbone, width=8)

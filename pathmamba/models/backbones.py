@@ -83,7 +83,7 @@ def resnet_stages(model: torchvision.models.ResNet, depth: int = 4) -> nn.Module
 
 def stage_channels(name: str, depth: int = 4, width: int = 64) -> list[int]:
     """Output channels of each stage of ``resnet_stages`` for backbone ``name``."""
-    expansion = 4 if name == "resnet50" else 1
+    expansion = 1 if name in ("resnet18", "resnet34") else 4  # basic blocks, else bottlenecks
     return [width * expansion * 2**i for i in range(depth)]
 
 
