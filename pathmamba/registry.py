@@ -22,8 +22,8 @@ Two-stage methods (``MethodSpec.stage1``, WSSS-Tissue): the first stage is train
 (``build_method(name, stage=1)``, image supervision) whose model must also have
 ``pseudo_masks(images, targets, dataset) -> [(B, H, W) int64] * K`` and ``pseudo_mask_names`` (K folder
 names); those masks of every training image are written once (``pathmamba.pseudo_masks``), and the
-method itself (``supervision="pseudo"``) trains on them: targets (B, K, H, W) int64. Its builder receives ``stage1_hparams`` (the first stage's keywords)
-and its model has ``init_from_stage1(state_dict)``.
+method itself (``supervision="pseudo"``) trains on them: targets (B, K, H, W) int64. Its builder
+receives ``stage1_hparams`` (the first stage's keywords) and its model has ``init_from_stage1(state_dict)``.
 """
 
 from __future__ import annotations

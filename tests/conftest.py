@@ -46,6 +46,17 @@ def train_like_the_workflow(method: str, dataset: str, data_root: Path, work: Pa
                  settings, **stage_inputs)
 
 
+def checkpoint_epoch(path: Path) -> int | None:
+    """The last complete epoch in the training checkpoint ``path``; None while there is none readable
+    (not written yet, rotated to previous.pt, or replaced while being read)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
 def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path, out_dir: Path,
                           checkpoint_dir: Path, **kwargs) -> int:
     """``pathmamba.train.train`` in this process, sent SIGTERM (as SLURM does before a preemption) once
@@ -55,8 +66,6 @@ def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path
     import threading
     import time
 
-    import torch
-
     from pathmamba.train import TrainingInterrupted, train
 
     last = Path(checkpoint_dir) / "last.pt"
@@ -64,14 +73,9 @@ def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path
 
     def send_sigterm_after_epoch() -> None:
         while not stop.is_set():
-            if last.exists():
-                try:
-                    done = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-                except (OSError, RuntimeError, EOFError):  # replaced while being read: look again
-                    done = 0
-                if done >= epoch:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
+            if (checkpoint_epoch(last) or 0) >= epoch:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             time.sleep(0.01)
 
     watcher = threading.Thread(target=send_sigterm_after_epoch, daemon=True)
@@ -82,4 +86,4 @@ def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path
     finally:
         stop.set()
         watcher.join()
-    return torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    return checkpoint_epoch(last)

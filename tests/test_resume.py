@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, checkpoint_epoch
 from test_workflow import run_snakemake, snakemake_command
 
 from pathmamba.data.synthetic import make_synthetic_dataset
@@ -71,13 +71,8 @@ def wait_for_checkpoint_after(process: subprocess.Popen, last: Path, epoch: int,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"training exited early with {process.returncode}"
-        if last.exists():
-            try:
-                done = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-            except (OSError, RuntimeError, EOFError):  # replaced while being read: look again
-                done = epoch
-            if done > epoch:
-                return done
+        if (done := checkpoint_epoch(last) or 0) > epoch:
+            return done
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint after epoch {epoch} in {last} within {timeout} s")
 

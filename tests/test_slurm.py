@@ -17,9 +17,8 @@ import subprocess
 import time
 
 import pytest
-import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, checkpoint_epoch
 
 SETUP = REPO / "tests" / "cluster" / "single_node_slurm.sh"
 REQUIRED = os.environ.get("PATHMAMBA_REQUIRE_SLURM") == "1"
@@ -91,14 +90,6 @@ def slurm_job(job_id: str) -> dict[str, str]:
     text = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
                           check=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", text))
-
-
-def checkpoint_epoch(path) -> int | None:
-    """The last complete epoch in a training checkpoint; None while there is none."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
-    except FileNotFoundError:  # not written yet, or between last.pt's rotation to previous.pt and the new one
-        return None
 
 
 def cancel_training_mid_run(slurm_run, workdir) -> tuple[str, int]:

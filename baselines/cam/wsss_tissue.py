@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
 from baselines.segmenters import smp_network
@@ -85,11 +86,11 @@ def pseudo_mask(maps: torch.Tensor, targets: torch.Tensor, size: tuple[int, int]
     return mask
 
 
-class WSSSTissueClassifier(MultiLabelResNet):
-    """Stage 1: the multi-label classifier with progressive dropout attention, and the pseudo-mask
-    generator. ``gamma`` is a buffer set per epoch, so a resumed run continues the schedule.
+class WSSSTissueClassifier(CAMClassifier):
+    """Stage 1: a :class:`CAMClassifier` (its gated CAMs select the stage's best epoch on val) trained
+    with progressive dropout attention, and the pseudo-mask generator. ``gamma`` is a buffer set per
+    epoch, so a resumed run continues the schedule.
 
-    ``threshold`` gates the classes of ``predict`` (the stage's own model selection on val, as for CAM).
     Shapes: images (B, 3, H, W) -> logits (B, C); predict and each pseudo mask at (H, W).
     """
 
@@ -99,8 +100,7 @@ class WSSSTissueClassifier(MultiLabelResNet):
                  output_stride: int = 8, width: int = 64, threshold: float = 0.5, gamma_start_epoch: int = 2,
                  gamma_decay: float = 0.98, gamma_floor: float = 0.65, white_threshold: float = 0.85,
                  white_background_datasets: tuple[str, ...] = ("luad-histoseg", "synthetic-luad")):
-        super().__init__(num_classes, backbone, pretrained, output_stride, width)
-        self.threshold = threshold
+        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
         self.gamma_schedule = {"start_epoch": gamma_start_epoch, "decay": gamma_decay, "floor": gamma_floor}
         self.white_threshold = white_threshold
         self.white_background_datasets = tuple(white_background_datasets)
@@ -117,13 +117,6 @@ class WSSSTissueClassifier(MultiLabelResNet):
         kept = features * (attention <= self.gamma).to(features.dtype)
         loss = F.binary_cross_entropy_with_logits(self.classifier(kept).mean(dim=(2, 3)), targets)
         return loss, {"gamma": float(self.gamma), "bce": float(loss.detach())}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Gated, normalised class activation maps (B, C, H, W) in [0, 1]."""
-        maps = self.class_maps(images)
-        probabilities = torch.sigmoid(maps.mean(dim=(2, 3)))
-        return gate_classes(normalise_maps(maps, images.shape[-2:]), probabilities, self.threshold)
 
     def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]:
         """One pseudo mask (B, H, W) int64 per layer of :data:`PSEUDO_MASK_LAYERS`; white background
