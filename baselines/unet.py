@@ -43,12 +43,13 @@ class UNet(nn.Module):
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy over pixels; targets (B, H, W) int64, ``IGNORE_INDEX`` (white background) ignored."""
         # Summed, then divided by the scored pixels (at least one), so an all-background batch gives 0,
-        # not the NaN of a mean over no pixels.
-        summed = F.cross_entropy(self(images), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        # not the NaN of a mean over no pixels. Logits in float32: under bf16 autocast the log-softmax
+        # and the sum over pixels would otherwise round to bf16's 8 significant bits.
+        summed = F.cross_entropy(self(images).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         loss = summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
         return loss, {"ce": float(loss.detach())}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B, C, H, W)."""
-        return self(images).softmax(1)
+        return self(images).float().softmax(1)

@@ -41,6 +41,8 @@ REFERENCE_METHOD = "pathmamba"
 ABLATION = ("pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb", "pathmamba-b-miml-cmb", "pathmamba",
             "pathmamba-noscan")
 MISSING = "—"
+#: Marks a row whose seeds ran with different selective scans or precisions (a footnote says which).
+MIXED_MARK = "†"
 PROTOCOL_NOTES = {
     "ignore_background": ("Test split, primary protocol: one 4x4 confusion matrix over the whole split, "
                           "pixels of white background (mask value 4) ignored; m-metrics are means over "
@@ -122,6 +124,40 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["image", *METRICS, "dataset", "method", "seed"])
     return pd.concat(frames, ignore_index=True)
+
+
+def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, str]]:
+    """``{(dataset, method): {seed: "scan ..., precision ..."}}``: what computed each seed's result, from
+    the environment records of its training (``run.json``) and evaluation (``test_metrics.json``)."""
+    runtimes: dict[tuple[str, str], dict[int, str]] = {}
+    for run in runs.itertuples(index=False):
+        if run.method == TRIVIAL:
+            continue
+        parts = []
+        for name in ("run.json", "test_metrics.json"):
+            path = Path(run.path) / name
+            environment = json.loads(path.read_text()).get("environment", {}) if path.exists() else {}
+            parts.append("/".join(environment.get(key) or "unrecorded" for key in ("scan", "precision")))
+        label = "scan/precision " + (parts[0] if parts[0] == parts[1] else f"{parts[0]} (train), {parts[1]} (test)")
+        runtimes.setdefault((run.dataset, run.method), {})[int(run.seed)] = label
+    return runtimes
+
+
+def mixed_runtime_notes(runs: pd.DataFrame, methods: list[str]) -> tuple[set[tuple[str, str]], list[str]]:
+    """The (dataset, method) cells of ``methods`` whose seeds ran with different selective scans or
+    precisions, and a footnote for each: their spread then holds an implementation difference too."""
+    marked, notes = set(), []
+    for (dataset, method), seeds in run_runtimes(runs).items():
+        if method not in methods or len(set(seeds.values())) < 2:
+            continue
+        marked.add((dataset, method))
+        by_label: dict[str, list[str]] = {}
+        for seed, label in sorted(seeds.items()):
+            by_label.setdefault(label, []).append(str(seed))
+        ran = "; ".join(f"seed {', '.join(numbers)}: {label}" for label, numbers in by_label.items())
+        notes.append(f"{MIXED_MARK} {dataset}, {method}: its seeds ran with different selective scans or precisions "
+                     f"({ran}); the spread includes that difference.")
+    return marked, notes
 
 
 def summarise(frame: pd.DataFrame, values: tuple[str, ...] = METRICS,
@@ -230,10 +266,12 @@ def _footnotes(methods: list[str], protocol: str, paper_source: str | None, has_
     return notes
 
 
-def markdown_results(table: pd.DataFrame, title: str, notes: list[str], labels: dict | None = None) -> str:
+def markdown_results(table: pd.DataFrame, title: str, notes: list[str], labels: dict | None = None,
+                     marked: set[tuple[str, str]] | frozenset = frozenset()) -> str:
     """``table`` (from :func:`results_table`) as one markdown table per dataset, then the notes.
 
-    labels: ``{method: row name}`` shown before the method's registry name (e.g. the paper's "a: B")."""
+    labels: ``{method: row name}`` shown before the method's registry name (e.g. the paper's "a: B").
+    marked: (dataset, method) rows whose name gets :data:`MIXED_MARK` (see :func:`mixed_runtime_notes`)."""
     labels = labels or {}
     parts = [f"## {title}\n"]
     if table.empty:
@@ -244,6 +282,8 @@ def markdown_results(table: pd.DataFrame, title: str, notes: list[str], labels: 
         for method, cells in rows.groupby("method", sort=False):
             first = cells.iloc[0]
             name = f"{labels[method]} ({method})" if method in labels else method
+            if (dataset, method) in marked:
+                name += f" {MIXED_MARK}"
             lines.append([name, first.supervision, _seeds_cell(first.n_seeds, first.n_expected),
                           *[_markdown_cell(cell) for cell in cells.itertuples(index=False)]])
         parts.append(_markdown_grid(["Method", "Supervision", "Seeds", *METRIC_LABELS.values()], lines))
@@ -426,9 +466,15 @@ def write_comparison(paths: list[Path], out_csv: Path, out_md: Path) -> pd.DataF
 
 
 def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str], latex: bool,
-                   labels: dict | None = None) -> None:
+                   labels: dict | None = None, runs: pd.DataFrame | None = None) -> None:
+    """The table as CSV, Markdown (+ HTML) and optionally LaTeX; ``runs`` (from :func:`finished_runs`)
+    marks the cells whose seeds mixed scans or precisions."""
+    marked: set[tuple[str, str]] = set()
+    if runs is not None:
+        marked, mixed = mixed_runtime_notes(runs, list(dict.fromkeys(table["method"])))
+        notes = [*notes, *mixed]
     atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False, float_format="%.6f"))
-    _write_markdown(stem.with_suffix(".md"), markdown_results(table, title, notes, labels), title)
+    _write_markdown(stem.with_suffix(".md"), markdown_results(table, title, notes, labels, marked), title)
     if latex:
         atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title))
 
@@ -449,7 +495,7 @@ def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_r
     tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
     has_paper = tables["table1"]["paper"].notna().any()
     _write_results(tables["table1"], out_dir / "table1_comparison", "Table 1: comparison on the test split",
-                   _footnotes(rows, "ignore_background", source, has_paper), latex=True)
+                   _footnotes(rows, "ignore_background", source, has_paper), latex=True, runs=runs)
 
     ablation = [method for method in ABLATION if method in grid.methods]
     tables["table2"] = results_table(primary, ablation, grid.datasets, n_expected, paper["table2"])
@@ -459,7 +505,7 @@ def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_r
                  "ablation on LUAD-HistoSeg only.")
     labels = {method: entry["label"] for method, entry in paper["table2"].get("luad-histoseg", {}).items()}
     _write_results(tables["table2"], out_dir / "table2_ablation", "Table 2: ablation of PathMamba's components",
-                   notes, latex=True, labels=labels)
+                   notes, latex=True, labels=labels, runs=runs)
 
     tables["per_class"] = per_class_table(runs, rows)
     atomic_write_text(out_dir / "per_class_iou.csv", tables["per_class"].to_csv(index=False, float_format="%.6f"))

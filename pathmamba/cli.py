@@ -21,6 +21,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
 def _add_make_demo_data(commands) -> None:
     parser = commands.add_parser("make-demo-data", help="write a synthetic dataset in a published layout")
     parser.add_argument("--dataset", required=True, choices=["synthetic-luad", "synthetic-bcss"])
@@ -61,9 +71,21 @@ def _add_pseudo_masks(commands) -> None:
     parser.add_argument("--model", required=True, type=Path, help="the first stage's model.pt")
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="the pseudo-mask folder to create")
-    parser.add_argument("--device", default="auto")
+    _add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+
+
+def _add_device_arguments(parser) -> None:
+    """Where and how a trained model runs; scan and precision default to the model's training settings."""
+    from pathmamba.models.scan import SCAN_IMPLEMENTATIONS
+    from pathmamba.runtime import PRECISIONS
+
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (cuda without a GPU is an error)")
+    parser.add_argument("--scan", choices=SCAN_IMPLEMENTATIONS, default=None,
+                        help="selective scan implementation (default: the one the model was trained with)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="bf16 autocast or fp32 (default: the precision the model was trained with)")
 
 
 def _add_evaluate(commands) -> None:
@@ -75,7 +97,7 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--n-masks", type=int, default=4)
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                         help="average the scores over flips")
-    parser.add_argument("--device", default="auto")
+    _add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
 
@@ -94,10 +116,31 @@ def _add_aggregate(commands) -> None:
     parser.add_argument("--out-md", required=True, type=Path)
 
 
+def _add_doctor(commands) -> None:
+    parser = commands.add_parser("doctor", help="check this machine against a workflow config before running its grid")
+    parser.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
+
+
 def _add_plan(commands) -> None:
     parser = commands.add_parser("plan", help="GPU jobs and estimated GPU-hours of a workflow config's grid")
     parser.add_argument("--configfile", required=True, type=Path,
                         help="workflow config (YAML) with a 'throughput' block")
+
+
+def _add_calibrate(commands) -> None:
+    parser = commands.add_parser("calibrate", help="measure each configured method's images/s and peak memory on "
+                                                   "this device: the throughput file `plan` reads")
+    parser.add_argument("--configfile", required=True, type=Path, help="workflow config (YAML)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="throughput file (JSON) to write; default <resources_dir>/throughput-<device type>.json")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto; default the config's train.device")
+    parser.add_argument("--steps", type=_int_at_least(1), default=5, help="timed training steps and evaluation batches")
+    parser.add_argument("--warmup-steps", type=_int_at_least(0), default=2, help="untimed steps before them")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every configured method")
+    parser.add_argument("--random-init", action="store_true",
+                        help="build the models with every weights file (pretrained, segmenter_pretrained) set to "
+                             "none: speed does not depend on the weights' values")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch; default threads_per_job")
 
 
 def _add_grid_arguments(parser) -> None:
@@ -231,11 +274,21 @@ def _dataset_command(args) -> None:
         raise SystemExit(f"error: {error.args[0] if isinstance(error, KeyError) else error}") from None
 
 
+def _claim_gpu(args) -> None:
+    """A job that may use a GPU claims one of the workflow's pool (pathmamba/gpus.py) before CUDA starts.
+    A device pinned to an index (``cuda:1``) is the user's choice and claims nothing."""
+    from pathmamba.gpus import claim_workflow_gpu
+
+    device = args.settings.get("device", "auto") if args.command == "train" else args.device
+    if device in ("auto", "cuda") and (slot := claim_workflow_gpu()) is not None:
+        logging.getLogger("pathmamba").info("claimed GPU %s of the pool %s", slot.gpu, ",".join(slot.pool))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
-                _add_trivial, _add_aggregate, _add_plan, _add_tables, _add_figures, _add_readme, _add_fetch_weights):
+                _add_trivial, _add_aggregate, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures, _add_readme, _add_fetch_weights):
         add(commands)
     return parser
 
@@ -246,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if args.command in ("train", "evaluate", "pseudo-masks"):
+        _claim_gpu(args)
     if args.command in ("download-dataset", "prepare-dataset", "validate-dataset"):
         _dataset_command(args)
     elif args.command == "make-demo-data":
@@ -269,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pseudo-masks":
         from pathmamba.pseudo_masks import write_pseudo_masks
 
-        write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size)
+        write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size, scan=args.scan,
+                           precision=args.precision)
     elif args.command == "evaluate":
         from pathmamba.evaluate import evaluate
 
         evaluate(args.model, args.data_root, args.out, args.masks_dir, args.n_masks, args.tta, args.device,
-                 args.batch_size)
+                 args.batch_size, scan=args.scan, precision=args.precision)
     elif args.command == "evaluate-trivial":
         from pathmamba.evaluate import evaluate_trivial
 
@@ -291,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         from pathmamba.aggregate import write_comparison
 
         write_comparison(args.metrics, args.out_csv, args.out_md)
+    elif args.command == "doctor":
+        from pathmamba.config import ConfigError
+        from pathmamba.doctor import FAIL, format_checks, run_checks
+        from pathmamba.plan import load_workflow_config
+
+        try:
+            checks = run_checks(load_workflow_config(args.configfile))
+        except ConfigError as error:
+            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
+        print(format_checks(checks))
+        return 1 if any(check.status == FAIL for check in checks) else 0
     elif args.command == "plan":
         from pathmamba.config import ConfigError
         from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
@@ -299,6 +366,18 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(gpu_jobs(load_workflow_config(args.configfile))))
         except (ConfigError, KeyError) as error:
             raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
+    elif args.command == "calibrate":
+        from pathmamba.calibrate import format_calibration, write_calibration
+        from pathmamba.config import ConfigError
+
+        try:
+            out, record = write_calibration(args.configfile, args.out, device=args.device, steps=args.steps,
+                                            warmup_steps=args.warmup_steps, methods=args.methods,
+                                            random_init=args.random_init, threads=args.threads)
+        except (ConfigError, KeyError) as error:
+            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
+        print(format_calibration(record))
+        logging.getLogger("pathmamba").info("wrote %s", out)
     elif args.command == "tables":
         from pathmamba.aggregate import Grid, write_tables
 

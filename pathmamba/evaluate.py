@@ -16,8 +16,17 @@ from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
 from pathmamba.metrics import SegmentationMeter
+from pathmamba.models.scan import select_scan
 from pathmamba.registry import build_method
-from pathmamba.runtime import atomic_write_json, atomic_write_text, environment_record, resolve_device
+from pathmamba.runtime import (
+    atomic_write_json,
+    atomic_write_text,
+    autocast,
+    describe_environment,
+    environment_record,
+    resolve_device,
+    resolve_precision,
+)
 
 log = logging.getLogger("pathmamba.evaluate")
 
@@ -32,10 +41,12 @@ def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = False,
-                  names: list[str] | None = None, on_batch=None, channels_last: bool = False) -> SegmentationMeter:
+                  names: list[str] | None = None, on_batch=None, channels_last: bool = False,
+                  precision: str = "fp32") -> SegmentationMeter:
     """Predict every batch of (image, mask, index) and accumulate the metrics.
 
     ``channels_last``: feed batches in the NHWC layout (for a model converted to it, on CUDA).
+    ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`).
 
     ``on_batch(indices, predicted_masks)`` is called per batch (e.g. to save masks).
     """
@@ -45,7 +56,7 @@ def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = F
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             scores = flip_averaged_scores(model, images) if tta else model.predict(images)
         predicted = scores.float().argmax(1).cpu()
         meter.update(predicted, masks, [names[i] for i in indices.tolist()] if names else None)
@@ -61,6 +72,21 @@ def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
                          **checkpoint["hparams"])
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, model
+
+
+def inference_setup(checkpoint: dict, device: str, scan: str | None, precision: str | None):
+    """(torch device, resolved precision, environment record) of a job that runs a trained model.
+
+    ``scan`` and ``precision`` default to the settings the model was trained with; the log's first
+    line says what runs.
+    """
+    trained = checkpoint.get("settings", {})
+    torch_device = resolve_device(device)
+    scan = select_scan(scan or trained.get("scan", "auto"), torch_device)
+    precision = resolve_precision(precision or trained.get("precision", "auto"), torch_device)
+    environment = environment_record(torch_device, scan, precision)
+    log.info("%s", describe_environment(environment))
+    return torch_device, precision, environment
 
 
 def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
@@ -84,17 +110,18 @@ def _write_results(out_dir: Path, meter: SegmentationMeter, record: dict) -> dic
 
 def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path | None = None,
              n_masks: int = 4, tta: bool = False, device: str = "auto", batch_size: int = 16,
-             workers: int = 0) -> dict:
+             workers: int = 0, scan: str | None = None, precision: str | None = None) -> dict:
     """Evaluate a trained ``model.pt`` once on the test split of its dataset.
 
     Writes ``test_metrics.json`` (both protocols, per-class values), ``per_image.csv`` and, into
     ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
-    name (ground-truth background pixels, which are not scored, shown as background).
+    name (ground-truth background pixels, which are not scored, shown as background). ``scan`` and
+    ``precision``: see :func:`inference_setup`.
     """
     checkpoint, model = load_model(model_path)
+    torch_device, precision, environment = inference_setup(checkpoint, device, scan, precision)
     spec = get_dataset_spec(checkpoint["dataset"])
     index = index_dataset(Path(data_root), spec)
-    torch_device = resolve_device(device)
     model.to(torch_device)
     channels_last = torch_device.type == "cuda"  # NHWC: the layout tensor-core convolutions prefer
     if channels_last:
@@ -112,11 +139,11 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
     meter = predict_split(model, loader, torch_device, tta=tta, names=names, on_batch=save_masks,
-                          channels_last=channels_last)
+                          channels_last=channels_last, precision=precision)
     record = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
               "classes": list(spec.classes), "best_epoch": checkpoint["epoch"],
               "best_val_mIoU": checkpoint["val_mIoU"], "tta": tta, "test_images": len(names),
-              "environment": environment_record(torch_device)}
+              "environment": environment}
     result = _write_results(Path(out_dir), meter, record)
     log.info("%s on %s seed %s: test mIoU %.4f mDice %.4f", checkpoint["method"], spec.name,
              checkpoint["seed"], result["protocols"]["ignore_background"]["mIoU"],

@@ -1,31 +1,42 @@
 """GPU planning: the GPU jobs of a workflow config and their estimated GPU-hours.
 
-``snakemake -n`` counts jobs but not their cost. The cost of one training job is estimated from the
-dataset's image counts and the method's measured throughput, given in the config's ``throughput``
-block (images per second on one GPU; a ``default`` entry covers methods without their own):
+``snakemake -n`` counts jobs but not their cost. The cost of one job is estimated from the images it
+processes and the method's throughput (images per second on one device), plus ``JOB_OVERHEAD_HOURS``:
 
-    train hours        = epochs * (n_train / train_images_per_s + n_val / eval_images_per_s) / 3600
+    train hours        = epochs * (n_fit / train_images_per_s + n_select / eval_images_per_s) / 3600
     evaluate hours     = n_test / eval_images_per_s / 3600
-    pseudo-mask hours  = n_train / eval_images_per_s / 3600
+    pseudo-mask hours  = n_train / pseudo_masks_images_per_s / 3600
 
-(validation runs once per epoch for model selection). A two-stage method (wsss-tissue) has three jobs
-before its evaluation: its first stage (epochs of ``methods.<method>.stage1.train``), the pseudo masks
-and its second stage; all three use the method's throughput entry. The same estimates size the SLURM
-``runtime`` of the rules (workflow/rules/train.smk, evaluate.smk).
+A method trained on image labels or pseudo masks fits the training split and selects its model on val
+(scored once per epoch); a pixel-supervised method (unet) fits part of val and selects on the rest
+(``val_fraction``, as :func:`pathmamba.train.split_for_pixel_supervision` splits it). A two-stage
+method (wsss-tissue) has three jobs before its evaluation: its first stage (epochs of
+``methods.<method>.stage1.train``), the pseudo masks and its second stage.
+
+The throughput of each method comes from the measured throughput file (``python -m pathmamba
+calibrate``; the config's ``throughput_file``, default ``<resources_dir>/throughput-<device
+type>.json``) when that file was measured on the device type the config trains on (``train.device``;
+``auto`` plans for CUDA) and holds the method at the job's batch size, image size and
+hyper-parameters. Otherwise it comes from the config's assumed ``throughput`` block (a ``default``
+entry covers methods without their own; a first stage and its pseudo masks use the method's entry,
+the pseudo masks at its eval speed). The same estimates size the SLURM ``runtime`` of the rules
+(workflow/rules/train.smk, evaluate.smk), so this module must not import torch: the Snakefile imports
+it at start-up.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pathmamba.config import ConfigError, train_settings
+from pathmamba.config import ConfigError, method_hparams, train_settings
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.registry import two_stage_methods
+from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -33,17 +44,34 @@ SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.
 JOB_OVERHEAD_HOURS = 5 / 60
 # SLURM runtime limit = estimate x margin (first attempt); retries multiply it by the attempt number.
 RUNTIME_MARGIN = 1.5
+#: Patch side of the real datasets when the config does not say otherwise (``validate.image_size``).
+REAL_IMAGE_SIZE = 224
+#: Hyper-parameters naming a weights file: a model's speed does not depend on the weights' values, so
+#: a measurement applies whatever they name (``calibrate --random-init`` sets them to ``none``).
+WEIGHT_KEYS = ("pretrained", "segmenter_pretrained")
+SPEED_KEYS = ("train_images_per_s", "eval_images_per_s")
 
 
 @dataclass(frozen=True)
 class GpuJob:
-    """One GPU job of the grid and its estimated cost in GPU-hours."""
+    """One GPU job of the grid, its estimated cost in GPU-hours and where its throughput came from."""
 
     rule: str
     dataset: str
     method: str
     seed: int
     gpu_hours: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images per second of one method (or its first stage) and where the numbers come from."""
+
+    train_images_per_s: float
+    eval_images_per_s: float
+    pseudo_masks_images_per_s: float
+    source: str
 
 
 def load_workflow_config(path: Path) -> dict[str, Any]:
@@ -73,38 +101,176 @@ def dataset_counts(config: dict[str, Any], dataset: str) -> dict[str, int]:
     return counts
 
 
-def method_throughput(config: dict[str, Any], method: str) -> dict[str, float]:
-    """``{"train_images_per_s", "eval_images_per_s"}`` of ``method``: its own entry over ``default``."""
+def dataset_image_size(config: dict[str, Any], dataset: str) -> int:
+    """Patch side in pixels of ``dataset``: a synthetic dataset's ``size``, else ``validate.image_size``
+    or :data:`REAL_IMAGE_SIZE`."""
+    entry = config["datasets"][dataset]
+    if "synthetic" in entry:
+        return entry["synthetic"]["size"]
+    return entry.get("validate", {}).get("image_size", REAL_IMAGE_SIZE)
+
+
+def training_images(config: dict[str, Any], dataset: str, method: str,
+                    stage: int | None = None) -> tuple[int, int]:
+    """(images fitted, images scored for model selection) per epoch of ``method`` on ``dataset``."""
+    counts = dataset_counts(config, dataset)
+    if get_spec(method, stage).supervision != "pixel":
+        return counts["training"], counts["val"]
+    val_fraction = train_settings(config, method, stage).get("val_fraction", TrainSettings.val_fraction)
+    # The sizes of pathmamba.train.split_for_pixel_supervision (not imported: it needs torch).
+    select = max(1, round(counts["val"] * val_fraction))
+    return counts["val"] - select, select
+
+
+def training_device_type(config: dict[str, Any]) -> str:
+    """``cpu`` or ``cuda``: the device type the config trains on (``train.device``; ``auto`` is CUDA,
+    the device a planned cluster run has)."""
+    return "cpu" if config.get("train", {}).get("device", TrainSettings.device) == "cpu" else "cuda"
+
+
+def default_throughput_path(config: dict[str, Any], device_type: str) -> Path:
+    """``<resources_dir>/throughput-<device type>.json``: one file per device type, so that a CPU
+    calibration (a laptop's demo run) never stands in for a GPU's, and beside the datasets and
+    weights because it describes the hardware, not one run."""
+    return Path(config.get("resources_dir", "resources")) / f"throughput-{device_type}.json"
+
+
+def throughput_path(config: dict[str, Any]) -> Path:
+    """The measured throughput file the plan reads: ``throughput_file``, else the default one of the
+    device type the config trains on."""
+    if "throughput_file" in config:
+        return Path(config["throughput_file"])
+    return default_throughput_path(config, training_device_type(config))
+
+
+def _positive(value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
+
+
+def _entry_problems(name: str, entry: Any, speed_keys: tuple[str, ...]) -> list[str]:
+    if not isinstance(entry, dict):
+        return [f"methods.{name} is {entry!r}, expected an object"]
+    problems = [f"methods.{name}.{key} is {entry.get(key)!r}, expected a positive number of images per second"
+                for key in speed_keys if not _positive(entry.get(key))]
+    if not (isinstance(entry.get("batch_size"), int) and entry["batch_size"] > 0):
+        problems.append(f"methods.{name}.batch_size is {entry.get('batch_size')!r}, "
+                        "expected a positive integer")
+    if not isinstance(entry.get("hparams"), dict):
+        problems.append(f"methods.{name}.hparams is {entry.get('hparams')!r}, expected an object")
+    return problems
+
+
+def _throughput_file_problems(record: Any) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"the file holds {type(record).__name__}, expected a JSON object"]
+    problems = []
+    if record.get("device_type") not in ("cpu", "cuda"):
+        problems.append(f"device_type is {record.get('device_type')!r}, expected 'cpu' or 'cuda'")
+    for key in ("device_name", "date"):
+        if not isinstance(record.get(key), str):
+            problems.append(f"{key} is {record.get(key)!r}, expected a string")
+    settings = record.get("settings")
+    image_size = settings.get("image_size") if isinstance(settings, dict) else None
+    if not (isinstance(image_size, int) and image_size > 0):
+        problems.append(f"settings.image_size is {image_size!r}, expected a positive integer")
+    methods = record.get("methods")
+    if not isinstance(methods, dict):
+        return [*problems, f"methods is {methods!r}, expected an object"]
+    for name, entry in methods.items():
+        problems += _entry_problems(name, entry, SPEED_KEYS)
+        if isinstance(entry, dict) and "stage1" in entry:
+            problems += _entry_problems(f"{name}.stage1", entry["stage1"],
+                                        (*SPEED_KEYS, "pseudo_masks_images_per_s"))
+    return problems
+
+
+def load_measured_throughput(path: Path) -> dict[str, Any] | None:
+    """The throughput file at ``path`` (written by ``python -m pathmamba calibrate``), checked; None
+    when there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: unreadable throughput file ({error}); expected the JSON file written by "
+                          "`python -m pathmamba calibrate`: rerun it, or delete the file to plan with the "
+                          "config's assumed throughput") from None
+    problems = _throughput_file_problems(record)
+    if problems:
+        raise ConfigError(f"{path}: not a throughput file as `python -m pathmamba calibrate` writes it: "
+                          f"{'; '.join(problems)}; rerun calibrate, or delete the file to plan with the "
+                          "config's assumed throughput")
+    return record
+
+
+def assumed_throughput(config: dict[str, Any], method: str) -> Throughput:
+    """The config's assumed throughput of ``method``: its own ``throughput`` entry over ``default``."""
     table = config.get("throughput", {})
     merged = {**table.get("default", {}), **table.get(method, {})}
-    missing = [key for key in ("train_images_per_s", "eval_images_per_s") if key not in merged]
+    missing = [key for key in SPEED_KEYS if key not in merged]
     if missing:
         raise ConfigError(f"throughput.{method}: missing {', '.join(missing)} (and no throughput.default "
                           "entry gives them); expected images per second on one GPU, e.g. "
                           "throughput: {default: {train_images_per_s: 200, eval_images_per_s: 600}}")
-    return merged
+    return Throughput(merged["train_images_per_s"], merged["eval_images_per_s"], merged["eval_images_per_s"],
+                      "assumed (config)")
+
+
+def _without_weights(hparams: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in hparams.items() if key not in WEIGHT_KEYS}
+
+
+def method_throughput(config: dict[str, Any], dataset: str, method: str,
+                      stage: int | None = None) -> Throughput:
+    """The throughput of ``method`` (``stage=1``: its first stage) on ``dataset``: measured when the
+    throughput file has it for this device type, batch size, image size and hyper-parameters, else
+    the config's assumed numbers, with the reason in ``source``."""
+    path = throughput_path(config)
+    record = load_measured_throughput(path)
+    if record is None:
+        return assumed_throughput(config, method)
+    if record["device_type"] != training_device_type(config):
+        reason = f"{path} was measured on {record['device_type']}"
+    else:
+        entry = record["methods"].get(method, {})
+        entry = entry.get("stage1", {}) if stage == 1 else entry
+        batch_size = train_settings(config, method, stage).get("batch_size", TrainSettings.batch_size)
+        hparams = _without_weights(method_hparams(config, method, stage))
+        if not entry:
+            reason = "not measured"
+        elif (entry["batch_size"] != batch_size
+              or record["settings"]["image_size"] != dataset_image_size(config, dataset)
+              or _without_weights(entry["hparams"]) != hparams):
+            reason = "measured at other settings"
+        else:
+            return Throughput(entry["train_images_per_s"], entry["eval_images_per_s"],
+                              entry.get("pseudo_masks_images_per_s", entry["eval_images_per_s"]),
+                              f"measured ({record['device_name']}, {record['date'][:10]})")
+    return replace(assumed_throughput(config, method), source=f"assumed (config; {reason})")
 
 
 def train_gpu_hours(config: dict[str, Any], dataset: str, method: str, stage: int | None = None) -> float:
     """Estimated GPU-hours of training ``method`` (``stage=1``: its first stage) on ``dataset`` once."""
-    counts = dataset_counts(config, dataset)
-    speed = method_throughput(config, method)
+    speed = method_throughput(config, dataset, method, stage)
+    fit, select = training_images(config, dataset, method, stage)
     epochs = train_settings(config, method, stage).get("epochs", TrainSettings.epochs)
-    seconds_per_epoch = (counts["training"] / speed["train_images_per_s"]
-                         + counts["val"] / speed["eval_images_per_s"])
+    seconds_per_epoch = fit / speed.train_images_per_s + select / speed.eval_images_per_s
     return epochs * seconds_per_epoch / 3600 + JOB_OVERHEAD_HOURS
 
 
 def evaluate_gpu_hours(config: dict[str, Any], dataset: str, method: str) -> float:
     """Estimated GPU-hours of evaluating one trained model of ``method`` on ``dataset``'s test split."""
-    counts = dataset_counts(config, dataset)
-    return counts["test"] / method_throughput(config, method)["eval_images_per_s"] / 3600 + JOB_OVERHEAD_HOURS
+    test = dataset_counts(config, dataset)["test"]
+    return test / method_throughput(config, dataset, method).eval_images_per_s / 3600 + JOB_OVERHEAD_HOURS
 
 
 def pseudo_masks_gpu_hours(config: dict[str, Any], dataset: str, method: str) -> float:
     """Estimated GPU-hours of writing a first stage's pseudo masks of ``dataset``'s training images."""
-    counts = dataset_counts(config, dataset)
-    return counts["training"] / method_throughput(config, method)["eval_images_per_s"] / 3600 + JOB_OVERHEAD_HOURS
+    speed = method_throughput(config, dataset, method, stage=1)
+    training = dataset_counts(config, dataset)["training"]
+    return training / speed.pseudo_masks_images_per_s / 3600 + JOB_OVERHEAD_HOURS
 
 
 def runtime_minutes(gpu_hours: float, attempt: int) -> int:
@@ -117,13 +283,16 @@ def gpu_jobs(config: dict[str, Any]) -> list[GpuJob]:
     jobs = []
     for dataset in config["datasets"]:
         for method in config["methods"]:
-            hours = {"train": train_gpu_hours(config, dataset, method),
-                     "evaluate": evaluate_gpu_hours(config, dataset, method)}
+            source = method_throughput(config, dataset, method).source
+            hours = {"train": (train_gpu_hours(config, dataset, method), source),
+                     "evaluate": (evaluate_gpu_hours(config, dataset, method), source)}
             if method in two_stage_methods():
-                hours = {"train_stage1": train_gpu_hours(config, dataset, method, stage=1),
-                         "pseudo_masks": pseudo_masks_gpu_hours(config, dataset, method), **hours}
+                first = method_throughput(config, dataset, method, stage=1).source
+                hours = {"train_stage1": (train_gpu_hours(config, dataset, method, stage=1), first),
+                         "pseudo_masks": (pseudo_masks_gpu_hours(config, dataset, method), first), **hours}
             for seed in config["seeds"]:
-                jobs.extend(GpuJob(rule, dataset, method, int(seed), job_hours) for rule, job_hours in hours.items())
+                jobs.extend(GpuJob(rule, dataset, method, int(seed), job_hours, job_source)
+                            for rule, (job_hours, job_source) in hours.items())
     return jobs
 
 
@@ -132,14 +301,17 @@ def format_plan(jobs: list[GpuJob]) -> str:
     cells: dict[tuple[str, str], list[GpuJob]] = {}
     for job in jobs:
         cells.setdefault((job.dataset, job.method), []).append(job)
-    lines = ["| dataset | method | GPU jobs | GPU-hours per seed | GPU-hours |", "|---|---|---:|---:|---:|"]
+    lines = ["| dataset | method | GPU jobs | GPU-hours per seed | GPU-hours | source |",
+             "|---|---|---:|---:|---:|---|"]
     for (dataset, method), cell in cells.items():
         seeds = len({job.seed for job in cell})
         hours = sum(job.gpu_hours for job in cell)
-        lines.append(f"| {dataset} | {method} | {len(cell)} | {hours / seeds:.2f} | {hours:.1f} |")
+        sources = " / ".join(dict.fromkeys(job.source for job in cell))
+        lines.append(f"| {dataset} | {method} | {len(cell)} | {hours / seeds:.2f} | {hours:.1f} | "
+                     f"{sources} |")
     total = sum(job.gpu_hours for job in jobs)
     per_rule = {rule: sum(job.rule == rule for job in jobs) for rule in dict.fromkeys(job.rule for job in jobs)}
-    lines.append(f"| **total** | | {len(jobs)} | | {total:.1f} |")
+    lines.append(f"| **total** | | {len(jobs)} | | {total:.1f} | |")
     lines.append("")
     lines.append(f"{len(jobs)} GPU jobs ({', '.join(f'{n} {rule}' for rule, n in per_rule.items())}), "
                  f"{total:.1f} GPU-hours estimated (largest job {max(job.gpu_hours for job in jobs):.2f} h).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -17,6 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pathmamba.gpus import claimed_gpu, nvidia_driver
+
+log = logging.getLogger("pathmamba.runtime")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -61,13 +66,55 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why torch cannot use a GPU here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build (docs/environment.md)"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={hidden!r})" if hidden is not None else ""
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU{where}: no NVIDIA GPU, "
+            f"or a driver too old for CUDA {torch.version.cuda} (docs/environment.md: picking a CUDA build)")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    """The torch device of the ``device`` setting. ``auto`` is CUDA when available, else the CPU with a
+    warning that says why; ``cuda`` without a usable GPU is an error naming the setting to change."""
+    reason = cuda_unavailable_reason()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        if reason is None:
+            return torch.device("cuda")
+        log.warning("device 'auto' runs on the CPU: %s", reason)
+        return torch.device("cpu")
+    if name.startswith("cuda") and reason is not None:
+        raise RuntimeError(f"device {name!r} requested (train.device in the workflow config, or `device` in "
+                           f"--settings), but {reason}. To run on the CPU, set train.device to 'cpu' (the demo "
+                           "config does); `python -m pathmamba doctor` checks a machine before a run")
     return torch.device(name)
+
+
+#: The ``precision`` setting: bf16 autocast (``auto`` on CUDA) or float32 throughout (``auto`` on the CPU).
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32`` for the ``precision`` setting on ``device``. bf16 on a GPU without bf16
+    support (before Ampere) is an error rather than a silent emulation."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is invalid; allowed: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise RuntimeError(f"precision 'bf16' requested but {torch.cuda.get_device_name(device)} has no bf16 "
+                           "support; set train.precision to 'fp32'")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved ``precision``: bf16 (no gradient scaler needed: bf16 has
+    float32's exponent range) or off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -133,8 +180,9 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def environment_record(device: torch.device) -> dict[str, Any]:
-    """Package versions, device, host and git commit, recorded next to every result.
+def environment_record(device: torch.device, scan: str | None = None, precision: str | None = None) -> dict[str, Any]:
+    """What ran a result: package versions, device, CUDA build and driver, the selective scan and the
+    precision that ran, the GPU slot (workstation runs), host and git commit.
 
     ``git_dirty`` is true when the checkout had uncommitted changes (the commit alone then does not
     say which code ran); both are None outside a git checkout.
@@ -146,19 +194,40 @@ def environment_record(device: torch.device) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     status = _git("status", "--porcelain", "--untracked-files=no")
+    slot = claimed_gpu()
+    on_gpu = device.type == "cuda"
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "packages": versions,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else platform.processor(),
+        "device_memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1) if on_gpu else None,
+        "cuda": torch.version.cuda,
+        "cuda_driver": nvidia_driver() if on_gpu else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_slot": slot.record() if slot else None,
+        "scan": scan,
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
     }
+
+
+def describe_environment(record: dict[str, Any]) -> str:
+    """One line of :func:`environment_record`: the first line of every training or evaluation log."""
+    device = f"{record['device']} ({record['device_name'] or 'unknown'}"
+    device += f", {record['device_memory_gb']} GiB)" if record["device_memory_gb"] else ")"
+    cuda = f"CUDA build {record['cuda']}" if record["cuda"] else "CPU-only build"
+    if record["cuda_driver"]:
+        cuda += f", driver {record['cuda_driver']}"
+    slot = record["gpu_slot"]
+    pool = f" | GPU slot {slot['gpu']} of pool {','.join(slot['pool'])}" if slot else ""
+    return (f"device {device} | torch {record['torch']}, {cuda} | scan {record['scan']} | "
+            f"precision {record['precision']} | threads {record['threads']}{pool}")
 
 
 def download_file(url: str, path: Path, sha256_prefix: str | None = None) -> None:

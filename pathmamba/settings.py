@@ -13,7 +13,11 @@ class TrainSettings:
     ``workers``: data loader processes; None derives them from the CPU threads given to the job (see
     :func:`pathmamba.train.default_workers`). ``channels_last``: on CUDA, model and batches in the NHWC
     memory layout that tensor-core convolutions prefer; ignored on the CPU. ``deterministic``: deterministic
-    algorithms and no cuDNN autotuning (bitwise-repeatable GPU runs, slower).
+    algorithms and no cuDNN autotuning (bitwise-repeatable GPU runs, slower). ``device``: ``cuda``
+    without a usable GPU is an error, ``auto`` falls back to the CPU with a warning. ``scan``: the
+    selective scan (``auto``, ``fused`` mamba_ssm kernel, ``pytorch`` fallback; docs/scan.md).
+    ``precision``: ``bf16`` autocast or ``fp32``; ``auto`` is bf16 on CUDA and fp32 on the CPU. The scan
+    and precision that ran are recorded in ``run.json``.
     """
 
     epochs: int = 100
@@ -26,3 +30,5 @@ class TrainSettings:
     deterministic: bool = False
     channels_last: bool = True
     val_fraction: float = 0.2
+    scan: str = "auto"
+    precision: str = "auto"

@@ -41,14 +41,18 @@ from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoM
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
+from pathmamba.models.scan import select_scan
 from pathmamba.registry import build_method, get_spec
 from pathmamba.runtime import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    autocast,
     derived_seed,
+    describe_environment,
     environment_record,
     resolve_device,
+    resolve_precision,
     restore_rng_state,
     rng_state,
     seed_everything,
@@ -254,6 +258,13 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     """
     hparams = dict(hparams or {})
     settings = settings or TrainSettings()
+    # Device, scan and precision first: a setting this machine cannot follow fails before any work, and
+    # the log's first line says what runs.
+    device = resolve_device(settings.device)
+    scan = select_scan(settings.scan, device)
+    precision = resolve_precision(settings.precision, device)
+    environment = environment_record(device, scan, precision)
+    log.info("%s", describe_environment(environment))
     spec = get_dataset_spec(dataset)
     supervision = get_spec(method, stage).supervision
     stage1 = None
@@ -264,7 +275,6 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     for note in index.tolerated:
         log.warning("dataset %s: %s", dataset, note)
 
-    device = resolve_device(settings.device)
     if settings.workers is None:
         settings = replace(settings, workers=default_workers(device, torch.get_num_threads()))
     channels_last = settings.channels_last and device.type == "cuda"
@@ -310,8 +320,8 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                 if hasattr(model, "on_epoch_start"):
                     model.on_epoch_start(epoch, train_loader, device, dataset)
                 row = _train_epoch(model, optimiser, train_loader, device, epoch, settings.epochs, channels_last,
-                                   between_steps=sigterm.check)
-                meter = predict_split(model, select_loader, device, channels_last=channels_last)
+                                   precision, between_steps=sigterm.check)
+                meter = predict_split(model, select_loader, device, channels_last=channels_last, precision=precision)
                 scores = meter.summary()["ignore_background"]
                 row.update(val_mIoU=scores["mIoU"], val_mDice=scores["mDice"])
                 history.append(row)
@@ -348,11 +358,12 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
         "train_images": len(train_loader.dataset),
         "wall_seconds_this_run": round(time.time() - started, 2),
         "train_seconds_all_epochs": round(seconds_before, 2),
-        "environment": environment_record(device),
+        "environment": environment,
     }
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
     atomic_torch_save({"method": method, "stage": stage, "hparams": hparams, "dataset": dataset, "seed": seed,
-                       "epoch": best["epoch"], "val_mIoU": best["val_mIoU"], "state_dict": best_weights},
+                       "settings": asdict(settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"],
+                       "state_dict": best_weights},
                       out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(history))
     atomic_write_json(out_dir / "run.json", record)
@@ -372,10 +383,10 @@ def _remove_checkpoints(checkpoint_dir: Path) -> None:
 
 
 def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, channels_last: bool,
-                 between_steps=lambda: None) -> dict:
+                 precision: str = "fp32", between_steps=lambda: None) -> dict:
     """One pass over ``loader``, calling ``between_steps()`` after each optimiser step; returns the
-    epoch's row of ``history.csv`` (mean loss and parts, seconds, images/s, peak memory in MB). bf16
-    autocast on CUDA (no gradient scaler: bf16 has float32's exponent range), float32 on the CPU."""
+    epoch's row of ``history.csv`` (mean loss and parts, seconds, images/s, peak memory in MB).
+    ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`)."""
     model.train()
     totals: dict[str, float] = {}
     seen, started = 0, time.time()
@@ -387,7 +398,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = batch[1].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             loss, parts = model.loss(images, targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

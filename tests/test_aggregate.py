@@ -239,3 +239,23 @@ def test_supervision_column_counts_pseudo_mask_training_as_weak():
 
     assert supervision_of("wsss-tissue") == supervision_of("cam") == "weak (image labels)"
     assert supervision_of("unet") == "full (pixel masks)"
+
+
+def test_a_cell_whose_seeds_mixed_scans_or_precisions_is_marked_with_a_footnote(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    ran = {0: ("fused", "bf16"), 1: ("fused", "bf16"), 2: ("pytorch", "fp32")}
+    for seed, (scan, precision) in ran.items():
+        folder = run_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}"
+        (folder / "run.json").write_text(json.dumps({"environment": {"scan": scan, "precision": precision}}))
+        record = json.loads((folder / "test_metrics.json").read_text())
+        record["environment"] = {"scan": scan, "precision": precision}
+        (folder / "test_metrics.json").write_text(json.dumps(record))
+    for seed in (0, 1):
+        folder = run_dir / "runs" / "luad-histoseg" / "cam" / f"seed{seed}"
+        (folder / "run.json").write_text(json.dumps({"environment": {"scan": "pytorch", "precision": "fp32"}}))
+    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
+    table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
+    assert "| pathmamba † |" in table1 and "| cam |" in table1
+    assert ("† luad-histoseg, pathmamba: its seeds ran with different selective scans or precisions "
+            "(seed 0, 1: scan/precision fused/bf16; seed 2: scan/precision pytorch/fp32)") in table1
+    assert "cam:" not in table1.split("†", 1)[1]

@@ -1,12 +1,25 @@
 """GPU planning: job counts and GPU-hours of a config's grid (pathmamba/plan.py, `pathmamba plan`)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 from conftest import REPO
 
 from pathmamba.cli import main
 from pathmamba.config import ConfigError
-from pathmamba.plan import JOB_OVERHEAD_HOURS, evaluate_gpu_hours, gpu_jobs, runtime_minutes, train_gpu_hours
+from pathmamba.plan import (
+    JOB_OVERHEAD_HOURS,
+    evaluate_gpu_hours,
+    format_plan,
+    gpu_jobs,
+    method_throughput,
+    runtime_minutes,
+    train_gpu_hours,
+)
 
 CONFIG = {
     "run": "plan",
@@ -22,6 +35,13 @@ CONFIG = {
         "pathmamba": {"train_images_per_s": 5},
     },
 }
+
+
+@pytest.fixture(autouse=True)
+def empty_working_directory(tmp_path, monkeypatch):
+    """Relative paths (resources/throughput-<device type>.json) resolve in an empty folder: no measured
+    file of the checkout changes these estimates."""
+    monkeypatch.chdir(tmp_path)
 
 
 def test_hours_follow_image_counts_epochs_and_throughput():
@@ -92,3 +112,88 @@ def test_paper_config_plans_every_configured_job():
     # train and evaluate per (dataset, method, seed); wsss-tissue's first stage and pseudo masks besides
     assert len(jobs) == (2 * len(config["methods"]) + 2) * len(config["datasets"]) * len(config["seeds"])
     assert all(job.gpu_hours > JOB_OVERHEAD_HOURS for job in jobs)
+
+
+def measured_entry(train: float, evaluate: float, batch_size: int = 16, hparams: dict | None = None) -> dict:
+    return {"train_images_per_s": train, "eval_images_per_s": evaluate, "peak_memory_mb": 100.0, "steps": 2,
+            "batch_size": batch_size, "hparams": hparams or {}}
+
+
+def write_throughput_file(path: Path, device_type: str, methods: dict, image_size: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device_type": device_type, "device_name": "Test CPU", "torch": "2.0",
+                                "date": "2026-01-02T03:04:05+00:00", "settings": {"image_size": image_size},
+                                "methods": methods}))
+    return path
+
+
+CPU_CONFIG = {**CONFIG, "train": {"epochs": 3, "device": "cpu"}}
+
+
+def test_measured_throughput_is_used_per_method_where_it_applies():
+    write_throughput_file(Path("resources/throughput-cpu.json"), "cpu", {"cam": measured_entry(100, 200)})
+    # 3 epochs x (100 images / 100 per s + 20 val images / 200 per s), measured at the synthetic 32 px
+    assert train_gpu_hours(CPU_CONFIG, "synthetic-luad", "cam") == pytest.approx(3.3 / 3600 + JOB_OVERHEAD_HOURS)
+    assert method_throughput(CPU_CONFIG, "synthetic-luad", "cam").source == "measured (Test CPU, 2026-01-02)"
+    # the 224 px real dataset was not measured; pathmamba not at all: the config's numbers for both
+    assert method_throughput(CPU_CONFIG, "luad-histoseg", "cam").source == "assumed (config; measured at other settings)"
+    assert train_gpu_hours(CPU_CONFIG, "luad-histoseg", "cam") == pytest.approx(
+        3 * (16678 / 10 + 300 / 20) / 3600 + JOB_OVERHEAD_HOURS)
+    assert method_throughput(CPU_CONFIG, "synthetic-luad", "pathmamba").source == "assumed (config; not measured)"
+    rows = {tuple(line.split(" | ")[:2]): line for line in format_plan(gpu_jobs(CPU_CONFIG)).splitlines()}
+    assert rows["| synthetic-luad", "cam"].endswith("| measured (Test CPU, 2026-01-02) |")
+    assert rows["| synthetic-luad", "pathmamba"].endswith("| assumed (config; not measured) |")
+
+
+def test_measurement_at_another_batch_size_or_hparams_does_not_apply():
+    config = {**CPU_CONFIG, "methods": {"cam": {"hparams": {"backbone": "resnet18", "pretrained": "a.pth"}}}}
+    path = Path("resources/throughput-cpu.json")
+    write_throughput_file(path, "cpu", {"cam": measured_entry(100, 200, hparams={"backbone": "resnet18"})})
+    # the weights file does not change the speed, so a measurement with other (or no) weights applies
+    assert method_throughput(config, "synthetic-luad", "cam").source.startswith("measured")
+    write_throughput_file(path, "cpu", {"cam": measured_entry(100, 200, batch_size=8, hparams={"backbone": "resnet18"})})
+    assert method_throughput(config, "synthetic-luad", "cam").source == "assumed (config; measured at other settings)"
+    write_throughput_file(path, "cpu", {"cam": measured_entry(100, 200, hparams={"backbone": "resnet50"})})
+    assert method_throughput(config, "synthetic-luad", "cam").source == "assumed (config; measured at other settings)"
+
+
+def test_a_cuda_config_ignores_a_cpu_measurement():
+    cpu_file = write_throughput_file(Path("resources/throughput-cpu.json"), "cpu", {"cam": measured_entry(100, 200)})
+    assumed = train_gpu_hours(CONFIG, "synthetic-luad", "cam")
+    assert assumed == pytest.approx(33 / 3600 + JOB_OVERHEAD_HOURS)  # train.device auto: plans for CUDA
+    assert method_throughput(CONFIG, "synthetic-luad", "cam").source == "assumed (config)"
+    named = {**CONFIG, "train": {"epochs": 3, "device": "cuda"}, "throughput_file": str(cpu_file)}
+    assert train_gpu_hours(named, "synthetic-luad", "cam") == assumed
+    assert method_throughput(named, "synthetic-luad", "cam").source == (
+        f"assumed (config; {cpu_file} was measured on cpu)")
+
+
+def test_pixel_supervised_hours_follow_the_val_split_not_the_training_split():
+    config = {**CONFIG, "methods": {"unet": {}, "cam": {}}}
+    bigger = {**config, "datasets": {"synthetic-luad": {"synthetic": {"n_train": 200, "n_val": 20, "n_test": 50,
+                                                                      "size": 32, "seed": 0}}}}
+    # fits 16 of the 20 val images, selects on 4: 3 epochs x (16 / 10 + 4 / 20) s, whatever n_train is
+    assert train_gpu_hours(config, "synthetic-luad", "unet") == pytest.approx(5.4 / 3600 + JOB_OVERHEAD_HOURS)
+    assert train_gpu_hours(bigger, "synthetic-luad", "unet") == train_gpu_hours(config, "synthetic-luad", "unet")
+    assert train_gpu_hours(bigger, "synthetic-luad", "cam") > train_gpu_hours(config, "synthetic-luad", "cam")
+
+
+def test_an_invalid_throughput_file_is_an_error_naming_it(tmp_path, capsys):
+    path = Path("resources/throughput-cpu.json")
+    path.parent.mkdir()
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"resources/throughput-cpu\.json: unreadable throughput file"):
+        gpu_jobs(CPU_CONFIG)
+    write_throughput_file(path, "cpu", {"cam": measured_entry(100, -1)})
+    with pytest.raises(ConfigError, match=r"throughput-cpu\.json: .*methods\.cam\.eval_images_per_s is -1"):
+        gpu_jobs(CPU_CONFIG)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(CPU_CONFIG))
+    with pytest.raises(SystemExit, match=r"throughput-cpu\.json: .*expected a positive number"):
+        main(["plan", "--configfile", str(config_path)])
+
+
+def test_plan_does_not_import_torch():
+    # The Snakefile imports the plan at start-up, which must stay fast.
+    code = "import sys, pathmamba.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -133,9 +133,55 @@ def test_dispatch_uses_fallback_on_cpu_and_keeps_dtype():
     assert y16.dtype == torch.bfloat16 and last.dtype == torch.float32
 
 
-def test_fused_import_is_guarded(monkeypatch):
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """The scan module as where mamba_ssm's extension cannot be imported, nothing selected yet."""
     monkeypatch.setitem(sys.modules, "selective_scan_cuda", None)  # makes the import raise
-    assert scan._load_fused() is None
+    fused, reason = scan._load_fused()
+    monkeypatch.setattr(scan, "FUSED_SELECTIVE_SCAN", fused)
+    monkeypatch.setattr(scan, "_FUSED_UNAVAILABLE_REASON", reason)
+    monkeypatch.setattr(scan, "_selected", None)
+
+
+def test_fused_import_is_guarded_and_says_why(no_kernel):
+    assert scan.FUSED_SELECTIVE_SCAN is None
+    assert "selective_scan_cuda" in scan.fused_scan_unavailable_reason()
+
+
+def test_select_scan_rejects_an_unknown_name(no_kernel):
+    with pytest.raises(ValueError, match="'triton' is not one of auto, fused, pytorch"):
+        scan.select_scan("triton", "cpu")
+
+
+def test_select_fused_without_the_kernel_says_why_and_what_to_do(no_kernel):
+    with pytest.raises(RuntimeError, match="cannot be imported") as raised:
+        scan.select_scan("fused", torch.device("cuda"))  # only named: nothing is allocated on it
+    message = str(raised.value)
+    assert "selective_scan_cuda" in message and "`mamba` extra" in message and "scan: pytorch" in message
+
+
+def test_select_fused_on_the_cpu_is_an_error(no_kernel):
+    with pytest.raises(RuntimeError, match="CUDA only"):
+        scan.select_scan("fused", "cpu")
+
+
+def test_auto_and_pytorch_on_the_cpu_select_pytorch_quietly(no_kernel, caplog):
+    assert scan.select_scan("auto", "cpu") == "pytorch"
+    assert scan.selected_scan() == "pytorch"
+    assert scan.select_scan("pytorch", torch.device("cuda")) == "pytorch"
+    assert not caplog.records
+
+
+def test_auto_on_cuda_without_the_kernel_warns(no_kernel, caplog):
+    assert scan.select_scan("auto", torch.device("cuda")) == "pytorch"
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert "selective_scan_cuda" in record.getMessage() and "slower" in record.getMessage()
+
+
+def test_first_cuda_scan_without_a_selection_selects_auto(no_kernel, caplog):
+    assert scan.selected_scan() == "pytorch"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (4, 6), (7, 4)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from baselines.cam.classifier import MultiLabelResNet
+from baselines.cam.classifier import MultiLabelResNet, image_logits
 from baselines.cam.toolbox import gate_classes, normalise_maps
 
 
@@ -23,5 +23,5 @@ class CAMClassifier(MultiLabelResNet):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (B, C, H, W) in [0, 1]; the mask is their argmax over C."""
         maps = self.class_maps(images)
-        probabilities = torch.sigmoid(maps.mean(dim=(2, 3)))
+        probabilities = torch.sigmoid(image_logits(maps))
         return gate_classes(normalise_maps(maps, images.shape[-2:]), probabilities, self.threshold)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.cam.cam import CAMClassifier
+from baselines.cam.classifier import image_logits
 from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
 
 
@@ -40,7 +41,7 @@ class CCAM(CAMClassifier):
         """(coarse M0, refined M1), each (B, C, h, w)."""
         features = self.features(images)
         coarse = self.classifier(features)
-        weights = torch.sigmoid(coarse).flatten(2)  # (B, C, hw)
+        weights = torch.sigmoid(coarse.float()).flatten(2)  # (B, C, hw); float32, see image_logits
         flat = features.flatten(2)  # (B, F, hw)
         context = torch.einsum("bcn,bfn->bcf", weights, flat) / weights.sum(dim=2, keepdim=True).clamp_min(1e-6)
         attention = torch.einsum("bcf,bfn->bcn", F.normalize(context, dim=2), F.normalize(flat, dim=1))
@@ -54,9 +55,10 @@ class CCAM(CAMClassifier):
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """BCE of coarse and refined image logits + anatomy_weight x BCE(foreground, tissue prior)."""
         coarse, refined = self.maps(images)
-        category = (F.binary_cross_entropy_with_logits(coarse.mean(dim=(2, 3)), targets)
-                    + F.binary_cross_entropy_with_logits(refined.mean(dim=(2, 3)), targets))
-        foreground_logit = refined.amax(dim=1, keepdim=True)  # sigmoid is monotone: max of logits
+        category = (F.binary_cross_entropy_with_logits(image_logits(coarse), targets)
+                    + F.binary_cross_entropy_with_logits(image_logits(refined), targets))
+        # sigmoid is monotone: max of logits; float32 for the BCE, as in image_logits
+        foreground_logit = refined.float().amax(dim=1, keepdim=True)
         anatomy = F.binary_cross_entropy_with_logits(foreground_logit, self.tissue_prior(images, refined.shape[-2:]))
         loss = category + self.anatomy_weight * anatomy
         return loss, {"category": float(category.detach()), "anatomy": float(anatomy.detach())}
@@ -65,6 +67,6 @@ class CCAM(CAMClassifier):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Gated, normalised refined maps (B, C, H, W), zero on white background."""
         _, refined = self.maps(images)
-        probabilities = torch.sigmoid(refined.mean(dim=(2, 3)))
+        probabilities = torch.sigmoid(image_logits(refined))
         scores = gate_classes(normalise_maps(refined, images.shape[-2:]), probabilities, self.threshold)
         return scores * (1.0 - white_background_mask(images, self.white_threshold))

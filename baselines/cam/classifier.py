@@ -9,6 +9,16 @@ from torch import nn
 from pathmamba.models.backbones import build_resnet, reduce_output_stride, stage_channels
 
 
+def image_logits(class_maps: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of class maps, (B, C, h, w) -> (B, C) logits, in float32.
+
+    Under bf16 autocast the maps come in bf16, and a bf16 sigmoid rounds to exactly 1 above a logit of
+    about 6.2, with zero gradient; every CAM-family loss and class probability pools through here so that
+    the mean, sigmoid and BCE see float32. In float32 the cast is a no-op.
+    """
+    return class_maps.float().mean(dim=(2, 3))
+
+
 class MultiLabelResNet(nn.Module):
     """ResNet features -> 1x1 classifier -> global average pooling -> one logit per class.
 
@@ -34,7 +44,8 @@ class MultiLabelResNet(nn.Module):
         return self.classifier(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.class_maps(images).mean(dim=(2, 3))
+        """Image logits (B, C) in float32."""
+        return image_logits(self.class_maps(images))
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Multi-label BCE of the image-level logits; targets (B, C) multi-hot."""

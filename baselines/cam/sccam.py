@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from baselines.cam.cam import CAMClassifier
+from baselines.cam.classifier import image_logits
 from pathmamba.models.backbones import stage_channels
 
 
@@ -63,7 +64,7 @@ class SCCAM(CAMClassifier):
         self.eval()
         features, labels = [], []
         for images, targets in DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False):
-            features.append(self.features(images.to(device)).mean(dim=(2, 3)).float().cpu())
+            features.append(self.features(images.to(device)).float().mean(dim=(2, 3)).cpu())
             labels.append(targets)
         self.train(was_training)
         return torch.cat(features), torch.cat(labels)
@@ -96,11 +97,11 @@ class SCCAM(CAMClassifier):
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Parent BCE, plus ``sub_weight`` x sub-category BCE once a clustering exists."""
         features = self.features(images)
-        parent = F.binary_cross_entropy_with_logits(self.classifier(features).mean(dim=(2, 3)), targets)
+        parent = F.binary_cross_entropy_with_logits(image_logits(self.classifier(features)), targets)
         if int(self.rounds_done) == 0:
             return parent, {"parent": float(parent.detach())}
-        pooled = features.mean(dim=(2, 3))
-        sub_logits = self.sub_classifier(features).mean(dim=(2, 3))
+        pooled = features.float().mean(dim=(2, 3))  # float32 as the centroids it is compared with
+        sub_logits = image_logits(self.sub_classifier(features))
         sub = F.binary_cross_entropy_with_logits(sub_logits, self.subcategory_targets(pooled.detach(), targets))
         loss = parent + self.sub_weight * sub
         return loss, {"parent": float(parent.detach()), "subcategory": float(sub.detach())}

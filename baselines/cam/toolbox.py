@@ -10,8 +10,9 @@ from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 def normalise_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """ReLU, bilinear upsampling to ``size`` and per-class division by the maximum: (B, C, h, w) ->
-    (B, C, H, W) in [0, 1]."""
-    maps = F.interpolate(F.relu(maps), size=size, mode="bilinear", align_corners=False)
+    (B, C, H, W) in [0, 1], float32: from bf16 maps (autocast) the scores would be rounded to steps of
+    2^-8 near 1, where thresholds such as WSSS-Tissue's dropout gamma compare them."""
+    maps = F.interpolate(F.relu(maps.float()), size=size, mode="bilinear", align_corners=False)
     peak = maps.amax(dim=(2, 3), keepdim=True)
     return maps / peak.clamp_min(1e-6)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.cam.cam import CAMClassifier
-from baselines.cam.classifier import MultiLabelResNet
+from baselines.cam.classifier import MultiLabelResNet, image_logits
 from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
 from baselines.segmenters import smp_network
 from pathmamba.data.specs import IGNORE_INDEX
@@ -60,13 +60,15 @@ def gradcam_per_layer(classifier: MultiLabelResNet, images: torch.Tensor) -> tup
         a2 = layer2(early)
         a3 = layer3(a2)
         a4 = layer4(a3)
-        logits = classifier.classifier(a4).mean(dim=(2, 3))
+        logits = image_logits(classifier.classifier(a4))
         activations = (a4, a3, a2)
         maps = [[] for _ in activations]
         for c in range(logits.shape[1]):
             grads = torch.autograd.grad(logits[:, c].sum(), activations, retain_graph=c < logits.shape[1] - 1)
             for layer_maps, activation, grad in zip(maps, activations, grads):
-                layer_maps.append(F.relu((grad.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)))
+                # float32 weights and sum: under bf16 autocast they would round to 8 significant bits
+                weights = grad.float().mean(dim=(2, 3), keepdim=True)
+                layer_maps.append(F.relu((weights * activation.float()).sum(dim=1)))
     return [torch.stack(layer_maps, dim=1).detach() for layer_maps in maps], logits.detach()
 
 
@@ -115,7 +117,7 @@ class WSSSTissueClassifier(CAMClassifier):
         maps = self.classifier(features)
         attention = (normalise_maps(maps.detach(), maps.shape[-2:]) * targets[:, :, None, None]).amax(dim=1, keepdim=True)
         kept = features * (attention <= self.gamma).to(features.dtype)
-        loss = F.binary_cross_entropy_with_logits(self.classifier(kept).mean(dim=(2, 3)), targets)
+        loss = F.binary_cross_entropy_with_logits(image_logits(self.classifier(kept)), targets)
         return loss, {"gamma": float(self.gamma), "bce": float(loss.detach())}
 
     def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]:
@@ -165,7 +167,7 @@ class WSSSTissue(nn.Module):
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy of DeepLabV3+ against the three pseudo masks, weighted 0.6 / 0.2 / 0.2."""
-        logits = self.segmenter(images)
+        logits = self.segmenter(images).float()  # softmax and cross-entropy in float32 under bf16 autocast
         terms = [F.cross_entropy(logits, targets[:, k], ignore_index=IGNORE_INDEX)
                  for k in range(len(PSEUDO_MASK_LAYERS))]
         loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms))
@@ -175,5 +177,5 @@ class WSSSTissue(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """DeepLabV3+ softmax (B, C, H, W) with the classes the classifier puts below the gate zeroed."""
         probabilities = torch.sigmoid(self.classifier(images))
-        scores = torch.softmax(self.segmenter(images), dim=1)
+        scores = torch.softmax(self.segmenter(images).float(), dim=1)
         return gate_classes(scores, probabilities, self.gate_threshold)

@@ -30,11 +30,13 @@ def contrast_map(
     A_s and A_w are the mean feature vectors over the top and the bottom fraction ``q`` of positions
     ranked by ``saliency`` (the vital and weak attention areas); then
     C = minmax2d(ReLU(cos(P, A_s) - eta * cos(P, A_w))^2), each image normalised to [0, 1] on its own.
-    The saliency only selects positions, so no gradient flows into it.
+    The saliency only selects positions, so no gradient flows into it. Computed in float32: under
+    bf16 autocast the area means, cosines and the min-max scaling would otherwise be rounded to bf16's
+    8 significant bits (ties in the saliency ranking, a coarse C); in float32 the casts are no-ops.
     """
     Bsz, Ch, h, w = features.shape
-    P = features.flatten(2)
-    s = saliency.reshape(Bsz, h * w)
+    P = features.float().flatten(2)
+    s = saliency.float().reshape(Bsz, h * w)
     k = max(1, round(q * h * w))
 
     def area_mean(largest: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .backbones import build_resnet, resnet_stages, stage_channels
 
 
 class MIMLBranch(nn.Module):
-    """(B, 3, H, W) -> Y' logits (B, m, H, W) and the side logits, each (B, m, H, W).
+    """(B, 3, H, W) -> Y' logits (B, m, H, W) and the side logits, each (B, m, H, W), in float32.
 
     ``side_weights`` has one weight per stage used (1-4 stages of the ResNet, 3 in the paper).
     """
@@ -45,6 +45,9 @@ class MIMLBranch(nn.Module):
         sides = []
         for stage, classifier in zip(self.stages, self.side_classifiers):
             x = stage(x)
-            sides.append(F.interpolate(classifier(x), size=size, mode="bilinear", align_corners=False))
+            # Logits leave in float32: under bf16 autocast the upsampling and the weighted sum would
+            # round them to bf16 once more (no-op casts in float32).
+            logits = classifier(x).float()
+            sides.append(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
         fused = sum(w * s for w, s in zip(self.side_weights, sides))
         return fused, sides

@@ -29,6 +29,13 @@ from .cmb import CMBEncoder
 from .miml import MIMLBranch
 
 
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid in float32. Under bf16 autocast the logits come in bf16, and a bf16 sigmoid rounds to
+    exactly 1 above a logit of about 6.2, where its gradient is then exactly 0: a confident class
+    stops learning, even a wrong one. In float32 the cast is a no-op."""
+    return torch.sigmoid(logits.float())
+
+
 def gm_pool(p: torch.Tensor, r: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalized mean over the spatial dims: (B, C, H, W) probabilities -> (B, C).
 
@@ -161,19 +168,22 @@ class PathMamba(nn.Module):
 
     def _cmb(self, images: torch.Tensor, saliency: torch.Tensor | None):
         feats = self.encoder(images, saliency)
-        y2 = F.interpolate(self.decoder(feats), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        # upsampled in float32, as MIMLBranch's side logits: no second bf16 rounding under autocast
+        y2 = F.interpolate(self.decoder(feats).float(), size=images.shape[-2:], mode="bilinear",
+                           align_corners=False)
         return y2, feats
 
     def forward(self, images: torch.Tensor) -> dict:
-        """Logits: ``y1`` Y' and ``sides`` (MIML, else None), ``y2`` Y'', ``stages`` (B, m, h_i, w_i)."""
+        """Logits: ``y1`` Y' and ``sides`` (MIML, else None), ``y2`` Y'' (these three in float32),
+        ``stages`` (B, m, h_i, w_i)."""
         y1 = sides = saliency = None
         if self.miml is not None:
             y1, sides = self.miml(images)
             if self.use_contrast:
-                saliency = torch.sigmoid(y1).amax(1, keepdim=True).detach()
+                saliency = probabilities(y1).amax(1, keepdim=True).detach()
         elif self.use_contrast:
             with torch.no_grad():
-                saliency = torch.sigmoid(self._cmb(images, None)[0]).amax(1, keepdim=True)
+                saliency = probabilities(self._cmb(images, None)[0]).amax(1, keepdim=True)
         y2, feats = self._cmb(images, saliency)
         stages = None
         if self.stage_classifiers is not None:
@@ -182,17 +192,17 @@ class PathMamba(nn.Module):
 
     def pixel_probs(self, out: dict) -> torch.Tensor:
         """(B, m, H, W): xi sigmoid(Y') + (1 - xi) sigmoid(Y''), or sigmoid(Y'') without MIML."""
-        p2 = torch.sigmoid(out["y2"].float())
+        p2 = probabilities(out["y2"])
         if out["y1"] is None:
             return p2
-        return self.xi * torch.sigmoid(out["y1"].float()) + (1 - self.xi) * p2
+        return self.xi * probabilities(out["y1"]) + (1 - self.xi) * p2
 
     def image_probs(self, out: dict) -> torch.Tensor:
         """Eq. 3: (B, m) image-level class probabilities."""
-        p2 = gm_pool(torch.sigmoid(out["y2"]), self.gm_r)
+        p2 = gm_pool(probabilities(out["y2"]), self.gm_r)
         if out["y1"] is None:
             return p2
-        return self.xi * gm_pool(torch.sigmoid(out["y1"]), self.gm_r) + (1 - self.xi) * p2
+        return self.xi * gm_pool(probabilities(out["y1"]), self.gm_r) + (1 - self.xi) * p2
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """BCE of Eq. 3's prediction, plus the deep contrast supervision over side and stage maps."""
@@ -204,7 +214,7 @@ class PathMamba(nn.Module):
         deep = list(zip(self.dcl_stage_weights, out["stages"]))
         if out["sides"] is not None:
             deep += zip(self.dcl_miml_weights, out["sides"])
-        dcl = sum(w * bce(gm_pool(torch.sigmoid(s), self.gm_r), targets) for w, s in deep)
+        dcl = sum(w * bce(gm_pool(probabilities(s), self.gm_r), targets) for w, s in deep)
         parts["dcl"] = dcl.item()
         return main + dcl, parts
 

@@ -10,23 +10,32 @@ Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L) or grouped (B, G, N, L),
 ``d // (D // G)``; D, delta_bias (D,). Returns y (B, D, L) in u's dtype and, with
 ``return_last_state``, x_L (B, D, N) in float32 (float64 for float64 inputs).
 
-On CUDA tensors with ``mamba_ssm`` importable it calls the fused kernel. Otherwise it runs
+Which implementation runs on CUDA tensors is a setting (``SCAN_IMPLEMENTATIONS``, chosen with
+``select_scan``): ``fused`` is mamba_ssm's CUDA kernel, ``pytorch`` is ``selective_scan_chunked``, and
+``auto`` picks the kernel when it is importable and says so when it is not. CPU tensors always run
 ``selective_scan_chunked``: a sequential loop over L, in chunks of steps, whose hand-written backward
 recomputes the states of one chunk at a time, so memory is O(chunk) rather than O(L) in the state
 dimension. On 2 CPU cores this beat a log-depth parallel scan by 3-10x and a per-step autograd loop
-(mamba_ssm's ``selective_scan_ref``) by about 40x (``notes/mamba-ssm-and-scan.md``).
+(mamba_ssm's ``selective_scan_ref``) by about 40x (docs/scan.md).
 ``selective_scan_parallel`` (log-depth, work-efficient odd/even scan) and ``selective_scan_ref`` (the
 per-step loop, exact in float64) are the alternatives the tests and ``benchmarks/`` compare against.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
+#: The ``scan`` setting: which selective scan runs on CUDA tensors (docs/scan.md).
+SCAN_IMPLEMENTATIONS = ("auto", "fused", "pytorch")
+
 
 def _load_fused():
-    """mamba_ssm's fused ``selective_scan_fn``, or None.
+    """(mamba_ssm's fused ``selective_scan_fn``, None), or (None, why it cannot be imported).
 
     ``import mamba_ssm`` raises without the compiled ``selective_scan_cuda`` extension (it imports it
     unguarded), so probe the extension and its entry point first; any failure means unavailable.
@@ -36,12 +45,63 @@ def _load_fused():
 
         selective_scan_cuda.fwd  # noqa: B018 - a half-built extension lacks its kernels
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # noqa: BLE001 - a broken optional build fails in many ways; the fallback serves
-        return None
-    return selective_scan_fn
+    except Exception as error:  # noqa: BLE001 - a broken optional build fails in many ways; report it
+        return None, f"{type(error).__name__}: {error}"
+    return selective_scan_fn, None
 
 
-FUSED_SELECTIVE_SCAN = _load_fused()
+FUSED_SELECTIVE_SCAN, _FUSED_UNAVAILABLE_REASON = _load_fused()
+# What selective_scan runs on CUDA tensors: set by select_scan; None until then, when the first CUDA
+# call selects "auto".
+_selected: str | None = None
+
+
+def fused_scan_unavailable_reason() -> str | None:
+    """Why mamba_ssm's fused kernel cannot be imported here, or None when it can."""
+    return _FUSED_UNAVAILABLE_REASON
+
+
+def select_scan(name: str, device) -> str:
+    """Set the implementation ``selective_scan`` runs on CUDA tensors; returns "fused" or "pytorch".
+
+    ``fused`` requires a CUDA ``device`` and the kernel; ``auto`` takes the kernel on CUDA when it is
+    importable, else the PyTorch scan, with a warning on a CUDA device (the run is much slower there).
+    """
+    if name not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"scan {name!r} is not one of {', '.join(SCAN_IMPLEMENTATIONS)}")
+    on_cuda = torch.device(device).type == "cuda"
+    reason = fused_scan_unavailable_reason()
+    if name == "fused":
+        if not on_cuda:
+            raise RuntimeError(
+                f"scan 'fused' on device {str(device)!r}: mamba_ssm's selective-scan kernel runs on CUDA "
+                "only; set `scan: pytorch` (or `auto`) for this device"
+            )
+        if reason is not None:
+            raise RuntimeError(
+                f"scan 'fused': mamba_ssm's selective-scan kernel cannot be imported ({reason}). Install the "
+                "`mamba` extra on this CUDA machine (docs/scan.md), or set `scan: pytorch`"
+            )
+    if name == "auto":
+        name = "fused" if on_cuda and reason is None else "pytorch"
+        if on_cuda and reason is not None:
+            log.warning(
+                "scan 'auto' on CUDA runs the PyTorch selective scan, a loop of small kernels over the "
+                "sequence, many times slower than mamba_ssm's fused kernel, which cannot be imported: %s. "
+                "Install the `mamba` extra (docs/scan.md), or set `scan: pytorch` to choose this knowingly",
+                reason,
+            )
+    global _selected
+    _selected = name
+    return name
+
+
+def selected_scan() -> str:
+    """What ``selective_scan`` runs on CUDA tensors: "fused" or "pytorch" (``auto`` until selected)."""
+    if _selected is None:
+        return select_scan("auto", "cuda")
+    return _selected
+
 
 # Bytes of one (T, B, D, N) chunk buffer; backward holds about five of them. Measured on 2 cores
 # (training step of the demo model, and scans at L = 196-3136): 1-4 MiB are within noise of each
@@ -288,10 +348,95 @@ def selective_scan_ref(
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """The selective scan: mamba_ssm's fused kernel on CUDA when available, else the chunked fallback."""
-    if u.is_cuda and FUSED_SELECTIVE_SCAN is not None:
-        return FUSED_SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """The selective scan: on CUDA tensors the selected implementation (``select_scan``), on others the
+    chunked fallback. The fused kernel passes no gradient through the returned last state."""
+    implementation = selected_scan() if u.is_cuda else "pytorch"
+    return _run_scan(implementation, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _run_scan(
+    implementation: str,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+):
+    """``selective_scan`` with the implementation named: "fused" (mamba_ssm's kernel) or "pytorch"."""
+    if implementation == "pytorch":
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    # The kernel reads u, delta, B, C and z in one dtype and A, D, delta_bias in float32 (its checks).
+    # Under autocast delta can be float32 beside a bfloat16 u: DC-Mamba's dt projection at dt_rank 1
+    # is an einsum that multiplies rather than calling bmm, so autocast leaves it in float32.
+    return FUSED_SELECTIVE_SCAN(
+        u,
+        _cast(delta, u.dtype),
+        _cast(A, torch.float32),
+        _cast(B, u.dtype),
+        _cast(C, u.dtype),
+        _cast(D, torch.float32),
+        _cast(z, u.dtype),
+        _cast(delta_bias, torch.float32),
+        delta_softplus,
+        return_last_state,
+    )
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def compare_fused_with_fallback(
+    device,
+    seed: int = 0,
+    batch: int = 2,
+    channels: int = 768,
+    length: int = 3136,
+    d_state: int = 16,
+    groups: int = 4,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
+    """The fused kernel against the PyTorch scan on ``device``: {"y": e, "du": e, ..., "ddelta_bias": e}.
+
+    Each e is the max abs difference of y or of one gradient divided by the max abs value of the
+    PyTorch scan's: about ``dtype``'s rounding when the two agree (bfloat16: a few 1e-3), near 1 when
+    they compute different things. One random scan as DC-Mamba calls it under CUDA training's
+    bfloat16 autocast, by default at the first stage of the paper model (224 px input: L = 56 * 56,
+    4 directions x 192 channels): u, delta and grouped B, C (B, ``groups``, N, L) in ``dtype``;
+    A = -(1..N), D and delta_bias in float32; softplus on, z None, no last state; then the backward
+    of a fixed random weighting of y.
+    """
+    if FUSED_SELECTIVE_SCAN is None:
+        reason = fused_scan_unavailable_reason()
+        raise RuntimeError(f"mamba_ssm's selective-scan kernel cannot be imported: {reason}")
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)
+    inputs = {
+        "u": rnd(batch, channels, length).to(dtype),
+        "delta": (0.5 * rnd(batch, channels, length)).to(dtype),
+        "A": -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(channels, 1),
+        "B": rnd(batch, groups, d_state, length).to(dtype),
+        "C": rnd(batch, groups, d_state, length).to(dtype),
+        "D": rnd(channels),
+        "delta_bias": 0.5 * rnd(channels) - 4.0,  # softplus: time steps around 0.02, as after Mamba's init
+    }
+    weight = rnd(batch, channels, length).to(device)
+    results = {}
+    for implementation in ("fused", "pytorch"):
+        leaves = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+        y = _run_scan(implementation, **leaves, delta_softplus=True)
+        grads = torch.autograd.grad((y.float() * weight).sum(), list(leaves.values()))
+        results[implementation] = {"y": y.detach(), **{f"d{k}": g for k, g in zip(leaves, grads)}}
+    fused, fallback = results["fused"], results["pytorch"]
+    return {
+        k: ((fused[k].float() - fallback[k].float()).abs().max() / fallback[k].float().abs().max()).item()
+        for k in fused
+    }
 
 
 # --- VMamba's cross-scan over four directions ---------------------------------------------------------

@@ -15,6 +15,7 @@ sys.path.insert(0, REPO)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={REPO}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from pathmamba.config import ConfigError, check_config, dataset_archives, method_hparams, train_settings
+from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
 
@@ -38,6 +39,18 @@ CHECKPOINT_DIR = f"{RESULTS}/checkpoints/{{dataset}}/{{method}}/seed{{seed}}"
 TWO_STAGE_METHODS = [method for method in METHODS if method in two_stage_methods()]
 STAGE1_MODEL = f"{RUN_DIR}/stage1/model.pt"
 PSEUDO_MASKS = f"{RUN_DIR}/pseudo_masks"
+
+# GPUs of a local run (pathmamba/gpus.py): the `gpu` resource gets one unit per GPU of the pool, so that
+# no more GPU jobs than GPUs run at once, and the jobs (which inherit this process's environment) learn
+# the pool, from which each claims a GPU of its own. `--resources gpu=N` (given by the SLURM profiles,
+# where SLURM assigns the GPUs) turns this off, as does a pool of no GPUs (GPU jobs are not limited
+# then: with `device: auto` they run on the CPU, with `device: cuda` each fails at its start).
+if workflow.is_main_process and "gpu" not in workflow.global_resources:
+    GPU_POOL = gpu_pool(config["gpus"])
+    if GPU_POOL:
+        workflow.register_resource("gpu", len(GPU_POOL))
+        os.environ[POOL_VARIABLE] = ",".join(GPU_POOL)
+        os.environ.setdefault(LOCK_DIR_VARIABLE, str(default_lock_dir()))
 
 
 wildcard_constraints:
@@ -78,6 +91,16 @@ def first_stage_options(wildcards, input):
     if wildcards.method not in TWO_STAGE_METHODS:
         return ""
     return f"--stage1-model {input.stage1_model} --pseudo-masks {input.pseudo_masks}"
+
+
+def job_device(wildcards, stage=None):
+    """The `device` setting of a job of the method (its first stage's for `stage=1`)."""
+    return train_settings(config, wildcards.method, stage).get("device", "auto")
+
+
+def gpu_units(wildcards, stage=None):
+    """The job's units of the `gpu` resource: one unless its device is the CPU."""
+    return 0 if job_device(wildcards, stage) == "cpu" else 1
 
 
 def as_json(value):

@@ -9,12 +9,13 @@ rule evaluate:
     params:
         n_masks=config["evaluate"]["n_masks"],
         tta="--tta" if config["evaluate"]["tta"] else "--no-tta",
-        device=config["train"].get("device", "auto"),
+        device=job_device,
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     log:
         f"{LOG_DIR}/evaluate.log",
     threads: config["threads_per_job"]
     resources:
+        gpu=gpu_units,
         mem_mb=lambda wildcards, attempt: 6000 * attempt,
         runtime=lambda wildcards, attempt: runtime_minutes(
             evaluate_gpu_hours(config, wildcards.dataset, wildcards.method), attempt

@@ -19,10 +19,10 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train.tsv"
     threads: config["threads_per_job"]
-    # Cluster resources (ignored by local runs). The GPU itself is requested by the SLURM profiles
-    # (workflow/profiles/slurm*/): a `gpu` rule resource would also be counted on local runs.
-    # Memory and time grow with each `--retries` attempt; time is sized from the plan's estimate.
+    # `gpu`: one GPU per job at a time on a workstation (common.smk); on SLURM the profiles ask for it.
+    # Memory and time (cluster only) grow with each `--retries` attempt; time is sized from the plan.
     resources:
+        gpu=gpu_units,
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
         runtime=lambda wildcards, attempt: runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
@@ -60,6 +60,7 @@ use rule train as train_stage1 with:
     benchmark:
         f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train_stage1.tsv"
     resources:
+        gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
         runtime=lambda wildcards, attempt: runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method, stage=1), attempt
@@ -77,13 +78,14 @@ rule pseudo_masks:
     wildcard_constraints:
         method=any_of(TWO_STAGE_METHODS),
     params:
-        device=config["train"].get("device", "auto"),
+        device=lambda wildcards: job_device(wildcards, stage=1),
     log:
         f"{LOG_DIR}/pseudo_masks.log",
     benchmark:
         f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/pseudo_masks.tsv"
     threads: config["threads_per_job"]
     resources:
+        gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 6000 * attempt,
         runtime=lambda wildcards, attempt: runtime_minutes(
             pseudo_masks_gpu_hours(config, wildcards.dataset, wildcards.method), attempt

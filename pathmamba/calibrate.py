@@ -1,0 +1,306 @@
+"""Measured throughput of the configured methods: ``python -m pathmamba calibrate``.
+
+The GPU plan and the SLURM time limits (pathmamba/plan.py) need each method's images per second. This
+times, on the device at hand and at the config's settings (hyper-parameters, batch size, image size),
+what a method's jobs repeat: training steps (forward, loss, backward, Adam step; bf16 autocast on
+CUDA) through the training engine's own epoch loop, evaluation batches (``model.predict``) through
+``predict_split``, and a first stage's pseudo-mask pass, each after warm-up steps. Inputs are random
+images and random targets shaped like the method's supervision: the models' compute does not depend
+on the pixel values, nor on the weights' values (``random_init``). Not timed: data loading and
+decoding, per-epoch extras outside the steps (SC-CAM's re-clustering passes), checkpoint and mask
+writes; the plan's per-job overhead stands for them.
+
+The throughput file (JSON) records the device, the torch version, the date, the settings and, per
+method, ``train_images_per_s``, ``eval_images_per_s``, ``peak_memory_mb``, ``steps``, ``batch_size``
+and ``hparams``; a two-stage method has its first stage under ``stage1``, with
+``pseudo_masks_images_per_s``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pathmamba.config import ConfigError, method_hparams, train_settings
+from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
+from pathmamba.evaluate import predict_split
+from pathmamba.models.scan import select_scan
+from pathmamba.plan import WEIGHT_KEYS, dataset_image_size, default_throughput_path, load_workflow_config
+from pathmamba.registry import build_method, get_spec, two_stage_methods
+from pathmamba.runtime import (
+    atomic_write_json,
+    autocast,
+    environment_record,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from pathmamba.settings import TrainSettings
+from pathmamba.train import _train_epoch
+
+
+class _PeakMemory:
+    """Peak memory of what runs between :meth:`start` and :meth:`peak_mb`: on CUDA torch's maximum
+    allocated bytes; on Linux CPUs the growth of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs after glibc's malloc_trim hands freed heap back, so that memory an earlier
+    method freed is not taken for this one's); None where neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base_kib: int | None = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field} line")
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif Path("/proc/self/clear_refs").exists():
+            malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+            if malloc_trim is not None:
+                malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            self.base_kib = self._status_kib("VmRSS:")
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.base_kib is None:
+            return None
+        return (self._status_kib("VmHWM:") - self.base_kib) / 1024
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(device: torch.device, run) -> float:
+    """Wall seconds of ``run()``, with the device's queued work finished before each clock reading."""
+    _synchronize(device)
+    started = time.perf_counter()
+    run()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def _random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds: int) -> torch.Tensor:
+    """Training targets as the engine's datasets batch them: multi-hot labels (image), a mask with
+    ignored pixels (pixel), or one such mask per pseudo-mask kind (pseudo)."""
+    if supervision == "image":
+        return torch.randint(0, 2, (n, NUM_CLASSES)).float()
+    side = (image_size, image_size)
+    shape = (n, *side) if supervision == "pixel" else (n, pseudo_mask_kinds, *side)
+    return torch.randint(0, IGNORE_INDEX + 1, shape)
+
+
+def _random_loaders(supervision: str, batches: int, batch_size: int, image_size: int,
+                    pseudo_mask_kinds: int) -> dict[str, DataLoader]:
+    """``batches`` batches of random images for training (with targets), evaluation (with masks and
+    indices, as ``predict_split`` reads them) and pseudo masks (with multi-hot labels)."""
+    n = batches * batch_size
+    images = torch.randn(n, 3, image_size, image_size)
+    masks = torch.randint(0, IGNORE_INDEX + 1, (n, image_size, image_size))
+    labels = torch.randint(0, 2, (n, NUM_CLASSES)).float()
+    targets = _random_targets(supervision, n, image_size, pseudo_mask_kinds)
+    datasets = {"train": TensorDataset(images, targets),
+                "eval": TensorDataset(images, masks, torch.arange(n)),
+                "pseudo_masks": TensorDataset(images, labels)}
+    return {name: DataLoader(dataset, batch_size=batch_size) for name, dataset in datasets.items()}
+
+
+def _pseudo_mask_pass(model, loader: DataLoader, device: torch.device, dataset: str, precision: str) -> None:
+    """What ``pathmamba.pseudo_masks.write_pseudo_masks`` computes per batch, without the PNG writes."""
+    for images, labels in loader:
+        with autocast(device, precision):
+            masks = model.pseudo_masks(images.to(device), labels.to(device), dataset)
+        for kind_masks in masks:
+            kind_masks.cpu()
+
+
+def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image_size: int,
+            device: torch.device, dataset: str, steps: int, warmup_steps: int, stage: int | None = None,
+            stage1_hparams: dict[str, Any] | None = None, pseudo_mask_kinds: int = 0) -> dict[str, Any]:
+    """Images per second of ``method`` (``stage=1``: its first stage) built with ``hparams``: training
+    and evaluation, and for a first stage its pseudo masks; peak memory; ``steps`` timed batches each.
+
+    A method trained on pseudo masks is built on its first stage's keywords ``stage1_hparams`` and
+    trained on ``pseudo_mask_kinds`` masks per image. ``dataset`` names the dataset for the models'
+    per-dataset choices (WSSS-Tissue's white background).
+    """
+    supervision = get_spec(method, stage).supervision
+    # The scan, precision and memory layout that training with these settings runs (pathmamba.train.train).
+    scan = select_scan(settings.scan, device)
+    precision = resolve_precision(settings.precision, device)
+    channels_last = settings.channels_last and device.type == "cuda"
+    memory = _PeakMemory(device)
+    memory.start()
+    seed_everything(0, settings.deterministic)
+    build_hparams = {**hparams, "stage1_hparams": stage1_hparams} if stage1_hparams is not None else hparams
+    model = build_method(method, num_classes=NUM_CLASSES, stage=stage, **build_hparams).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = _random_loaders(supervision, warmup_steps, settings.batch_size, image_size, pseudo_mask_kinds)
+    timed = _random_loaders(supervision, steps, settings.batch_size, image_size, pseudo_mask_kinds)
+    if hasattr(model, "on_epoch_start"):
+        # The per-epoch state of the last epoch (SC-CAM's clusters, WSSS-Tissue's dropout threshold), so
+        # that the steps cost what most of a run's steps cost.
+        for epoch in range(1, settings.epochs + 1):
+            model.on_epoch_start(epoch, timed["train"], device, dataset)
+
+    def train_epoch(loader: DataLoader) -> None:
+        _train_epoch(model, optimiser, loader, device, settings.epochs, settings.epochs, channels_last,
+                     precision)
+
+    def evaluate(loader: DataLoader) -> None:
+        predict_split(model, loader, device, channels_last=channels_last, precision=precision)
+
+    if warmup_steps:
+        train_epoch(warmup["train"])
+        evaluate(warmup["eval"])
+    images = steps * settings.batch_size
+    entry = {"train_images_per_s": images / _seconds(device, lambda: train_epoch(timed["train"])),
+             "eval_images_per_s": images / _seconds(device, lambda: evaluate(timed["eval"]))}
+    if stage == 1:
+        model.eval()
+        if warmup_steps:
+            _pseudo_mask_pass(model, warmup["pseudo_masks"], device, dataset, precision)
+        entry["pseudo_masks_images_per_s"] = images / _seconds(
+            device, lambda: _pseudo_mask_pass(model, timed["pseudo_masks"], device, dataset, precision))
+        entry["pseudo_mask_kinds"] = len(model.pseudo_mask_names)
+    return {**entry, "peak_memory_mb": memory.peak_mb(), "steps": steps, "batch_size": settings.batch_size,
+            "scan": scan, "precision": precision, "hparams": hparams}
+
+
+def calibration_hparams(config: dict[str, Any], method: str, stage: int | None,
+                        random_init: bool) -> dict[str, Any]:
+    """The builder keywords of ``method`` (``stage=1``: its first stage) from ``config``; with
+    ``random_init`` every weights file set to ``none``, else each named file checked to exist."""
+    hparams = method_hparams(config, method, stage)
+    if random_init:
+        return {**hparams, **{key: "none" for key in WEIGHT_KEYS if key in hparams}}
+    block = f"methods.{method}.stage1.hparams" if stage == 1 else f"methods.{method}.hparams"
+    for key in WEIGHT_KEYS:
+        value = hparams.get(key, "none")
+        if value not in ("none", "imagenet") and not Path(value).is_file():
+            raise ConfigError(f"{block}.{key}: weights file {value!r} does not exist; fetch it (the "
+                              "fetch_weights rule) or calibrate with --random-init (speed does not depend "
+                              "on the weights' values)")
+    return hparams
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5, warmup_steps: int = 2,
+              methods: list[str] | None = None, random_init: bool = False,
+              threads: int | None = None) -> dict[str, Any]:
+    """The throughput record of ``methods`` (default: every configured one) of ``config`` on ``device``
+    (default: the config's ``train.device``), ``steps`` timed batches each after ``warmup_steps``, with
+    ``threads`` torch threads (default: the config's ``threads_per_job``, what its jobs get).
+
+    The image size is the configured datasets' (the largest, if they differ).
+    """
+    if steps < 1 or warmup_steps < 0:
+        raise ValueError(f"calibrate: steps must be >= 1 and warmup_steps >= 0, got {steps} and "
+                         f"{warmup_steps}")
+    methods = list(config["methods"]) if methods is None else methods
+    unknown = [method for method in methods if method not in config["methods"]]
+    if unknown:
+        raise ConfigError(f"methods: {', '.join(unknown)} not configured; configured methods: "
+                          f"{', '.join(config['methods'])}")
+    dataset = max(config["datasets"], key=lambda name: dataset_image_size(config, name))
+    image_size = dataset_image_size(config, dataset)
+    torch.set_num_threads(threads or config.get("threads_per_job", torch.get_num_threads()))
+    torch_device = resolve_device(device or config["train"].get("device", TrainSettings.device))
+    # Every weights file checked before the first (slow) measurement.
+    stages = {method: ([1] if method in two_stage_methods() else []) + [None] for method in methods}
+    hparams = {(method, stage): calibration_hparams(config, method, stage, random_init)
+               for method in methods for stage in stages[method]}
+    # The builders' modules imported before any measurement: their import (hundreds of MB of resident
+    # libraries) would otherwise count as the peak memory of the first method built from each.
+    for method, stage in hparams:
+        importlib.import_module(get_spec(method, stage).target.partition(":")[0])
+    measured: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        common = {"image_size": image_size, "device": torch_device, "dataset": dataset, "steps": steps,
+                  "warmup_steps": warmup_steps}
+        settings = TrainSettings(**train_settings(config, method))
+        if method in two_stage_methods():
+            first = measure(method, hparams[method, 1], TrainSettings(**train_settings(config, method, 1)),
+                            stage=1, **common)
+            second = measure(method, hparams[method, None], settings, stage1_hparams=hparams[method, 1],
+                             pseudo_mask_kinds=first["pseudo_mask_kinds"], **common)
+            measured[method] = {**second, "stage1": first}
+        else:
+            measured[method] = measure(method, hparams[method, None], settings, **common)
+    return {
+        "device_type": torch_device.type,
+        "device_name": (torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda"
+                        else cpu_name()),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"image_size": image_size, "steps": steps, "warmup_steps": warmup_steps,
+                     "threads": torch.get_num_threads(), "random_init": random_init},
+        "methods": measured,
+        "environment": environment_record(torch_device),
+    }
+
+
+def write_calibration(configfile: Path, out: Path | None = None,
+                      **options: Any) -> tuple[Path, dict[str, Any]]:
+    """Calibrate the workflow config ``configfile`` (``options``: those of :func:`calibrate`) and write
+    the throughput file atomically to ``out``, default the one the plan reads for a config training on
+    this device type (:func:`pathmamba.plan.default_throughput_path`); returns (file, record)."""
+    config = load_workflow_config(configfile)
+    record = calibrate(config, **options)
+    record["config"] = str(configfile)
+    out = Path(out) if out is not None else default_throughput_path(config, record["device_type"])
+    atomic_write_json(out, record)
+    return out, record
+
+
+def format_calibration(record: dict[str, Any]) -> str:
+    """A Markdown table of a throughput record: images per second and peak memory per method."""
+    settings = record["settings"]
+    heading = (f"{record['device_type']} ({record['device_name']}, {settings['threads']} threads), torch "
+               f"{record['torch']}, {settings['image_size']} px, {settings['steps']} timed "
+               f"steps after {settings['warmup_steps']}")
+    lines = [heading, "",
+             "| method | batch | train images/s | eval images/s | pseudo-mask images/s | peak MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    rows = []
+    for method, entry in record["methods"].items():
+        if "stage1" in entry:
+            rows.append((f"{method} (stage 1)", entry["stage1"]))
+        rows.append((method, entry))
+    for name, entry in rows:
+        pseudo = entry.get("pseudo_masks_images_per_s")
+        peak = entry["peak_memory_mb"]
+        lines.append(f"| {name} | {entry['batch_size']} | {entry['train_images_per_s']:.1f} | "
+                     f"{entry['eval_images_per_s']:.1f} | {'' if pseudo is None else f'{pseudo:.1f}'} | "
+                     f"{'' if peak is None else f'{peak:.0f}'} |")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""``python -m pathmamba doctor``: is this machine ready to run a workflow config's grid?
+
+One table of checks, each OK, FAIL or n/a (not applicable here, e.g. GPU rows of a CPU config), with
+what was found and, for a FAIL, what to do. The exit status is 1 when any check fails. Nothing is
+written; the only work done is building each model once on the CPU (to size the results on disk)
+and, on CUDA, one random scan through both selective-scan implementations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathmamba.config import method_hparams, train_settings
+from pathmamba.gpus import gpu_pool, nvidia_driver
+from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
+from pathmamba.registry import build_method, two_stage_methods
+from pathmamba.runtime import cuda_unavailable_reason
+
+OK, FAIL, NOT_APPLICABLE = "OK", "FAIL", "n/a"
+#: Largest difference between the fused and the PyTorch scan that passes: the fused kernel computes in
+#: float32 from bf16 inputs as the fallback does, so they differ by float32 rounding over the sequence.
+FUSED_TOLERANCE = 1e-2
+#: A training job's checkpoints at their largest, in model sizes: last.pt and previous.pt (weights and
+#: Adam's two moments each) and the best weights.
+CHECKPOINT_MODEL_SIZES = 7
+#: Bytes of one pseudo-mask PNG (a 224 px palette image; measured on the synthetic data: 0.5-1.5 kB).
+PSEUDO_MASK_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def _uses_cuda(config: dict[str, Any]) -> bool:
+    """Whether the config's jobs ask for a GPU (``cuda`` or ``auto``) anywhere."""
+    devices = {train_settings(config, method, stage).get("device", "auto") for method in config["methods"]
+               for stage in ((None, 1) if method in two_stage_methods() else (None,))}
+    return any(device != "cpu" for device in devices)
+
+
+def _requires_cuda(config: dict[str, Any]) -> bool:
+    return any(train_settings(config, method).get("device", "auto").startswith("cuda") for method in config["methods"])
+
+
+def check_python() -> Check:
+    version = platform.python_version()
+    return Check("Python", OK if sys.version_info >= (3, 10) else FAIL, f"{version} (needs >= 3.10)")
+
+
+def check_torch() -> Check:
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return Check("torch", OK, f"{torch.__version__}, {build}")
+
+
+def check_gpus(config: dict[str, Any]) -> list[Check]:
+    """Driver, GPUs with their memory, bf16: FAIL when the config needs CUDA and it is not usable."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        if _requires_cuda(config):
+            return [Check("CUDA device", FAIL, f"the config sets device 'cuda', but {reason}; set train.device "
+                                               "to 'cpu' to run here")]
+        return [Check("CUDA device", NOT_APPLICABLE, f"no usable GPU ({reason}); the config runs on the CPU")]
+    driver = nvidia_driver()
+    names = [f"cuda:{i} {torch.cuda.get_device_name(i)} "
+             f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+             for i in range(torch.cuda.device_count())]
+    pool = gpu_pool(config.get("gpus", "auto"))
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    needs_bf16 = any(train_settings(config, m).get("precision", "auto") in ("auto", "bf16") for m in config["methods"])
+    return [Check("NVIDIA driver", OK if driver else FAIL,
+                  f"{driver} for CUDA {torch.version.cuda}" if driver else "nvidia-smi not found or not working"),
+            Check("GPUs", OK, "; ".join(names) + f"; a local run spreads GPU jobs over {len(pool)}: {','.join(pool)}"),
+            Check("bf16", OK if bf16 or not needs_bf16 else FAIL,
+                  "supported" if bf16 else "not supported by this GPU; set train.precision to 'fp32'")]
+
+
+def check_fused_scan(config: dict[str, Any]) -> Check:
+    """The fused kernel importable and equal to the PyTorch scan on a random input (CUDA only)."""
+    wanted = {train_settings(config, method).get("scan", "auto") for method in config["methods"]}
+    if cuda_unavailable_reason() is not None:
+        status = FAIL if "fused" in wanted else NOT_APPLICABLE
+        return Check("fused selective scan", status, "needs CUDA" + ("; the config sets scan 'fused'" if status == FAIL
+                                                                     else ""))
+    if wanted == {"pytorch"}:
+        return Check("fused selective scan", NOT_APPLICABLE, "the config sets scan 'pytorch'")
+    reason = fused_scan_unavailable_reason()
+    if reason is not None:
+        return Check("fused selective scan", FAIL, f"{reason}; install the `mamba` extra (docs/environment.md) or "
+                                                   "set train.scan to 'pytorch' (much slower)")
+    errors = compare_fused_with_fallback(torch.device("cuda"))
+    worst = max(errors.values())
+    return Check("fused selective scan", OK if worst <= FUSED_TOLERANCE else FAIL,
+                 f"mamba_ssm {metadata.version('mamba-ssm')}; largest difference to the PyTorch scan {worst:.2e} "
+                 f"(tolerance {FUSED_TOLERANCE:g}) over {', '.join(errors)}")
+
+
+def _weights_files(config: dict[str, Any]) -> list[str]:
+    """Files under <resources_dir>/weights/ that the methods' hparams name (the fetch_weights rule's)."""
+    prefix = f"{config['resources_dir']}/weights/"
+    files = []
+    for method in config["methods"]:
+        for stage in (None, 1) if method in two_stage_methods() else (None,):
+            files += [value for value in method_hparams(config, method, stage).values()
+                      if isinstance(value, str) and value.startswith(prefix)]
+    return sorted(set(files))
+
+
+def check_weights(config: dict[str, Any]) -> Check:
+    files = _weights_files(config)
+    if not files:
+        return Check("pretrained weights", NOT_APPLICABLE, "no method loads a weights file")
+    missing = [path for path in files if not Path(path).is_file()]
+    if missing:
+        return Check("pretrained weights", FAIL, f"missing: {', '.join(missing)}; the workflow's fetch_weights "
+                                                 "rule downloads them (needs internet on this host), or copy them")
+    return Check("pretrained weights", OK, f"{len(files)} present: {', '.join(files)}")
+
+
+def check_datasets(config: dict[str, Any]) -> list[Check]:
+    """Each dataset validated by the workflow (its validation report says ok); synthetic ones not yet
+    generated are n/a (the workflow makes them)."""
+    checks = []
+    for name, entry in config["datasets"].items():
+        report = Path(config["results_dir"]) / config["run"] / "datasets" / name / "validation.json"
+        label = f"dataset {name}"
+        if report.is_file():
+            record = json.loads(report.read_text())
+            status = OK if record.get("ok") else FAIL
+            checks.append(Check(label, status, f"{'valid' if status == OK else 'INVALID'} ({report}): "
+                                               + ", ".join(f"{k} {v}" for k, v in record.get("counts", {}).items())))
+        elif "synthetic" in entry:
+            checks.append(Check(label, NOT_APPLICABLE, "synthetic: the workflow generates and validates it"))
+        else:
+            checks.append(Check(label, FAIL, f"not validated yet (no {report}); `snakemake --until "
+                                             "validate_dataset` prepares and validates it, then run doctor again"))
+    return checks
+
+
+def _model_bytes(config: dict[str, Any], method: str, stage: int | None) -> int:
+    """Bytes of the method's float32 weights, built with random weights (the size does not depend on them)."""
+    hparams = {key: ("none" if key in ("pretrained", "segmenter_pretrained") else value)
+               for key, value in method_hparams(config, method, stage).items()}
+    model = build_method(method, num_classes=4, stage=stage, **hparams)
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def grid_disk_bytes(config: dict[str, Any], concurrent_jobs: int) -> dict[str, int]:
+    """What the grid writes at most: model files of every run and stage, pseudo masks, and the
+    checkpoints of ``concurrent_jobs`` training jobs at once (the largest model's)."""
+    from pathmamba.plan import dataset_counts
+
+    seeds, datasets = len(config["seeds"]), list(config["datasets"])
+    models, pseudo, largest = 0, 0, 0
+    for method in config["methods"]:
+        stages = (None, 1) if method in two_stage_methods() else (None,)
+        for stage in stages:
+            size = _model_bytes(config, method, stage)
+            largest = max(largest, size)
+            models += size * seeds * len(datasets)
+        if len(stages) == 2:
+            pseudo += sum(dataset_counts(config, name)["training"] for name in datasets) * seeds * 3 * PSEUDO_MASK_BYTES
+    return {"model files": models, "pseudo masks": pseudo,
+            "checkpoints": largest * CHECKPOINT_MODEL_SIZES * concurrent_jobs}
+
+
+def check_disk(config: dict[str, Any]) -> Check:
+    concurrent = max(1, len(gpu_pool(config.get("gpus", "auto"))))
+    needed = grid_disk_bytes(config, concurrent)
+    folder = Path(config["results_dir"]).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    total = sum(needed.values())
+    parts = ", ".join(f"{name} {value / 2**30:.1f}" for name, value in needed.items())
+    return Check("free disk", OK if free >= total else FAIL,
+                 f"{free / 2**30:.1f} GiB free at {folder}; the grid writes up to {total / 2**30:.1f} GiB ({parts}), "
+                 "datasets not counted")
+
+
+def check_slurm_plugin() -> Check:
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None:
+        return Check("SLURM executor plugin", OK, f"snakemake-executor-plugin-slurm "
+                                                  f"{metadata.version('snakemake-executor-plugin-slurm')}")
+    if shutil.which("sbatch") is not None:
+        return Check("SLURM executor plugin", FAIL, "sbatch is here but the plugin is not: pip install "
+                                                    "snakemake-executor-plugin-slurm (environment.yml has it)")
+    return Check("SLURM executor plugin", NOT_APPLICABLE, "not installed; no sbatch here (not a SLURM host)")
+
+
+def run_checks(config: dict[str, Any]) -> list[Check]:
+    return [check_python(), check_torch(), *check_gpus(config), check_fused_scan(config), check_weights(config),
+            *check_datasets(config), check_disk(config), check_slurm_plugin()]
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = ["| check | status | detail |", "|---|---|---|"]
+    lines += [f"| {check.name} | {check.status} | {check.detail} |" for check in checks]
+    failed = sum(check.status == FAIL for check in checks)
+    lines.append("")
+    lines.append(f"{failed} of {len(checks)} checks failed" if failed else f"all {len(checks)} checks passed or n/a")
+    return "\n".join(lines)
