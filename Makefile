@@ -1,11 +1,11 @@
-# Set-up and entry points; `make demo` and `make test` work on a fresh machine with Python >= 3.10.
+# Set-up and entry points; `make demo` and `make test` work on a fresh machine with Python >= 3.11.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 # Rules call `python -m pathmamba`: the virtualenv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo readme report test lint
+.PHONY: install demo readme report test lint rehearse
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ report: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The paper config at the paper's model sizes on generated data and random weights, in a folder of its
+# own (docs/rehearsal.md); fails when the run or its checks fail. REHEARSAL: a new folder, or one an
+# earlier rehearsal created (it resumes).
+REHEARSAL ?= results/rehearsal
+rehearse: install
+	$(BIN)/python -m pathmamba rehearse --folder "$(REHEARSAL)"
 
 lint: install
 	$(BIN)/snakemake --lint --configfile config/demo.yaml

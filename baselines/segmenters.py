@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger("baselines.segmenters")
 
 
 def smp_network(architecture: type[nn.Module], encoder: str, pretrained: str, owner: str, **kwargs: Any) -> nn.Module:
@@ -27,4 +30,5 @@ def smp_network(architecture: type[nn.Module], encoder: str, pretrained: str, ow
     network = architecture(encoder_name=encoder, encoder_weights=weights, **kwargs)
     if weights_file is not None:
         network.encoder.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        log.info("%s: loaded %s encoder weights from %s", owner, encoder, weights_file)
     return network

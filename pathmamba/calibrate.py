@@ -2,8 +2,8 @@
 
 The GPU plan and the SLURM time limits (pathmamba/plan.py) need each method's images per second. This
 times, on the device at hand and at the config's settings (hyper-parameters, batch size, image size),
-what a method's jobs repeat: training steps (forward, loss, backward, Adam step; bf16 autocast on
-CUDA) through the training engine's own epoch loop, evaluation batches (``model.predict``) through
+what a method's jobs repeat: training steps (forward, loss, backward, Adam step; at the config's
+``precision``, bf16 autocast on CUDA by default) through the training engine's own epoch loop, evaluation batches (``model.predict``) through
 ``predict_split``, and a first stage's pseudo-mask pass, each after warm-up steps. Inputs are random
 images and random targets shaped like the method's supervision: the models' compute does not depend
 on the pixel values, nor on the weights' values (``random_init``). Not timed: data loading and
@@ -21,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib
+import logging
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from pathmamba.runtime import (
 )
 from pathmamba.settings import TrainSettings
 from pathmamba.train import _train_epoch
+
+log = logging.getLogger("pathmamba.calibrate")
 
 
 class _PeakMemory:
@@ -184,8 +187,12 @@ def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image
         entry["pseudo_masks_images_per_s"] = images / _seconds(
             device, lambda: _pseudo_mask_pass(model, timed["pseudo_masks"], device, dataset, precision))
         entry["pseudo_mask_kinds"] = len(model.pseudo_mask_names)
-    return {**entry, "peak_memory_mb": memory.peak_mb(), "steps": steps, "batch_size": settings.batch_size,
-            "scan": scan, "precision": precision, "hparams": hparams}
+    entry = {**entry, "peak_memory_mb": memory.peak_mb(), "steps": steps, "batch_size": settings.batch_size,
+             "scan": scan, "precision": precision, "hparams": hparams}
+    log.info("%s%s: %s", method, " (stage 1)" if stage == 1 else "",
+             ", ".join(f"{key} {value:.4g}" for key, value in entry.items()
+                       if key.endswith(("_per_s", "_mb")) and value is not None))
+    return entry
 
 
 def calibration_hparams(config: dict[str, Any], method: str, stage: int | None,
@@ -216,11 +223,13 @@ def cpu_name() -> str:
 
 
 def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5, warmup_steps: int = 2,
-              methods: list[str] | None = None, random_init: bool = False,
-              threads: int | None = None) -> dict[str, Any]:
+              methods: list[str] | None = None, random_init: bool = False, threads: int | None = None,
+              scan: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """The throughput record of ``methods`` (default: every configured one) of ``config`` on ``device``
     (default: the config's ``train.device``), ``steps`` timed batches each after ``warmup_steps``, with
     ``threads`` torch threads (default: the config's ``threads_per_job``, what its jobs get).
+    ``scan`` and ``precision`` replace the config's training settings of that name (a config that
+    trains with the fused CUDA scan calibrated on a CPU, say).
 
     The image size is the configured datasets' (the largest, if they differ).
     """
@@ -236,33 +245,40 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     image_size = dataset_image_size(config, dataset)
     torch.set_num_threads(threads or config.get("threads_per_job", torch.get_num_threads()))
     torch_device = resolve_device(device or config["train"].get("device", TrainSettings.device))
-    # Every weights file checked before the first (slow) measurement.
+    # Every weights file, scan and precision checked before the first (slow) measurement.
     stages = {method: ([1] if method in two_stage_methods() else []) + [None] for method in methods}
     hparams = {(method, stage): calibration_hparams(config, method, stage, random_init)
                for method in methods for stage in stages[method]}
+    overrides = {key: value for key, value in (("scan", scan), ("precision", precision)) if value is not None}
+    settings = {key: TrainSettings(**{**train_settings(config, *key), **overrides}) for key in hparams}
+    for (method, stage), method_settings in settings.items():
+        try:
+            select_scan(method_settings.scan, torch_device)
+            resolve_precision(method_settings.precision, torch_device)
+        except (RuntimeError, ValueError) as error:
+            raise ConfigError(f"methods.{method}: {error}; or calibrate with --scan / --precision") from None
     # The builders' modules imported before any measurement: their import (hundreds of MB of resident
     # libraries) would otherwise count as the peak memory of the first method built from each.
     for method, stage in hparams:
         importlib.import_module(get_spec(method, stage).target.partition(":")[0])
+    common = {"image_size": image_size, "device": torch_device, "dataset": dataset, "steps": steps,
+              "warmup_steps": warmup_steps}
     measured: dict[str, dict[str, Any]] = {}
     for method in methods:
-        common = {"image_size": image_size, "device": torch_device, "dataset": dataset, "steps": steps,
-                  "warmup_steps": warmup_steps}
-        settings = TrainSettings(**train_settings(config, method))
         if method in two_stage_methods():
-            first = measure(method, hparams[method, 1], TrainSettings(**train_settings(config, method, 1)),
-                            stage=1, **common)
-            second = measure(method, hparams[method, None], settings, stage1_hparams=hparams[method, 1],
-                             pseudo_mask_kinds=first["pseudo_mask_kinds"], **common)
+            first = measure(method, hparams[method, 1], settings[method, 1], stage=1, **common)
+            second = measure(method, hparams[method, None], settings[method, None],
+                             stage1_hparams=hparams[method, 1], pseudo_mask_kinds=first["pseudo_mask_kinds"],
+                             **common)
             measured[method] = {**second, "stage1": first}
         else:
-            measured[method] = measure(method, hparams[method, None], settings, **common)
+            measured[method] = measure(method, hparams[method, None], settings[method, None], **common)
     return {
         "device_type": torch_device.type,
         "device_name": (torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda"
                         else cpu_name()),
         "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {"image_size": image_size, "steps": steps, "warmup_steps": warmup_steps,
                      "threads": torch.get_num_threads(), "random_init": random_init},
         "methods": measured,
@@ -300,7 +316,7 @@ def format_calibration(record: dict[str, Any]) -> str:
     for name, entry in rows:
         pseudo = entry.get("pseudo_masks_images_per_s")
         peak = entry["peak_memory_mb"]
-        lines.append(f"| {name} | {entry['batch_size']} | {entry['train_images_per_s']:.1f} | "
-                     f"{entry['eval_images_per_s']:.1f} | {'' if pseudo is None else f'{pseudo:.1f}'} | "
+        lines.append(f"| {name} | {entry['batch_size']} | {entry['train_images_per_s']:.4g} | "
+                     f"{entry['eval_images_per_s']:.4g} | {'' if pseudo is None else f'{pseudo:.4g}'} | "
                      f"{'' if peak is None else f'{peak:.0f}'} |")
     return "\n".join(lines)

@@ -128,6 +128,9 @@ def _add_plan(commands) -> None:
 
 
 def _add_calibrate(commands) -> None:
+    from pathmamba.models.scan import SCAN_IMPLEMENTATIONS
+    from pathmamba.runtime import PRECISIONS
+
     parser = commands.add_parser("calibrate", help="measure each configured method's images/s and peak memory on "
                                                    "this device: the throughput file `plan` reads")
     parser.add_argument("--configfile", required=True, type=Path, help="workflow config (YAML)")
@@ -141,6 +144,10 @@ def _add_calibrate(commands) -> None:
                         help="build the models with every weights file (pretrained, segmenter_pretrained) set to "
                              "none: speed does not depend on the weights' values")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch; default threads_per_job")
+    parser.add_argument("--scan", choices=SCAN_IMPLEMENTATIONS, default=None,
+                        help="selective scan instead of the config's train.scan (fused runs on CUDA only)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="bf16 autocast or fp32 instead of the config's train.precision")
 
 
 def _add_grid_arguments(parser) -> None:
@@ -200,6 +207,19 @@ def _grid_arguments(args) -> dict:
     if missing:
         raise SystemExit(f"{args.command}: give --configfile or --{', --'.join(k.replace('_', '-') for k in missing)}")
     return grid
+
+
+def _add_rehearse(commands) -> None:
+    from pathmamba.rehearsal import OVERLAY, PAPER_CONFIG
+
+    parser = commands.add_parser("rehearse", help="run the paper config on generated data and random weights at "
+                                                  "the paper's model sizes, in a folder of its own, and check "
+                                                  "the run (docs/rehearsal.md)")
+    parser.add_argument("--folder", type=Path, default=Path("results/rehearsal"),
+                        help="the rehearsal's folder: new, or one an earlier rehearsal created (it resumes)")
+    parser.add_argument("--paper", type=Path, default=PAPER_CONFIG, help="the paper config")
+    parser.add_argument("--overlay", type=Path, default=OVERLAY, help="the overlay with what this machine changes")
+    parser.add_argument("--cores", type=_int_at_least(1), default=None, help="snakemake --cores; default all")
 
 
 def _add_fetch_weights(commands) -> None:
@@ -288,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
-                _add_trivial, _add_aggregate, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures, _add_readme, _add_fetch_weights):
+                _add_trivial, _add_aggregate, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures,
+                _add_readme, _add_fetch_weights, _add_rehearse):
         add(commands)
     return parser
 
@@ -373,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out, record = write_calibration(args.configfile, args.out, device=args.device, steps=args.steps,
                                             warmup_steps=args.warmup_steps, methods=args.methods,
-                                            random_init=args.random_init, threads=args.threads)
+                                            random_init=args.random_init, threads=args.threads,
+                                            scan=args.scan, precision=args.precision)
         except (ConfigError, KeyError) as error:
             raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
         print(format_calibration(record))
@@ -395,4 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         from pathmamba.aggregate import splice_readme
 
         splice_readme(args.readme, args.table)
+    elif args.command == "rehearse":
+        from pathmamba.rehearsal import RehearsalError, rehearse
+
+        try:
+            return rehearse(args.folder, args.paper, args.overlay, args.cores)
+        except RehearsalError as error:
+            raise SystemExit(f"rehearse: {error}") from None
     return 0

@@ -3,6 +3,9 @@
     python -m pathmamba.envfiles            rewrite environment.yml and workflow/envs/pathmamba.yaml
     python -m pathmamba.envfiles --check    exit 1, showing the difference, when a committed file is stale
 
+Either exits 2, naming constraints.txt, when a package has no exact pin there or its pin is outside
+pyproject.toml's bound.
+
 The conda part of both files holds only what conda-forge surely has (the interpreter, pip, compilers);
 every Python package is a pip requirement pinned as constraints.txt pins it, so that both files resolve
 to the versions the test suite runs with. The job environment gets pyproject.toml's ``dependencies``
@@ -17,16 +20,12 @@ import difflib
 import os
 import sys
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_VERSION = "3.11"

@@ -17,6 +17,7 @@ from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.models.scan import select_scan
+from pathmamba.plan import WEIGHT_KEYS
 from pathmamba.registry import build_method
 from pathmamba.runtime import (
     atomic_write_json,
@@ -66,10 +67,14 @@ def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = F
 
 
 def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
-    """(the ``model.pt`` record written by training, the model built from it with its weights, on the CPU)."""
+    """(the ``model.pt`` record written by training, the model built from it with its weights, on the CPU).
+
+    Built without the pretrained weights files its hparams name: the record's weights replace them all,
+    and the evaluate and pseudo-mask jobs do not have those files among their inputs.
+    """
     checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
-    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"),
-                         **checkpoint["hparams"])
+    hparams = {key: "none" if key in WEIGHT_KEYS else value for key, value in checkpoint["hparams"].items()}
+    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"), **hparams)
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, model
 

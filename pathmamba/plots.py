@@ -219,10 +219,14 @@ def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[
     return save_figure(figure, stem)
 
 
+#: The benchmark files of a run's training jobs (workflow/rules/train.smk); evaluate.tsv is the test's.
+TRAINING_BENCHMARKS = ("train_stage1.tsv", "pseudo_masks.tsv", "train.tsv")
+
+
 def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
     """Training cost per finished run: dataset, method, seed, hours (benchmark ``s`` / 3600, summed over
-    the run's jobs: a two-stage method's first stage and pseudo masks too), max_rss (MB), device (from
-    run.json's environment; "unknown" without it)."""
+    the run's training jobs, :data:`TRAINING_BENCHMARKS`: a two-stage method's first stage and pseudo
+    masks too, not the evaluation), max_rss (MB), device (from run.json's environment; "unknown" without it)."""
     rows = []
     for dataset in datasets:
         for method in methods:
@@ -230,7 +234,8 @@ def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seed
                 folder = Path(run_dir) / "benchmarks" / dataset / method / f"seed{seed}"
                 if not (folder / "train.tsv").exists():
                     continue
-                bench = pd.concat([pd.read_csv(path, sep="\t") for path in sorted(folder.glob("*.tsv"))])
+                bench = pd.concat([pd.read_csv(folder / name, sep="\t") for name in TRAINING_BENCHMARKS
+                                   if (folder / name).exists()])
                 run_json = run_path(run_dir, dataset, method, seed) / "run.json"
                 device = "unknown"
                 if run_json.exists():

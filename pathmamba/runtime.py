@@ -166,8 +166,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-#: Distributions whose versions are recorded with every result (those installed).
-RECORDED_PACKAGES = ("pathmamba", "torch", "torchvision", "numpy", "pillow", "scikit-learn",
+#: Distributions whose versions are recorded with every result (those installed: a rule's conda
+#: environment has no snakemake). pyproject.toml names this project's distribution pathmamba-benchmark.
+RECORDED_PACKAGES = ("pathmamba-benchmark", "torch", "torchvision", "numpy", "pillow", "scikit-learn",
                      "segmentation-models-pytorch", "grad-cam", "snakemake")
 
 

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from pathmamba.data.acquire import (
     sha256,
 )
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.data.synthetic import make_synthetic_dataset
+from pathmamba.data.synthetic import make_synthetic_dataset, published_copy, zip_folder
 from pathmamba.data.validate import validate_dataset
 
 SPEC = get_dataset_spec("synthetic-luad")
@@ -53,23 +52,7 @@ def _files(root: Path) -> list[str]:
 def make_variant(canonical: Path, where: Path) -> Path:
     """The canonical dataset as seen in the wild: nested top folder, train/ for training/, RGB masks and
     one test image without a mask. Returns the outer folder."""
-    outer = where / "LUAD-HistoSeg"
-    inner = Path(shutil.copytree(canonical, outer / "LUAD-HistoSeg"))
-    (inner / "training").rename(inner / "train")
-    for mask in sorted(inner.glob("*/mask/*.png")):
-        indices = np.asarray(Image.open(mask))
-        Image.fromarray(np.array(SPEC.palette, dtype=np.uint8)[indices]).save(mask)
-    Image.new("RGB", (SIZE, SIZE), (230, 200, 220)).save(inner / "test" / "img" / "unpaired.png")
-    return outer
-
-
-def zip_folder(folder: Path, archive: Path, members: str = "*") -> Path:
-    """A zip of ``folder`` (the folder itself the top entry), only paths matching ``members``."""
-    with zipfile.ZipFile(archive, "w") as handle:
-        for path in sorted(folder.rglob(members)):
-            if path.is_file():
-                handle.write(path, path.relative_to(folder.parent))
-    return archive
+    return published_copy(canonical, where / "LUAD-HistoSeg", SPEC, train_folder="train")
 
 
 def assert_canonical(out: Path, canonical: Path) -> dict:

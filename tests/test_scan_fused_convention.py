@@ -135,9 +135,8 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, 
     _check(dz is None and not recompute_out_z, "dz buffer or out_z recompute (SelectiveScanFn asks neither)")
     with torch.enable_grad():  # autograd runs backward functions without it
         leaves, y = _float64_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        used = [t for t in leaves if t is not None]
-        grads = dict(zip(map(id, used), torch.autograd.grad(y, used, dout.double())))
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = (None if t is None else grads[id(t)] for t in leaves)
+        grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dout.double()))
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = (None if t is None else next(grads) for t in leaves)
     result = [torch.empty_like(u).copy_(du), torch.empty_like(delta).copy_(ddelta), dA.float(),
               dB.to(B.dtype), dC.to(C.dtype), None if dD is None else dD.float(),
               None if ddelta_bias is None else ddelta_bias.float()]
@@ -160,6 +159,8 @@ def mamba_selective_scan_fn(mamba_ssm_source):
         package = types.ModuleType("mamba_ssm")
         package.__path__ = [str(mamba_ssm_source / "mamba_ssm")]
         patch.setitem(sys.modules, "mamba_ssm", package)
+        for name in [name for name in sys.modules if name.startswith("mamba_ssm.")]:
+            patch.delitem(sys.modules, name)  # an installed mamba_ssm's, bound to the real extension
         fused, reason = scan._load_fused()
         assert reason is None, reason
         yield fused
@@ -228,6 +229,22 @@ def test_last_state_comes_from_the_kernels_state_buffer(kernel):
     _, last_got = scan._run_scan("fused", *inputs, delta_softplus=True, return_last_state=True)
     _, last_want = selective_scan_chunked(*inputs, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(last_got, last_want, atol=1e-5, rtol=1e-5)
+
+
+def test_ungrouped_B_C_and_the_gate_z_through_mamba_ssm(kernel):
+    # beyond PathMamba's call: (B, N, L) inputs that SelectiveScanFn reshapes, and out_z and dz
+    g = torch.Generator().manual_seed(0)
+    shapes = {"u": (2, 4, 9), "delta": (2, 4, 9), "A": (4, 3), "B": (2, 3, 9), "C": (2, 3, 9), "z": (2, 4, 9)}
+    inputs = [torch.randn(*shape, generator=g) for shape in shapes.values()]
+    inputs[1], inputs[2] = inputs[1].abs(), -inputs[2].abs()  # positive time steps, a decaying state
+    results = []
+    for scan_fn in (functools.partial(scan._run_scan, "fused"), selective_scan_chunked):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = scan_fn(*leaves[:5], z=leaves[5])
+        results.append([y, *torch.autograd.grad(y, leaves, torch.ones_like(y))])
+    assert kernel.calls == {"fwd": 1, "bwd": 1}
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_path_casts_to_the_dtypes_the_kernel_checks(kernel, mamba_selective_scan_fn):

@@ -197,7 +197,8 @@ def test_gres_profile_differs_only_in_how_it_asks_for_the_gpu():
     gpus = yaml.safe_load((profiles / "slurm" / "config.yaml").read_text())
     gres = yaml.safe_load((profiles / "slurm-gres" / "config.yaml").read_text())
     assert gpus["set-resources"] == {rule: {"gpu": 1} for rule in sorted(GPU_RULES)}
-    assert gres["set-resources"] == {rule: {"gres": "gpu:1"} for rule in sorted(GPU_RULES)}
+    # `gpu: 0` beside the gres: the plugin refuses a job asking for a GPU both ways.
+    assert gres["set-resources"] == {rule: {"gres": "gpu:1", "gpu": 0} for rule in sorted(GPU_RULES)}
     assert {k: v for k, v in gpus.items() if k != "set-resources"} == {
         k: v for k, v in gres.items() if k != "set-resources"}
     assert gpus["executor"] == "slurm" and "default-resources" not in gpus

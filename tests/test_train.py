@@ -112,6 +112,9 @@ def test_run_json_records_resolved_settings_environment_and_wall_time(seed0_work
     assert record["settings"]["workers"] == 0  # unset -> resolved: none on the CPU
     assert record["hparams"] == TINY_CAM and record["resumed_after_epoch"] == 0
     assert record["environment"]["device"] == "cpu"
+    # What ran, not what was asked: `auto` resolved on this CPU machine.
+    assert record["settings"]["scan"] == "auto" and record["settings"]["precision"] == "auto"
+    assert record["environment"]["scan"] == "pytorch" and record["environment"]["precision"] == "fp32"
     assert record["environment"]["packages"]["torch"] == metadata.version("torch")
     assert len(record["environment"]["git_commit"]) == 40 and record["environment"]["git_dirty"] in (True, False)
     assert record["wall_seconds_this_run"] > 0 and record["train_seconds_all_epochs"] > 0

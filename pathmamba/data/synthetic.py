@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -320,3 +321,38 @@ def make_synthetic_dataset(
         shutil.rmtree(building, ignore_errors=True)
         raise
     return counts
+
+
+def published_copy(canonical: Path, outer: Path, spec: DatasetSpec, train_folder: str = "training",
+                   rgb_masks: int | None = None, unpaired_test_image: bool = True) -> Path:
+    """The dataset ``canonical`` (canonical layout) copied as downloads of the real datasets look, into
+    the new folder ``outer``; returns ``outer``.
+
+    The splits sit in a nested top folder of the same name, ``outer/<outer.name>/``; the training images
+    in ``train_folder`` (the real datasets: ``training``; ``train`` in some copies); the first
+    ``rgb_masks`` masks (val, then test, by name; None: all) saved as RGB images in the dataset's palette
+    instead of P mode; with ``unpaired_test_image``, one more test image without a mask, named after the
+    first test image (``...-unpaired.png``, the first one mirrored).
+    """
+    inner = Path(shutil.copytree(canonical, Path(outer) / Path(outer).name))
+    if train_folder != "training":
+        (inner / "training").rename(inner / train_folder)
+    masks = sorted((inner / "val" / "mask").glob("*.png")) + sorted((inner / "test" / "mask").glob("*.png"))
+    for mask in masks[:rgb_masks]:
+        indices = np.asarray(Image.open(mask))
+        Image.fromarray(np.array(spec.palette, dtype=np.uint8)[indices]).save(mask)
+    if unpaired_test_image:
+        first = min((inner / "test" / "img").glob("*.png"))
+        mirrored = np.asarray(Image.open(first))[:, ::-1]
+        Image.fromarray(np.ascontiguousarray(mirrored)).save(first.with_name(f"{first.stem}-unpaired.png"))
+    return Path(outer)
+
+
+def zip_folder(folder: Path, archive: Path, members: str = "*") -> Path:
+    """A zip of ``folder`` (the folder itself the top entry), only paths matching ``members``; returns
+    ``archive``."""
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(Path(folder).rglob(members)):
+            if path.is_file():
+                handle.write(path, path.relative_to(Path(folder).parent))
+    return archive

@@ -9,11 +9,14 @@ an error, not a silent random init.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+
+log = logging.getLogger("pathmamba.models")
 
 RESNETS = {
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
@@ -49,6 +52,7 @@ def build_resnet(name: str = "resnet50", pretrained: str = "none", width: int = 
                 "or the path of a saved state dict"
             )
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log.info("%s: loaded weights from %s", name, path)  # the training log shows which file ran
     return model
 
 

@@ -130,6 +130,9 @@ class PathMamba(nn.Module):
         _check("eta", 0 <= eta <= 1, eta, "0 <= eta <= 1")
         _check("xi", 0 <= xi <= 1, xi, "0 <= xi <= 1")
         _check("gm_r", gm_r >= 1, gm_r, ">= 1")
+        # A weights file for a variant without the MIML branch would be named in run.json but never loaded.
+        _check("pretrained", use_miml or pretrained == "none", pretrained,
+               "'none' when use_miml is false (the ResNet it initialises is the MIML branch's)")
         _check("side_weights", 1 <= len(side_weights) <= 4, side_weights, "1 to 4 weights (ResNet stages)")
         _check(
             "dcl_miml_weights",

@@ -13,6 +13,9 @@ rule evaluate:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     log:
         f"{LOG_DIR}/evaluate.log",
+    # Time and peak memory (max_rss) against the mem_mb request; not part of the training cost figure.
+    benchmark:
+        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/evaluate.tsv"
     threads: config["threads_per_job"]
     resources:
         gpu=gpu_units,
