@@ -1,6 +1,7 @@
 """GPU planning: job counts and GPU-hours of a config's grid (pathmamba/plan.py, `pathmamba plan`)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,28 @@ def test_paper_config_plans_every_configured_job():
     # train and evaluate per (dataset, method, seed); wsss-tissue's first stage and pseudo masks besides
     assert len(jobs) == (2 * len(config["methods"]) + 2) * len(config["datasets"]) * len(config["seeds"])
     assert all(job.gpu_hours > JOB_OVERHEAD_HOURS for job in jobs)
+
+
+
+def test_readme_gpu_hours_are_the_plan_of_the_paper_config():
+    """The README's GPU-hours table (rows may group methods of equal cost) is what `plan` gives now."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    hours: dict[tuple[str, str], float] = {}
+    for job in gpu_jobs(config):
+        hours[job.dataset, job.method] = hours.get((job.dataset, job.method), 0.0) + job.gpu_hours
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| method | GPU-hours, LUAD-HistoSeg | GPU-hours, BCSS-WSSS |"):]
+    rows = table[:table.index("\n\n")].splitlines()[2:]
+    listed = set()
+    for row in rows:
+        names, luad, bcss = (cell.strip() for cell in row.strip("|").split("|"))
+        for method in re.sub(r"\(.*?\)", "", names).replace(",", " ").split():
+            listed.add(method)
+            assert (float(luad), float(bcss)) == (round(hours["luad-histoseg", method], 1),
+                                                  round(hours["bcss-wsss", method], 1)), row
+    assert listed == set(config["methods"]), rows
+    total = sum(hours.values())
+    assert f"about {total:.0f} GPU-hours" in readme
 
 
 def measured_entry(train: float, evaluate: float, batch_size: int = 16, hparams: dict | None = None) -> dict:
