@@ -1,4 +1,4 @@
-"""Aggregation of per-run test metrics into the paper's tables (DESIGN.md sections 4 and 8).
+"""Aggregation of per-run test metrics into the paper's tables (docs/design.md §4.5).
 
 Everything here reads what finished under ``<run_dir>/runs/<dataset>/<method>/seed<N>/`` and never
 needs a GPU. A partial grid gives a partial table: a cell with no finished seed shows "—", and a

@@ -1,4 +1,4 @@
-"""Segmentation metrics (DESIGN.md section 4).
+"""Segmentation metrics (docs/design.md §4).
 
 Two protocols, both written out and labelled:
 

@@ -1,6 +1,6 @@
 """Readers of the published dataset formats, shared by the real and the synthetic datasets.
 
-Layout (DESIGN.md section 3): ``<root>/training/*.png`` with the image-level label in the file name,
+Layout (docs/design.md §3.2): ``<root>/training/*.png`` with the image-level label in the file name,
 ``<root>/{val,test}/img/*.png`` with masks of the same name in ``<root>/{val,test}/mask/``.
 ``index_dataset`` tolerates the variants seen in the wild and records each one it met in
 ``DatasetIndex.tolerated``.

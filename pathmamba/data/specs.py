@@ -1,4 +1,4 @@
-"""Facts about the datasets (DESIGN.md section 3): classes, palettes, published counts, file naming.
+"""Facts about the datasets (docs/design.md §3.1): classes, palettes, published counts, file naming.
 
 Synthetic demo datasets share the spec of the real dataset whose layout they imitate, so that every
 reader and check written for the real data runs on them too.

@@ -1,4 +1,4 @@
-"""Synthetic H&E-like demo datasets in the published layouts (DESIGN.md section 3).
+"""Synthetic H&E-like demo datasets in the published layouts (docs/design.md §3.5).
 
 Each patch is a random partition of the image into one region per chosen tissue class (1-3 classes),
 plus sometimes a white-background region. Every tissue class has its own procedural texture, drawn

@@ -1,4 +1,4 @@
-"""Validation of a dataset folder before any training job (DESIGN.md section 3).
+"""Validation of a dataset folder before any training job (docs/design.md §3.4).
 
 Checks, each problem recorded with the path of its file:
 

@@ -1,4 +1,4 @@
-"""The Contrastive Mamba Block encoder of PathMamba (paper Sec. 2.2, Eq. 1-2; DESIGN.md Sec. 5).
+"""The Contrastive Mamba Block encoder of PathMamba (paper Sec. 2.2, Eq. 1-2; docs/design.md §5.2).
 
 Feature maps inside the encoder are channels-last, (B, H, W, C), as in VMamba, so LayerNorm and the
 linear layers act on the last dimension; convolutions permute to (B, C, H, W) and back.

@@ -1,8 +1,8 @@
-"""The MIML branch of PathMamba (paper Sec. 2.1; DESIGN.md Sec. 5): pixels are the instances.
+"""The MIML branch of PathMamba (paper Sec. 2.1; docs/design.md §5.1): pixels are the instances.
 
 A ResNet trunk (stem + layer1, layer2, layer3 by default) with a 1x1 side classifier after each stage;
 each side map is upsampled bilinearly to the input size, and the pixel-level map Y' is their weighted
-sum. Following the design, side maps have one channel per class (the paper's single-channel map is
+sum. As docs/design.md §8.1 chooses, side maps have one channel per class (the paper's single-channel map is
 the per-class saliency max over them).
 """
 

@@ -82,7 +82,7 @@ def _check(name: str, ok: bool, value, allowed: str) -> None:
 
 
 class PathMamba(nn.Module):
-    """PathMamba with every hyper-parameter of DESIGN.md Sec. 5 as a keyword (paper values as defaults).
+    """PathMamba with every hyper-parameter of docs/design.md §5 as a keyword (paper values as defaults).
 
     Flags select the variant: ``use_miml`` (pixel-level MIML branch), ``use_contrast`` (contrast
     modulation in DC-Mamba, Eq. 2), ``use_dcl`` (deep contrast supervision, Eq. 4), ``scan``

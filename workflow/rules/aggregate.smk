@@ -72,9 +72,9 @@ rule tables:
     params:
         run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
-        datasets=" ".join(DATASETS),
-        methods=" ".join(METHODS),
-        seeds=" ".join(str(seed) for seed in SEEDS),
+        datasets=DATASETS,
+        methods=METHODS,
+        seeds=SEEDS,
         n_resamples=REPORT_SETTINGS["n_resamples"],
         bootstrap_seed=REPORT_SETTINGS["bootstrap_seed"],
     resources:
@@ -85,10 +85,10 @@ rule tables:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba tables --run-dir {params.run_dir} --datasets {params.datasets}"
-        " --methods {params.methods} --seeds {params.seeds} --paper {input.paper}"
-        " --n-resamples {params.n_resamples} --bootstrap-seed {params.bootstrap_seed}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "python -m pathmamba tables --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
+        " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
+        " --n-resamples {params.n_resamples:q} --bootstrap-seed {params.bootstrap_seed:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -139,10 +139,10 @@ rule figures:
     params:
         run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
-        datasets=" ".join(DATASETS),
-        methods=" ".join(METHODS),
-        seeds=" ".join(str(seed) for seed in SEEDS),
-        data_roots=" ".join(f"{d}={dataset_root(SimpleNamespace(dataset=d))}" for d in DATASETS),
+        datasets=DATASETS,
+        methods=METHODS,
+        seeds=SEEDS,
+        data_roots=[f"{d}={dataset_root(SimpleNamespace(dataset=d))}" for d in DATASETS],
         n_images=max(1, min(REPORT_SETTINGS["n_images"], config["evaluate"]["n_masks"])),
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
@@ -152,6 +152,7 @@ rule figures:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba figures --run-dir {params.run_dir} --datasets {params.datasets}"
-        " --methods {params.methods} --seeds {params.seeds} --paper {input.paper}"
-        " --data-root {params.data_roots} --n-images {params.n_images} --out-dir {params.out_dir} 2> {log}"
+        "python -m pathmamba figures --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
+        " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
+        " --data-root {params.data_roots:q} --n-images {params.n_images:q} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"

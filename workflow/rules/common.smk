@@ -12,7 +12,16 @@ min_version("8.0")
 # also inside conda environments and cluster jobs (which evaluate this file again).
 REPO = str(Path(workflow.basedir).parent)
 sys.path.insert(0, REPO)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={REPO}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+
+def shell_word(text):
+    """``text`` as one shell word, for a command string that Snakemake formats once more (braces doubled)."""
+    return shlex.quote(text).replace("{", "{{").replace("}", "}}")
+
+
+# Every value put into a rule's shell command is quoted with `:q` (lists: each item), so that no config
+# value or path is ever read by the shell: a space, an apostrophe or `$(...)` in it stays one argument.
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shell_word(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from pathmamba.config import ConfigError, check_config, dataset_archives, method_hparams, train_settings
 from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
@@ -24,6 +33,40 @@ try:
     check_config(config)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+
+
+def config_paths():
+    """(key, path) of every folder or file that the config names; they end up in rule patterns."""
+    yield "results_dir", config["results_dir"]
+    yield "resources_dir", config["resources_dir"]
+    for name, entry in config["datasets"].items():
+        if "root" in entry:
+            yield f"datasets.{name}.root", entry["root"]
+        for archive in dataset_archives(entry):
+            yield f"datasets.{name}.archive", archive
+
+
+# Any other character may be in a path (the commands get them quoted), but braces would be read as
+# wildcards of the rules' file patterns, NUL or a line break cannot be in a usable path, and a leading
+# `-` would make the path an option of the command it is given to.
+UNUSABLE_IN_PATHS = {"{": "'{'", "}": "'}'", "\0": "NUL", "\n": "a line break", "\r": "a carriage return"}
+
+
+def path_problem(key, path):
+    if not path:
+        return f"{key}: the path is empty"
+    if path.startswith("-"):
+        return f"{key}: {path!r} starts with '-', which a command would read as an option; write './{path}'"
+    found = [name for char, name in UNUSABLE_IN_PATHS.items() if char in path]
+    if found:
+        return (f"{key}: {path!r} contains {', '.join(found)}; paths of this workflow cannot hold braces "
+                "(Snakemake reads them as wildcards), NUL or line breaks")
+    return None
+
+
+PATH_PROBLEMS = [problem for key, path in config_paths() if (problem := path_problem(key, path))]
+if PATH_PROBLEMS:
+    raise WorkflowError("invalid config:\n  " + "\n  ".join(PATH_PROBLEMS))
 
 RESULTS = f"{config['results_dir']}/{config['run']}"
 RESOURCES = config["resources_dir"]
@@ -87,10 +130,11 @@ def first_stage_outputs(wildcards):
 
 
 def first_stage_options(wildcards, input):
-    """The train command's options naming :func:`first_stage_outputs` (empty for one-stage methods)."""
+    """The train command's arguments naming :func:`first_stage_outputs` (none for one-stage methods);
+    a list, for `{params.stage:q}`."""
     if wildcards.method not in TWO_STAGE_METHODS:
-        return ""
-    return f"--stage1-model {input.stage1_model} --pseudo-masks {input.pseudo_masks}"
+        return []
+    return ["--stage1-model", input.stage1_model, "--pseudo-masks", input.pseudo_masks]
 
 
 def job_device(wildcards, stage=None):
@@ -128,10 +172,11 @@ def prepare_sources(wildcards):
 
 
 def source_arguments(wildcards, input):
+    """The prepare command's arguments naming its sources; a list, for `{params.sources:q}`."""
     entry = config["datasets"][wildcards.dataset]
     if "archive" in entry:
-        return "--archive " + " ".join(shlex.quote(path) for path in input)
-    return f"--downloaded {shlex.quote(str(input[0]))}"
+        return ["--archive", *input]
+    return ["--downloaded", input[0]]
 
 
 def validation_option(wildcards, key):

@@ -13,10 +13,10 @@ rule make_demo_data:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba make-demo-data --dataset {wildcards.dataset} --out {output}"
-        " --n-train {params.synthetic[n_train]} --n-val {params.synthetic[n_val]}"
-        " --n-test {params.synthetic[n_test]} --size {params.synthetic[size]}"
-        " --seed {params.synthetic[seed]} 2> {log}"
+        "python -m pathmamba make-demo-data --dataset {wildcards.dataset:q} --out {output:q}"
+        " --n-train {params.synthetic[n_train]:q} --n-val {params.synthetic[n_val]:q}"
+        " --n-test {params.synthetic[n_test]:q} --size {params.synthetic[size]:q}"
+        " --seed {params.synthetic[seed]:q} > {log:q} 2>&1"
 
 
 # Needs the internet: runs on the submitting host (login nodes have it, compute nodes often not). The
@@ -27,7 +27,12 @@ rule download_dataset:
         f"{RESOURCES}/downloads/{{dataset}}.json",
     params:
         folder=f"{RESOURCES}/downloads/{{dataset}}",
-        url=lambda wildcards: config["datasets"][wildcards.dataset].get("url", ""),
+        # `--url <url>`, or nothing for the Google Drive folder (a list, for `:q`).
+        url=lambda wildcards: (
+            ["--url", config["datasets"][wildcards.dataset]["url"]]
+            if "url" in config["datasets"][wildcards.dataset]
+            else []
+        ),
     wildcard_constraints:
         dataset=any_of(datasets_with("source", "url")),
     localrule: True
@@ -36,8 +41,8 @@ rule download_dataset:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba download-dataset --dataset {wildcards.dataset} --folder {params.folder}"
-        " --record {output} --url {params.url:q} 2> {log}"
+        "python -m pathmamba download-dataset --dataset {wildcards.dataset:q} --folder {params.folder:q}"
+        " --record {output:q} {params.url:q} > {log:q} 2>&1"
 
 
 # Checks the sources against the checksum lock (written on the first preparation), extracts and lays
@@ -60,8 +65,8 @@ rule prepare_dataset:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba prepare-dataset --dataset {wildcards.dataset} --out {output}"
-        " --lock {params.lock} {params.sources} 2> {log}"
+        "python -m pathmamba prepare-dataset --dataset {wildcards.dataset:q} --out {output:q}"
+        " --lock {params.lock:q} {params.sources:q} > {log:q} 2>&1"
 
 
 # Every image and mask decoded and checked; fails with a summary naming every bad file (in the log).
@@ -82,6 +87,6 @@ rule validate_dataset:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba validate-dataset --dataset {wildcards.dataset} --data-root {input.data}"
-        " --out {output} --image-size {params.image_size} --counts {params.counts} --workers {threads}"
-        " 2> {log}"
+        "python -m pathmamba validate-dataset --dataset {wildcards.dataset:q} --data-root {input.data:q}"
+        " --out {output:q} --image-size {params.image_size:q} --counts {params.counts:q} --workers {threads:q}"
+        " > {log:q} 2>&1"

@@ -26,9 +26,9 @@ rule evaluate:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba evaluate --model {input.model} --data-root {input.data}"
-        " --out {params.out_dir} --masks-dir {output.masks} --n-masks {params.n_masks} {params.tta}"
-        " --device {params.device} --threads {threads} 2> {log}"
+        "python -m pathmamba evaluate --model {input.model:q} --data-root {input.data:q}"
+        " --out {params.out_dir:q} --masks-dir {output.masks:q} --n-masks {params.n_masks:q} {params.tta:q}"
+        " --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 rule evaluate_trivial:
@@ -47,5 +47,5 @@ rule evaluate_trivial:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset} --data-root {input.data}"
-        " --out {params.out_dir} 2> {log}"
+        "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset:q} --data-root {input.data:q}"
+        " --out {params.out_dir:q} > {log:q} 2>&1"

@@ -30,10 +30,10 @@ rule train:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba train --method {wildcards.method} --dataset {wildcards.dataset}"
-        " --data-root {input.data} --seed {wildcards.seed} --out {params.out_dir}"
-        " --checkpoint-dir {params.checkpoint_dir} --hparams '{params.hparams}'"
-        " --settings '{params.settings}' {params.stage} --threads {threads} 2> {log}"
+        "python -m pathmamba train --method {wildcards.method:q} --dataset {wildcards.dataset:q}"
+        " --data-root {input.data:q} --seed {wildcards.seed:q} --out {params.out_dir:q}"
+        " --checkpoint-dir {params.checkpoint_dir:q} --hparams {params.hparams:q}"
+        " --settings {params.settings:q} {params.stage:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 # The first stage of a two-stage method: the same training command with `--stage 1`, its own config
@@ -52,7 +52,7 @@ use rule train as train_stage1 with:
     params:
         hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method, stage=1)),
         settings=lambda wildcards: as_json(train_settings(config, wildcards.method, stage=1)),
-        stage="--stage 1",
+        stage=["--stage", "1"],
         checkpoint_dir=f"{CHECKPOINT_DIR}/stage1",
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     log:
@@ -93,5 +93,5 @@ rule pseudo_masks:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba pseudo-masks --model {input.model} --data-root {input.data} --out {output}"
-        " --device {params.device} --threads {threads} 2> {log}"
+        "python -m pathmamba pseudo-masks --model {input.model:q} --data-root {input.data:q} --out {output:q}"
+        " --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"

@@ -10,10 +10,11 @@ rule fetch_weights:
     output:
         f"{RESOURCES}/weights/{{backbone}}-imagenet.pth",
     params:
+        # `--url <mirror>`, or nothing for torchvision's URL (a list, for `:q`).
         url=lambda wildcards: (
-            f"--url {config['weights_urls'][wildcards.backbone]}"
+            ["--url", config["weights_urls"][wildcards.backbone]]
             if wildcards.backbone in config.get("weights_urls", {})
-            else ""
+            else []
         ),
     wildcard_constraints:
         backbone="resnet18|resnet34|resnet50|resnet101",
@@ -22,4 +23,5 @@ rule fetch_weights:
     conda:
         "../envs/pathmamba.yaml"
     shell:
-        "python -m pathmamba fetch-weights --backbone {wildcards.backbone} --out {output} {params.url} 2> {log}"
+        "python -m pathmamba fetch-weights --backbone {wildcards.backbone:q} --out {output:q} {params.url:q}"
+        " > {log:q} 2>&1"
