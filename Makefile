@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # Rules call `python -m pathmamba`: the virtualenv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo readme report test lint rehearse
+.PHONY: install demo readme readme-check report test lint rehearse
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 readme: install
 	$(BIN)/snakemake --cores all --configfile config/demo.yaml
 	$(BIN)/python -m pathmamba readme --table results/demo/tables/table1_comparison.md --readme README.md
+
+# Fails, with a diff, when the README's results are not what the demo run of this checkout gives.
+readme-check: install
+	$(BIN)/snakemake --cores all --configfile config/demo.yaml
+	$(BIN)/python -m pathmamba readme --check --table results/demo/tables/table1_comparison.md --readme README.md
 
 # Every table and figure of the demo run in one self-contained HTML file.
 report: install

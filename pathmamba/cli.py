@@ -184,6 +184,8 @@ def _add_readme(commands) -> None:
                                                 "<!-- results:start --> and <!-- results:end --> markers")
     parser.add_argument("--table", required=True, type=Path, help="e.g. results/demo/tables/table1_comparison.md")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 with a diff when the README's results differ from the table")
 
 
 def _grid_arguments(args) -> dict:
@@ -315,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pathmamba.runtime import FileSafetyError
+
+    try:
+        return _main(argv)
+    except FileSafetyError as error:
+        # A refusal that protects files (a foreign folder or file, a locked checkpoint folder): one line.
+        raise SystemExit(f"pathmamba: {error}") from None
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -416,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "readme":
         from pathmamba.aggregate import splice_readme
 
-        splice_readme(args.readme, args.table)
+        diff = splice_readme(args.readme, args.table, check=args.check)
+        if diff:
+            print("\n".join(diff))
+            print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
+            return 1
     elif args.command == "rehearse":
         from pathmamba.rehearsal import RehearsalError, rehearse
 

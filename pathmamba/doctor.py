@@ -27,6 +27,8 @@ from pathmamba.registry import build_method, two_stage_methods
 from pathmamba.runtime import cuda_unavailable_reason
 
 OK, FAIL, NOT_APPLICABLE = "OK", "FAIL", "n/a"
+#: pyproject.toml's requires-python (tests/test_device.py keeps them equal).
+MINIMUM_PYTHON = (3, 11)
 #: Largest relative difference between the fused and the PyTorch scan (output and every gradient,
 #: :func:`pathmamba.models.scan.compare_fused_with_fallback`) that passes: both read bf16 inputs and
 #: return bf16, so agreeing scans differ by bf16 rounding (a few 1e-3); different computations by ~1.
@@ -58,7 +60,8 @@ def _requires_cuda(config: dict[str, Any]) -> bool:
 
 def check_python() -> Check:
     version = platform.python_version()
-    return Check("Python", OK if sys.version_info >= (3, 10) else FAIL, f"{version} (needs >= 3.10)")
+    needed = ".".join(map(str, MINIMUM_PYTHON))
+    return Check("Python", OK if sys.version_info >= MINIMUM_PYTHON else FAIL, f"{version} (needs >= {needed})")
 
 
 def check_torch() -> Check:

@@ -25,6 +25,7 @@ from pathmamba.runtime import (
     autocast,
     describe_environment,
     environment_record,
+    load_torch_file,
     resolve_device,
     resolve_precision,
 )
@@ -72,7 +73,7 @@ def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
     Built without the pretrained weights files its hparams name: the record's weights replace them all,
     and the evaluate and pseudo-mask jobs do not have those files among their inputs.
     """
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
+    checkpoint = load_torch_file(model_path, "model file")
     hparams = {key: "none" if key in WEIGHT_KEYS else value for key, value in checkpoint["hparams"].items()}
     model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"), **hparams)
     model.load_state_dict(checkpoint["state_dict"])

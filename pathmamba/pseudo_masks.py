@@ -3,14 +3,20 @@
 Layout of the output folder: one sub-folder per mask kind (e.g. ``layer4/``, ``layer3/``, ``layer2/``
 for WSSS-Tissue), each holding a palette PNG per training image under the image's own file name (in the
 dataset's colours, so they can be looked at), and ``manifest.json`` (mask kinds, image count, the
-stage-1 model they came from). The folder is built beside its destination and renamed into place when
-complete, so an interrupted job leaves no partial folder behind.
+stage-1 model they came from). The folder is built in a fresh temporary sibling of its destination and
+renamed into place when complete, so an interrupted job leaves no partial folder behind. An existing
+destination is replaced only if it is a pseudo-mask folder this tool wrote (its manifest names exactly
+what is in it, see :func:`not_ours`), and only once the new folder is in place; anything else there is
+refused, never deleted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -20,9 +26,72 @@ from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
-from pathmamba.runtime import atomic_write_json, autocast
+from pathmamba.runtime import FileSafetyError, atomic_write_json, autocast
 
 log = logging.getLogger("pathmamba.pseudo_masks")
+
+
+def not_ours(folder: Path) -> str | None:
+    """Why the existing ``folder`` is not a pseudo-mask folder written by this tool (None if it is, or if
+    it is an empty folder: nothing to lose). Ours holds exactly its ``manifest.json`` and the mask-kind
+    folders the manifest names, each holding files only."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder" if not folder.is_symlink() else "a symbolic link"
+    entries = {entry.name for entry in folder.iterdir()}
+    if not entries:
+        return None
+    try:
+        manifest = json.loads((folder / PSEUDO_MASK_MANIFEST).read_text())
+        kinds = [str(kind) for kind in manifest["masks"]]
+        if not {"method", "dataset", "images", "stage1_sha256"} <= set(manifest):
+            raise KeyError("stage1_sha256")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no pseudo-mask {PSEUDO_MASK_MANIFEST} of this tool in it"
+    if extra := sorted(entries - {PSEUDO_MASK_MANIFEST, *kinds}):
+        return f"it holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} besides the pseudo masks"
+    for kind in kinds:
+        masks = folder / kind
+        if masks.is_symlink() or (masks.exists() and (not masks.is_dir()
+                                                      or any(entry.is_dir() for entry in masks.iterdir()))):
+            return f"{kind} is not a folder of mask files"
+    return None
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Raise :class:`FileSafetyError` if ``out_dir`` exists and is not ours to replace."""
+    if (out_dir.exists() or out_dir.is_symlink()) and (reason := not_ours(out_dir)):
+        raise FileSafetyError(f"{out_dir} exists and is not a pseudo-mask folder written by this tool ({reason}); "
+                              "not replacing it: remove it yourself or give another --out")
+
+
+def _new_sibling(out_dir: Path, role: str) -> Path:
+    """A new, empty hidden folder beside ``out_dir`` (same file system: renames are atomic), with the
+    permissions an ordinary mkdir would give (mkdtemp makes it private)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{role}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
+def _put_in_place(building: Path, out_dir: Path) -> None:
+    """Rename ``building`` to ``out_dir``. Our earlier output there is moved aside first and deleted only
+    once the new folder is in place (put back if the rename fails); anything else there is refused."""
+    _check_replaceable(out_dir)  # again: it may have appeared while the masks were computed
+    if not (out_dir.exists() or out_dir.is_symlink()) or not any(out_dir.iterdir()):
+        building.rename(out_dir)  # onto nothing, or onto an empty folder (replaced atomically)
+        return
+    aside = _new_sibling(out_dir, "replaced")
+    out_dir.rename(aside / out_dir.name)
+    try:
+        building.rename(out_dir)
+    except BaseException:
+        (aside / out_dir.name).rename(out_dir)
+        aside.rmdir()
+        raise
+    log.info("replaced the earlier pseudo masks in %s", out_dir)
+    shutil.rmtree(aside)
 
 
 def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device: str = "auto",
@@ -31,6 +100,8 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
     """Write the pseudo masks of the stage-1 model in ``model_path`` for every training image of its
     dataset into ``out_dir``; returns the manifest. ``scan``, ``precision``: see
     :func:`pathmamba.evaluate.inference_setup`."""
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)  # before any work
     checkpoint, model = load_model(model_path)
     if checkpoint.get("stage") != 1:
         raise ValueError(f"{model_path}: a model of {checkpoint['method']!r} (stage {checkpoint.get('stage')}); "
@@ -40,28 +111,28 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
     index = index_dataset(Path(data_root), spec)
     model.to(torch_device).eval()
     kinds = list(model.pseudo_mask_names)
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for kind in kinds:
-        (partial / kind).mkdir(parents=True)
-    loader = DataLoader(ImageLabelDataset(index.train), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=torch_device.type == "cuda")
-    names = [image.name for image, _ in index.train]
-    done = 0
-    for images, labels in loader:
-        with autocast(torch_device, precision):
-            masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec.name)
-        for kind, kind_masks in zip(kinds, masks):
-            for offset, mask in enumerate(kind_masks.cpu().numpy()):
-                save_palette_mask(mask, spec.flat_palette, partial / kind / names[done + offset])
-        done += len(images)
-    manifest = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
-                "masks": kinds, "images": done, "stage1_model": str(model_path),
-                "stage1_sha256": sha256(model_path), "environment": environment}
-    atomic_write_json(partial / PSEUDO_MASK_MANIFEST, manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    # A fresh folder of this process's own: deleting it on failure removes nothing else.
+    building = _new_sibling(out_dir, "building")
+    try:
+        for kind in kinds:
+            (building / kind).mkdir()
+        loader = DataLoader(ImageLabelDataset(index.train), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, pin_memory=torch_device.type == "cuda")
+        names = [image.name for image, _ in index.train]
+        done = 0
+        for images, labels in loader:
+            with autocast(torch_device, precision):
+                masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec.name)
+            for kind, kind_masks in zip(kinds, masks):
+                for offset, mask in enumerate(kind_masks.cpu().numpy()):
+                    save_palette_mask(mask, spec.flat_palette, building / kind / names[done + offset])
+            done += len(images)
+        manifest = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
+                    "masks": kinds, "images": done, "stage1_model": str(model_path),
+                    "stage1_sha256": sha256(model_path), "environment": environment}
+        atomic_write_json(building / PSEUDO_MASK_MANIFEST, manifest)
+        _put_in_place(building, out_dir)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     log.info("wrote %d x %d pseudo masks (%s) of %s to %s", done, len(kinds), ", ".join(kinds), model_path, out_dir)
     return manifest

@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePath
@@ -238,7 +239,10 @@ def write_archive(archive: Path, dataset: str, n_train: int, n_val: int, n_test:
     spec = get_dataset_spec(dataset)
     twin = next(other.name for other in DATASETS.values() if other.synthetic and other.layout == spec.layout)
     archive = Path(archive)
-    building = archive.parent / f".{archive.name}.building-{os.getpid()}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of this call's own (a pid-named one may be a leftover of another process): the
+    # clean-up below deletes nothing else.
+    building = Path(tempfile.mkdtemp(prefix=f".{archive.name}.building-", dir=archive.parent))
     try:
         make_synthetic_dataset(twin, building / "canonical", n_train, n_val, n_test, size=size, seed=seed)
         outer = published_copy(building / "canonical", building / "wild" / archive.stem, spec,

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import random
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -50,8 +51,14 @@ def derived_seed(*parts: int) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states (python, numpy, torch, CUDA) a resumed run needs to continue exactly."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states (python, numpy, torch, CUDA) a resumed run needs to continue exactly.
+
+    Tensors and plain Python values only, so a checkpoint holding it loads with ``weights_only=True``:
+    numpy's state tuple carries an array, kept here as a list of ints.
+    """
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = [str(name), [int(key) for key in keys], int(position), int(has_gauss), float(cached_gaussian)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +67,8 @@ def rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Set the global RNGs back to a state saved by :func:`rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -142,6 +150,57 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class FileSafetyError(RuntimeError):
+    """A refusal that protects files: a folder or file this tool did not write, or a checkpoint folder
+    another trainer holds. The message is one line for the user (the CLI prints it without a traceback)."""
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays, and paths turned into plain Python values (numbers, lists,
+    str), recursively through dicts, lists and tuples; tensors are kept. What a file meant to load with
+    ``torch.load(weights_only=True)`` may hold besides tensors."""
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {plain_data(key): plain_data(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_data(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(item) for item in value)
+    raise TypeError(f"cannot store {type(value).__name__} in a tensors-and-plain-data file: {value!r}")
+
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` of a file this tool wrote (``what``: e.g. "model file"), with ``weights_only=True``:
+    tensors and plain data, never arbitrary pickled objects. A file that is not one (another tool's, an
+    older version's, a damaged one) is a :class:`FileSafetyError` naming it; there is no pickle fallback."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # noqa: BLE001 - unpickling refusals and damaged archives raise many types
+        raise FileSafetyError(f"{path}: not a {what} of this tool, or damaged: it does not load as tensors and "
+                              f"plain data ({_load_failure(error)}); not unpickled") from None
+
+
+def _load_failure(error: Exception) -> str:
+    """The gist of a ``torch.load`` error in a few words (torch's own message spans lines and suggests
+    ``weights_only=False``, which is exactly what must not be done with a file of unknown origin)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return line.split(" was not an allowed global")[0][:160]
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,8 +21,13 @@ epoch's checkpoint write), keeping the last complete epoch's checkpoint, and rai
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
+import json
 import logging
+import os
+import platform
 import resource
 import signal
 import sys
@@ -42,8 +47,10 @@ from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
+from pathmamba.optim import parameter_groups
 from pathmamba.registry import build_method, get_spec
 from pathmamba.runtime import (
+    FileSafetyError,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -51,6 +58,8 @@ from pathmamba.runtime import (
     derived_seed,
     describe_environment,
     environment_record,
+    load_torch_file,
+    plain_data,
     resolve_device,
     resolve_precision,
     restore_rng_state,
@@ -151,48 +160,135 @@ def _best_path(checkpoint_dir: Path, epoch: int) -> Path:
     return checkpoint_dir / f"best-epoch{epoch:04d}.pt"
 
 
-def _read_checkpoint(path: Path, fingerprint: dict) -> dict | None:
-    """The resumable state in ``path`` if it and its best weights are readable and belong to this
-    exact run, else None (with a warning saying why)."""
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short hash of a run's fingerprint: names the folder its checkpoints are moved to when superseded."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _read_checkpoint(path: Path, fingerprint: dict) -> tuple[dict | None, dict | None]:
+    """(the resumable state in ``path``, None) if it and its best weights are readable and belong to this
+    exact run; (None, its state) if it is readable but of other settings; (None, None) if it is absent or
+    unusable. A warning says why it is not resumed."""
     if not path.exists():
-        return None
+        return None, None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path, "training checkpoint")
+        if state.get("fingerprint") != plain_data(fingerprint):  # as saved (numpy numbers as Python ones)
+            log.warning("checkpoint %s belongs to other settings; not resuming from it", path)
+            return None, state
         if state["best"]["epoch"]:
-            torch.load(_best_path(path.parent, state["best"]["epoch"]), map_location="cpu", weights_only=True)
+            load_torch_file(_best_path(path.parent, state["best"]["epoch"]), "best-weights file")
     except Exception as error:  # noqa: BLE001 - whatever a damaged file raises, fall back: never a crash loop
         log.warning("checkpoint %s is unusable (%s: %s)", path, type(error).__name__, error)
+        return None, None
+    return state, None
+
+
+def _move_aside(checkpoint_dir: Path, paths: list[Path], state: dict | None) -> Path | None:
+    """Move the existing ``paths`` (checkpoint files this run cannot resume from) into a new sub-folder
+    of ``checkpoint_dir``: ``superseded-<fingerprint id>`` when ``state`` (the checkpoint's content) says
+    whose they are, else ``unusable-<time>``. Never deleted: they may be another seed's run or a shorter
+    run of these settings, resumable by moving them back. Returns the folder (None: nothing to move)."""
+    paths = [path for path in paths if path.exists()]
+    if not paths:
         return None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("checkpoint %s belongs to other settings; not resuming from it", path)
-        return None
-    return state
+    fingerprint = state.get("fingerprint") if isinstance(state, dict) else None
+    stem = f"superseded-{fingerprint_id(fingerprint)}" if fingerprint else f"unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1, 1000):
+        folder = checkpoint_dir / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileSafetyError(f"{checkpoint_dir}: too many {stem}* folders; remove those not needed")
+    for path in paths:
+        os.replace(path, folder / path.name)
+    log.warning("moved %s to %s (kept, not deleted; delete that folder once it is not needed)",
+                ", ".join(path.name for path in paths), folder)
+    return folder
 
 
 def _resume_state(checkpoint_dir: Path, fingerprint: dict) -> tuple[dict | None, Path | None]:
     """The newest usable checkpoint state and its file: ``last.pt``, else ``previous.pt``, else
-    (None, None). Unusable files are deleted, so that the next save does not rotate one into the fallback."""
+    (None, None). Files that cannot be resumed (damaged, another version's, or of other settings: another
+    seed, fewer epochs) are moved aside by :func:`_move_aside`, so that the next save does not rotate one
+    into the fallback, nor delete their best weights; never deleted."""
     last, previous = checkpoint_dir / "last.pt", checkpoint_dir / "previous.pt"
-    if (state := _read_checkpoint(last, fingerprint)) is not None:
+    state, other = _read_checkpoint(last, fingerprint)
+    if state is not None:
         return state, last
-    if (state := _read_checkpoint(previous, fingerprint)) is not None:
-        last.unlink(missing_ok=True)
-        return state, previous
+    fallback, other_previous = _read_checkpoint(previous, fingerprint)
+    if fallback is not None:
+        _move_aside(checkpoint_dir, [last], other)
+        return fallback, previous
     if last.exists() or previous.exists():
         log.warning("no usable checkpoint in %s; training from scratch", checkpoint_dir)
-        # Unusable files must not become the fallback of this run's checkpoints.
-        last.unlink(missing_ok=True)
-        previous.unlink(missing_ok=True)
+        # The best weights go with the checkpoints that refer to them.
+        _move_aside(checkpoint_dir, [last, previous, *sorted(checkpoint_dir.glob("best-epoch*.pt"))],
+                    other or other_previous)
     return None, None
+
+
+#: The lock file a trainer holds in its checkpoint folder while it runs.
+LOCK_FILE = "train.lock"
+
+
+@contextmanager
+def checkpoint_lock(checkpoint_dir: Path):
+    """Hold an exclusive ``flock`` on ``checkpoint_dir/train.lock`` (the holder's PID written into it):
+    a second trainer on the same folder (a rerun while a killed Snakemake's job lives on) fails at once
+    with a :class:`FileSafetyError` naming the lock and its holder. The kernel releases the lock when the
+    process ends, SIGKILL included. On release the lock file is removed (a new trainer checks that the
+    file it locked is still the one at the path), and the folder too if nothing else is left in it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / LOCK_FILE
+    while True:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a finishing trainer in between
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "PID not written yet"
+            os.close(handle)
+            raise FileSafetyError(f"{path} is locked by another trainer on the same checkpoint folder ({holder}); "
+                                  "stop that process first, or wait for it to finish") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                break  # the file at the path, not one a finishing trainer unlinked after we opened it
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+    try:
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"pid {os.getpid()} host {platform.node()}\n".encode(), 0)
+        yield path
+    finally:
+        try:
+            path.unlink()
+            if not any(checkpoint_dir.iterdir()):
+                checkpoint_dir.rmdir()
+        except OSError:
+            pass  # another trainer's lock file appeared in between: the folder stays
+        os.close(handle)
 
 
 def _save_checkpoint(checkpoint_dir: Path, state: dict, previous_best_epoch: int | None) -> None:
     """Rotate ``last.pt`` to ``previous.pt``, write the new ``last.pt``, then delete best-weight files
-    that neither refers to. The best weights of ``state`` must already be on disk."""
+    that neither refers to. The best weights of ``state`` must already be on disk.
+
+    Besides the model's and optimiser's state dicts, ``state`` is stored as tensors and plain data (numpy
+    scalars made Python numbers), so ``last.pt`` loads with ``weights_only=True``."""
     last = checkpoint_dir / "last.pt"
     if last.exists():
         last.replace(checkpoint_dir / "previous.pt")
-    atomic_torch_save(state, last)
+    dicts = ("model", "optimiser")
+    atomic_torch_save({**plain_data({k: v for k, v in state.items() if k not in dicts}),
+                       **{k: state[k] for k in dicts if k in state}}, last)
     keep = {_best_path(checkpoint_dir, epoch) for epoch in (state["best"]["epoch"], previous_best_epoch) if epoch}
     for path in checkpoint_dir.glob("best-epoch*.pt"):
         if path not in keep:
@@ -237,7 +333,7 @@ def _stage1_record(method: str, dataset: str, seed: int, stage1_model: Path | No
     if stage1_model is None or pseudo_masks is None:
         raise ValueError(f"{method} trains on its first stage's pseudo masks: give stage1_model (the stage-1 "
                          "model.pt, `train --stage 1`) and pseudo_masks (the folder of `pseudo-masks`)")
-    record = torch.load(stage1_model, map_location="cpu", weights_only=False)
+    record = load_torch_file(stage1_model, "model file")
     found = (record["method"], record.get("stage"), record["dataset"], record["seed"])
     if found != (method, 1, dataset, seed):
         raise ValueError(f"{stage1_model}: a model of (method, stage, dataset, seed) {found}; expected "
@@ -255,7 +351,18 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
 
     ``stage=1`` trains the first stage of a two-stage method. The method itself then trains on the
     ``pseudo_masks`` folder written from that stage's ``stage1_model``, whose classifier it starts from.
+
+    The whole run holds :func:`checkpoint_lock` on ``checkpoint_dir``: a second trainer there fails at once.
     """
+    with checkpoint_lock(Path(checkpoint_dir)):
+        return _train(method, dataset, data_root, out_dir, checkpoint_dir, seed, hparams, settings, stage,
+                      stage1_model, pseudo_masks)
+
+
+def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_dir: Path, seed: int,
+           hparams: dict[str, Any] | None, settings: TrainSettings | None, stage: int | None,
+           stage1_model: Path | None, pseudo_masks: Path | None) -> dict:
+    """:func:`train`, with the checkpoint folder locked."""
     hparams = dict(hparams or {})
     settings = settings or TrainSettings()
     # Device, scan and precision first: a setting this machine cannot follow fails before any work, and
@@ -285,15 +392,19 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # Adam with L2 weight decay (the paper's), none on the parameters pathmamba.optim exempts
+    optimiser = torch.optim.Adam(parameter_groups(model, settings.weight_decay), lr=settings.lr)
     train_loader, select_loader, seeded, order = _loaders(index, spec, supervision, settings, seed,
                                                          settings.workers, pin=device.type == "cuda",
                                                          pseudo_masks=pseudo_masks)
 
-    # A retrained first stage (new weights, new pseudo masks) must not resume an old second stage.
+    # A retrained first stage (new weights, new pseudo masks) must not resume an old second stage, nor
+    # an optimiser state of another parameter-group layout (load_state_dict would refuse it).
     fingerprint = {"method": method, "stage": stage, "dataset": dataset, "seed": seed, "hparams": hparams,
                    "settings": {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED},
-                   "stage1_sha256": sha256(stage1_model) if stage1 is not None else None}
+                   "stage1_sha256": sha256(stage1_model) if stage1 is not None else None,
+                   "optimiser_groups": [[group["weight_decay"], len(group["params"])]
+                                        for group in optimiser.param_groups]}
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
@@ -361,10 +472,10 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
         "environment": environment,
     }
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
-    atomic_torch_save({"method": method, "stage": stage, "hparams": hparams, "dataset": dataset, "seed": seed,
-                       "settings": asdict(settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"],
-                       "state_dict": best_weights},
-                      out_dir / "model.pt")
+    # Tensors and plain data only: model.pt loads with weights_only=True (pathmamba.runtime.load_torch_file).
+    metadata = plain_data({"method": method, "stage": stage, "hparams": hparams, "dataset": dataset, "seed": seed,
+                           "settings": asdict(settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"]})
+    atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(history))
     atomic_write_json(out_dir / "run.json", record)
     _remove_checkpoints(checkpoint_dir)
@@ -372,13 +483,12 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
 
 
 def _remove_checkpoints(checkpoint_dir: Path) -> None:
-    """Delete the checkpoint files of a finished run (with temporary files a killed write left), and
-    their folder if nothing else is in it."""
+    """Delete the checkpoint files of a finished run (this run's: the fingerprint matched or they were
+    written by it) with the temporary files a killed write of them left. Folders moved aside
+    (``superseded-*``, ``unusable-*``) are kept; the lock's release removes the folder if it is empty."""
     for path in [checkpoint_dir / "last.pt", checkpoint_dir / "previous.pt", *checkpoint_dir.glob("best-epoch*.pt"),
-                 *checkpoint_dir.glob(".*.tmp")]:
+                 *checkpoint_dir.glob(".last.pt.*.tmp"), *checkpoint_dir.glob(".best-epoch*.pt.*.tmp")]:
         path.unlink(missing_ok=True)
-    if not any(checkpoint_dir.iterdir()):
-        checkpoint_dir.rmdir()
     log.info("run finished; removed its checkpoints from %s", checkpoint_dir)
 
 

@@ -8,6 +8,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread, as the demo runs its jobs; on a shared 2-core machine more threads mostly wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def snakemake_bin() -> str:
     """The snakemake of the interpreter running the tests (the project's virtualenv)."""
@@ -52,7 +63,7 @@ def checkpoint_epoch(path: Path) -> int | None:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+        return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
     except (OSError, RuntimeError, EOFError):
         return None
 

@@ -234,6 +234,23 @@ def test_splice_readme_replaces_only_the_marked_block(tmp_path):
         splice_readme(readme, table)
 
 
+def test_readme_check_reports_stale_results_and_changes_nothing(tmp_path, capsys):
+    from pathmamba.cli import main
+
+    readme = tmp_path / "README.md"
+    stale = "intro\n<!-- results:start -->\n| 0.650 |\n<!-- results:end -->\n"
+    readme.write_text(stale)
+    table = tmp_path / "t.md"
+    table.write_text("## Table 1\n\n| 0.652 |\n")
+    arguments = ["readme", "--table", str(table), "--readme", str(readme), "--check"]
+    assert main(arguments) == 1
+    out = capsys.readouterr().out
+    assert "-| 0.650 |" in out and "+| 0.652 |" in out and "its results differ" in out
+    assert readme.read_text() == stale
+    assert main(arguments[:-1]) == 0
+    assert main(arguments) == 0
+
+
 def test_supervision_column_counts_pseudo_mask_training_as_weak():
     from pathmamba.aggregate import supervision_of
 

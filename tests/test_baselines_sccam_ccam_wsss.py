@@ -29,13 +29,7 @@ TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the demo runs its jobs; on a shared 2-core machine more threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rgb_to_input(rgb: torch.Tensor) -> torch.Tensor:
@@ -264,7 +258,7 @@ def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path)
           hparams=hparams, settings=settings)
     rows = _history(tmp_path / "run")
     assert [row["subcategory"] != "" for row in rows] == [False, True, True, True]
-    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert int(model_file["state_dict"]["rounds_done"]) == 2
 
     # Preempted after the first round (epoch 2): the checkpoint brings the clustering state back, and
@@ -299,7 +293,7 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     rows = _history(tmp_path / "run")
     assert len(rows) == 2 and all(row["ce_layer4"] != "" for row in rows)
     assert record["stage1_model"] == tmp_path / "stage1" / "model.pt"
-    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert model_file["hparams"]["stage1_hparams"] == TINY  # taken from the stage-1 model file
     # The gate uses the trained stage-1 classifier, not a fresh one.
     torch.testing.assert_close(model_file["state_dict"]["classifier.classifier.weight"],
@@ -310,7 +304,7 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     stage2 = {"stage1_model": tmp_path / "stage1" / "model.pt", "pseudo_masks": tmp_path / "pseudo_masks"}
     train_preempted_after(1, "wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "ckpt-rerun",
                           seed=0, hparams=TINY_SEGMENTER, settings=SETTINGS, **stage2)
-    stage1_record = torch.load(tmp_path / "stage1" / "model.pt", weights_only=False)
+    stage1_record = torch.load(tmp_path / "stage1" / "model.pt", weights_only=True)
     torch.save({**stage1_record, "val_mIoU": -1.0}, tmp_path / "stage1" / "model.pt")
     with caplog.at_level(logging.WARNING, logger="pathmamba.train"):
         train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "ckpt-rerun", 0,

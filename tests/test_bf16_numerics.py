@@ -21,13 +21,7 @@ CPU = torch.device("cpu")
 LABELS = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the demo runs its jobs; on a shared 2-core machine more threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:

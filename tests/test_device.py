@@ -99,3 +99,12 @@ def test_doctor_fails_the_paper_config_on_a_machine_without_cuda(tmp_path):
     # Ten PathMamba runs of 52 M float32 parameters alone write 2 GB of model files.
     written = re.search(r"the grid writes up to ([0-9.]+) GiB", rows["free disk"][1])
     assert written and float(written.group(1)) > 2
+
+
+def test_doctor_asks_for_the_python_that_pyproject_requires():
+    import tomllib
+
+    from pathmamba.doctor import MINIMUM_PYTHON
+
+    required = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert required == ">=" + ".".join(map(str, MINIMUM_PYTHON))

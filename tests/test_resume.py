@@ -92,7 +92,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, 
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     first_log = (tmp_path / "first.log").read_text()
     assert "received SIGTERM" in first_log and "a rerun resumes from it" in first_log
-    kept = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    kept = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert kept >= terminated_after
     assert not (work / "run" / "model.pt").exists()
 

@@ -102,6 +102,9 @@ class DCMamba(nn.Module):
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * Di, 1))
         self.Ds = nn.Parameter(torch.ones(K * Di))
+        # No weight decay on the state-space parameters (mamba_ssm's flag, read by pathmamba.optim).
+        for p in (self.dt_projs_bias, self.A_logs, self.Ds):
+            p._no_weight_decay = True
 
     def _ss2d(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Di, H, W) -> (B, Di, H, W): the four directions folded into channels, one scan call."""
@@ -217,6 +220,9 @@ class CMBEncoder(nn.Module):
     ``saliency`` (B, 1, H, W) in [0, 1] switches the contrast modulation on in every layer; None runs
     the plain VMamba-style encoder.
     """
+
+    # VMamba's optimiser rule: no weight decay on 1-D parameters (norms, biases); pathmamba.optim.
+    _no_weight_decay_1d = True
 
     def __init__(
         self,

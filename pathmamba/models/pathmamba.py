@@ -59,6 +59,9 @@ class MLPDecoder(nn.Module):
     than BatchNorm, so that the no-grad saliency pass of pathmamba-b-cmb leaves no running statistics.
     """
 
+    # Part of the CMB branch: no weight decay on its 1-D parameters, as the encoder (pathmamba.optim).
+    _no_weight_decay_1d = True
+
     def __init__(self, dims: Sequence[int], dim: int, num_classes: int):
         super().__init__()
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in dims)
@@ -168,6 +171,10 @@ class PathMamba(nn.Module):
         )
         self.decoder = MLPDecoder(dims, decoder_dim, num_classes)
         self.stage_classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims) if use_dcl else None
+        if self.stage_classifiers is not None:
+            # heads on the CMB stages: VMamba's no-decay rule for 1-D parameters, as encoder and decoder;
+            # the MIML ResNet keeps the decay of every parameter, as the baselines' ResNets (pathmamba.optim)
+            self.stage_classifiers._no_weight_decay_1d = True
 
     def _cmb(self, images: torch.Tensor, saliency: torch.Tensor | None):
         feats = self.encoder(images, saliency)
