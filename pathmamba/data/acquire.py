@@ -1,6 +1,6 @@
 """Getting a real dataset onto disk: download, verify against a checksum lock, normalise the layout.
 
-Three ways in (docs/design.md §3.3), chosen per dataset in the config:
+Four ways in (docs/design.md §3.3), chosen per dataset in the config:
 
     source: gdrive   the published Google Drive folder, fetched file by file with gdown
     url: URL         one archive at a plain URL (a mirror), fetched with gdown too
