@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # Rules call `python -m pathmamba`: the virtualenv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo readme readme-check report test lint rehearse
+.PHONY: install demo readme readme-check report test test-fast lint rehearse
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ report: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite without its Snakemake end-to-end runs, the SLURM run and the environment installs.
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e and not slurm and not install"
 
 # The paper config at the paper's model sizes on generated data and random weights, in a folder of its
 # own (docs/rehearsal.md); fails when the run or its checks fail. REHEARSAL: a new folder, or one an

@@ -13,6 +13,10 @@ history, RNG states), ``previous.pt`` (the one before, the fallback if ``last.pt
 in the middle of an epoch repeats that epoch and ends with the same result as an uninterrupted run.
 Once the outputs are written the checkpoints are deleted: they are several times the model's size, and a
 run forced to rerun (after a code change, say) must train again, not return the finished run's model.
+Checkpoints of another run (another fingerprint: method, data, seed, hparams, settings, optimiser groups)
+are moved aside into ``superseded-<id>/``, unreadable ones into ``unusable-<time>/``; never deleted. A
+trainer holds an exclusive lock on ``checkpoint_dir/train.lock`` for the whole run: a second trainer on
+the same folder fails at once, naming the holder.
 SIGTERM (sent by SLURM before its kill) stops training after the current step (or the current
 epoch's checkpoint write), keeping the last complete epoch's checkpoint, and raises
 :class:`TrainingInterrupted` (the CLI exits with 128 + the signal number).

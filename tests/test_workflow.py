@@ -46,8 +46,9 @@ def run_snakemake(snakemake_bin, env, workdir: Path, config: dict, *extra: str):
         (lambda c: c["datasets"].update({"luad-histoseg": {"root": "/no/such/folder"}}),
          ["datasets.luad-histoseg.root: '/no/such/folder' is not a directory"]),
         (lambda c: c["train"].update(device="gpu"), ["'gpu' does not match", "device"]),
+        (lambda c: c.update(weights_urls={"resnet18": ""}), ["'' does not match", "weights_urls"]),
     ],
-    ids=["unknown-method", "negative-seed", "missing-dataset-path", "bad-device"],
+    ids=["unknown-method", "negative-seed", "missing-dataset-path", "bad-device", "weights-url-not-a-url"],
 )
 def test_bad_config_fails_at_start_up(tmp_path, snakemake_bin, workflow_env, change, expected):
     config = json.loads(json.dumps(TINY))
