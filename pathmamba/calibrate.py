@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathmamba.config import ConfigError, method_hparams, train_settings
+from pathmamba.config import WEIGHT_KEYS, ConfigError, method_hparams, train_settings, without_weights_files
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
 from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import parameter_groups
-from pathmamba.plan import WEIGHT_KEYS, dataset_image_size, default_throughput_path, load_workflow_config
+from pathmamba.plan import dataset_image_size, default_throughput_path, load_workflow_config
 from pathmamba.registry import build_method, get_spec, two_stage_methods
 from pathmamba.runtime import (
     atomic_write_json,
@@ -202,7 +202,7 @@ def calibration_hparams(config: dict[str, Any], method: str, stage: int | None,
     ``random_init`` every weights file set to ``none``, else each named file checked to exist."""
     hparams = method_hparams(config, method, stage)
     if random_init:
-        return {**hparams, **{key: "none" for key in WEIGHT_KEYS if key in hparams}}
+        return without_weights_files(hparams)
     block = f"methods.{method}.stage1.hparams" if stage == 1 else f"methods.{method}.hparams"
     for key in WEIGHT_KEYS:
         value = hparams.get(key, "none")

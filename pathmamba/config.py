@@ -66,6 +66,31 @@ def train_settings(config: dict[str, Any], method: str, stage: int | None = None
     return {**config.get("train", {}), **_method_block(config, method, stage).get("train", {})}
 
 
+#: Builder keywords naming a weights file to initialise from.
+WEIGHT_KEYS = ("pretrained", "segmenter_pretrained")
+
+
+def without_weights_files(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with every :data:`WEIGHT_KEYS` entry set to ``none``: the model built with random
+    initial weights (its trained weights loaded over them, or its speed measured)."""
+    return {key: "none" if key in WEIGHT_KEYS else value for key, value in hparams.items()}
+
+
 def method_hparams(config: dict[str, Any], method: str, stage: int | None = None) -> dict[str, Any]:
     """The builder keywords of ``method`` (``stage=1``: of its first stage)."""
     return dict(_method_block(config, method, stage).get("hparams", {}))
+
+
+def fetched_weights(config: dict[str, Any], method: str, stage: int | None = None) -> list[str]:
+    """The weights files under ``<resources_dir>/weights/`` that ``method``'s (``stage=1``: its first
+    stage's) hparams name (``pretrained``, ``segmenter_pretrained``): what the fetch_weights rule writes."""
+    prefix = f"{config['resources_dir']}/weights/"
+    return [value for value in method_hparams(config, method, stage).values()
+            if isinstance(value, str) and value.startswith(prefix)]
+
+
+def all_fetched_weights(config: dict[str, Any]) -> list[str]:
+    """:func:`fetched_weights` of every configured method and first stage, sorted, each once."""
+    return sorted({path for method in config["methods"]
+                   for stage in ((None, 1) if method in two_stage_methods() else (None,))
+                   for path in fetched_weights(config, method, stage)})

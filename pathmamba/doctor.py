@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pathmamba.config import method_hparams, train_settings
+from pathmamba.config import all_fetched_weights, method_hparams, train_settings
 from pathmamba.gpus import gpu_pool, nvidia_driver
 from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
 from pathmamba.registry import build_method, two_stage_methods
@@ -111,19 +111,8 @@ def check_fused_scan(config: dict[str, Any]) -> Check:
                  f"(tolerance {FUSED_TOLERANCE:g}) over {', '.join(errors)}")
 
 
-def _weights_files(config: dict[str, Any]) -> list[str]:
-    """Files under <resources_dir>/weights/ that the methods' hparams name (the fetch_weights rule's)."""
-    prefix = f"{config['resources_dir']}/weights/"
-    files = []
-    for method in config["methods"]:
-        for stage in (None, 1) if method in two_stage_methods() else (None,):
-            files += [value for value in method_hparams(config, method, stage).values()
-                      if isinstance(value, str) and value.startswith(prefix)]
-    return sorted(set(files))
-
-
 def check_weights(config: dict[str, Any]) -> Check:
-    files = _weights_files(config)
+    files = all_fetched_weights(config)
     if not files:
         return Check("pretrained weights", NOT_APPLICABLE, "no method loads a weights file")
     missing = [path for path in files if not Path(path).is_file()]

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from pathmamba.config import without_weights_files
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.models.scan import select_scan
-from pathmamba.plan import WEIGHT_KEYS
 from pathmamba.registry import build_method
 from pathmamba.runtime import (
     atomic_write_json,
@@ -74,8 +74,8 @@ def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
     and the evaluate and pseudo-mask jobs do not have those files among their inputs.
     """
     checkpoint = load_torch_file(model_path, "model file")
-    hparams = {key: "none" if key in WEIGHT_KEYS else value for key, value in checkpoint["hparams"].items()}
-    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"), **hparams)
+    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"),
+                         **without_weights_files(checkpoint["hparams"]))
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, model
 

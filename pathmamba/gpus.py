@@ -15,7 +15,6 @@ CUDA is initialised, and the Snakefile's start-up stays fast.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -24,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pathmamba.locks import try_lock
 
 log = logging.getLogger("pathmamba.gpus")
 
@@ -110,15 +111,9 @@ def claim_gpu(pool: list[str], lock_dir: Path, retry_seconds: float = RETRY_SECO
     while True:
         for gpu in pool:
             path = lock_dir / f"gpu{gpu}.lock"
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(handle)
+            handle = try_lock(path)  # the file names the holder, for whoever wonders which job has this GPU
+            if handle is None:
                 continue
-            # The holder, for whoever wonders which job has this GPU.
-            os.ftruncate(handle, 0)
-            os.write(handle, f"pid {os.getpid()} host {os.uname().nodename}\n".encode())
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             if waiting_since is not None:
                 log.info("GPU %s free after %.0f s", gpu, time.time() - waiting_since)

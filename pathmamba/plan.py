@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from pathmamba.config import ConfigError, method_hparams, train_settings
+from pathmamba.config import WEIGHT_KEYS, ConfigError, method_hparams, train_settings
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
@@ -46,9 +46,6 @@ JOB_OVERHEAD_HOURS = 5 / 60
 RUNTIME_MARGIN = 1.5
 #: Patch side of the real datasets when the config does not say otherwise (``validate.image_size``).
 REAL_IMAGE_SIZE = 224
-#: Hyper-parameters naming a weights file: a model's speed does not depend on the weights' values, so
-#: a measurement applies whatever they name (``calibrate --random-init`` sets them to ``none``).
-WEIGHT_KEYS = ("pretrained", "segmenter_pretrained")
 SPEED_KEYS = ("train_images_per_s", "eval_images_per_s")
 
 
@@ -219,6 +216,7 @@ def assumed_throughput(config: dict[str, Any], method: str) -> Throughput:
 
 
 def _without_weights(hparams: dict[str, Any]) -> dict[str, Any]:
+    # A model's speed does not depend on its weights' values: a measurement applies whatever they name.
     return {key: value for key, value in hparams.items() if key not in WEIGHT_KEYS}
 
 

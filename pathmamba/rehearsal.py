@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from pathmamba.config import method_hparams, train_settings
+from pathmamba.config import all_fetched_weights, fetched_weights, method_hparams, train_settings
 from pathmamba.data.specs import DATASETS, get_dataset_spec
 from pathmamba.plan import REAL_IMAGE_SIZE
 from pathmamba.registry import get_spec, two_stage_methods
@@ -206,16 +206,12 @@ def weights_files(config: dict[str, Any]) -> dict[str, str]:
 
     prefix = f"{config['resources_dir']}/weights/"
     files = {}
-    for method in config["methods"]:
-        stages = [None, 1] if method in two_stage_methods() else [None]
-        for stage in stages:
-            for value in method_hparams(config, method, stage).values():
-                if isinstance(value, str) and value.startswith(prefix):
-                    backbone = value[len(prefix):].removesuffix("-imagenet.pth")
-                    if backbone not in RESNETS:
-                        raise RehearsalError(f"methods.{method}: {value!r} is not a fetch_weights file "
-                                             f"(<resources_dir>/weights/<{'|'.join(RESNETS)}>-imagenet.pth)")
-                    files[value] = backbone
+    for path in all_fetched_weights(config):
+        backbone = path[len(prefix):].removesuffix("-imagenet.pth")
+        if backbone not in RESNETS:
+            raise RehearsalError(f"{path!r} (named by a method's hparams) is not a fetch_weights file "
+                                 f"(<resources_dir>/weights/<{'|'.join(RESNETS)}>-imagenet.pth)")
+        files[path] = backbone
     return files
 
 
@@ -373,7 +369,6 @@ def check_weights_loaded(effective: dict[str, Any], folder: Path) -> list[str]:
     """Problems: a training log without the loader's line for a weights file its job names."""
     problems = []
     logs = run_folder(effective, folder) / "logs"
-    files = weights_files(effective)
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
@@ -382,9 +377,8 @@ def check_weights_loaded(effective: dict[str, Any], folder: Path) -> list[str]:
                         continue
                     log_path = logs / dataset / method / f"seed{seed}" / f"{job}.log"
                     text = log_path.read_text() if log_path.is_file() else ""
-                    for value in method_hparams(effective, method, stage).values():
-                        if isinstance(value, str) and value in files and not re.search(
-                                rf"loaded .*weights from {re.escape(value)}$", text, flags=re.MULTILINE):
+                    for value in fetched_weights(effective, method, stage):
+                        if not re.search(rf"loaded .*weights from {re.escape(value)}$", text, flags=re.MULTILINE):
                             problems.append(f"{log_path}: no line saying {value} was loaded")
     return problems
 

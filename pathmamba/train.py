@@ -25,13 +25,11 @@ epoch's checkpoint write), keeping the last complete epoch's checkpoint, and rai
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
-import platform
 import resource
 import signal
 import sys
@@ -50,6 +48,7 @@ from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoM
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
+from pathmamba.locks import lock_holder, try_lock
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import parameter_groups
 from pathmamba.registry import build_method, get_spec
@@ -251,16 +250,12 @@ def checkpoint_lock(checkpoint_dir: Path):
     while True:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         try:
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            handle = try_lock(path)
         except FileNotFoundError:  # the folder was removed by a finishing trainer in between
             continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "PID not written yet"
-            os.close(handle)
-            raise FileSafetyError(f"{path} is locked by another trainer on the same checkpoint folder ({holder}); "
-                                  "stop that process first, or wait for it to finish") from None
+        if handle is None:
+            raise FileSafetyError(f"{path} is locked by another trainer on the same checkpoint folder "
+                                  f"({lock_holder(path)}); stop that process first, or wait for it to finish")
         try:
             if os.stat(path).st_ino == os.fstat(handle).st_ino:
                 break  # the file at the path, not one a finishing trainer unlinked after we opened it
@@ -268,8 +263,6 @@ def checkpoint_lock(checkpoint_dir: Path):
             pass
         os.close(handle)
     try:
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"pid {os.getpid()} host {platform.node()}\n".encode(), 0)
         yield path
     finally:
         try:
@@ -290,6 +283,8 @@ def _save_checkpoint(checkpoint_dir: Path, state: dict, previous_best_epoch: int
     last = checkpoint_dir / "last.pt"
     if last.exists():
         last.replace(checkpoint_dir / "previous.pt")
+    # The state dicts as torch returns them: plain_data would turn them into dicts without the modules'
+    # version _metadata that load_state_dict reads.
     dicts = ("model", "optimiser")
     atomic_torch_save({**plain_data({k: v for k, v in state.items() if k not in dicts}),
                        **{k: state[k] for k in dicts if k in state}}, last)

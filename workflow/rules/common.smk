@@ -23,7 +23,14 @@ def shell_word(text):
 # value or path is ever read by the shell: a space, an apostrophe or `$(...)` in it stays one argument.
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shell_word(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from pathmamba.config import ConfigError, check_config, dataset_archives, method_hparams, train_settings
+from pathmamba.config import (
+    ConfigError,
+    check_config,
+    dataset_archives,
+    fetched_weights,
+    method_hparams,
+    train_settings,
+)
 from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
@@ -118,8 +125,7 @@ def pretrained_weights(wildcards, stage=None):
     """The weights files that the method's (or its first stage's) hparams name under
     <resources_dir>/weights/ (`pretrained`, `segmenter_pretrained`), as train inputs: the fetch_weights
     rule makes them. None for `none`, `imagenet` or other paths."""
-    values = method_hparams(config, wildcards.method, stage).values()
-    return [value for value in values if isinstance(value, str) and value.startswith(f"{RESOURCES}/weights/")]
+    return fetched_weights(config, wildcards.method, stage)
 
 
 def first_stage_outputs(wildcards):
