@@ -28,10 +28,10 @@ import pandas as pd
 import yaml
 
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.metrics import METRICS
+from pathmamba.metrics import METRICS, confusion_columns
 from pathmamba.registry import get_spec
 from pathmamba.runtime import atomic_write_text
-from pathmamba.stats import compare_to_reference
+from pathmamba.stats import compare_split_level, compare_to_reference
 
 METRIC_LABELS = {"mDice": "mDice", "mIoU": "mIoU", "mPrecision": "mP", "mRecall": "mR"}
 # A method trained on its own first stage's pseudo masks (wsss-tissue) has seen image labels only.
@@ -44,6 +44,15 @@ ABLATION = ("pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb", "pathmamba-b-m
 MISSING = "—"
 #: Marks a row whose seeds ran with different selective scans or precisions (a footnote says which).
 MIXED_MARK = "†"
+#: Marks a paper value that no evaluation can give together with its row's other value (see
+#: :func:`dice_iou_inconsistent`).
+INCONSISTENT_MARK = "‡"
+#: Half a unit of the paper's last digit: its values have three decimals.
+PAPER_ROUNDING = 0.0005
+INCONSISTENT_NOTE = (f"{INCONSISTENT_MARK} The paper's mDice and mIoU of this row cannot both come from one "
+                     "evaluation: from one confusion matrix, per class IoU = Dice / (2 − Dice), a convex "
+                     "function below the identity, so mDice / (2 − mDice) ≤ mIoU ≤ mDice for the means "
+                     "over classes (checked allowing for the paper's rounding to three decimals).")
 PROTOCOL_NOTES = {
     "ignore_background": ("Test split, primary protocol: one 4x4 confusion matrix over the whole split, "
                           "pixels of white background (mask value 4) ignored; m-metrics are means over "
@@ -120,7 +129,13 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     """All ``per_image.csv`` rows of ``runs`` (from :func:`finished_runs`) with dataset, method, seed."""
     frames = []
     for run in runs.itertuples(index=False):
-        frame = pd.read_csv(Path(run.path) / "per_image.csv")
+        path = Path(run.path) / "per_image.csv"
+        frame = pd.read_csv(path)
+        lacking = [column for column in confusion_columns() if column not in frame]
+        if lacking:
+            raise ValueError(f"{path}: no per-image confusion matrix ({lacking[0]}, ...), which the split-level "
+                             "statistics need; it was written by an older evaluate: run it again "
+                             "(snakemake --forcerun evaluate evaluate_trivial)")
         frames.append(frame.assign(dataset=run.dataset, method=run.method, seed=run.seed))
     if not frames:
         return pd.DataFrame(columns=["image", *METRICS, "dataset", "method", "seed"])
@@ -188,6 +203,14 @@ def load_paper_results(path: Path) -> dict:
     return data
 
 
+def dice_iou_inconsistent(mdice: float, miou: float, rounding: float = PAPER_ROUNDING) -> bool:
+    """True when no confusion matrix gives both ``mdice`` and ``miou``, even allowing each to be off by
+    ``rounding``: per class IoU = Dice / (2 - Dice), which is convex and at most Dice, so by Jensen's
+    inequality mDice / (2 - mDice) <= mIoU <= mDice."""
+    lowest_dice = max(mdice - rounding, 0.0)
+    return miou + rounding < lowest_dice / (2 - lowest_dice) or miou - rounding > mdice + rounding
+
+
 def supervision_of(method: str) -> str:
     """The Supervision column: from the registry's ``MethodSpec.supervision``."""
     if method == TRIVIAL:
@@ -202,8 +225,9 @@ def results_table(metrics: pd.DataFrame, methods: list[str], datasets: list[str]
 
     metrics: rows of :func:`load_metrics`. paper: ``{dataset: {method: {metric: value}}}``. Columns:
     dataset, method, supervision, metric, mean, std, n_seeds, n_expected (1 for trivial), status
-    ("complete", "incomplete" or "missing"), paper, difference (mean - paper), best (the highest mean
-    among weakly supervised methods for that dataset and metric).
+    ("complete", "incomplete" or "missing"), paper, difference (mean - paper), paper_inconsistent (the
+    paper's mDice and mIoU of the row contradict each other: :func:`dice_iou_inconsistent`), best (the
+    highest mean among weakly supervised methods for that dataset and metric).
     """
     paper = paper or {}
     summary = summarise(metrics).set_index(["dataset", "method"]) if len(metrics) else None
@@ -217,13 +241,17 @@ def results_table(metrics: pd.DataFrame, methods: list[str], datasets: list[str]
             for metric in METRICS:
                 mean = float(summary.loc[(dataset, method), f"{metric}_mean"]) if found else math.nan
                 std = float(summary.loc[(dataset, method), f"{metric}_std"]) if found else math.nan
-                reported = paper.get(dataset, {}).get(method, {}).get(metric, math.nan)
+                reported = paper.get(dataset, {}).get(method, {})
+                inconsistent = (metric in ("mDice", "mIoU") and "mDice" in reported
+                                and dice_iou_inconsistent(reported["mDice"], reported["mIoU"]))
                 rows.append({"dataset": dataset, "method": method, "supervision": supervision_of(method),
                              "metric": metric, "mean": mean, "std": std, "n_seeds": n_seeds,
-                             "n_expected": expected, "status": status, "paper": float(reported),
-                             "difference": mean - float(reported)})
+                             "n_expected": expected, "status": status,
+                             "paper": float(reported.get(metric, math.nan)),
+                             "difference": mean - float(reported.get(metric, math.nan)),
+                             "paper_inconsistent": inconsistent})
     table = pd.DataFrame(rows, columns=["dataset", "method", "supervision", "metric", "mean", "std", "n_seeds",
-                                        "n_expected", "status", "paper", "difference"])
+                                        "n_expected", "status", "paper", "difference", "paper_inconsistent"])
     weak = table["supervision"] == SUPERVISION_LABELS["image"]
     best = table[weak].groupby(["dataset", "metric"])["mean"].transform("max")
     table["best"] = False
@@ -247,7 +275,8 @@ def _markdown_cell(row) -> str:
     mean = f"**{row.mean:.3f}**" if row.best else f"{row.mean:.3f}"
     cell = mean if row.n_seeds == 1 else f"{mean} ± {row.std:.3f}"  # one seed has no spread to show
     if not math.isnan(row.paper):
-        cell += f" (paper {row.paper:.3f}, Δ {_signed(row.difference)})"
+        mark = INCONSISTENT_MARK if row.paper_inconsistent else ""
+        cell += f" (paper {row.paper:.3f}{mark}, Δ {_signed(row.difference)})"
     return cell
 
 
@@ -296,17 +325,29 @@ def _latex_escape(text: str) -> str:
     return re.sub(r"([&%$#_{}])", r"\\\1", text)
 
 
+#: Characters of the notes that LaTeX without extra packages cannot typeset, as LaTeX.
+LATEX_SYMBOLS = {INCONSISTENT_MARK: "$^\\ddagger$", "≤": "$\\le$", "−": "-"}
+
+
+def _latex_text(text: str) -> str:
+    text = _latex_escape(text)
+    for symbol, latex in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
 def _latex_cell(row) -> str:
     if row.status == "missing":
         return "--"
     mean = f"\\mathbf{{{row.mean:.3f}}}" if row.best else f"{row.mean:.3f}"
     cell = f"${mean}$" if row.n_seeds == 1 else f"${mean} \\pm {row.std:.3f}$"
     if not math.isnan(row.paper):
-        cell += f" {{\\scriptsize ({row.paper:.3f}, ${row.difference:+.3f}$)}}"
+        mark = "$^\\ddagger$" if row.paper_inconsistent else ""
+        cell += f" {{\\scriptsize ({row.paper:.3f}{mark}, ${row.difference:+.3f}$)}}"
     return cell
 
 
-def latex_results(table: pd.DataFrame, caption: str) -> str:
+def latex_results(table: pd.DataFrame, caption: str, notes: list[str] = ()) -> str:
     """``table`` as one LaTeX tabular: Method, Supervision, then per dataset n and the four metrics.
 
     Needs no package beyond LaTeX itself; a reported value and the difference follow each cell in
@@ -332,6 +373,7 @@ def latex_results(table: pd.DataFrame, caption: str) -> str:
             cells += [_latex_cell(cells_of[(dataset, method, metric)]) for metric in METRICS]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\hline", "\\end{tabular}"]
+    lines += [f"\n{{\\footnotesize {_latex_text(note)}}}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -368,14 +410,19 @@ def markdown_per_class(table: pd.DataFrame, datasets: list[str], methods: list[s
 
 def statistics_table(runs: pd.DataFrame, datasets: list[str], methods: list[str], n_resamples: int,
                      seed: int, reference: str = REFERENCE_METHOD) -> pd.DataFrame:
-    """:func:`pathmamba.stats.compare_to_reference` per dataset, over per-image mIoU (seeds pooled);
-    Holm correction across the comparisons of each dataset. Empty when ``reference`` has no run."""
+    """Per dataset, ``reference`` against each other method: :func:`pathmamba.stats.compare_split_level`
+    (Table 1's split-level mIoU) and :func:`pathmamba.stats.compare_to_reference` (per-image mIoU, seeds
+    pooled), side by side; Holm corrections across the comparisons of each dataset. Empty when
+    ``reference`` has no run."""
     frames = []
     for dataset in datasets:
         selected = runs[(runs["dataset"] == dataset) & (runs["method"].isin(methods))]
         per_image = load_per_image(selected)
         others = [method for method in methods if method != reference]
-        frame = compare_to_reference(per_image, reference, others, "mIoU", n_resamples, seed)
+        split = compare_split_level(per_image, reference, others, n_resamples, seed)
+        per_image_view = compare_to_reference(per_image, reference, others, "mIoU", n_resamples, seed)
+        frame = split.merge(per_image_view.drop(columns="metric").rename(columns=PER_IMAGE_COLUMNS),
+                            on=["reference", "other"], how="outer", sort=False)
         seeds = selected.groupby("method")["seed"].apply(
             lambda s: ",".join(str(int(v)) for v in sorted(s.dropna())) or "none")
         frame.insert(0, "dataset", dataset)
@@ -385,22 +432,49 @@ def statistics_table(runs: pd.DataFrame, datasets: list[str], methods: list[str]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+#: Columns of the per-image view in the statistics table, renamed beside the split-level ones.
+PER_IMAGE_COLUMNS = {"n_images": "per_image_n", "mean_diff": "per_image_diff", "ci_low": "per_image_ci_low", "ci_high": "per_image_ci_high",
+                     "holm_p": "wilcoxon_holm_p"}
+
+
+def _interval(diff: float, low: float, high: float) -> str:
+    return f"{_signed(diff)} [{_signed(low)}, {_signed(high)}]"
+
+
 def markdown_statistics(table: pd.DataFrame, n_resamples: int, seed: int, reference: str = REFERENCE_METHOD) -> str:
-    """The statistics table in markdown, with how it was computed."""
-    header = ["Dataset", "Comparison", "Images", "Δ mIoU [95% CI]", "Wilcoxon p", "Holm p", "Cohen dz",
-              "Rank-biserial", "Seeds"]
-    lines = [[row.dataset, f"{row.reference} − {row.other}", str(row.n_images),
-              f"{_signed(row.mean_diff)} [{_signed(row.ci_low)}, {_signed(row.ci_high)}]",
-              f"{row.wilcoxon_p:.3g}", f"{row.holm_p:.3g}", f"{row.cohen_dz:.2f}", f"{row.rank_biserial:.2f}",
-              f"{row.reference_seeds} vs {row.other_seeds}"] for row in table.itertuples(index=False)]
+    """The statistics table in markdown: the split-level view (Table 1's metric) first, then the
+    per-image view, each with what it tests."""
     text = "## Paired statistics: " + reference + " against each other method\n\n"
-    text += _markdown_grid(header, lines) if lines else f"No finished run of {reference} to compare.\n"
+    if table.empty:
+        return text + f"No finished run of {reference} to compare.\n"
+    rows = list(table.itertuples(index=False))
+    text += "### Table 1's metric: split-level mIoU\n\n"
+    text += _markdown_grid(
+        ["Dataset", "Comparison", "Images", "Δ mIoU (Table 1) [95% CI]", "Bootstrap p", "Holm p", "Seeds"],
+        [[row.dataset, f"{row.reference} − {row.other}", str(row.n_images),
+          _interval(row.split_diff, row.split_ci_low, row.split_ci_high), f"{row.split_p:.3g}",
+          f"{row.split_holm_p:.3g}", f"{row.reference_seeds} vs {row.other_seeds}"] for row in rows])
+    text += ("\n- Δ: the difference of Table 1's means (over seeds) of each method's mIoU from one confusion "
+             "matrix over the split; pairs are the test images every seed of both methods scored.\n"
+             f"- 95% CI: paired percentile bootstrap, {n_resamples} resamples (numpy seed {seed}) of the test "
+             "images, the same draw for both methods and all seeds, each seed's split confusion matrix summed "
+             "again from its per-image matrices. It covers the sampling of test images, not the spread over "
+             "seeds (Table 1's ± shows that).\n"
+             "- Bootstrap p: two-sided, twice the share of resampled differences on the far side of zero; "
+             "Holm correction across the comparisons of each dataset.\n")
+    text += "\n### Second view: per-image mIoU\n\n"
+    text += _markdown_grid(
+        ["Dataset", "Comparison", "Images", "Δ mean per-image mIoU [95% CI]", "Wilcoxon p", "Holm p",
+         "Cohen dz", "Rank-biserial"],
+        [[row.dataset, f"{row.reference} − {row.other}", str(row.per_image_n),
+          _interval(row.per_image_diff, row.per_image_ci_low, row.per_image_ci_high), f"{row.wilcoxon_p:.3g}",
+          f"{row.wilcoxon_holm_p:.3g}", f"{row.cohen_dz:.2f}", f"{row.rank_biserial:.2f}"] for row in rows])
     text += ("\n- Per test image, each method's per-image mIoU is averaged over its finished seeds (seeds "
              "pooled, never best-of); pairs are test images scored by both methods (images without a "
-             "scored pixel dropped).\n"
-             f"- Δ: mean over images of the difference; 95% CI: percentile bootstrap over images, "
-             f"{n_resamples} resamples, numpy seed {seed}.\n"
-             "- Wilcoxon signed-rank test (two-sided, zero differences dropped); Holm correction across the "
+             "scored pixel dropped). Every image weighs the same, whatever its number of scored pixels, so "
+             "Δ here is not Table 1's difference.\n"
+             f"- 95% CI: percentile bootstrap over images, {n_resamples} resamples, numpy seed {seed}; "
+             "Wilcoxon signed-rank test (two-sided, zero differences dropped); Holm correction across the "
              "comparisons of each dataset.\n"
              "- Cohen dz = mean / std of the paired differences; rank-biserial = matched-pairs rank-biserial "
              "correlation (−1..1).\n")
@@ -466,6 +540,30 @@ def write_comparison(paths: list[Path], out_csv: Path, out_md: Path) -> pd.DataF
     return summary
 
 
+def ablation_weights_notes(runs: pd.DataFrame, methods: list[str]) -> list[str]:
+    """Table 2's notes on what each variant starts from, read from its runs' ``run.json`` (hparams
+    ``pretrained``), and on the variant that computes its CMB network twice."""
+    starts: dict[str, set[str]] = {}
+    for run in runs[runs["method"].isin(methods)].itertuples(index=False):
+        path = Path(run.path) / "run.json"
+        if not path.exists():  # evaluated without a training record (hand-made run folders)
+            continue
+        weights = json.loads(path.read_text()).get("hparams", {}).get("pretrained", "none")
+        starts.setdefault(run.method, set()).add("random" if weights == "none" else Path(weights).name)
+    pretrained = [f"{method} ({', '.join(sorted(starts[method] - {'random'}))})" for method in methods
+                  if starts.get(method, {"random"}) != {"random"}]
+    notes = [("Initial weights: the CMB branch always trains from random weights (none are published); "
+              + (f"the MIML branch's ResNet starts from ImageNet weights in {', '.join(pretrained)}, so the "
+                 "a → b and c → d steps add MIML and ImageNet features together; config/ablation_scratch.yaml "
+                 "trains every variant from random weights to separate the two."
+                 if pretrained else "every variant of this run started from random weights."))]
+    if "pathmamba-b-cmb" in methods:
+        notes.append("c (pathmamba-b-cmb) has no MIML branch to give the CMB its saliency map: it runs its CMB "
+                     "network twice per image, a first pass without modulation (no gradient) whose class maps "
+                     "give the saliency, then the modulated pass that is trained and scored.")
+    return notes
+
+
 def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str], latex: bool,
                    labels: dict | None = None, runs: pd.DataFrame | None = None) -> None:
     """The table as CSV, Markdown (+ HTML) and optionally LaTeX; ``runs`` (from :func:`finished_runs`)
@@ -474,10 +572,13 @@ def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str]
     if runs is not None:
         marked, mixed = mixed_runtime_notes(runs, list(dict.fromkeys(table["method"])))
         notes = [*notes, *mixed]
+    if table["paper_inconsistent"].any():
+        notes = [*notes, INCONSISTENT_NOTE]
     atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False, float_format="%.6f"))
     _write_markdown(stem.with_suffix(".md"), markdown_results(table, title, notes, labels, marked), title)
     if latex:
-        atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title))
+        inconsistent = [note for note in notes if note.startswith(INCONSISTENT_MARK)]
+        atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title, inconsistent))
 
 
 def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_resamples: int = 10000,
@@ -504,6 +605,7 @@ def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_r
     notes.append("Rows in the paper's order a, b, c, d, f (B = baseline); pathmamba-noscan is a control beyond "
                  "the paper (selective scan replaced by a depthwise convolution). The paper reports the "
                  "ablation on LUAD-HistoSeg only.")
+    notes += ablation_weights_notes(runs, ablation)
     labels = {method: entry["label"] for method, entry in paper["table2"].get("luad-histoseg", {}).items()}
     _write_results(tables["table2"], out_dir / "table2_ablation", "Table 2: ablation of PathMamba's components",
                    notes, latex=True, labels=labels, runs=runs)

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathmamba.config import WEIGHT_KEYS, ConfigError, method_hparams, train_settings, without_weights_files
+from pathmamba.config import (
+    WEIGHT_KEYS,
+    ConfigError,
+    grid_datasets,
+    grid_methods,
+    method_hparams,
+    train_settings,
+    without_weights_files,
+)
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
 from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
@@ -237,12 +245,12 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"calibrate: steps must be >= 1 and warmup_steps >= 0, got {steps} and "
                          f"{warmup_steps}")
-    methods = list(config["methods"]) if methods is None else methods
+    methods = grid_methods(config) if methods is None else methods
     unknown = [method for method in methods if method not in config["methods"]]
     if unknown:
         raise ConfigError(f"methods: {', '.join(unknown)} not configured; configured methods: "
                           f"{', '.join(config['methods'])}")
-    dataset = max(config["datasets"], key=lambda name: dataset_image_size(config, name))
+    dataset = max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
     image_size = dataset_image_size(config, dataset)
     torch.set_num_threads(threads or config.get("threads_per_job", torch.get_num_threads()))
     torch_device = resolve_device(device or config["train"].get("device", TrainSettings.device))

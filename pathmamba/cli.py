@@ -192,6 +192,8 @@ def _grid_arguments(args) -> dict:
     """Run folder, datasets, methods, seeds and dataset folders: explicit arguments win over --configfile."""
     import yaml
 
+    from pathmamba.config import grid_datasets, grid_methods
+
     config = yaml.safe_load(args.configfile.read_text()) if args.configfile else {}
     resources = config.get("resources_dir", "resources")
     roots = {name: entry.get("root", f"{resources}/datasets/{name}")
@@ -202,8 +204,8 @@ def _grid_arguments(args) -> dict:
             raise SystemExit(f"--data-root: expected DATASET=FOLDER, got {item!r}")
         roots[name] = folder
     run_dir = args.run_dir or (Path(config.get("results_dir", "results")) / config["run"] if "run" in config else None)
-    grid = {"run_dir": run_dir, "datasets": args.datasets or list(config.get("datasets", {})),
-            "methods": args.methods or list(config.get("methods", {})),
+    grid = {"run_dir": run_dir, "datasets": args.datasets or (grid_datasets(config) if config else []),
+            "methods": args.methods or (grid_methods(config) if config else []),
             "seeds": args.seeds or [int(seed) for seed in config.get("seeds", [])], "data_roots": roots}
     missing = [key for key in ("run_dir", "datasets", "methods", "seeds") if not grid[key]]
     if missing:

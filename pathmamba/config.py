@@ -26,6 +26,10 @@ def check_config(config: dict[str, Any]) -> None:
         elif "stage1" in entry and method not in two_stage_methods():
             problems.append(f"methods.{method}.stage1: {method} has no first stage; methods with one: "
                             f"{', '.join(two_stage_methods())}")
+    for key in ("methods", "datasets"):
+        for name in config.get("grid", {}).get(key, []):
+            if name not in config.get(key, {}):
+                problems.append(f"grid.{key}: {name!r} is not configured under {key}: ({', '.join(config.get(key, {}))})")
     for name, entry in config.get("datasets", {}).items():
         if name not in dataset_names():
             problems.append(f"datasets.{name}: unknown dataset; known datasets: {', '.join(dataset_names())}")
@@ -46,6 +50,16 @@ def check_config(config: dict[str, Any]) -> None:
                                 "archive of the dataset")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def grid_methods(config: dict[str, Any]) -> list[str]:
+    """The methods a run trains: ``grid.methods`` when given, else every configured method."""
+    return list(config.get("grid", {}).get("methods") or config["methods"])
+
+
+def grid_datasets(config: dict[str, Any]) -> list[str]:
+    """The datasets a run uses: ``grid.datasets`` when given, else every configured dataset."""
+    return list(config.get("grid", {}).get("datasets") or config["datasets"])
 
 
 def dataset_archives(entry: dict[str, Any]) -> list[str]:
@@ -91,6 +105,6 @@ def fetched_weights(config: dict[str, Any], method: str, stage: int | None = Non
 
 def all_fetched_weights(config: dict[str, Any]) -> list[str]:
     """:func:`fetched_weights` of every configured method and first stage, sorted, each once."""
-    return sorted({path for method in config["methods"]
+    return sorted({path for method in grid_methods(config)
                    for stage in ((None, 1) if method in two_stage_methods() else (None,))
                    for path in fetched_weights(config, method, stage)})

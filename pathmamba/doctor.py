@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from pathmamba.config import all_fetched_weights, method_hparams, train_settings
+from pathmamba.config import (
+    all_fetched_weights,
+    grid_datasets,
+    grid_methods,
+    method_hparams,
+    train_settings,
+    without_weights_files,
+)
 from pathmamba.gpus import gpu_pool, nvidia_driver
 from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
 from pathmamba.registry import build_method, two_stage_methods
@@ -49,13 +56,13 @@ class Check:
 
 def _uses_cuda(config: dict[str, Any]) -> bool:
     """Whether the config's jobs ask for a GPU (``cuda`` or ``auto``) anywhere."""
-    devices = {train_settings(config, method, stage).get("device", "auto") for method in config["methods"]
+    devices = {train_settings(config, method, stage).get("device", "auto") for method in grid_methods(config)
                for stage in ((None, 1) if method in two_stage_methods() else (None,))}
     return any(device != "cpu" for device in devices)
 
 
 def _requires_cuda(config: dict[str, Any]) -> bool:
-    return any(train_settings(config, method).get("device", "auto").startswith("cuda") for method in config["methods"])
+    return any(train_settings(config, method).get("device", "auto").startswith("cuda") for method in grid_methods(config))
 
 
 def check_python() -> Check:
@@ -83,7 +90,7 @@ def check_gpus(config: dict[str, Any]) -> list[Check]:
              for i in range(torch.cuda.device_count())]
     pool = gpu_pool(config.get("gpus", "auto"))
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    needs_bf16 = any(train_settings(config, m).get("precision", "auto") in ("auto", "bf16") for m in config["methods"])
+    needs_bf16 = any(train_settings(config, m).get("precision", "auto") in ("auto", "bf16") for m in grid_methods(config))
     return [Check("NVIDIA driver", OK if driver else FAIL,
                   f"{driver} for CUDA {torch.version.cuda}" if driver else "nvidia-smi not found or not working"),
             Check("GPUs", OK, "; ".join(names) + f"; a local run spreads GPU jobs over {len(pool)}: {','.join(pool)}"),
@@ -93,7 +100,7 @@ def check_gpus(config: dict[str, Any]) -> list[Check]:
 
 def check_fused_scan(config: dict[str, Any]) -> Check:
     """The fused kernel importable and equal to the PyTorch scan on a random input (CUDA only)."""
-    wanted = {train_settings(config, method).get("scan", "auto") for method in config["methods"]}
+    wanted = {train_settings(config, method).get("scan", "auto") for method in grid_methods(config)}
     if cuda_unavailable_reason() is not None:
         status = FAIL if "fused" in wanted else NOT_APPLICABLE
         return Check("fused selective scan", status, "needs CUDA" + ("; the config sets scan 'fused'" if status == FAIL
@@ -126,7 +133,8 @@ def check_datasets(config: dict[str, Any]) -> list[Check]:
     """Each dataset validated by the workflow (its validation report says ok); synthetic ones not yet
     generated are n/a (the workflow makes them)."""
     checks = []
-    for name, entry in config["datasets"].items():
+    for name in grid_datasets(config):
+        entry = config["datasets"][name]
         report = Path(config["results_dir"]) / config["run"] / "datasets" / name / "validation.json"
         label = f"dataset {name}"
         if report.is_file():
@@ -144,9 +152,8 @@ def check_datasets(config: dict[str, Any]) -> list[Check]:
 
 def _model_bytes(config: dict[str, Any], method: str, stage: int | None) -> int:
     """Bytes of the method's float32 weights, built with random weights (the size does not depend on them)."""
-    hparams = {key: ("none" if key in ("pretrained", "segmenter_pretrained") else value)
-               for key, value in method_hparams(config, method, stage).items()}
-    model = build_method(method, num_classes=4, stage=stage, **hparams)
+    model = build_method(method, num_classes=4, stage=stage,
+                         **without_weights_files(method_hparams(config, method, stage)))
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
@@ -155,9 +162,9 @@ def grid_disk_bytes(config: dict[str, Any], concurrent_jobs: int) -> dict[str, i
     checkpoints of ``concurrent_jobs`` training jobs at once (the largest model's)."""
     from pathmamba.plan import dataset_counts
 
-    seeds, datasets = len(config["seeds"]), list(config["datasets"])
+    seeds, datasets = len(config["seeds"]), grid_datasets(config)
     models, pseudo, largest = 0, 0, 0
-    for method in config["methods"]:
+    for method in grid_methods(config):
         stages = (None, 1) if method in two_stage_methods() else (None,)
         for stage in stages:
             size = _model_bytes(config, method, stage)

@@ -82,11 +82,18 @@ def scores_from_confusion(confusion: np.ndarray | torch.Tensor, num_tissue: int 
     return result
 
 
+def confusion_columns(num_classes: int = NUM_CLASSES) -> list[str]:
+    """Column names of a per-image confusion matrix flattened row-major: ``cm_t{truth}_p{prediction}``."""
+    return [f"cm_t{truth}_p{pred}" for truth in range(num_classes) for pred in range(num_classes)]
+
+
 class SegmentationMeter:
     """Accumulates both protocols' confusion matrices and per-image scores over a split.
 
     ``update(pred, target, names)`` with pred, target (B, H, W) integer tensors (pred in 0..3, target in
-    0..4). ``summary()`` gives both protocols; ``per_image()`` a row per image (primary protocol).
+    0..4). ``summary()`` gives both protocols; ``per_image()`` a row per image (primary protocol): its
+    scores, scored pixels and confusion matrix (:func:`confusion_columns`), from which a resampled
+    split's confusion matrix is summed (:func:`pathmamba.stats.compare_split_level`).
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES):
@@ -107,6 +114,7 @@ class SegmentationMeter:
             row = {"image": names[i] if names else str(len(self.rows))}
             row.update({metric: scores[metric] for metric in METRICS})
             row["pixels"] = int(cm.sum())
+            row.update(zip(confusion_columns(self.num_classes), cm.long().reshape(-1).tolist()))
             self.rows.append(row)
 
     def summary(self) -> dict:

@@ -34,7 +34,14 @@ from typing import Any
 
 import yaml
 
-from pathmamba.config import WEIGHT_KEYS, ConfigError, method_hparams, train_settings
+from pathmamba.config import (
+    WEIGHT_KEYS,
+    ConfigError,
+    grid_datasets,
+    grid_methods,
+    method_hparams,
+    train_settings,
+)
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
@@ -279,8 +286,8 @@ def runtime_minutes(gpu_hours: float, attempt: int) -> int:
 def gpu_jobs(config: dict[str, Any]) -> list[GpuJob]:
     """Every GPU job of the config's grid (datasets x methods x seeds), by the rule that runs it."""
     jobs = []
-    for dataset in config["datasets"]:
-        for method in config["methods"]:
+    for dataset in grid_datasets(config):
+        for method in grid_methods(config):
             source = method_throughput(config, dataset, method).source
             hours = {"train": (train_gpu_hours(config, dataset, method), source),
                      "evaluate": (evaluate_gpu_hours(config, dataset, method), source)}

@@ -1,8 +1,16 @@
 """Paired statistics over test images: bootstrap intervals, Wilcoxon tests, Holm correction, effect sizes.
 
-Unit of resampling: the test image. A method's score on an image is its per-image score averaged over
-the seeds that finished (seeds pooled, never best-of), so two methods are paired by image name. All
-randomness comes from a ``numpy.random.Generator`` seeded by the caller: same seed, same interval.
+Unit of resampling: the test image; two methods are paired by image name. Two views:
+
+- split level (:func:`compare_split_level`), Table 1's metric: a method's score is the mean over its
+  seeds of the mIoU of the confusion matrix summed over the split's images. A resample draws the images
+  again and sums their per-image confusion matrices again, so the difference it intervals is Table 1's
+  difference.
+- per image (:func:`compare_to_reference`): a method's score on an image is its per-image mIoU averaged
+  over its seeds (seeds pooled, never best-of); Wilcoxon tests and effect sizes on those pairs. A
+  per-image mean weighs a small image as much as a large one, so it is not Table 1's number.
+
+All randomness comes from a ``numpy.random.Generator`` seeded by the caller: same seed, same interval.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
+
+from pathmamba.data.specs import NUM_CLASSES
+from pathmamba.metrics import confusion_columns
 
 BOOTSTRAP_CHUNK = 1000
 
@@ -112,4 +123,100 @@ def compare_to_reference(per_image: pd.DataFrame, reference: str, others: list[s
     table = pd.DataFrame(rows, columns=["reference", "other", "metric", "n_images", "mean_diff", "ci_low",
                                         "ci_high", "wilcoxon_p", "cohen_dz", "rank_biserial"])
     table.insert(8, "holm_p", holm(table["wilcoxon_p"].to_numpy()))
+    return table
+
+
+def mean_iou(confusion, num_tissue: int = NUM_CLASSES) -> np.ndarray:
+    """mIoU of confusion matrices (..., C, C) (rows truth, columns prediction): the mean over the first
+    ``num_tissue`` classes of TP / (TP + FP + FN), skipping classes with an empty denominator, as
+    :func:`pathmamba.metrics.scores_from_confusion`; nan where no class has one. Shape (...)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    union = cm.sum(-1) + cm.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = (tp / union)[..., :num_tissue]
+    valid = np.isfinite(iou)
+    count = valid.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(valid, iou, 0.0).sum(-1) / count, np.nan)
+
+
+def split_level_bootstrap(reference, other, n_resamples: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+    """Paired bootstrap of Table 1's mIoU difference between two methods.
+
+    reference (S_r, N, C, C), other (S_o, N, C, C): per-image confusion matrices of each method's seeds
+    on the same N test images, in the same order. The statistic: the mean over seeds of the split mIoU
+    (of the confusion matrix summed over the images) of ``reference`` minus that of ``other``. Each of
+    ``n_resamples`` resamples draws N images with replacement from ``numpy.random.default_rng(seed)``,
+    the same draw for both methods and every seed. Returns ``{"diff", "low", "high", "p"}``: the
+    statistic on the split itself, the percentile interval at ``level``, and the two-sided bootstrap
+    p-value: twice the share of resampled differences on the far side of zero, as (k + 1) / (R + 1),
+    at most 1.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    if reference.ndim != 4 or other.ndim != 4 or reference.shape[1] != other.shape[1] or reference.shape[1] == 0:
+        raise ValueError("split_level_bootstrap needs (seeds, images, C, C) confusion matrices of the same "
+                         f"images, got shapes {reference.shape} and {other.shape}")
+    n_images = reference.shape[1]
+    # (images, seeds * C * C): a resample's split matrices are one product with its image counts.
+    flat = [np.moveaxis(cms, 1, 0).reshape(n_images, -1) for cms in (reference, other)]
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        scores = [mean_iou((counts @ cms).reshape(len(counts), -1, *reference.shape[2:])).mean(-1)
+                  for cms in flat]
+        return scores[0] - scores[1]
+
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_resamples)
+    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):
+        stop = min(start + BOOTSTRAP_CHUNK, n_resamples)
+        picks = rng.integers(0, n_images, size=(stop - start, n_images))
+        counts = np.zeros((stop - start, n_images))
+        np.add.at(counts, (np.arange(stop - start)[:, None], picks), 1.0)
+        draws[start:stop] = statistic(counts)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    far_side = min(np.sum(draws <= 0), np.sum(draws >= 0))
+    return {"diff": float(statistic(np.ones((1, n_images)))[0]), "low": float(low), "high": float(high),
+            "p": min(1.0, 2 * (far_side + 1) / (n_resamples + 1))}
+
+
+def confusions_by_seed(per_image: pd.DataFrame, method: str, images: list[str]) -> np.ndarray:
+    """Per-image confusion matrices of ``method``'s seeds on ``images``: (seeds, len(images), C, C).
+
+    per_image: rows with columns method, seed, image and :func:`pathmamba.metrics.confusion_columns`."""
+    columns = confusion_columns()
+    rows = per_image[per_image["method"] == method]
+    return np.stack([frame.set_index("image").loc[images, columns].to_numpy(dtype=np.float64)
+                     .reshape(len(images), NUM_CLASSES, NUM_CLASSES)
+                     for _, frame in rows.groupby("seed", dropna=False, sort=True)])
+
+
+def compare_split_level(per_image: pd.DataFrame, reference: str, others: list[str], n_resamples: int = 10000,
+                        seed: int = 0) -> pd.DataFrame:
+    """``reference`` against each of ``others`` on Table 1's metric (:func:`split_level_bootstrap`).
+
+    per_image: one dataset's rows (method, seed, image, confusion columns). Pairs are the images that
+    every seed of both methods scored. Returns one row per comparison: reference, other, n_images,
+    split_diff, split_ci_low, split_ci_high, split_p and split_holm_p (Holm across these comparisons).
+    Methods missing from ``per_image`` are skipped."""
+    present = set(per_image["method"])
+    images_of = {method: frame.groupby("seed", dropna=False)["image"].agg(set).tolist()
+                 for method, frame in per_image.groupby("method")}
+    rows = []
+    for other in others:
+        if reference not in present or other not in present:
+            continue
+        images = sorted(set.intersection(*images_of[reference], *images_of[other]))
+        row = {"reference": reference, "other": other, "n_images": len(images)}
+        if images:
+            result = split_level_bootstrap(confusions_by_seed(per_image, reference, images),
+                                           confusions_by_seed(per_image, other, images), n_resamples, seed)
+            row.update(split_diff=result["diff"], split_ci_low=result["low"], split_ci_high=result["high"],
+                       split_p=result["p"])
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["reference", "other", "n_images", "split_diff", "split_ci_low",
+                                        "split_ci_high", "split_p"])
+    table["split_holm_p"] = holm(table["split_p"].to_numpy(dtype=np.float64))
     return table

@@ -23,7 +23,7 @@ from pathmamba.aggregate import (
 )
 from pathmamba.cli import main
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.metrics import METRICS
+from pathmamba.metrics import METRICS, confusion_columns
 
 PAPER = REPO / "config" / "paper_results.yaml"
 
@@ -43,7 +43,9 @@ def write_run(run_dir: Path, dataset: str, method: str, seed, scores: dict, per_
               "protocols": {"ignore_background": protocol, "with_background": other}}
     (folder / "test_metrics.json").write_text(json.dumps(record))
     per_image = per_image or {"a.png": scores["mIoU"]}
-    rows = [{"image": name, "mDice": v, "mIoU": v, "mPrecision": v, "mRecall": v, "pixels": 100}
+    # Every image a perfect 100-pixel class-0 matrix: only the per-image view's numbers are set here.
+    perfect = dict.fromkeys(confusion_columns(), 0) | {"cm_t0_p0": 100}
+    rows = [{"image": name, "mDice": v, "mIoU": v, "mPrecision": v, "mRecall": v, "pixels": 100, **perfect}
             for name, v in per_image.items()]
     pd.DataFrame(rows).to_csv(folder / "per_image.csv", index=False)
     return folder
@@ -150,11 +152,12 @@ def test_write_tables_on_a_partial_grid(partial_run, tmp_path):
     # Paired statistics: per image, pathmamba pools its seeds to (0.6 + 0.1 i), cam to 0.35.
     stats = tables["statistics"]
     assert list(stats["other"]) == ["cam", "trivial"]
-    assert stats.iloc[1]["other_seeds"] == "none" and stats.iloc[1]["mean_diff"] == pytest.approx(0.75 - 0.2)
+    assert stats.iloc[1]["other_seeds"] == "none" and stats.iloc[1]["per_image_diff"] == pytest.approx(0.75 - 0.2)
     row = stats.iloc[0]
-    assert row["n_images"] == 4
-    assert row["mean_diff"] == pytest.approx(0.6 + 0.15 - 0.35, abs=1e-12)
-    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
+    assert row["n_images"] == 4 and row["per_image_n"] == 4
+    assert row["per_image_diff"] == pytest.approx(0.6 + 0.15 - 0.35, abs=1e-12)
+    assert row["per_image_ci_low"] <= row["per_image_diff"] <= row["per_image_ci_high"]
+    assert row["split_diff"] == 0.0 and row["split_p"] == 1.0  # the same perfect matrices on both sides
     assert row["reference_seeds"] == "0,1,2" and row["other_seeds"] == "0,1"
 
     comparison = pd.read_csv(out / "comparison.csv")
@@ -276,3 +279,102 @@ def test_a_cell_whose_seeds_mixed_scans_or_precisions_is_marked_with_a_footnote(
     assert ("† luad-histoseg, pathmamba: its seeds ran with different selective scans or precisions "
             "(seed 0, 1: scan/precision fused/bf16; seed 2: scan/precision pytorch/fp32)") in table1
     assert "cam:" not in table1.split("†", 1)[1]
+
+
+def write_evaluated_run(run_dir: Path, dataset: str, method: str, seed: int, truth, prediction) -> None:
+    """A run folder written by evaluation's own meter from masks: test_metrics.json and per_image.csv
+    agree as in a real run. truth, prediction: (N, H, W) integer tensors (truth 4 = background)."""
+    from pathmamba.metrics import SegmentationMeter
+
+    meter = SegmentationMeter()
+    meter.update(prediction, truth, [f"img{i}.png" for i in range(len(truth))])
+    folder = run_dir / "runs" / dataset / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    record = {"method": method, "dataset": dataset, "seed": seed, "classes": list(get_dataset_spec(dataset).classes),
+              "protocols": meter.summary()}
+    (folder / "test_metrics.json").write_text(json.dumps(record))
+    pd.DataFrame(meter.per_image()).to_csv(folder / "per_image.csv", index=False)
+
+
+def test_split_level_statistics_give_table1s_difference_with_an_interval(tmp_path):
+    """The statistics table's split-level Δ is Table 1's difference of means; the per-image view is not."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 5, (12, 16, 16), generator=generator)
+    truth[:6, :12] = 4  # half the images mostly background: per-image and split means differ
+    run_dir = tmp_path / "results" / "r"
+    for seed in (0, 1, 2):
+        for method, keep in (("pathmamba", 0.8), ("cam", 0.5)):
+            noise = torch.randint(0, 4, truth.shape, generator=generator)
+            right = torch.rand(truth.shape, generator=generator) < keep + 0.05 * seed
+            write_evaluated_run(run_dir, "luad-histoseg", method, seed, truth, torch.where(right, truth % 4, noise))
+    grid = Grid(["luad-histoseg"], ["cam", "pathmamba"], [0, 1, 2])
+    tables = write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=500)
+    table1 = tables["table1"].set_index(["method", "metric"])["mean"]
+    table1_diff = table1[("pathmamba", "mIoU")] - table1[("cam", "mIoU")]
+    row = tables["statistics"].set_index("other").loc["cam"]
+    assert row["split_diff"] == pytest.approx(table1_diff, abs=1e-12)
+    assert row["split_ci_low"] < row["split_diff"] < row["split_ci_high"]
+    assert row["split_p"] < 0.01 and row["n_images"] == 12
+    assert abs(row["per_image_diff"] - table1_diff) > 1e-3
+    text = (tmp_path / "tables" / "statistics.md").read_text()
+    assert f"| luad-histoseg | pathmamba − cam | 12 | +{table1_diff:.3f} [" in text
+    assert "Second view: per-image mIoU" in text
+
+
+def test_per_image_files_without_confusion_matrices_are_refused_by_name(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    old = run_dir / "runs" / "luad-histoseg" / "cam" / "seed0" / "per_image.csv"
+    pd.read_csv(old).drop(columns=confusion_columns()).to_csv(old, index=False)
+    with pytest.raises(ValueError, match=re.escape(str(old)) + ".*run it again"):
+        write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=10)
+
+
+def test_paper_cells_that_no_evaluation_can_give_are_flagged_in_every_rendering(partial_run, tmp_path):
+    """HistoSegNet on BCSS-WSSS: mIoU 0.276 < mDice / (2 - mDice) = 0.338 for mDice 0.505."""
+    from pathmamba.aggregate import INCONSISTENT_MARK, dice_iou_inconsistent
+
+    assert dice_iou_inconsistent(0.505, 0.276)
+    assert not dice_iou_inconsistent(0.842, 0.767)
+    assert dice_iou_inconsistent(0.5, 0.6)  # above mDice
+    assert not dice_iou_inconsistent(0.5, 0.3333)  # on the bound, within rounding
+    paper = load_paper_results(PAPER)
+    flagged = [(table, dataset, method) for table in ("table1", "table2")
+               for dataset, methods in paper[table].items() for method, values in methods.items()
+               if dice_iou_inconsistent(values["mDice"], values["mIoU"])]
+    assert flagged == [("table1", "bcss-wsss", "histosegnet")]
+
+    run_dir, _ = partial_run
+    write_run(run_dir, "bcss-wsss", "histosegnet", 0, scores_of(0.4))
+    out = tmp_path / "tables"
+    tables = write_tables(run_dir, Grid(["bcss-wsss"], ["histosegnet"], [0]), PAPER, out, n_resamples=10)
+    cells = tables["table1"].set_index(["method", "metric"])["paper_inconsistent"]
+    assert cells[("histosegnet", "mIoU")] and cells[("histosegnet", "mDice")]
+    assert not cells[("histosegnet", "mPrecision")] and not cells[("trivial", "mIoU")]
+    markdown = (out / "table1_comparison.md").read_text()
+    assert f"(paper 0.276{INCONSISTENT_MARK}," in markdown and f"(paper 0.505{INCONSISTENT_MARK}," in markdown
+    assert f"(paper 0.582{INCONSISTENT_MARK}" not in markdown
+    assert f"- {INCONSISTENT_MARK} The paper's mDice and mIoU" in markdown
+    html = (out / "table1_comparison.html").read_text()
+    assert f"0.276{INCONSISTENT_MARK}" in html and "cannot both come from one evaluation" in html
+    latex = (out / "table1_comparison.tex").read_text()
+    assert "(0.276$^\\ddagger$," in latex and "{\\footnotesize $^\\ddagger$ The paper" in latex
+    assert "≤" not in latex and "‡" not in latex
+
+
+def test_table2_says_which_variants_start_from_imagenet_weights(partial_run, tmp_path):
+    run_dir, _ = partial_run
+    for method, pretrained in (("pathmamba-b", "none"), ("pathmamba-b-cmb", "none"),
+                               ("pathmamba", "resources/weights/resnet50-imagenet.pth")):
+        folder = write_run(run_dir, "luad-histoseg", method, 0, scores_of(0.5))
+        (folder / "run.json").write_text(json.dumps({"hparams": {"pretrained": pretrained}}))
+    grid = Grid(["luad-histoseg"], ["pathmamba-b", "pathmamba-b-cmb", "pathmamba"], [0])
+    write_tables(run_dir, grid, PAPER, tmp_path / "paper", n_resamples=10)
+    text = (tmp_path / "paper" / "table2_ablation.md").read_text()
+    assert "ImageNet weights in pathmamba (resnet50-imagenet.pth), so the a → b and c → d steps" in text
+    assert "runs its CMB network twice per image" in text
+    (run_dir / "runs" / "luad-histoseg" / "pathmamba" / "seed0" / "run.json").write_text(
+        json.dumps({"hparams": {"pretrained": "none"}}))
+    write_tables(run_dir, grid, PAPER, tmp_path / "scratch", n_resamples=10)
+    assert "every variant of this run started from random weights" in (tmp_path / "scratch" / "table2_ablation.md").read_text()

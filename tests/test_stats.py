@@ -76,3 +76,58 @@ def test_compare_to_reference_with_no_common_image_gives_nan_not_an_error():
                               {"method": "cam", "seed": 0, "image": "b", "mIoU": 0.4}])
     row = compare_to_reference(per_image, "pathmamba", ["cam"], n_resamples=10).iloc[0]
     assert row["n_images"] == 0 and math.isnan(row["mean_diff"]) and math.isnan(row["holm_p"])
+
+
+def _slow_split_level(reference, other, n_resamples, seed):
+    """The split-level bootstrap one resample at a time with the same draws, from metrics' own scores."""
+    from pathmamba.metrics import scores_from_confusion
+
+    rng = np.random.default_rng(seed)
+    n_images = reference.shape[1]
+    draws = []
+    for _ in range(n_resamples):
+        picks = rng.integers(0, n_images, size=n_images)
+        means = [np.mean([scores_from_confusion(seed_cms[picks].sum(0))["mIoU"] for seed_cms in cms])
+                 for cms in (reference, other)]
+        draws.append(means[0] - means[1])
+    return np.array(draws)
+
+
+def test_split_level_bootstrap_equals_a_resample_by_resample_reference():
+    from pathmamba.metrics import scores_from_confusion
+    from pathmamba.stats import split_level_bootstrap
+
+    rng = np.random.default_rng(3)
+    reference = rng.integers(0, 50, size=(3, 7, 4, 4)).astype(float)
+    other = rng.integers(0, 50, size=(2, 7, 4, 4)).astype(float)
+    other[:, :, 2] = 0  # class 2 never in the truth of `other`'s images: nan-mean as in Table 1
+    result = split_level_bootstrap(reference, other, n_resamples=1200, seed=5)
+    table1 = (np.mean([scores_from_confusion(cms.sum(0))["mIoU"] for cms in reference])
+              - np.mean([scores_from_confusion(cms.sum(0))["mIoU"] for cms in other]))
+    assert result["diff"] == pytest.approx(table1, abs=1e-12)
+    draws = _slow_split_level(reference, other, 1200, 5)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    assert result["low"] == pytest.approx(low, abs=1e-12) and result["high"] == pytest.approx(high, abs=1e-12)
+    far_side = min(np.sum(draws <= 0), np.sum(draws >= 0))
+    assert result["p"] == pytest.approx(min(1.0, 2 * (far_side + 1) / 1201))
+
+
+def test_split_level_bootstrap_of_a_method_against_itself_is_zero_with_p_one():
+    from pathmamba.stats import split_level_bootstrap
+
+    cms = np.random.default_rng(0).integers(0, 9, size=(2, 5, 4, 4)).astype(float)
+    assert split_level_bootstrap(cms, cms, n_resamples=200) == {"diff": 0.0, "low": 0.0, "high": 0.0, "p": 1.0}
+    with pytest.raises(ValueError, match="same images"):
+        split_level_bootstrap(cms, cms[:, :3], n_resamples=10)
+
+
+def test_mean_iou_matches_the_metrics_module_including_empty_classes():
+    from pathmamba.metrics import scores_from_confusion
+    from pathmamba.stats import mean_iou
+
+    cms = np.random.default_rng(1).integers(0, 20, size=(6, 4, 4)).astype(float)
+    cms[1, 3, :] = cms[1, :, 3] = 0
+    cms[2] = 0
+    expected = [scores_from_confusion(cm)["mIoU"] for cm in cms]
+    np.testing.assert_allclose(mean_iou(cms), expected, atol=1e-15)
+    assert math.isnan(mean_iou(cms)[2])

@@ -28,6 +28,8 @@ from pathmamba.config import (
     check_config,
     dataset_archives,
     fetched_weights,
+    grid_datasets,
+    grid_methods,
     method_hparams,
     train_settings,
 )
@@ -77,8 +79,8 @@ if PATH_PROBLEMS:
 
 RESULTS = f"{config['results_dir']}/{config['run']}"
 RESOURCES = config["resources_dir"]
-DATASETS = list(config["datasets"])
-METHODS = list(config["methods"])
+DATASETS = grid_datasets(config)
+METHODS = grid_methods(config)
 SEEDS = [int(seed) for seed in config["seeds"]]
 RUN_DIR = f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}"
 LOG_DIR = f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}"
