@@ -109,13 +109,6 @@ def _add_trivial(commands) -> None:
     parser.add_argument("--out", required=True, type=Path)
 
 
-def _add_aggregate(commands) -> None:
-    parser = commands.add_parser("aggregate", help="mean +- std over seeds into the comparison table")
-    parser.add_argument("metrics", nargs="+", type=Path, help="test_metrics.json files")
-    parser.add_argument("--out-csv", required=True, type=Path)
-    parser.add_argument("--out-md", required=True, type=Path)
-
-
 def _add_doctor(commands) -> None:
     parser = commands.add_parser("doctor", help="check this machine against a workflow config before running its grid")
     parser.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
@@ -312,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
-                _add_trivial, _add_aggregate, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures,
+                _add_trivial, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures,
                 _add_readme, _add_fetch_weights, _add_rehearse):
         add(commands)
     return parser
@@ -378,10 +371,6 @@ def _main(argv: list[str] | None) -> int:
         # torchvision's file names end with the first hex digits of the file's SHA-256.
         download_file(args.url or official, args.out, sha256_prefix=official.rsplit("-", 1)[1].split(".")[0])
         logging.getLogger("pathmamba").info("wrote %s weights to %s", args.backbone, args.out)
-    elif args.command == "aggregate":
-        from pathmamba.aggregate import write_comparison
-
-        write_comparison(args.metrics, args.out_csv, args.out_md)
     elif args.command == "doctor":
         from pathmamba.config import ConfigError
         from pathmamba.doctor import FAIL, format_checks, run_checks
@@ -415,20 +404,21 @@ def _main(argv: list[str] | None) -> int:
         print(format_calibration(record))
         logging.getLogger("pathmamba").info("wrote %s", out)
     elif args.command == "tables":
-        from pathmamba.aggregate import Grid, write_tables
+        from pathmamba.results import Grid
+        from pathmamba.tables import write_tables
 
         grid = _grid_arguments(args)
         write_tables(grid["run_dir"], Grid(grid["datasets"], grid["methods"], grid["seeds"]), args.paper,
                      args.out_dir, args.n_resamples, args.bootstrap_seed)
     elif args.command == "figures":
-        from pathmamba.aggregate import load_paper_results
         from pathmamba.plots import write_figures
+        from pathmamba.results import load_paper_results
 
         grid = _grid_arguments(args)
         write_figures(grid["run_dir"], grid["datasets"], grid["methods"], grid["seeds"], grid["data_roots"],
                       load_paper_results(args.paper), args.out_dir, args.n_images)
     elif args.command == "readme":
-        from pathmamba.aggregate import splice_readme
+        from pathmamba.readme import splice_readme
 
         diff = splice_readme(args.readme, args.table, check=args.check)
         if diff:

@@ -24,9 +24,11 @@ import seaborn as sns
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from pathmamba.aggregate import ABLATION, TRIVIAL, Grid, finished_runs, load_metrics, run_path
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import get_dataset_spec
+from pathmamba.layout import TRIVIAL, benchmark_path, run_path
+from pathmamba.results import Grid, finished_runs, load_metrics
+from pathmamba.tables import ABLATION
 
 PALETTE = sns.color_palette("colorblind")
 DPI = 150
@@ -117,7 +119,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
 def seed_spread(metrics: pd.DataFrame, paper: dict, datasets: list[str], methods: list[str], stem: Path,
                 metric: str = "mIoU") -> list[Path]:
     """One panel per dataset: ``metric`` of each seed (dots) and their box per method; the paper's
-    value as a black diamond. metrics: rows of :func:`pathmamba.aggregate.load_metrics`;
+    value as a black diamond. metrics: rows of :func:`pathmamba.results.load_metrics`;
     paper: ``{dataset: {method: {metric: value}}}``."""
     figure, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 0.75 * len(methods) * len(datasets), 3.4),
                                 squeeze=False)
@@ -231,7 +233,7 @@ def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seed
     for dataset in datasets:
         for method in methods:
             for seed in seeds:
-                folder = Path(run_dir) / "benchmarks" / dataset / method / f"seed{seed}"
+                folder = benchmark_path(run_dir, dataset, method, seed)
                 if not (folder / "train.tsv").exists():
                     continue
                 bench = pd.concat([pd.read_csv(folder / name, sep="\t") for name in TRAINING_BENCHMARKS

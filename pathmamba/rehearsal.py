@@ -47,6 +47,7 @@ import yaml
 
 from pathmamba.config import all_fetched_weights, fetched_weights, method_hparams, train_settings
 from pathmamba.data.specs import DATASETS, get_dataset_spec
+from pathmamba.layout import BENCHMARK_ROOT, LOGS, run_path
 from pathmamba.plan import REAL_IMAGE_SIZE
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.runtime import atomic_write_text
@@ -342,13 +343,13 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
     :func:`expected_record`'s (settings of :data:`RESOLVED_AT_RUN_TIME` that the paper leaves unset
     excepted). Empty when all agree."""
     problems = []
-    runs = run_folder(effective, folder) / "runs"
+    run_dir = run_folder(effective, folder)
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
                 stages = [1, None] if method in two_stage_methods() else [None]
                 for stage in stages:
-                    path = runs / dataset / method / f"seed{seed}" / ("stage1" if stage else "") / "run.json"
+                    path = run_path(run_dir, dataset, method, seed) / ("stage1" if stage else "") / "run.json"
                     if not path.is_file():
                         problems.append(f"{path}: missing")
                         continue
@@ -368,14 +369,14 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
 def check_weights_loaded(effective: dict[str, Any], folder: Path) -> list[str]:
     """Problems: a training log without the loader's line for a weights file its job names."""
     problems = []
-    logs = run_folder(effective, folder) / "logs"
+    run_dir = run_folder(effective, folder)
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
                 for job, stage in (("train", None), ("train_stage1", 1)):
                     if stage == 1 and method not in two_stage_methods():
                         continue
-                    log_path = logs / dataset / method / f"seed{seed}" / f"{job}.log"
+                    log_path = run_dir / LOGS.format(dataset=dataset, method=method, seed=seed) / f"{job}.log"
                     text = log_path.read_text() if log_path.is_file() else ""
                     for value in fetched_weights(effective, method, stage):
                         if not re.search(rf"loaded .*weights from {re.escape(value)}$", text, flags=re.MULTILINE):
@@ -422,12 +423,12 @@ def job_costs(effective: dict[str, Any], folder: Path, requests: dict[str, tuple
     costs = []
     for benchmark, (rule, mem_mb) in sorted(requests.items()):
         path = folder / benchmark
-        parts = Path(benchmark).relative_to(f"{results}/benchmarks").parts  # dataset, method, seedN, job.tsv
+        parts = Path(benchmark).relative_to(f"{results}/{BENCHMARK_ROOT}").parts  # dataset, method, seedN, job.tsv
         if not path.is_file() or len(parts) != 4:
             continue
         with open(path) as handle:
             row = next(csv.DictReader(handle, delimiter="\t"))
-        run = run_folder(effective, folder) / "runs" / parts[0] / parts[1] / parts[2]
+        run = run_path(run_folder(effective, folder), parts[0], parts[1], int(parts[2].removeprefix("seed")))
         images, loop = _images(run, rule)
         costs.append(JobCost(parts[0], parts[1], rule, float(row["s"]), images, loop,
                              float(row["max_rss"]), mem_mb))

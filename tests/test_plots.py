@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 from conftest import REPO
 from PIL import Image
-from test_aggregate import scores_of, write_run
+from test_tables import scores_of, write_run
 
-from pathmamba.aggregate import load_paper_results
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import save_palette_mask
 from pathmamba.plots import colour_mask, grid_pixel_size, write_figures
+from pathmamba.results import load_paper_results
 
 DATASET = "synthetic-luad"
 FIGURES = ["qualitative_synthetic-luad", "miou_over_seeds", "ablation", "training_curves", "compute_cost"]

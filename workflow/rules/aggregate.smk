@@ -10,19 +10,15 @@ report: "../report/workflow.rst"
 
 PAPER_RESULTS = f"{REPO}/config/paper_results.yaml"
 REPORT_SETTINGS = config["report"]
-TABLES = f"{RESULTS}/tables"
-FIGURES = f"{RESULTS}/figures"
-
-
-# A file of one run; parents[4] of results/<run>/runs/<dataset>/<method>/seed<N>/<name> is results/<run>.
-RUN_FILE = f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}/{{name}}"
+TABLES = f"{RESULTS}/{layout.TABLES}"
+FIGURES = f"{RESULTS}/{layout.FIGURES}"
 
 
 rule tables:
     input:
-        trivial=expand(f"{RESULTS}/runs/{{dataset}}/trivial/test_metrics.json", dataset=DATASETS),
-        runs=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="test_metrics.json"),
-        per_image=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="per_image.csv"),
+        trivial=expand(f"{TRIVIAL_RUN_DIR}/test_metrics.json", dataset=DATASETS),
+        runs=run_files("test_metrics.json"),
+        per_image=run_files("per_image.csv"),
         paper=PAPER_RESULTS,
     output:
         table1_csv=f"{TABLES}/table1_comparison.csv",
@@ -70,7 +66,7 @@ rule tables:
         csv=f"{TABLES}/comparison.csv",
         md=f"{TABLES}/comparison.md",
     params:
-        run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
+        run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         datasets=DATASETS,
         methods=METHODS,
@@ -81,7 +77,7 @@ rule tables:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     log:
-        f"{RESULTS}/logs/tables.log",
+        f"{RESULTS}/{layout.REPORT_LOGS}/tables.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:
@@ -93,10 +89,18 @@ rule tables:
 
 rule figures:
     input:
-        # history.csv and the benchmark files are written by the same train job.
-        histories=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="history.csv"),
-        runs=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="test_metrics.json"),
-        masks=expand(RUN_FILE, dataset=DATASETS, method=METHODS, seed=SEEDS, name="masks"),
+        histories=run_files("history.csv"),
+        # The compute-cost figure reads them; two-stage methods have two more jobs.
+        benchmarks=run_files("train.tsv", BENCHMARK_DIR),
+        first_stage_benchmarks=expand(
+            f"{BENCHMARK_DIR}/{{name}}",
+            dataset=DATASETS,
+            method=TWO_STAGE_METHODS,
+            seed=SEEDS,
+            name=["train_stage1.tsv", "pseudo_masks.tsv"],
+        ),
+        runs=run_files("test_metrics.json"),
+        masks=run_files("masks"),
         data=[dataset_root(SimpleNamespace(dataset=dataset)) for dataset in DATASETS],
         paper=PAPER_RESULTS,
     output:
@@ -137,7 +141,7 @@ rule figures:
                name=[*[f"qualitative_{d}" for d in DATASETS], "miou_over_seeds", "ablation",
                      "training_curves", "compute_cost"]),
     params:
-        run_dir=lambda wildcards, input: str(Path(input.runs[0]).parents[4]),
+        run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         datasets=DATASETS,
         methods=METHODS,
@@ -148,7 +152,7 @@ rule figures:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     log:
-        f"{RESULTS}/logs/figures.log",
+        f"{RESULTS}/{layout.REPORT_LOGS}/figures.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:

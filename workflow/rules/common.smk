@@ -34,6 +34,7 @@ from pathmamba.config import (
     train_settings,
 )
 from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
+from pathmamba import layout
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
 
@@ -82,9 +83,12 @@ RESOURCES = config["resources_dir"]
 DATASETS = grid_datasets(config)
 METHODS = grid_methods(config)
 SEEDS = [int(seed) for seed in config["seeds"]]
-RUN_DIR = f"{RESULTS}/runs/{{dataset}}/{{method}}/seed{{seed}}"
-LOG_DIR = f"{RESULTS}/logs/{{dataset}}/{{method}}/seed{{seed}}"
-CHECKPOINT_DIR = f"{RESULTS}/checkpoints/{{dataset}}/{{method}}/seed{{seed}}"
+# The run folder's layout is pathmamba/layout.py's, for the rules and the code alike.
+RUN_DIR = f"{RESULTS}/{layout.RUN}"
+TRIVIAL_RUN_DIR = f"{RESULTS}/{layout.TRIVIAL_RUN}"
+LOG_DIR = f"{RESULTS}/{layout.LOGS}"
+CHECKPOINT_DIR = f"{RESULTS}/{layout.CHECKPOINTS}"
+BENCHMARK_DIR = f"{RESULTS}/{layout.BENCHMARKS}"
 # Two-stage methods (wsss-tissue): a first stage trained on its own, then its pseudo masks of the
 # training images, then the method itself trained on them; three jobs, so a change to a later step
 # does not redo the earlier ones.
@@ -111,6 +115,11 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+def run_files(name, pattern=RUN_DIR):
+    """``name`` in the folder ``pattern`` of every run of the grid."""
+    return expand(f"{pattern}/{name}", dataset=DATASETS, method=METHODS, seed=SEEDS)
+
+
 def dataset_root(wildcards):
     """The dataset's folder: the configured root, else the one generated or prepared under resources/."""
     entry = config["datasets"][wildcards.dataset]
@@ -120,7 +129,7 @@ def dataset_root(wildcards):
 
 
 # Every training job waits for its dataset's validation report, so none starts on invalid data.
-VALIDATION_REPORT = f"{RESULTS}/datasets/{{dataset}}/validation.json"
+VALIDATION_REPORT = f"{RESULTS}/{layout.VALIDATION_REPORT}"
 
 
 def pretrained_weights(wildcards, stage=None):

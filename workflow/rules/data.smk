@@ -9,7 +9,7 @@ rule make_demo_data:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     log:
-        f"{RESULTS}/logs/data/{{dataset}}.log",
+        f"{RESULTS}/{layout.DATASET_LOGS}.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:
@@ -37,7 +37,7 @@ rule download_dataset:
         dataset=any_of(datasets_with("source", "url")),
     localrule: True
     log:
-        f"{RESULTS}/logs/data/{{dataset}}.download.log",
+        f"{RESULTS}/{layout.DATASET_LOGS}.download.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:
@@ -61,7 +61,7 @@ rule prepare_dataset:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
     log:
-        f"{RESULTS}/logs/data/{{dataset}}.prepare.log",
+        f"{RESULTS}/{layout.DATASET_LOGS}.prepare.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:
@@ -83,7 +83,7 @@ rule validate_dataset:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 60 * attempt,
     log:
-        f"{RESULTS}/logs/data/{{dataset}}.validate.log",
+        f"{RESULTS}/{layout.DATASET_LOGS}.validate.log",
     conda:
         "../envs/pathmamba.yaml"
     shell:

@@ -15,7 +15,7 @@ rule evaluate:
         f"{LOG_DIR}/evaluate.log",
     # Time and peak memory (max_rss) against the mem_mb request; not part of the training cost figure.
     benchmark:
-        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/evaluate.tsv"
+        f"{BENCHMARK_DIR}/evaluate.tsv"
     threads: config["threads_per_job"]
     resources:
         gpu=gpu_units,
@@ -35,15 +35,15 @@ rule evaluate_trivial:
     input:
         data=dataset_root,
     output:
-        metrics=f"{RESULTS}/runs/{{dataset}}/trivial/test_metrics.json",
-        per_image=f"{RESULTS}/runs/{{dataset}}/trivial/per_image.csv",
+        metrics=f"{TRIVIAL_RUN_DIR}/test_metrics.json",
+        per_image=f"{TRIVIAL_RUN_DIR}/per_image.csv",
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     log:
-        f"{RESULTS}/logs/{{dataset}}/trivial.log",
+        f"{RESULTS}/{layout.TRIVIAL_LOG}",
     conda:
         "../envs/pathmamba.yaml"
     shell:

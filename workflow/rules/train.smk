@@ -17,7 +17,7 @@ rule train:
     log:
         f"{LOG_DIR}/train.log",
     benchmark:
-        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train.tsv"
+        f"{BENCHMARK_DIR}/train.tsv"
     threads: config["threads_per_job"]
     # `gpu`: one GPU per job at a time on a workstation (common.smk); on SLURM the profiles ask for it.
     # Memory and time (cluster only) grow with each `--retries` attempt; time is sized from the plan.
@@ -58,7 +58,7 @@ use rule train as train_stage1 with:
     log:
         f"{LOG_DIR}/train_stage1.log",
     benchmark:
-        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/train_stage1.tsv"
+        f"{BENCHMARK_DIR}/train_stage1.tsv"
     resources:
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
@@ -82,7 +82,7 @@ rule pseudo_masks:
     log:
         f"{LOG_DIR}/pseudo_masks.log",
     benchmark:
-        f"{RESULTS}/benchmarks/{{dataset}}/{{method}}/seed{{seed}}/pseudo_masks.tsv"
+        f"{BENCHMARK_DIR}/pseudo_masks.tsv"
     threads: config["threads_per_job"]
     resources:
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),

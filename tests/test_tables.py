@@ -1,4 +1,5 @@
-"""Aggregation into the paper's tables, on hand-built run folders with known numbers."""
+"""The paper's tables (finding runs, tables, rendering, README splicing), on hand-built run folders with
+known numbers."""
 
 import json
 import math
@@ -11,19 +12,13 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from pathmamba.aggregate import (
-    Grid,
-    finished_runs,
-    latex_results,
-    load_metrics,
-    load_paper_results,
-    results_table,
-    splice_readme,
-    write_tables,
-)
 from pathmamba.cli import main
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.metrics import METRICS, confusion_columns
+from pathmamba.readme import splice_readme
+from pathmamba.render import INCONSISTENT_MARK, latex_results
+from pathmamba.results import Grid, finished_runs, load_metrics, load_paper_results
+from pathmamba.tables import dice_iou_inconsistent, results_table, supervision_of, write_tables
 
 PAPER = REPO / "config" / "paper_results.yaml"
 
@@ -255,8 +250,6 @@ def test_readme_check_reports_stale_results_and_changes_nothing(tmp_path, capsys
 
 
 def test_supervision_column_counts_pseudo_mask_training_as_weak():
-    from pathmamba.aggregate import supervision_of
-
     assert supervision_of("wsss-tissue") == supervision_of("cam") == "weak (image labels)"
     assert supervision_of("unet") == "full (pixel masks)"
 
@@ -333,8 +326,6 @@ def test_per_image_files_without_confusion_matrices_are_refused_by_name(partial_
 
 def test_paper_cells_that_no_evaluation_can_give_are_flagged_in_every_rendering(partial_run, tmp_path):
     """HistoSegNet on BCSS-WSSS: mIoU 0.276 < mDice / (2 - mDice) = 0.338 for mDice 0.505."""
-    from pathmamba.aggregate import INCONSISTENT_MARK, dice_iou_inconsistent
-
     assert dice_iou_inconsistent(0.505, 0.276)
     assert not dice_iou_inconsistent(0.842, 0.767)
     assert dice_iou_inconsistent(0.5, 0.6)  # above mDice

@@ -1,0 +1,29 @@
+"""The README's results section: a table of the demo run spliced between two markers."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from pathmamba.runtime import atomic_write_text
+
+
+def splice_readme(readme: Path, table_md: Path, start: str = "<!-- results:start -->",
+                  end: str = "<!-- results:end -->", check: bool = False) -> list[str]:
+    """Replace the text between the ``start`` and ``end`` markers of ``readme`` with ``table_md``'s text
+    (its first heading dropped: the README has its own). With ``check``, change nothing; return the
+    unified diff from the README to what it would become (empty when they agree)."""
+    text = Path(readme).read_text()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme}: expected one {start!r} followed by one {end!r}")
+    body = Path(table_md).read_text()
+    body = re.sub(r"\A## [^\n]*\n", "", body).lstrip("\n")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    spliced = f"{head}{start}\n{body}{end}{tail}"
+    if check:
+        return list(difflib.unified_diff(text.splitlines(), spliced.splitlines(), str(readme),
+                                         f"{readme} with {table_md}", lineterm=""))
+    atomic_write_text(readme, spliced)
+    return []

@@ -1,0 +1,114 @@
+"""Finding a run's finished results and loading them (docs/design.md §4.5); shared by tables and plots.
+
+Everything here reads what finished under the run folder (:mod:`pathmamba.layout`) and never needs a
+GPU. A run counts as finished when its ``test_metrics.json`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pathmamba.layout import TRIVIAL, run_path
+from pathmamba.metrics import METRICS, confusion_columns
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The configured experiment: what a complete run holds."""
+
+    datasets: list[str]
+    methods: list[str]
+    seeds: list[int]
+
+
+def finished_runs(run_dir: Path, grid: Grid) -> pd.DataFrame:
+    """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference.
+
+    Columns: dataset, method, seed (None for trivial), path (the run folder).
+    """
+    rows = []
+    for dataset in grid.datasets:
+        for method in grid.methods:
+            for seed in grid.seeds:
+                folder = run_path(run_dir, dataset, method, seed)
+                if (folder / "test_metrics.json").exists():
+                    rows.append({"dataset": dataset, "method": method, "seed": seed, "path": folder})
+        folder = run_path(run_dir, dataset, TRIVIAL, None)
+        if (folder / "test_metrics.json").exists():
+            rows.append({"dataset": dataset, "method": TRIVIAL, "seed": None, "path": folder})
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
+
+
+def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.DataFrame:
+    """One row per ``test_metrics.json``: dataset, method, seed and the four m-metrics of ``protocol``."""
+    rows = []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        scores = record["protocols"][protocol]
+        rows.append({"dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
+                     **{metric: scores[metric] for metric in METRICS}})
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", *METRICS])
+
+
+def load_per_class_iou(paths: list[Path], protocol: str = "ignore_background") -> pd.DataFrame:
+    """One row per run and tissue class: dataset, method, seed, class (the dataset's name), IoU."""
+    rows = []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        for name, value in zip(record["classes"], record["protocols"][protocol]["per_class"]["IoU"]):
+            rows.append({"dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
+                         "class": name, "IoU": value})
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "class", "IoU"])
+
+
+def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
+    """All ``per_image.csv`` rows of ``runs`` (from :func:`finished_runs`) with dataset, method, seed."""
+    frames = []
+    for run in runs.itertuples(index=False):
+        path = Path(run.path) / "per_image.csv"
+        frame = pd.read_csv(path)
+        lacking = [column for column in confusion_columns() if column not in frame]
+        if lacking:
+            raise ValueError(f"{path}: no per-image confusion matrix ({lacking[0]}, ...), which the split-level "
+                             "statistics need; it was written by an older evaluate: run it again "
+                             "(snakemake --forcerun evaluate evaluate_trivial)")
+        frames.append(frame.assign(dataset=run.dataset, method=run.method, seed=run.seed))
+    if not frames:
+        return pd.DataFrame(columns=["image", *METRICS, "dataset", "method", "seed"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, str]]:
+    """``{(dataset, method): {seed: "scan ..., precision ..."}}``: what computed each seed's result, from
+    the environment records of its training (``run.json``) and evaluation (``test_metrics.json``)."""
+    runtimes: dict[tuple[str, str], dict[int, str]] = {}
+    for run in runs.itertuples(index=False):
+        if run.method == TRIVIAL:
+            continue
+        parts = []
+        for name in ("run.json", "test_metrics.json"):
+            path = Path(run.path) / name
+            environment = json.loads(path.read_text()).get("environment", {}) if path.exists() else {}
+            parts.append("/".join(environment.get(key) or "unrecorded" for key in ("scan", "precision")))
+        label = "scan/precision " + (parts[0] if parts[0] == parts[1] else f"{parts[0]} (train), {parts[1]} (test)")
+        runtimes.setdefault((run.dataset, run.method), {})[int(run.seed)] = label
+    return runtimes
+
+
+def load_paper_results(path: Path) -> dict:
+    """``config/paper_results.yaml`` as ``{"table1": {dataset: {method: {metric: value}}}, "table2": ...}``."""
+    data = yaml.safe_load(Path(path).read_text())
+    for table in ("table1", "table2"):
+        if not isinstance(data.get(table), dict):
+            raise TypeError(f"{path}: key {table!r} must map dataset -> method -> metric values")
+        for dataset, methods in data[table].items():
+            for method, values in methods.items():
+                missing = [metric for metric in METRICS if not isinstance(values.get(metric), (int, float))]
+                if missing:
+                    raise ValueError(f"{path}: {table}.{dataset}.{method} lacks numeric {', '.join(missing)}")
+    return data

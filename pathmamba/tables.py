@@ -1,0 +1,315 @@
+"""The paper's tables from a run's finished results (docs/design.md §4.5).
+
+A partial grid gives a partial table: a cell with no finished seed shows "—", and a method with fewer
+finished seeds than configured is flagged in the table (``n/N``), never averaged silently. Values are
+mean ± std over seeds (ddof=1; 0 for one seed).
+
+Tables written by :func:`write_tables` into ``<out_dir>``:
+
+``table1_comparison.{csv,md,html,tex}``  every configured method, with the paper's value and the difference
+``table2_ablation.{csv,md,html,tex}``    PathMamba's variants (paper Table 2), on every dataset
+``per_class_iou.{csv,md,html}``          per-class IoU of every method
+``sensitivity_with_background.{csv,md,html}``  the 5-class protocol (background kept), for sensitivity only
+``statistics.{csv,md,html}``             PathMamba against every other method, paired over test images
+``comparison.{csv,md}``                  the compact mean ± std table, one row per dataset and method
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from pathmamba.layout import TRIVIAL
+from pathmamba.metrics import METRICS
+from pathmamba.registry import get_spec
+from pathmamba.render import (
+    INCONSISTENT_MARK,
+    MISSING,
+    MIXED_MARK,
+    latex_results,
+    markdown_grid,
+    markdown_per_class,
+    markdown_results,
+    markdown_statistics,
+    write_markdown,
+)
+from pathmamba.results import (
+    Grid,
+    finished_runs,
+    load_metrics,
+    load_paper_results,
+    load_per_class_iou,
+    load_per_image,
+    run_runtimes,
+)
+from pathmamba.runtime import atomic_write_text
+from pathmamba.stats import compare_split_level, compare_to_reference
+
+# A method trained on its own first stage's pseudo masks (wsss-tissue) has seen image labels only.
+SUPERVISION_LABELS = {"image": "weak (image labels)", "pseudo": "weak (image labels)", "pixel": "full (pixel masks)"}
+REFERENCE_METHOD = "pathmamba"
+# Paper Table 2's rows in order, then the control beyond the paper.
+ABLATION = ("pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb", "pathmamba-b-miml-cmb", "pathmamba",
+            "pathmamba-noscan")
+#: Half a unit of the paper's last digit: its values have three decimals.
+PAPER_ROUNDING = 0.0005
+INCONSISTENT_NOTE = (f"{INCONSISTENT_MARK} The paper's mDice and mIoU of this row cannot both come from one "
+                     "evaluation: from one confusion matrix, per class IoU = Dice / (2 − Dice), a convex "
+                     "function below the identity, so mDice / (2 − mDice) ≤ mIoU ≤ mDice for the means "
+                     "over classes (checked allowing for the paper's rounding to three decimals).")
+PROTOCOL_NOTES = {
+    "ignore_background": ("Test split, primary protocol: one 4x4 confusion matrix over the whole split, "
+                          "pixels of white background (mask value 4) ignored; m-metrics are means over "
+                          "the four tissue classes."),
+    "with_background": ("Test split, SENSITIVITY protocol (TPRO, PBIP): a 5x5 confusion matrix with white "
+                        "background kept as a fifth class; m-metrics are means over the four tissue "
+                        "classes. Not comparable with the paper's numbers, which use the primary protocol."),
+}
+METHOD_NOTES = {
+    "unet": ("unet is fully supervised: pixel masks exist only for val/test, so it trains on the val "
+             "masks (a fixed 80/20 split of val for model selection)."),
+    "c-cam": "c-cam's anatomy prior is the tissue / white-background mask (an approximation).",
+    "trivial": ("trivial is a reference, not a method: per test image, the most frequent training class "
+                "among the image's TRUE classes (it is given the test image's class set)."),
+}
+
+
+def mixed_runtime_notes(runs: pd.DataFrame, methods: list[str]) -> tuple[set[tuple[str, str]], list[str]]:
+    """The (dataset, method) cells of ``methods`` whose seeds ran with different selective scans or
+    precisions, and a footnote for each: their spread then holds an implementation difference too."""
+    marked, notes = set(), []
+    for (dataset, method), seeds in run_runtimes(runs).items():
+        if method not in methods or len(set(seeds.values())) < 2:
+            continue
+        marked.add((dataset, method))
+        by_label: dict[str, list[str]] = {}
+        for seed, label in sorted(seeds.items()):
+            by_label.setdefault(label, []).append(str(seed))
+        ran = "; ".join(f"seed {', '.join(numbers)}: {label}" for label, numbers in by_label.items())
+        notes.append(f"{MIXED_MARK} {dataset}, {method}: its seeds ran with different selective scans or precisions "
+                     f"({ran}); the spread includes that difference.")
+    return marked, notes
+
+
+def summarise(frame: pd.DataFrame, values: tuple[str, ...] = METRICS,
+              keys: tuple[str, ...] = ("dataset", "method")) -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1; 0 for one seed) and number of seeds per ``keys``, in the order
+    rows first appear. Columns ``<value>_mean``, ``<value>_std`` and ``n_seeds``."""
+    grouped = frame.groupby(list(keys), sort=False)[list(values)]
+    summary = grouped.agg(["mean", "std"])
+    summary.columns = [f"{value}_{stat}" for value, stat in summary.columns]
+    for value in values:
+        summary[f"{value}_std"] = summary[f"{value}_std"].fillna(0.0)
+    summary["n_seeds"] = grouped.size()
+    return summary.reset_index()
+
+
+def dice_iou_inconsistent(mdice: float, miou: float, rounding: float = PAPER_ROUNDING) -> bool:
+    """True when no confusion matrix gives both ``mdice`` and ``miou``, even allowing each to be off by
+    ``rounding``: per class IoU = Dice / (2 - Dice), which is convex and at most Dice, so by Jensen's
+    inequality mDice / (2 - mDice) <= mIoU <= mDice."""
+    lowest_dice = max(mdice - rounding, 0.0)
+    return miou + rounding < lowest_dice / (2 - lowest_dice) or miou - rounding > mdice + rounding
+
+
+def supervision_of(method: str) -> str:
+    """The Supervision column: from the registry's ``MethodSpec.supervision``."""
+    if method == TRIVIAL:
+        return "reference (test classes)"
+    supervision = get_spec(method).supervision
+    return SUPERVISION_LABELS.get(supervision, supervision)
+
+
+def results_table(metrics: pd.DataFrame, methods: list[str], datasets: list[str], n_expected: int,
+                  paper: dict | None = None) -> pd.DataFrame:
+    """The long-form results table: one row per (dataset, method, metric), in the order given.
+
+    metrics: rows of :func:`load_metrics`. paper: ``{dataset: {method: {metric: value}}}``. Columns:
+    dataset, method, supervision, metric, mean, std, n_seeds, n_expected (1 for trivial), status
+    ("complete", "incomplete" or "missing"), paper, difference (mean - paper), paper_inconsistent (the
+    paper's mDice and mIoU of the row contradict each other: :func:`dice_iou_inconsistent`), best (the
+    highest mean among weakly supervised methods for that dataset and metric).
+    """
+    paper = paper or {}
+    summary = summarise(metrics).set_index(["dataset", "method"]) if len(metrics) else None
+    rows = []
+    for dataset in datasets:
+        for method in methods:
+            expected = 1 if method == TRIVIAL else n_expected
+            found = summary is not None and (dataset, method) in summary.index
+            n_seeds = int(summary.loc[(dataset, method), "n_seeds"]) if found else 0
+            status = "missing" if n_seeds == 0 else ("incomplete" if n_seeds < expected else "complete")
+            for metric in METRICS:
+                mean = float(summary.loc[(dataset, method), f"{metric}_mean"]) if found else math.nan
+                std = float(summary.loc[(dataset, method), f"{metric}_std"]) if found else math.nan
+                reported = paper.get(dataset, {}).get(method, {})
+                inconsistent = (metric in ("mDice", "mIoU") and "mDice" in reported
+                                and dice_iou_inconsistent(reported["mDice"], reported["mIoU"]))
+                rows.append({"dataset": dataset, "method": method, "supervision": supervision_of(method),
+                             "metric": metric, "mean": mean, "std": std, "n_seeds": n_seeds,
+                             "n_expected": expected, "status": status,
+                             "paper": float(reported.get(metric, math.nan)),
+                             "difference": mean - float(reported.get(metric, math.nan)),
+                             "paper_inconsistent": inconsistent})
+    table = pd.DataFrame(rows, columns=["dataset", "method", "supervision", "metric", "mean", "std", "n_seeds",
+                                        "n_expected", "status", "paper", "difference", "paper_inconsistent"])
+    weak = table["supervision"] == SUPERVISION_LABELS["image"]
+    best = table[weak].groupby(["dataset", "metric"])["mean"].transform("max")
+    table["best"] = False
+    table.loc[weak, "best"] = table.loc[weak, "mean"].eq(best) & table.loc[weak, "mean"].notna()
+    return table
+
+
+def _footnotes(methods: list[str], protocol: str, paper_source: str | None, has_paper: bool) -> list[str]:
+    notes = [PROTOCOL_NOTES[protocol],
+             ("Mean ± std over seeds (ddof=1; the mean alone for one seed); Seeds: finished/configured where fewer "
+             f"finished than configured; {MISSING}: no finished run. Bold: best weakly supervised mean per column.")]
+    if has_paper:
+        notes.append(f"paper: the value reported in {paper_source}; Δ = reproduced mean − paper value.")
+    notes += [METHOD_NOTES[method] for method in methods if method in METHOD_NOTES]
+    return notes
+
+
+def per_class_table(runs: pd.DataFrame, methods: list[str], protocol: str = "ignore_background") -> pd.DataFrame:
+    """Per-class IoU, mean ± std over seeds: dataset, method, class, IoU_mean, IoU_std, n_seeds."""
+    paths = [Path(path) / "test_metrics.json" for path in runs["path"]]
+    per_class = load_per_class_iou(paths, protocol)
+    per_class = per_class[per_class["method"].isin(methods)]
+    return summarise(per_class, values=("IoU",), keys=("dataset", "method", "class"))
+
+
+def statistics_table(runs: pd.DataFrame, datasets: list[str], methods: list[str], n_resamples: int,
+                     seed: int, reference: str = REFERENCE_METHOD) -> pd.DataFrame:
+    """Per dataset, ``reference`` against each other method: :func:`pathmamba.stats.compare_split_level`
+    (Table 1's split-level mIoU) and :func:`pathmamba.stats.compare_to_reference` (per-image mIoU, seeds
+    pooled), side by side; Holm corrections across the comparisons of each dataset. Empty when
+    ``reference`` has no run."""
+    frames = []
+    for dataset in datasets:
+        selected = runs[(runs["dataset"] == dataset) & (runs["method"].isin(methods))]
+        per_image = load_per_image(selected)
+        others = [method for method in methods if method != reference]
+        split = compare_split_level(per_image, reference, others, n_resamples, seed)
+        per_image_view = compare_to_reference(per_image, reference, others, "mIoU", n_resamples, seed)
+        frame = split.merge(per_image_view.drop(columns="metric").rename(columns=PER_IMAGE_COLUMNS),
+                            on=["reference", "other"], how="outer", sort=False)
+        seeds = selected.groupby("method")["seed"].apply(
+            lambda s: ",".join(str(int(v)) for v in sorted(s.dropna())) or "none")
+        frame.insert(0, "dataset", dataset)
+        frame["reference_seeds"] = seeds.get(reference, "")
+        frame["other_seeds"] = [seeds.get(other, "") for other in frame["other"]]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+#: Columns of the per-image view in the statistics table, renamed beside the split-level ones.
+PER_IMAGE_COLUMNS = {"n_images": "per_image_n", "mean_diff": "per_image_diff", "ci_low": "per_image_ci_low", "ci_high": "per_image_ci_high",
+                     "holm_p": "wilcoxon_holm_p"}
+
+
+def write_comparison(paths: list[Path], out_csv: Path, out_md: Path) -> pd.DataFrame:
+    """Aggregate ``paths`` (test_metrics.json files) into the compact ``out_csv`` and ``out_md``."""
+    summary = summarise(load_metrics(paths))
+    atomic_write_text(out_csv, summary.to_csv(index=False, float_format="%.6f"))
+    note = ("Test split, primary protocol (pixels of white background, mask value 4, ignored); "
+            "mean ± std over seeds. `trivial` predicts, per test image, the most frequent training "
+            "class among the image's true classes.\n\n")
+    lines = [[row.dataset, row.method,
+              *[f"{getattr(row, f'{m}_mean'):.3f} ± {getattr(row, f'{m}_std'):.3f}" for m in METRICS],
+              str(row.n_seeds)] for row in summary.itertuples(index=False)]
+    atomic_write_text(out_md, note + markdown_grid(["Dataset", "Method", *METRICS, "Seeds"], lines))
+    return summary
+
+
+def ablation_weights_notes(runs: pd.DataFrame, methods: list[str]) -> list[str]:
+    """Table 2's notes on what each variant starts from, read from its runs' ``run.json`` (hparams
+    ``pretrained``), and on the variant that computes its CMB network twice."""
+    starts: dict[str, set[str]] = {}
+    for run in runs[runs["method"].isin(methods)].itertuples(index=False):
+        path = Path(run.path) / "run.json"
+        if not path.exists():  # evaluated without a training record (hand-made run folders)
+            continue
+        weights = json.loads(path.read_text()).get("hparams", {}).get("pretrained", "none")
+        starts.setdefault(run.method, set()).add("random" if weights == "none" else Path(weights).name)
+    pretrained = [f"{method} ({', '.join(sorted(starts[method] - {'random'}))})" for method in methods
+                  if starts.get(method, {"random"}) != {"random"}]
+    notes = [("Initial weights: the CMB branch always trains from random weights (none are published); "
+              + (f"the MIML branch's ResNet starts from ImageNet weights in {', '.join(pretrained)}, so the "
+                 "a → b and c → d steps add MIML and ImageNet features together; config/ablation_scratch.yaml "
+                 "trains every variant from random weights to separate the two."
+                 if pretrained else "every variant of this run started from random weights."))]
+    if "pathmamba-b-cmb" in methods:
+        notes.append("c (pathmamba-b-cmb) has no MIML branch to give the CMB its saliency map: it runs its CMB "
+                     "network twice per image, a first pass without modulation (no gradient) whose class maps "
+                     "give the saliency, then the modulated pass that is trained and scored.")
+    return notes
+
+
+def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str], latex: bool,
+                   labels: dict | None = None, runs: pd.DataFrame | None = None) -> None:
+    """The table as CSV, Markdown (+ HTML) and optionally LaTeX; ``runs`` (from :func:`finished_runs`)
+    marks the cells whose seeds mixed scans or precisions."""
+    marked: set[tuple[str, str]] = set()
+    if runs is not None:
+        marked, mixed = mixed_runtime_notes(runs, list(dict.fromkeys(table["method"])))
+        notes = [*notes, *mixed]
+    if table["paper_inconsistent"].any():
+        notes = [*notes, INCONSISTENT_NOTE]
+    atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False, float_format="%.6f"))
+    write_markdown(stem.with_suffix(".md"), markdown_results(table, title, notes, labels, marked), title)
+    if latex:
+        inconsistent = [note for note in notes if note.startswith(INCONSISTENT_MARK)]
+        atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title, inconsistent))
+
+
+def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_resamples: int = 10000,
+                 bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Write every table of the module docstring from what finished under ``run_dir``; returns them."""
+    out_dir = Path(out_dir)
+    paper = load_paper_results(paper_path)
+    runs = finished_runs(run_dir, grid)
+    paths = [Path(path) / "test_metrics.json" for path in runs["path"]]
+    n_expected = len(grid.seeds)
+    rows = [*grid.methods, TRIVIAL]
+    source = paper.get("source", str(paper_path))
+    primary = load_metrics(paths)
+    tables = {}
+
+    tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
+    has_paper = tables["table1"]["paper"].notna().any()
+    _write_results(tables["table1"], out_dir / "table1_comparison", "Table 1: comparison on the test split",
+                   _footnotes(rows, "ignore_background", source, has_paper), latex=True, runs=runs)
+
+    ablation = [method for method in ABLATION if method in grid.methods]
+    tables["table2"] = results_table(primary, ablation, grid.datasets, n_expected, paper["table2"])
+    notes = _footnotes(ablation, "ignore_background", source, tables["table2"]["paper"].notna().any())
+    notes.append("Rows in the paper's order a, b, c, d, f (B = baseline); pathmamba-noscan is a control beyond "
+                 "the paper (selective scan replaced by a depthwise convolution). The paper reports the "
+                 "ablation on LUAD-HistoSeg only.")
+    notes += ablation_weights_notes(runs, ablation)
+    labels = {method: entry["label"] for method, entry in paper["table2"].get("luad-histoseg", {}).items()}
+    _write_results(tables["table2"], out_dir / "table2_ablation", "Table 2: ablation of PathMamba's components",
+                   notes, latex=True, labels=labels, runs=runs)
+
+    tables["per_class"] = per_class_table(runs, rows)
+    atomic_write_text(out_dir / "per_class_iou.csv", tables["per_class"].to_csv(index=False, float_format="%.6f"))
+    write_markdown(out_dir / "per_class_iou.md", markdown_per_class(tables["per_class"], grid.datasets, rows,
+                                                       PROTOCOL_NOTES["ignore_background"]),
+                    "Per-class IoU")
+
+    tables["sensitivity"] = results_table(load_metrics(paths, "with_background"), rows, grid.datasets, n_expected)
+    _write_results(tables["sensitivity"], out_dir / "sensitivity_with_background",
+                   "Sensitivity: 5-class protocol (background kept)",
+                   _footnotes(rows, "with_background", None, False), latex=False)
+
+    tables["statistics"] = statistics_table(runs, grid.datasets, rows, n_resamples, bootstrap_seed)
+    atomic_write_text(out_dir / "statistics.csv", tables["statistics"].to_csv(index=False, float_format="%.6g"))
+    write_markdown(out_dir / "statistics.md", markdown_statistics(tables["statistics"], REFERENCE_METHOD, n_resamples,
+                                                                       bootstrap_seed),
+                    "Paired statistics")
+
+    tables["comparison"] = write_comparison(paths, out_dir / "comparison.csv", out_dir / "comparison.md")
+    return tables
