@@ -48,5 +48,6 @@ rehearse: install
 	$(BIN)/python -m pathmamba rehearse --folder "$(REHEARSAL)"
 
 lint: install
+	$(BIN)/snakefmt --check workflow
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 	$(BIN)/ruff check pathmamba baselines tests benchmarks

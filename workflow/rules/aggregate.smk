@@ -65,6 +65,13 @@ rule tables:
         statistics_md=f"{TABLES}/statistics.md",
         csv=f"{TABLES}/comparison.csv",
         md=f"{TABLES}/comparison.md",
+    log:
+        f"{RESULTS}/{layout.REPORT_LOGS}/tables.log",
+    conda:
+        "../envs/pathmamba.yaml"
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
@@ -73,13 +80,6 @@ rule tables:
         seeds=SEEDS,
         n_resamples=REPORT_SETTINGS["n_resamples"],
         bootstrap_seed=REPORT_SETTINGS["bootstrap_seed"],
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
-    log:
-        f"{RESULTS}/{layout.REPORT_LOGS}/tables.log",
-    conda:
-        "../envs/pathmamba.yaml"
     shell:
         "python -m pathmamba tables --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
         " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
@@ -137,9 +137,23 @@ rule figures:
             category="Figures",
             labels={"figure": "Compute cost"},
         ),
-        expand(f"{FIGURES}/{{name}}.pdf",
-               name=[*[f"qualitative_{d}" for d in DATASETS], "miou_over_seeds", "ablation",
-                     "training_curves", "compute_cost"]),
+        expand(
+            f"{FIGURES}/{{name}}.pdf",
+            name=[
+                *[f"qualitative_{d}" for d in DATASETS],
+                "miou_over_seeds",
+                "ablation",
+                "training_curves",
+                "compute_cost",
+            ],
+        ),
+    log:
+        f"{RESULTS}/{layout.REPORT_LOGS}/figures.log",
+    conda:
+        "../envs/pathmamba.yaml"
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
@@ -148,13 +162,6 @@ rule figures:
         seeds=SEEDS,
         data_roots=[f"{d}={dataset_root(SimpleNamespace(dataset=d))}" for d in DATASETS],
         n_images=max(1, min(REPORT_SETTINGS["n_images"], config["evaluate"]["n_masks"])),
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
-    log:
-        f"{RESULTS}/{layout.REPORT_LOGS}/figures.log",
-    conda:
-        "../envs/pathmamba.yaml"
     shell:
         "python -m pathmamba figures --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
         " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"

@@ -69,8 +69,10 @@ def path_problem(key, path):
         return f"{key}: {path!r} starts with '-', which a command would read as an option; write './{path}'"
     found = [name for char, name in UNUSABLE_IN_PATHS.items() if char in path]
     if found:
-        return (f"{key}: {path!r} contains {', '.join(found)}; paths of this workflow cannot hold braces "
-                "(Snakemake reads them as wildcards), NUL or line breaks")
+        return (
+            f"{key}: {path!r} contains {', '.join(found)}; paths of this workflow cannot hold braces "
+            "(Snakemake reads them as wildcards), NUL or line breaks"
+        )
     return None
 
 
@@ -143,7 +145,10 @@ def first_stage_outputs(wildcards):
     """What a two-stage method trains from: its first stage's model and pseudo masks; nothing for others."""
     if wildcards.method not in TWO_STAGE_METHODS:
         return {}
-    return {"stage1_model": STAGE1_MODEL.format(**wildcards), "pseudo_masks": PSEUDO_MASKS.format(**wildcards)}
+    return {
+        "stage1_model": STAGE1_MODEL.format(**wildcards),
+        "pseudo_masks": PSEUDO_MASKS.format(**wildcards),
+    }
 
 
 def first_stage_options(wildcards, input):

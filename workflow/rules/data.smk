@@ -1,17 +1,17 @@
 rule make_demo_data:
     output:
         directory(f"{RESOURCES}/datasets/{{dataset}}"),
+    log:
+        f"{RESULTS}/{layout.DATASET_LOGS}.log",
     wildcard_constraints:
         dataset=any_of(datasets_with("synthetic")),
-    params:
-        synthetic=lambda wildcards: config["datasets"][wildcards.dataset]["synthetic"],
+    conda:
+        "../envs/pathmamba.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
-    log:
-        f"{RESULTS}/{layout.DATASET_LOGS}.log",
-    conda:
-        "../envs/pathmamba.yaml"
+    params:
+        synthetic=lambda wildcards: config["datasets"][wildcards.dataset]["synthetic"],
     shell:
         "python -m pathmamba make-demo-data --dataset {wildcards.dataset:q} --out {output:q}"
         " --n-train {params.synthetic[n_train]:q} --n-val {params.synthetic[n_val]:q}"
@@ -25,6 +25,13 @@ rule make_demo_data:
 rule download_dataset:
     output:
         f"{RESOURCES}/downloads/{{dataset}}.json",
+    log:
+        f"{RESULTS}/{layout.DATASET_LOGS}.download.log",
+    wildcard_constraints:
+        dataset=any_of(datasets_with("source", "url")),
+    localrule: True
+    conda:
+        "../envs/pathmamba.yaml"
     params:
         folder=f"{RESOURCES}/downloads/{{dataset}}",
         # `--url <url>`, or nothing for the Google Drive folder (a list, for `:q`).
@@ -33,13 +40,6 @@ rule download_dataset:
             if "url" in config["datasets"][wildcards.dataset]
             else []
         ),
-    wildcard_constraints:
-        dataset=any_of(datasets_with("source", "url")),
-    localrule: True
-    log:
-        f"{RESULTS}/{layout.DATASET_LOGS}.download.log",
-    conda:
-        "../envs/pathmamba.yaml"
     shell:
         "python -m pathmamba download-dataset --dataset {wildcards.dataset:q} --folder {params.folder:q}"
         " --record {output:q} {params.url:q} > {log:q} 2>&1"
@@ -52,18 +52,18 @@ rule prepare_dataset:
         prepare_sources,
     output:
         directory(f"{RESOURCES}/datasets/{{dataset}}"),
-    params:
-        lock=f"{RESOURCES}/checksums/{{dataset}}.json",
-        sources=source_arguments,
+    log:
+        f"{RESULTS}/{layout.DATASET_LOGS}.prepare.log",
     wildcard_constraints:
         dataset=any_of(datasets_with("source", "url", "archive")),
+    conda:
+        "../envs/pathmamba.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
-    log:
-        f"{RESULTS}/{layout.DATASET_LOGS}.prepare.log",
-    conda:
-        "../envs/pathmamba.yaml"
+    params:
+        lock=f"{RESOURCES}/checksums/{{dataset}}.json",
+        sources=source_arguments,
     shell:
         "python -m pathmamba prepare-dataset --dataset {wildcards.dataset:q} --out {output:q}"
         " --lock {params.lock:q} {params.sources:q} > {log:q} 2>&1"
@@ -75,17 +75,17 @@ rule validate_dataset:
         data=dataset_root,
     output:
         VALIDATION_REPORT,
-    params:
-        image_size=lambda wildcards: validation_option(wildcards, "image_size"),
-        counts=lambda wildcards: validation_option(wildcards, "counts"),
-    threads: config["threads_per_job"]
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 60 * attempt,
     log:
         f"{RESULTS}/{layout.DATASET_LOGS}.validate.log",
     conda:
         "../envs/pathmamba.yaml"
+    threads: config["threads_per_job"]
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        image_size=lambda wildcards: validation_option(wildcards, "image_size"),
+        counts=lambda wildcards: validation_option(wildcards, "counts"),
     shell:
         "python -m pathmamba validate-dataset --dataset {wildcards.dataset:q} --data-root {input.data:q}"
         " --out {output:q} --image-size {params.image_size:q} --counts {params.counts:q} --workers {threads:q}"

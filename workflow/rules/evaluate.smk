@@ -6,16 +6,13 @@ rule evaluate:
         metrics=f"{RUN_DIR}/test_metrics.json",
         per_image=f"{RUN_DIR}/per_image.csv",
         masks=directory(f"{RUN_DIR}/masks"),
-    params:
-        n_masks=config["evaluate"]["n_masks"],
-        tta="--tta" if config["evaluate"]["tta"] else "--no-tta",
-        device=job_device,
-        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     log:
         f"{LOG_DIR}/evaluate.log",
     # Time and peak memory (max_rss) against the mem_mb request; not part of the training cost figure.
     benchmark:
         f"{BENCHMARK_DIR}/evaluate.tsv"
+    conda:
+        "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     resources:
         gpu=gpu_units,
@@ -23,8 +20,11 @@ rule evaluate:
         runtime=lambda wildcards, attempt: runtime_minutes(
             evaluate_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
-    conda:
-        "../envs/pathmamba.yaml"
+    params:
+        n_masks=config["evaluate"]["n_masks"],
+        tta="--tta" if config["evaluate"]["tta"] else "--no-tta",
+        device=job_device,
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "python -m pathmamba evaluate --model {input.model:q} --data-root {input.data:q}"
         " --out {params.out_dir:q} --masks-dir {output.masks:q} --n-masks {params.n_masks:q} {params.tta:q}"
@@ -37,15 +37,15 @@ rule evaluate_trivial:
     output:
         metrics=f"{TRIVIAL_RUN_DIR}/test_metrics.json",
         per_image=f"{TRIVIAL_RUN_DIR}/per_image.csv",
-    params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
     log:
         f"{RESULTS}/{layout.TRIVIAL_LOG}",
     conda:
         "../envs/pathmamba.yaml"
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset:q} --data-root {input.data:q}"
         " --out {params.out_dir:q} > {log:q} 2>&1"

@@ -8,16 +8,12 @@ rule train:
         model=f"{RUN_DIR}/model.pt",
         history=f"{RUN_DIR}/history.csv",
         run=f"{RUN_DIR}/run.json",
-    params:
-        hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method)),
-        settings=lambda wildcards: as_json(train_settings(config, wildcards.method)),
-        stage=first_stage_options,
-        checkpoint_dir=CHECKPOINT_DIR,
-        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     log:
         f"{LOG_DIR}/train.log",
     benchmark:
         f"{BENCHMARK_DIR}/train.tsv"
+    conda:
+        "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     # `gpu`: one GPU per job at a time on a workstation (common.smk); on SLURM the profiles ask for it.
     # Memory and time (cluster only) grow with each `--retries` attempt; time is sized from the plan.
@@ -27,8 +23,12 @@ rule train:
         runtime=lambda wildcards, attempt: runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
-    conda:
-        "../envs/pathmamba.yaml"
+    params:
+        hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method)),
+        settings=lambda wildcards: as_json(train_settings(config, wildcards.method)),
+        stage=first_stage_options,
+        checkpoint_dir=CHECKPOINT_DIR,
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     shell:
         "python -m pathmamba train --method {wildcards.method:q} --dataset {wildcards.dataset:q}"
         " --data-root {input.data:q} --seed {wildcards.seed:q} --out {params.out_dir:q}"
@@ -47,24 +47,24 @@ use rule train as train_stage1 with:
         model=STAGE1_MODEL,
         history=f"{RUN_DIR}/stage1/history.csv",
         run=f"{RUN_DIR}/stage1/run.json",
-    wildcard_constraints:
-        method=any_of(TWO_STAGE_METHODS),
-    params:
-        hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method, stage=1)),
-        settings=lambda wildcards: as_json(train_settings(config, wildcards.method, stage=1)),
-        stage=["--stage", "1"],
-        checkpoint_dir=f"{CHECKPOINT_DIR}/stage1",
-        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     log:
         f"{LOG_DIR}/train_stage1.log",
     benchmark:
         f"{BENCHMARK_DIR}/train_stage1.tsv"
+    wildcard_constraints:
+        method=any_of(TWO_STAGE_METHODS),
     resources:
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
         runtime=lambda wildcards, attempt: runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method, stage=1), attempt
         ),
+    params:
+        hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method, stage=1)),
+        settings=lambda wildcards: as_json(train_settings(config, wildcards.method, stage=1)),
+        stage=["--stage", "1"],
+        checkpoint_dir=f"{CHECKPOINT_DIR}/stage1",
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
 
 
 # The first stage's pseudo masks of every training image, written once (palette PNGs, one folder per
@@ -75,14 +75,14 @@ rule pseudo_masks:
         data=dataset_root,
     output:
         directory(PSEUDO_MASKS),
-    wildcard_constraints:
-        method=any_of(TWO_STAGE_METHODS),
-    params:
-        device=lambda wildcards: job_device(wildcards, stage=1),
     log:
         f"{LOG_DIR}/pseudo_masks.log",
     benchmark:
         f"{BENCHMARK_DIR}/pseudo_masks.tsv"
+    wildcard_constraints:
+        method=any_of(TWO_STAGE_METHODS),
+    conda:
+        "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     resources:
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),
@@ -90,8 +90,8 @@ rule pseudo_masks:
         runtime=lambda wildcards, attempt: runtime_minutes(
             pseudo_masks_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
-    conda:
-        "../envs/pathmamba.yaml"
+    params:
+        device=lambda wildcards: job_device(wildcards, stage=1),
     shell:
         "python -m pathmamba pseudo-masks --model {input.model:q} --data-root {input.data:q} --out {output:q}"
         " --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # often offline). A method uses them with `hparams: {pretrained: <resources_dir>/weights/<backbone>-imagenet.pth}`
 # (wsss-tissue's DeepLabV3+ encoder: `segmenter_pretrained`); `none` disables them (tests, demo).
 
+
 localrules:
     fetch_weights,
 
@@ -9,6 +10,12 @@ localrules:
 rule fetch_weights:
     output:
         f"{RESOURCES}/weights/{{backbone}}-imagenet.pth",
+    log:
+        f"{RESOURCES}/weights/{{backbone}}-imagenet.log",
+    wildcard_constraints:
+        backbone="resnet18|resnet34|resnet50|resnet101",
+    conda:
+        "../envs/pathmamba.yaml"
     params:
         # `--url <mirror>`, or nothing for torchvision's URL (a list, for `:q`).
         url=lambda wildcards: (
@@ -16,12 +23,6 @@ rule fetch_weights:
             if wildcards.backbone in config.get("weights_urls", {})
             else []
         ),
-    wildcard_constraints:
-        backbone="resnet18|resnet34|resnet50|resnet101",
-    log:
-        f"{RESOURCES}/weights/{{backbone}}-imagenet.log",
-    conda:
-        "../envs/pathmamba.yaml"
     shell:
         "python -m pathmamba fetch-weights --backbone {wildcards.backbone:q} --out {output:q} {params.url:q}"
         " > {log:q} 2>&1"
