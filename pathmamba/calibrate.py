@@ -45,7 +45,7 @@ from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import parameter_groups
 from pathmamba.plan import dataset_image_size, default_throughput_path, load_workflow_config
-from pathmamba.registry import build_method, get_spec, two_stage_methods
+from pathmamba.registry import EpochAware, build_method, get_spec, two_stage_methods
 from pathmamba.runtime import (
     atomic_write_json,
     autocast,
@@ -170,7 +170,7 @@ def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image
     optimiser = torch.optim.Adam(parameter_groups(model, settings.weight_decay), lr=settings.lr)
     warmup = _random_loaders(supervision, warmup_steps, settings.batch_size, image_size, pseudo_mask_kinds)
     timed = _random_loaders(supervision, steps, settings.batch_size, image_size, pseudo_mask_kinds)
-    if hasattr(model, "on_epoch_start"):
+    if isinstance(model, EpochAware):
         # The per-epoch state of the last epoch (SC-CAM's clusters, WSSS-Tissue's dropout threshold), so
         # that the steps cost what most of a run's steps cost.
         for epoch in range(1, settings.epochs + 1):

@@ -4,7 +4,8 @@ Entries name their builder as ``"module:callable"`` and are imported only when b
 and validating method names (Snakefile start-up, config checks) never imports torch.
 
 Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and returns a
-:class:`torch.nn.Module` with two methods used by the engine (``pathmamba.train``):
+:class:`torch.nn.Module` with two methods used by the engine (``pathmamba.train``), the protocol
+:class:`Method` that :func:`build_method` checks:
 
 ``loss(images, targets) -> (loss, parts)``
     images (B, 3, H, W) float, normalised; targets (B, C) float multi-hot for ``supervision="image"``,
@@ -13,24 +14,61 @@ Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and
 ``predict(images) -> scores``
     (B, C, H, W) float class scores, larger is more likely; the mask is ``scores.argmax(1)``.
 
-Optional: ``on_epoch_start(epoch, train_loader, device, dataset)``, called by the engine before each
+Optional (:class:`EpochAware`): ``on_epoch_start(epoch, train_loader, device, dataset)``, called by the engine before each
 epoch (1-based), also the first epoch after a resume; for state that changes between epochs (SC-CAM's
 re-clustering, WSSS-Tissue's dropout threshold). That state must live in the model's buffers or be
 recomputed from the weights, so that a resumed run equals an uninterrupted one.
 
 Two-stage methods (``MethodSpec.stage1``, WSSS-Tissue): the first stage is trained as a run of its own
-(``build_method(name, stage=1)``, image supervision) whose model must also have
+(``build_method(name, stage=1)``, image supervision) whose model must also have (:class:`FirstStage`)
 ``pseudo_masks(images, targets, dataset) -> [(B, H, W) int64] * K`` and ``pseudo_mask_names`` (K folder
 names); those masks of every training image are written once (``pathmamba.pseudo_masks``), and the
 method itself (``supervision="pseudo"``) trains on them: targets (B, K, H, W) int64. Its builder
-receives ``stage1_hparams`` (the first stage's keywords) and its model has ``init_from_stage1(state_dict)``.
+receives ``stage1_hparams`` (the first stage's keywords) and its model has ``init_from_stage1(state_dict)``
+(:class:`SecondStage`).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the registry itself never imports torch (see above)
+    import torch
+    from torch.utils.data import DataLoader
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the engine trains and scores (shapes in the module docstring)."""
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class EpochAware(Protocol):
+    """A method with state that changes between epochs; the engine calls this before each epoch."""
+
+    def on_epoch_start(self, epoch: int, train_loader: DataLoader, device: torch.device, dataset: str) -> None: ...
+
+
+@runtime_checkable
+class FirstStage(Method, Protocol):
+    """The first stage of a two-stage method: it also writes pseudo masks of the training images."""
+
+    pseudo_mask_names: tuple[str, ...]
+
+    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]: ...
+
+
+@runtime_checkable
+class SecondStage(Method, Protocol):
+    """A two-stage method itself: it starts from its trained first stage's weights."""
+
+    def init_from_stage1(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -144,10 +182,23 @@ def get_spec(name: str, stage: int | None = None) -> MethodSpec:
     return spec.stage1
 
 
+def required_protocol(name: str, stage: int | None = None) -> type:
+    """The protocol that the model of ``name`` (``stage=1``: of its first stage) must follow."""
+    if stage == 1:
+        return FirstStage
+    return SecondStage if get_spec(name).stage1 is not None else Method
+
+
 def build_method(name: str, num_classes: int, stage: int | None = None, **hparams: Any):
     """Build method ``name`` (``stage=1``: its first stage) for ``num_classes`` classes; ``hparams``
-    override the builder's defaults."""
+    override the builder's defaults. A model that lacks what the engine calls (:func:`required_protocol`)
+    raises ``TypeError`` naming the builder and the protocol."""
     spec = get_spec(name, stage)
     module_name, _, attr = spec.target.partition(":")
     builder = getattr(importlib.import_module(module_name), attr)
-    return builder(num_classes=num_classes, **{**spec.preset, **hparams})
+    model = builder(num_classes=num_classes, **{**spec.preset, **hparams})
+    protocol = required_protocol(name, stage)
+    if not isinstance(model, protocol):
+        raise TypeError(f"{spec.target} built {type(model).__name__}, which does not follow the "
+                        f"{protocol.__name__} protocol of pathmamba/registry.py")
+    return model

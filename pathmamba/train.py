@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from pathmamba.evaluate import predict_split
 from pathmamba.locks import lock_holder, try_lock
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import parameter_groups
-from pathmamba.registry import build_method, get_spec
+from pathmamba.registry import EpochAware, build_method, get_spec
 from pathmamba.runtime import (
     FileSafetyError,
     atomic_torch_save,
@@ -358,14 +358,69 @@ def train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_
                       stage1_model, pseudo_masks)
 
 
+@dataclass
+class _Run:
+    """A run built and ready to fit: what :func:`_build` makes and the other steps of :func:`train` use."""
+
+    model: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    train_loader: DataLoader
+    select_loader: DataLoader
+    seeded: EpochSeeded
+    order: torch.Generator
+    device: torch.device
+    precision: str
+    channels_last: bool
+    settings: TrainSettings
+    hparams: dict[str, Any]
+    supervision: str
+    environment: dict
+    #: What a checkpoint must match to be resumed (method, data, seed, hparams, settings, optimiser groups).
+    fingerprint: dict
+
+
+@dataclass
+class _Progress:
+    """The state of training that a checkpoint carries from one epoch (or one job) to the next."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_mIoU": float("-inf")})
+    start_epoch: int = 1
+    train_seconds: float = 0.0
+
+
 def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint_dir: Path, seed: int,
            hparams: dict[str, Any] | None, settings: TrainSettings | None, stage: int | None,
            stage1_model: Path | None, pseudo_masks: Path | None) -> dict:
-    """:func:`train`, with the checkpoint folder locked."""
-    hparams = dict(hparams or {})
-    settings = settings or TrainSettings()
-    # Device, scan and precision first: a setting this machine cannot follow fails before any work, and
-    # the log's first line says what runs.
+    """:func:`train`, with the checkpoint folder locked: build, resume, fit, write."""
+    started = time.time()
+    checkpoint_dir = Path(checkpoint_dir)
+    run = _build(method, dataset, data_root, seed, dict(hparams or {}), settings or TrainSettings(), stage,
+                 stage1_model, pseudo_masks)
+    progress = _resume(run, checkpoint_dir)
+    resumed_after_epoch = progress.start_epoch - 1
+    _fit(run, progress, checkpoint_dir, seed, dataset)
+    record = {
+        "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": run.supervision,
+        "hparams": run.hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks,
+        "settings": asdict(run.settings), "data_root": str(data_root),
+        "checkpoint_dir": str(checkpoint_dir), "resumed_after_epoch": resumed_after_epoch,
+        "best_epoch": progress.best["epoch"], "best_val_mIoU": progress.best["val_mIoU"],
+        "train_images": len(run.train_loader.dataset),
+        "wall_seconds_this_run": round(time.time() - started, 2),
+        "train_seconds_all_epochs": round(progress.train_seconds, 2),
+        "environment": run.environment,
+    }
+    _write(run, progress, record, Path(out_dir), checkpoint_dir)
+    return record
+
+
+def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[str, Any],
+           settings: TrainSettings, stage: int | None, stage1_model: Path | None,
+           pseudo_masks: Path | None) -> _Run:
+    """Device, data, model, optimiser and the run's fingerprint; a setting this machine cannot follow or
+    a wrong first-stage model fails here, before any training."""
+    # Device, scan and precision first: the log's first line says what runs.
     device = resolve_device(settings.device)
     scan = select_scan(settings.scan, device)
     precision = resolve_precision(settings.precision, device)
@@ -396,7 +451,6 @@ def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint
     train_loader, select_loader, seeded, order = _loaders(index, spec, supervision, settings, seed,
                                                          settings.workers, pin=device.type == "cuda",
                                                          pseudo_masks=pseudo_masks)
-
     # A retrained first stage (new weights, new pseudo masks) must not resume an old second stage, nor
     # an optimiser state of another parameter-group layout (load_state_dict would refuse it).
     fingerprint = {"method": method, "stage": stage, "dataset": dataset, "seed": seed, "hparams": hparams,
@@ -404,81 +458,83 @@ def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint
                    "stage1_sha256": sha256(stage1_model) if stage1 is not None else None,
                    "optimiser_groups": [[group["weight_decay"], len(group["params"])]
                                         for group in optimiser.param_groups]}
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    best = {"epoch": 0, "val_mIoU": float("-inf")}
-    start_epoch, seconds_before = 1, 0.0
-    state, resumed_from = _resume_state(checkpoint_dir, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        restore_rng_state(state["rng"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        seconds_before = state["train_seconds"]
-        log.info("resuming from %s after epoch %d", resumed_from, state["epoch"])
+    return _Run(model, optimiser, train_loader, select_loader, seeded, order, device, precision, channels_last,
+                settings, hparams, supervision, environment, fingerprint)
 
-    started = time.time()
+
+def _resume(run: _Run, checkpoint_dir: Path) -> _Progress:
+    """The progress of the checkpoint of this exact run in ``checkpoint_dir``, its weights, optimiser
+    and random state restored into ``run``; a fresh start when there is none."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state, resumed_from = _resume_state(checkpoint_dir, run.fingerprint)
+    if state is None:
+        return _Progress()
+    run.model.load_state_dict(state["model"])
+    run.optimiser.load_state_dict(state["optimiser"])
+    restore_rng_state(state["rng"])
+    log.info("resuming from %s after epoch %d", resumed_from, state["epoch"])
+    return _Progress(state["history"], state["best"], state["epoch"] + 1, state["train_seconds"])
+
+
+def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, dataset: str) -> None:
+    """Train from ``progress.start_epoch`` to the last epoch, selecting on val and writing a checkpoint
+    after every epoch; ``progress`` is updated in place. SIGTERM stops it between steps."""
+    epochs = run.settings.epochs
     with _noting_sigterm() as sigterm:
         try:
-            for epoch in range(start_epoch, settings.epochs + 1):
+            for epoch in range(progress.start_epoch, epochs + 1):
                 epoch_started = time.time()
-                seeded.set_epoch(epoch)
-                order.manual_seed(derived_seed(seed, epoch))
+                run.seeded.set_epoch(epoch)
+                run.order.manual_seed(derived_seed(seed, epoch))
                 # Per-epoch state derived from the weights (SC-CAM's clustering, WSSS-Tissue's dropout threshold);
                 # recomputed on resume from the restored checkpoint, so it is the same as without a kill.
-                if hasattr(model, "on_epoch_start"):
-                    model.on_epoch_start(epoch, train_loader, device, dataset)
-                row = _train_epoch(model, optimiser, train_loader, device, epoch, settings.epochs, channels_last,
-                                   precision, between_steps=sigterm.check)
-                meter = predict_split(model, select_loader, device, channels_last=channels_last, precision=precision)
+                if isinstance(run.model, EpochAware):
+                    run.model.on_epoch_start(epoch, run.train_loader, run.device, dataset)
+                row = _train_epoch(run.model, run.optimiser, run.train_loader, run.device, epoch, epochs,
+                                   run.channels_last, run.precision, between_steps=sigterm.check)
+                meter = predict_split(run.model, run.select_loader, run.device, channels_last=run.channels_last,
+                                      precision=run.precision)
                 scores = meter.summary()["ignore_background"]
                 row.update(val_mIoU=scores["mIoU"], val_mDice=scores["mDice"])
-                history.append(row)
-                previous_best_epoch = best["epoch"]
+                progress.history.append(row)
+                previous_best_epoch = progress.best["epoch"]
                 # The first epoch is always kept, so a run whose val mIoU is nan still has a model.
-                improved = best["epoch"] == 0 or scores["mIoU"] > best["val_mIoU"]
+                improved = progress.best["epoch"] == 0 or scores["mIoU"] > progress.best["val_mIoU"]
                 if improved:
-                    best = {"epoch": epoch, "val_mIoU": scores["mIoU"]}
-                    atomic_torch_save(model.state_dict(), _best_path(checkpoint_dir, epoch))
-                seconds_before += time.time() - epoch_started
+                    progress.best = {"epoch": epoch, "val_mIoU": scores["mIoU"]}
+                    atomic_torch_save(run.model.state_dict(), _best_path(checkpoint_dir, epoch))
+                progress.train_seconds += time.time() - epoch_started
                 _save_checkpoint(checkpoint_dir, {
-                    "model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
-                    "best": best, "history": history, "rng": rng_state(), "train_seconds": seconds_before,
-                    "fingerprint": fingerprint}, previous_best_epoch)
+                    "model": run.model.state_dict(), "optimiser": run.optimiser.state_dict(), "epoch": epoch,
+                    "best": progress.best, "history": progress.history, "rng": rng_state(),
+                    "train_seconds": progress.train_seconds, "fingerprint": run.fingerprint}, previous_best_epoch)
                 log.info("epoch %d/%d loss %.4f val mIoU %.4f%s  %.1f img/s  %.1f s  peak %.0f MB", epoch,
-                         settings.epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
+                         epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
                          row["images_per_s"], row["seconds"], row["peak_memory_mb"])
                 sigterm.check()
         except TrainingInterrupted as interrupted:
-            done = history[-1]["epoch"] if history else 0
+            done = progress.history[-1]["epoch"] if progress.history else 0
             message = (f"{interrupted}: stopped during epoch {done + 1}; "
                        + (f"{checkpoint_dir / 'last.pt'} holds epoch {done}, a rerun resumes from it"
                           if done else "no epoch was complete, a rerun starts from scratch"))
             log.error(message)
             raise TrainingInterrupted(interrupted.signum, message) from None
 
-    out_dir = Path(out_dir)
-    record = {
-        "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": supervision,
-        "hparams": hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks,
-        "settings": asdict(settings), "data_root": str(data_root),
-        "checkpoint_dir": str(checkpoint_dir), "resumed_after_epoch": start_epoch - 1,
-        "best_epoch": best["epoch"], "best_val_mIoU": best["val_mIoU"],
-        "train_images": len(train_loader.dataset),
-        "wall_seconds_this_run": round(time.time() - started, 2),
-        "train_seconds_all_epochs": round(seconds_before, 2),
-        "environment": environment,
-    }
+
+def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoint_dir: Path) -> None:
+    """``model.pt`` (the best epoch's weights), ``history.csv`` and ``run.json`` (``record``) into
+    ``out_dir``; then the finished run's checkpoints are removed."""
+    best = progress.best
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
+    fingerprint = run.fingerprint
     # Tensors and plain data only: model.pt loads with weights_only=True (pathmamba.runtime.load_torch_file).
-    metadata = plain_data({"method": method, "stage": stage, "hparams": hparams, "dataset": dataset, "seed": seed,
-                           "settings": asdict(settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"]})
+    metadata = plain_data({"method": fingerprint["method"], "stage": fingerprint["stage"], "hparams": run.hparams,
+                           "dataset": fingerprint["dataset"], "seed": fingerprint["seed"],
+                           "settings": asdict(run.settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"]})
     atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / "model.pt")
-    atomic_write_text(out_dir / "history.csv", _csv(history))
+    atomic_write_text(out_dir / "history.csv", _csv(progress.history))
     atomic_write_json(out_dir / "run.json", record)
     _remove_checkpoints(checkpoint_dir)
-    return record
 
 
 def _remove_checkpoints(checkpoint_dir: Path) -> None:

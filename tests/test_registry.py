@@ -1,0 +1,70 @@
+"""The registry: its factory, and the method contract (pathmamba/registry.py's protocols) for every entry."""
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from pathmamba import registry
+from pathmamba.registry import (
+    EpochAware,
+    FirstStage,
+    Method,
+    MethodSpec,
+    SecondStage,
+    build_method,
+    get_spec,
+    method_names,
+    two_stage_methods,
+)
+
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+BUILDS = [(name, None) for name in method_names()] + [(name, 1) for name in two_stage_methods()]
+
+
+def demo_hparams(name: str, stage: int | None) -> dict:
+    entry = DEMO["methods"][name]
+    return (entry.get("stage1", {}) if stage == 1 else entry).get("hparams", {})
+
+
+@pytest.mark.parametrize(("name", "stage"), BUILDS)
+def test_every_registered_model_follows_its_protocol(name, stage):
+    model = build_method(name, num_classes=4, stage=stage, **demo_hparams(name, stage))
+    assert isinstance(model, torch.nn.Module)
+    assert isinstance(model, Method)
+    if stage == 1:
+        assert isinstance(model, FirstStage)
+        assert len(model.pseudo_mask_names) >= 1
+    elif name in two_stage_methods():
+        assert isinstance(model, SecondStage)
+    else:
+        assert not isinstance(model, FirstStage)
+
+
+def test_methods_with_epoch_state_are_the_reclustering_and_dropout_ones():
+    """The engine calls on_epoch_start only where a method has one: exactly these."""
+    aware = sorted(f"{name}/stage{stage}" if stage else name for name, stage in BUILDS
+                   if isinstance(build_method(name, 4, stage, **demo_hparams(name, stage)), EpochAware))
+    assert aware == ["sc-cam", "wsss-tissue/stage1"]
+
+
+class NoPredict(torch.nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+
+    def loss(self, images, targets):
+        return images.sum(), {}
+
+
+def test_a_model_without_predict_is_refused_naming_builder_and_protocol(monkeypatch):
+    monkeypatch.setitem(registry.METHODS, "broken", MethodSpec(f"{__name__}:NoPredict"))
+    with pytest.raises(TypeError, match=r"test_registry:NoPredict built NoPredict, which does not follow the "
+                                        r"Method protocol"):
+        build_method("broken", num_classes=4)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(KeyError, match="registered methods: .*pathmamba-b-miml"):
+        get_spec("pathmamba-c")
+    with pytest.raises(ValueError, match="methods with a first stage .*wsss-tissue"):
+        get_spec("cam", stage=1)
