@@ -260,7 +260,7 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
                for method in methods for stage in stages[method]}
     overrides = {key: value for key, value in (("scan", scan), ("precision", precision)) if value is not None}
     settings = {key: TrainSettings(**{**train_settings(config, *key), **overrides}) for key in hparams}
-    for (method, stage), method_settings in settings.items():
+    for (method, _), method_settings in settings.items():
         try:
             select_scan(method_settings.scan, torch_device)
             resolve_precision(method_settings.precision, torch_device)

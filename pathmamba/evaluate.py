@@ -137,7 +137,7 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
                         num_workers=workers, pin_memory=torch_device.type == "cuda")
 
     def save_masks(indices: list[int], predicted: torch.Tensor, truth: torch.Tensor) -> None:
-        for i, pred, gt in zip(indices, predicted, truth):
+        for i, pred, gt in zip(indices, predicted, truth, strict=True):
             if i < n_masks and masks_dir is not None:
                 shown = torch.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred).numpy()
                 save_palette_mask(shown, spec.flat_palette, Path(masks_dir) / names[i])

@@ -114,7 +114,7 @@ class SegmentationMeter:
             row = {"image": names[i] if names else str(len(self.rows))}
             row.update({metric: scores[metric] for metric in METRICS})
             row["pixels"] = int(cm.sum())
-            row.update(zip(confusion_columns(self.num_classes), cm.long().reshape(-1).tolist()))
+            row.update(zip(confusion_columns(self.num_classes), cm.long().reshape(-1).tolist(), strict=True))
             self.rows.append(row)
 
     def summary(self) -> dict:

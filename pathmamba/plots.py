@@ -96,7 +96,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
         axis.set_yticks([])
     titles = ["image", "ground truth"] + [method if seed is None else f"{method} (seed {seed})"
                                           for method, seed in columns]
-    for axis, title in zip(axes[0], titles):
+    for axis, title in zip(axes[0], titles, strict=True):
         axis.set_title(title, fontsize=6)
     if not test:
         _nothing_to_show(axes[0, 0], f"no test images in {data_root}")
@@ -111,7 +111,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
             else:
                 _nothing_to_show(axes[row, col], "not run" if seed is None else "mask not saved")
     handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="0.3", label=name)
-               for name, rgb in zip([*spec.classes, "background (not scored)"], spec.palette)]
+               for name, rgb in zip([*spec.classes, "background (not scored)"], spec.palette, strict=True)]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=6, frameon=False)
     return save_figure(figure, stem, tight=False)
 
@@ -124,7 +124,7 @@ def seed_spread(metrics: pd.DataFrame, paper: dict, datasets: list[str], methods
     figure, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 0.75 * len(methods) * len(datasets), 3.4),
                                 squeeze=False)
     colours = _method_colours(methods)
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=True):
         frame = metrics[(metrics["dataset"] == dataset) & metrics["method"].isin(methods)]
         if frame.empty:
             _nothing_to_show(axis, "no finished runs")
@@ -137,7 +137,7 @@ def seed_spread(metrics: pd.DataFrame, paper: dict, datasets: list[str], methods
             reported = [(i, paper.get(dataset, {}).get(method, {}).get(metric)) for i, method in enumerate(order)]
             reported = [(i, value) for i, value in reported if value is not None]
             if reported:
-                axis.plot(*zip(*reported), **PAPER_MARKER, label="paper")
+                axis.plot(*zip(*reported, strict=True), **PAPER_MARKER, label="paper")
                 axis.legend(fontsize=7, loc="lower right")
             axis.tick_params(axis="x", rotation=45, labelsize=7)
             for label in axis.get_xticklabels():
@@ -157,7 +157,7 @@ def ablation_steps(metrics: pd.DataFrame, paper: dict, datasets: list[str], vari
     figure, axes = plt.subplots(1, len(datasets), figsize=(1.5 + 1.0 * max(len(variants), 2) * len(datasets), 3.4),
                                 squeeze=False)
     positions = np.arange(len(variants))
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=True):
         frame = metrics[(metrics["dataset"] == dataset) & metrics["method"].isin(variants)]
         if frame.empty:
             _nothing_to_show(axis, "no finished ablation runs" if variants else "no ablation variants configured")
@@ -255,7 +255,7 @@ def compute_cost(benchmarks: pd.DataFrame, datasets: list[str], methods: list[st
     figure, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 0.7 * len(methods) * len(datasets), 3.4),
                                 squeeze=False)
     colours = _method_colours(methods)
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=True):
         frame = benchmarks[benchmarks["dataset"] == dataset]
         if frame.empty:
             _nothing_to_show(axis, "no benchmark files")

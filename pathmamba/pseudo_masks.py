@@ -123,7 +123,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         for images, labels in loader:
             with autocast(torch_device, precision):
                 masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec.name)
-            for kind, kind_masks in zip(kinds, masks):
+            for kind, kind_masks in zip(kinds, masks, strict=True):
                 for offset, mask in enumerate(kind_masks.cpu().numpy()):
                     save_palette_mask(mask, spec.flat_palette, building / kind / names[done + offset])
             done += len(images)

@@ -123,7 +123,7 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
 def _changeable(key: str) -> bool:
     parts = key.split(".")
     return any(len(parts) >= len(pattern.split(".")) and
-               all(want in ("*", got) for want, got in zip(pattern.split("."), parts))
+               all(want in ("*", got) for want, got in zip(pattern.split("."), parts, strict=False))
                for pattern in CHANGEABLE)
 
 

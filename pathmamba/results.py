@@ -60,7 +60,7 @@ def load_per_class_iou(paths: list[Path], protocol: str = "ignore_background") -
     rows = []
     for path in paths:
         record = json.loads(Path(path).read_text())
-        for name, value in zip(record["classes"], record["protocols"][protocol]["per_class"]["IoU"]):
+        for name, value in zip(record["classes"], record["protocols"][protocol]["per_class"]["IoU"], strict=True):
             rows.append({"dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
                          "class": name, "IoU": value})
     return pd.DataFrame(rows, columns=["dataset", "method", "seed", "class", "IoU"])

@@ -89,5 +89,5 @@ def test_meter_accumulates_over_batches_like_one_batch():
 
 
 def test_out_of_range_prediction_is_an_error():
-    with pytest.raises(ValueError, match="0..3"):
+    with pytest.raises(ValueError, match=r"0\.\.3"):
         confusion_matrix(torch.tensor([5]), torch.tensor([0]))

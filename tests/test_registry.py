@@ -64,7 +64,7 @@ def test_a_model_without_predict_is_refused_naming_builder_and_protocol(monkeypa
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(KeyError, match="registered methods: .*pathmamba-b-miml"):
+    with pytest.raises(KeyError, match=r"registered methods: .*pathmamba-b-miml"):
         get_spec("pathmamba-c")
-    with pytest.raises(ValueError, match="methods with a first stage .*wsss-tissue"):
+    with pytest.raises(ValueError, match=r"methods with a first stage .*wsss-tissue"):
         get_spec("cam", stage=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_effective_config_must_stay_inside_the_folder_and_download_nothing():
     with pytest.raises(RehearsalError, match="resources_dir: '/shared/resources'"):
         check_effective_config(escaping, REHEARSAL["archives"])
     downloading = apply_overlay(PAPER, {**REHEARSAL["config"], "datasets": {}})
-    with pytest.raises(RehearsalError, match="datasets.luad-histoseg: {'source': 'gdrive'}"):
+    with pytest.raises(RehearsalError, match=re.escape("datasets.luad-histoseg: {'source': 'gdrive'}")):
         check_effective_config(downloading, REHEARSAL["archives"])
 
 
@@ -234,5 +235,5 @@ def test_pathmamba_variants_without_the_miml_branch_name_no_weights_file():
     tiny = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "decoder_dim": 8}
     for method in ("pathmamba-b", "pathmamba-b-cmb"):
         build_method(method, 4, **tiny, **method_hparams(PAPER, method))
-        with pytest.raises(ValueError, match="pretrained='resources/weights/resnet50-imagenet.pth' is invalid"):
+        with pytest.raises(ValueError, match=re.escape("pretrained='resources/weights/resnet50-imagenet.pth' is invalid")):
             build_method(method, 4, **tiny, pretrained="resources/weights/resnet50-imagenet.pth")

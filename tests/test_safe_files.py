@@ -80,7 +80,7 @@ def test_pseudo_masks_refuse_a_foreign_folder_and_replace_their_own(stage1_model
 
     # Our output with a user's file added is no longer only ours: refused, left as it is.
     (fresh / "notes.txt").write_text("added by hand")
-    with pytest.raises(FileSafetyError, match="holds notes.txt besides the pseudo masks"):
+    with pytest.raises(FileSafetyError, match=r"holds notes\.txt besides the pseudo masks"):
         write_pseudo_masks(stage1_model, data_root, fresh, device="cpu")
     assert (fresh / "notes.txt").read_text() == "added by hand"
 

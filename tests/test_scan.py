@@ -53,8 +53,8 @@ def run(fn, inputs, use, softplus, last_state, **kw):
     loss = (y * w).sum() + (last.square().sum() if last is not None else 0)
     # allow_unused: at L = 1 the state starts at zero, so A has no effect and a zero gradient
     grads = torch.autograd.grad(loss, list(ts.values()), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ts.values(), grads)]
-    return y, last, dict(zip(ts, grads))
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ts.values(), grads, strict=True)]
+    return y, last, dict(zip(ts, grads, strict=True))
 
 
 SHAPES = [  # Bsz, D, L, N, G

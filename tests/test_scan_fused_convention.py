@@ -243,14 +243,14 @@ def test_ungrouped_B_C_and_the_gate_z_through_mamba_ssm(kernel):
         y = scan_fn(*leaves[:5], z=leaves[5])
         results.append([y, *torch.autograd.grad(y, leaves, torch.ones_like(y))])
     assert kernel.calls == {"fwd": 1, "bwd": 1}
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_path_casts_to_the_dtypes_the_kernel_checks(kernel, mamba_selective_scan_fn):
     u, delta = torch.randn(1, 4, 6, dtype=torch.bfloat16), torch.randn(1, 4, 6)  # as at dt_rank 1
     A, B, C = -torch.rand(4, 3), torch.randn(1, 2, 3, 6, dtype=torch.bfloat16), torch.randn(1, 2, 3, 6)
-    with pytest.raises(RuntimeError, match="delta is torch.float32"):
+    with pytest.raises(RuntimeError, match=r"delta is torch\.float32"):
         mamba_selective_scan_fn(u, delta, A, B, C)
     y = scan._run_scan("fused", u, delta, A, B, C, delta_softplus=True)
     want = selective_scan_chunked(u, delta.bfloat16(), A, B, C.bfloat16(), delta_softplus=True)

@@ -185,7 +185,7 @@ def test_slurm_profile_runs_the_grid_with_gpu_requests_and_resumes_a_cancelled_j
     on_slurm = read_rows(tmp_path / "slurm" / TARGET)
     local = read_rows(tmp_path / "local" / TARGET)
     print("comparison.csv, SLURM run (seed 0 cancelled and resumed) vs local uninterrupted run:")
-    for (dataset, method, row), (_, _, local_row) in zip(on_slurm, local):
+    for (dataset, method, row), (_, _, local_row) in zip(on_slurm, local, strict=True):
         print(f"  {dataset} {method}: mIoU {row['mIoU_mean']} vs {local_row['mIoU_mean']}, "
               f"mDice {row['mDice_mean']} vs {local_row['mDice_mean']}")
     assert [key[:2] for key in on_slurm] == [("synthetic-luad", "cam"), ("synthetic-luad", "trivial")]

@@ -55,12 +55,12 @@ def partial_run(tmp_path):
     """luad-histoseg: pathmamba 3 seeds (mIoU 0.5/0.6/0.7), cam only seeds 0 and 1, pathmamba-b none."""
     run_dir = tmp_path / "results" / "r"
     images = ["i0.png", "i1.png", "i2.png", "i3.png"]
-    for seed, value in zip((0, 1, 2), (0.5, 0.6, 0.7)):
+    for seed, value in zip((0, 1, 2), (0.5, 0.6, 0.7), strict=True):
         write_run(run_dir, "luad-histoseg", "pathmamba", seed,
                   scores_of(value, mDice=0.8 + 0.01 * seed, IoU=[value, value + 0.1, value - 0.1, value]),
                   per_image={name: value + 0.1 * i for i, name in enumerate(images)},
                   with_background={"mIoU": value / 2})
-    for seed, value in zip((0, 1), (0.3, 0.4)):
+    for seed, value in zip((0, 1), (0.3, 0.4), strict=True):
         write_run(run_dir, "luad-histoseg", "cam", seed, scores_of(value),
                   per_image={name: value for name in images})
     write_run(run_dir, "luad-histoseg", "trivial", None, scores_of(0.2), per_image={name: 0.2 for name in images})

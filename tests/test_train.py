@@ -183,7 +183,7 @@ def test_fetch_weights_rejects_a_file_that_is_not_torchvisions(loopback_url, tmp
 
 
 def test_missing_weights_file_is_an_error_not_a_random_init(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights file .*missing.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"pretrained weights file .*missing\.pth does not exist"):
         build_resnet("resnet18", pretrained=str(tmp_path / "missing.pth"))
 
 

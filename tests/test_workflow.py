@@ -70,7 +70,7 @@ def test_pipeline_end_to_end_on_tiny_synthetic_data(tmp_path, snakemake_bin, wor
         rows = list(csv.DictReader(handle))
     cells = {(row["dataset"], row["method"]): row for row in rows}
     assert set(cells) == {(d, m) for d in TINY["datasets"] for m in ("cam", "trivial")}
-    for (dataset, method), row in cells.items():
+    for (_, method), row in cells.items():
         assert int(row["n_seeds"]) == (2 if method == "cam" else 1)
         for metric in ("mDice", "mIoU", "mPrecision", "mRecall"):
             assert 0.0 <= float(row[f"{metric}_mean"]) <= 1.0

@@ -43,11 +43,11 @@ class MIMLBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         size = x.shape[-2:]
         sides = []
-        for stage, classifier in zip(self.stages, self.side_classifiers):
+        for stage, classifier in zip(self.stages, self.side_classifiers, strict=True):
             x = stage(x)
             # Logits leave in float32: under bf16 autocast the upsampling and the weighted sum would
             # round them to bf16 once more (no-op casts in float32).
             logits = classifier(x).float()
             sides.append(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
-        fused = sum(w * s for w, s in zip(self.side_weights, sides))
+        fused = sum(w * s for w, s in zip(self.side_weights, sides, strict=True))
         return fused, sides

@@ -73,7 +73,7 @@ class MLPDecoder(nn.Module):
         size = feats[0].shape[1:3]
         ups = [
             F.interpolate(proj(f).permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
-            for proj, f in zip(self.proj, feats)
+            for proj, f in zip(self.proj, feats, strict=True)
         ]
         x = self.fuse(torch.cat(ups, dim=1).permute(0, 2, 3, 1))
         return self.classifier(F.gelu(self.norm(x))).permute(0, 3, 1, 2)
@@ -197,7 +197,7 @@ class PathMamba(nn.Module):
         y2, feats = self._cmb(images, saliency)
         stages = None
         if self.stage_classifiers is not None:
-            stages = [cls(f).permute(0, 3, 1, 2) for cls, f in zip(self.stage_classifiers, feats)]
+            stages = [cls(f).permute(0, 3, 1, 2) for cls, f in zip(self.stage_classifiers, feats, strict=True)]
         return {"y1": y1, "sides": sides, "y2": y2, "stages": stages}
 
     def pixel_probs(self, out: dict) -> torch.Tensor:
@@ -221,9 +221,9 @@ class PathMamba(nn.Module):
         parts = {"bce": main.item()}
         if not self.use_dcl:
             return main, parts
-        deep = list(zip(self.dcl_stage_weights, out["stages"]))
+        deep = list(zip(self.dcl_stage_weights, out["stages"], strict=True))
         if out["sides"] is not None:
-            deep += zip(self.dcl_miml_weights, out["sides"])
+            deep += zip(self.dcl_miml_weights, out["sides"], strict=True)
         dcl = sum(w * bce(gm_pool(probabilities(s), self.gm_r), targets) for w, s in deep)
         parts["dcl"] = dcl.item()
         return main + dcl, parts

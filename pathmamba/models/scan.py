@@ -167,7 +167,7 @@ def _chunk_inputs(A, delta_c, u_c, B_c, G):
 def _scan_states(dA, dBu, x0):
     """In place: dBu[t] <- dA[t] * x_{t-1} + dBu[t], i.e. dBu becomes the states x_t of the chunk."""
     x = x0
-    for a_t, x_t in zip(dA.unbind(0), dBu.unbind(0)):
+    for a_t, x_t in zip(dA.unbind(0), dBu.unbind(0), strict=True):
         x_t.addcmul_(a_t, x)
         x = x_t
     return dBu
@@ -431,7 +431,7 @@ def compare_fused_with_fallback(
         leaves = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
         y = _run_scan(implementation, **leaves, delta_softplus=True)
         grads = torch.autograd.grad((y.float() * weight).sum(), list(leaves.values()))
-        results[implementation] = {"y": y.detach(), **{f"d{k}": g for k, g in zip(leaves, grads)}}
+        results[implementation] = {"y": y.detach(), **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
     fused, fallback = results["fused"], results["pytorch"]
     return {
         k: ((fused[k].float() - fallback[k].float()).abs().max() / fallback[k].float().abs().max()).item()
