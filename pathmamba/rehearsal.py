@@ -217,13 +217,12 @@ def weights_files(config: dict[str, Any]) -> dict[str, str]:
 
 
 def write_random_weights(path: Path, backbone: str) -> None:
-    """torchvision's ``backbone`` with random weights, its state dict saved at ``path``: the exact keys and
-    shapes of the ImageNet file, so that the real loading code runs."""
-    from pathmamba.models.backbones import RESNETS
+    """``backbone`` with random weights, its state dict saved at ``path``: the exact keys and shapes of
+    torchvision's ImageNet file (tests/test_backbones.py), so that the real loading code runs."""
+    from pathmamba.models.backbones import build_resnet
     from pathmamba.runtime import atomic_torch_save
 
-    factory, _ = RESNETS[backbone]
-    atomic_torch_save(factory(weights=None).state_dict(), Path(path))
+    atomic_torch_save(build_resnet(backbone).state_dict(), Path(path))
 
 
 def write_archive(archive: Path, dataset: str, n_train: int, n_val: int, n_test: int, seed: int,
