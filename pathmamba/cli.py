@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from pathmamba import __version__
+
 
 def _json_object(text: str) -> dict:
     try:
@@ -43,16 +45,19 @@ def _add_make_demo_data(commands) -> None:
 
 
 def _add_train(commands) -> None:
+    from pathmamba.data.specs import dataset_names
+    from pathmamba.registry import method_names
     from pathmamba.train import TrainSettings
 
     defaults = TrainSettings()
     parser = commands.add_parser("train", help="train one method on one dataset with one seed")
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--method", required=True, choices=method_names())
+    parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for model.pt, history.csv, run.json")
     parser.add_argument("--checkpoint-dir", required=True, type=Path,
                         help="folder for the resumable checkpoint (kept outside workflow outputs)")
+    _add_validated_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hparams", type=_json_object, default={}, help="model keywords as a JSON object")
     parser.add_argument("--settings", type=_json_object, default={},
@@ -71,6 +76,7 @@ def _add_pseudo_masks(commands) -> None:
     parser.add_argument("--model", required=True, type=Path, help="the first stage's model.pt")
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="the pseudo-mask folder to create")
+    _add_validated_argument(parser)
     _add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -88,11 +94,18 @@ def _add_device_arguments(parser) -> None:
                         help="bf16 autocast or fp32 (default: the precision the model was trained with)")
 
 
+def _add_validated_argument(parser) -> None:
+    parser.add_argument("--validated", type=Path, default=None,
+                        help="the dataset's validation report (validate-dataset --out): refuse data whose files "
+                             "changed since")
+
+
 def _add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="evaluate a trained model on the test split")
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for test_metrics.json, per_image.csv")
+    _add_validated_argument(parser)
     parser.add_argument("--masks-dir", type=Path, default=None)
     parser.add_argument("--n-masks", type=int, default=4)
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
@@ -102,11 +115,38 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--threads", type=int, default=None)
 
 
+def _add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="segment your own images with a trained model: palette masks, "
+                                                 "overlays and class shares (large images in tiles)")
+    parser.add_argument("--model", required=True, type=Path, help="a model.pt or a folder written by `export`")
+    parser.add_argument("--input", required=True, type=Path,
+                        help="an image (PNG, JPEG, TIFF, BMP) or a folder of them")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the folder to create (an existing one only if empty or an earlier prediction)")
+    _add_device_arguments(parser)
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=16, help="tiles per forward pass")
+    parser.add_argument("--tile-size", type=_int_at_least(8), default=None,
+                        help="square tiles of this side instead of the model's training size (needed for "
+                             "models that do not record it)")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser("export", help="write a trained model as safetensors weights and a JSON model card")
+    parser.add_argument("--model", required=True, type=Path, help="the model.pt (run.json, test_metrics.json "
+                                                                  "beside it go into the card)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the folder to create (an existing one only if empty or an earlier export)")
+
+
 def _add_trivial(commands) -> None:
+    from pathmamba.data.specs import dataset_names
+
     parser = commands.add_parser("evaluate-trivial", help="score the trivial one-class-per-image reference")
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    _add_validated_argument(parser)
 
 
 def _add_doctor(commands) -> None:
@@ -186,6 +226,7 @@ def _grid_arguments(args) -> dict:
     import yaml
 
     from pathmamba.config import grid_datasets, grid_methods
+    from pathmamba.runtime import InputError
 
     config = yaml.safe_load(args.configfile.read_text()) if args.configfile else {}
     resources = config.get("resources_dir", "resources")
@@ -203,6 +244,16 @@ def _grid_arguments(args) -> dict:
     missing = [key for key in ("run_dir", "datasets", "methods", "seeds") if not grid[key]]
     if missing:
         raise SystemExit(f"{args.command}: give --configfile or --{', --'.join(k.replace('_', '-') for k in missing)}")
+    for key in ("datasets", "methods", "seeds"):
+        # A seed given twice would count as two finished runs: "3 seeds, ± 0.000" from one run.
+        repeated = sorted({str(value) for value in grid[key] if grid[key].count(value) > 1})
+        if repeated:
+            given = f"--{key}" if getattr(args, key) else f"{args.configfile}: {key}"
+            raise InputError(f"{given}: {', '.join(repeated)} given more than once; each must be unique")
+    if not Path(run_dir).is_dir():
+        # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
+        given = "--run-dir" if args.run_dir else f"{args.configfile}: results_dir/run"
+        raise InputError(f"{given}: {run_dir} is not a folder; expected results/<run> holding runs/")
     return grid
 
 
@@ -303,30 +354,61 @@ def _claim_gpu(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathmamba", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected error (a bad file or argument) too")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
                 _add_trivial, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures,
-                _add_readme, _add_fetch_weights, _add_rehearse):
+                _add_readme, _add_fetch_weights, _add_rehearse, _add_predict, _add_export):
         add(commands)
     return parser
 
 
+#: Exit status of an expected error (a bad file or argument), the one argparse uses for a bad argument.
+EXIT_INPUT = 2
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can fix, each raised with a message naming the file or argument at fault."""
+    from pathmamba.config import ConfigError
+    from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, DownloadFailed
+    from pathmamba.data.readers import DatasetLayoutError, LabelError, MaskError
+    from pathmamba.data.validate import DatasetInvalid
+    from pathmamba.runtime import FileSafetyError, InputError
+
+    return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
+            ArchiveError, ChecksumMismatch, DownloadFailed, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from pathmamba.runtime import FileSafetyError
-
-    try:
-        return _main(argv)
-    except FileSafetyError as error:
-        # A refusal that protects files (a foreign folder or file, a locked checkpoint folder): one line.
-        raise SystemExit(f"pathmamba: {error}") from None
-
-
-def _main(argv: list[str] | None) -> int:
+    """Run one command. An expected error ends it with its message on stderr and exit status 2, without a
+    traceback (``--debug`` keeps the traceback); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except SystemExit as exit_:
+        if args.debug or not isinstance(exit_.code, str):
+            raise
+        message = exit_.code  # raised with its message by a command's own checks
+    except expected_errors() as error:
+        if args.debug:
+            raise
+        message = f"pathmamba {args.command}: {error}"
+    print(message, file=sys.stderr)
+    raise SystemExit(EXIT_INPUT)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if getattr(args, "validated", None):
+        from pathmamba.data.validate import check_validated
+
+        check_validated(args.validated, args.data_root)
     if args.command in ("train", "evaluate", "pseudo-masks"):
         _claim_gpu(args)
     if args.command in ("download-dataset", "prepare-dataset", "validate-dataset"):
@@ -343,7 +425,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             settings = TrainSettings(**args.settings)
         except TypeError as error:
-            raise SystemExit(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}")
+            raise SystemExit(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}") from None
         try:
             train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed,
                   args.hparams, settings, args.stage, args.stage1_model, args.pseudo_masks)
@@ -363,6 +445,15 @@ def _main(argv: list[str] | None) -> int:
         from pathmamba.evaluate import evaluate_trivial
 
         evaluate_trivial(args.dataset, args.data_root, args.out)
+    elif args.command == "predict":
+        from pathmamba.predict import predict
+
+        predict(args.model, args.input, args.out, args.device, args.batch_size, args.tile_size, scan=args.scan,
+                precision=args.precision)
+    elif args.command == "export":
+        from pathmamba.export import export_model
+
+        export_model(args.model, args.out)
     elif args.command == "fetch-weights":
         from pathmamba.models.backbones import imagenet_weights_url
         from pathmamba.runtime import download_file

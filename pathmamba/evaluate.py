@@ -20,6 +20,7 @@ from pathmamba.metrics import SegmentationMeter
 from pathmamba.models.scan import select_scan
 from pathmamba.registry import build_method
 from pathmamba.runtime import (
+    ProgressLog,
     atomic_write_json,
     atomic_write_text,
     autocast,
@@ -136,7 +137,10 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
     loader = DataLoader(ImageMaskDataset(index.test, spec), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=torch_device.type == "cuda")
 
+    progress = ProgressLog(log, "test images", len(names))
+
     def save_masks(indices: list[int], predicted: torch.Tensor, truth: torch.Tensor) -> None:
+        progress.update(len(indices))
         for i, pred, gt in zip(indices, predicted, truth, strict=True):
             if i < n_masks and masks_dir is not None:
                 shown = torch.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred).numpy()

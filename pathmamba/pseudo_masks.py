@@ -26,7 +26,7 @@ from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
-from pathmamba.runtime import FileSafetyError, atomic_write_json, autocast
+from pathmamba.runtime import FileSafetyError, ProgressLog, atomic_write_json, autocast
 
 log = logging.getLogger("pathmamba.pseudo_masks")
 
@@ -119,6 +119,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         loader = DataLoader(ImageLabelDataset(index.train), batch_size=batch_size, shuffle=False,
                             num_workers=workers, pin_memory=torch_device.type == "cuda")
         names = [image.name for image, _ in index.train]
+        progress = ProgressLog(log, "training images", len(names))
         done = 0
         for images, labels in loader:
             with autocast(torch_device, precision):
@@ -127,6 +128,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
                 for offset, mask in enumerate(kind_masks.cpu().numpy()):
                     save_palette_mask(mask, spec.flat_palette, building / kind / names[done + offset])
             done += len(images)
+            progress.update(len(images))
         manifest = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
                     "masks": kinds, "images": done, "stage1_model": str(model_path),
                     "stage1_sha256": sha256(model_path), "environment": environment}

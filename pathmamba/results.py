@@ -15,6 +15,19 @@ import yaml
 
 from pathmamba.layout import TRIVIAL, run_path
 from pathmamba.metrics import METRICS, confusion_columns
+from pathmamba.runtime import InputError
+
+#: What to do about a damaged run file.
+RERUN = "delete it and run the job that writes it again"
+
+
+def read_run_json(path: Path) -> dict:
+    """A JSON file of a run (``test_metrics.json``, ``run.json``); a damaged one (a job killed while
+    writing it by hand, a disk that filled) raises :class:`InputError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable JSON file ({error}); {RERUN}") from None
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.D
     """One row per ``test_metrics.json``: dataset, method, seed and the four m-metrics of ``protocol``."""
     rows = []
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        record = read_run_json(path)
         scores = record["protocols"][protocol]
         rows.append({"dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
                      **{metric: scores[metric] for metric in METRICS}})
@@ -59,7 +72,7 @@ def load_per_class_iou(paths: list[Path], protocol: str = "ignore_background") -
     """One row per run and tissue class: dataset, method, seed, class (the dataset's name), IoU."""
     rows = []
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        record = read_run_json(path)
         for name, value in zip(record["classes"], record["protocols"][protocol]["per_class"]["IoU"], strict=True):
             rows.append({"dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
                          "class": name, "IoU": value})
@@ -71,7 +84,10 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     frames = []
     for run in runs.itertuples(index=False):
         path = Path(run.path) / "per_image.csv"
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not a readable CSV file ({error}); {RERUN}") from None
         lacking = [column for column in confusion_columns() if column not in frame]
         if lacking:
             raise ValueError(f"{path}: no per-image confusion matrix ({lacking[0]}, ...), which the split-level "
@@ -93,7 +109,7 @@ def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, str]]:
         parts = []
         for name in ("run.json", "test_metrics.json"):
             path = Path(run.path) / name
-            environment = json.loads(path.read_text()).get("environment", {}) if path.exists() else {}
+            environment = read_run_json(path).get("environment", {}) if path.exists() else {}
             parts.append("/".join(environment.get(key) or "unrecorded" for key in ("scan", "precision")))
         label = "scan/precision " + (parts[0] if parts[0] == parts[1] else f"{parts[0]} (train), {parts[1]} (test)")
         runtimes.setdefault((run.dataset, run.method), {})[int(run.seed)] = label

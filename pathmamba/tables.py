@@ -16,7 +16,6 @@ Tables written by :func:`write_tables` into ``<out_dir>``:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from pathmamba.results import (
     load_paper_results,
     load_per_class_iou,
     load_per_image,
+    read_run_json,
     run_runtimes,
 )
 from pathmamba.runtime import atomic_write_text
@@ -232,7 +232,7 @@ def ablation_weights_notes(runs: pd.DataFrame, methods: list[str]) -> list[str]:
         path = Path(run.path) / "run.json"
         if not path.exists():  # evaluated without a training record (hand-made run folders)
             continue
-        weights = json.loads(path.read_text()).get("hparams", {}).get("pretrained", "none")
+        weights = read_run_json(path).get("hparams", {}).get("pretrained", "none")
         starts.setdefault(run.method, set()).add("random" if weights == "none" else Path(weights).name)
     pretrained = [f"{method} ({', '.join(sorted(starts[method] - {'random'}))})" for method in methods
                   if starts.get(method, {"random"}) != {"random"}]
@@ -275,8 +275,12 @@ def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_r
     n_expected = len(grid.seeds)
     rows = [*grid.methods, TRIVIAL]
     source = paper.get("source", str(paper_path))
+    # Everything is read before anything is written: a damaged run file stops the command with the
+    # previous tables intact.
     primary = load_metrics(paths)
-    tables = {}
+    tables = {"per_class": per_class_table(runs, rows),
+              "statistics": statistics_table(runs, grid.datasets, rows, n_resamples, bootstrap_seed)}
+    with_background = load_metrics(paths, "with_background")
 
     tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
     has_paper = tables["table1"]["paper"].notna().any()
@@ -294,22 +298,20 @@ def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_r
     _write_results(tables["table2"], out_dir / "table2_ablation", "Table 2: ablation of PathMamba's components",
                    notes, latex=True, labels=labels, runs=runs)
 
-    tables["per_class"] = per_class_table(runs, rows)
     atomic_write_text(out_dir / "per_class_iou.csv", tables["per_class"].to_csv(index=False, float_format="%.6f"))
-    write_markdown(out_dir / "per_class_iou.md", markdown_per_class(tables["per_class"], grid.datasets, rows,
-                                                       PROTOCOL_NOTES["ignore_background"]),
-                    "Per-class IoU")
+    write_markdown(out_dir / "per_class_iou.md",
+                   markdown_per_class(tables["per_class"], grid.datasets, rows, PROTOCOL_NOTES["ignore_background"]),
+                   "Per-class IoU")
 
-    tables["sensitivity"] = results_table(load_metrics(paths, "with_background"), rows, grid.datasets, n_expected)
+    tables["sensitivity"] = results_table(with_background, rows, grid.datasets, n_expected)
     _write_results(tables["sensitivity"], out_dir / "sensitivity_with_background",
                    "Sensitivity: 5-class protocol (background kept)",
                    _footnotes(rows, "with_background", None, False), latex=False)
 
-    tables["statistics"] = statistics_table(runs, grid.datasets, rows, n_resamples, bootstrap_seed)
     atomic_write_text(out_dir / "statistics.csv", tables["statistics"].to_csv(index=False, float_format="%.6g"))
-    write_markdown(out_dir / "statistics.md", markdown_statistics(tables["statistics"], REFERENCE_METHOD, n_resamples,
-                                                                       bootstrap_seed),
-                    "Paired statistics")
+    write_markdown(out_dir / "statistics.md",
+                   markdown_statistics(tables["statistics"], REFERENCE_METHOD, n_resamples, bootstrap_seed),
+                   "Paired statistics")
 
     tables["comparison"] = write_comparison(paths, out_dir / "comparison.csv", out_dir / "comparison.md")
     return tables

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
+from pathmamba import __version__
 from pathmamba.data.acquire import sha256
 from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoMaskDataset
 from pathmamba.data.readers import index_dataset
@@ -61,6 +62,7 @@ from pathmamba.runtime import (
     derived_seed,
     describe_environment,
     environment_record,
+    format_duration,
     load_torch_file,
     plain_data,
     resolve_device,
@@ -76,6 +78,9 @@ log = logging.getLogger("pathmamba.train")
 #: Pixel-supervised methods train on val masks; this fixed split (independent of the run's seed) keeps
 #: a fifth of val aside for model selection, the same images for every seed.
 PIXEL_SPLIT_SEED = 0
+
+#: The least time between two progress lines of a training epoch in the log.
+PROGRESS_SECONDS = 10.0
 
 #: Settings that change speed but not results; a checkpoint written under other values still resumes.
 NOT_FINGERPRINTED = ("workers",)
@@ -401,6 +406,7 @@ def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint
     resumed_after_epoch = progress.start_epoch - 1
     _fit(run, progress, checkpoint_dir, seed, dataset)
     record = {
+        "pathmamba_version": __version__,
         "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": run.supervision,
         "hparams": run.hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks,
         "settings": asdict(run.settings), "data_root": str(data_root),
@@ -508,9 +514,10 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                     "model": run.model.state_dict(), "optimiser": run.optimiser.state_dict(), "epoch": epoch,
                     "best": progress.best, "history": progress.history, "rng": rng_state(),
                     "train_seconds": progress.train_seconds, "fingerprint": run.fingerprint}, previous_best_epoch)
-                log.info("epoch %d/%d loss %.4f val mIoU %.4f%s  %.1f img/s  %.1f s  peak %.0f MB", epoch,
-                         epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
-                         row["images_per_s"], row["seconds"], row["peak_memory_mb"])
+                log.info("epoch %d/%d loss %.4f val mIoU %.4f%s  %.1f img/s  %.1f s  peak %.0f MB  run ETA %s",
+                         epoch, epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
+                         row["images_per_s"], row["seconds"], row["peak_memory_mb"],
+                         format_duration(progress.train_seconds / epoch * (epochs - epoch)))
                 sigterm.check()
         except TrainingInterrupted as interrupted:
             done = progress.history[-1]["epoch"] if progress.history else 0
@@ -527,10 +534,13 @@ def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoi
     best = progress.best
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
     fingerprint = run.fingerprint
+    # The training images' (height, width): what `predict` tiles larger images into.
+    input_size = list(run.train_loader.dataset[0][0].shape[-2:])
     # Tensors and plain data only: model.pt loads with weights_only=True (pathmamba.runtime.load_torch_file).
     metadata = plain_data({"method": fingerprint["method"], "stage": fingerprint["stage"], "hparams": run.hparams,
                            "dataset": fingerprint["dataset"], "seed": fingerprint["seed"],
-                           "settings": asdict(run.settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"]})
+                           "settings": asdict(run.settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"],
+                           "input_size": input_size})
     atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / "model.pt")
     atomic_write_text(out_dir / "history.csv", _csv(progress.history))
     atomic_write_json(out_dir / "run.json", record)
@@ -558,6 +568,10 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     interactive = sys.stderr.isatty()
+    steps = len(loader)
+    # About ten lines per epoch in the log, none closer than PROGRESS_SECONDS: a long epoch is not silent,
+    # a short one adds nothing to its epoch line.
+    every, logged = max(1, steps // 10), started
     for step, batch in enumerate(loader, 1):
         images = batch[0].to(device, non_blocking=True)
         if channels_last:
@@ -573,8 +587,16 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
         for name, value in {"loss": float(loss.detach()), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value * len(images)
         if interactive:
-            print(f"\repoch {epoch}/{epochs} step {step}/{len(loader)} loss {float(loss):.4f}",
+            print(f"\repoch {epoch}/{epochs} step {step}/{steps} loss {float(loss):.4f}",
                   end="", file=sys.stderr, flush=True)
+        elif step % every == 0 and step < steps and time.time() - logged >= PROGRESS_SECONDS:
+            logged = time.time()
+            per_step = (logged - started) / step
+            # The run's ETA counts training steps only, at this epoch's pace (validation adds a little).
+            log.info("epoch %d/%d step %d/%d loss %.4f  %.1f img/s  epoch ETA %s  run ETA %s", epoch, epochs,
+                     step, steps, totals["loss"] / seen, seen / (logged - started),
+                     format_duration(per_step * (steps - step)),
+                     format_duration(per_step * (steps - step + (epochs - epoch) * steps)))
     if interactive:
         print(file=sys.stderr)
     seconds = time.time() - started

@@ -37,6 +37,20 @@ def workflow_env() -> dict:
     return env
 
 
+def cli_error(argv: list[str], capsys) -> str:
+    """The message of a CLI call that must end in an expected error: exit status 2 and no traceback.
+    Returns what it wrote to stderr, stripped."""
+    from pathmamba.cli import main
+
+    capsys.readouterr()  # what earlier calls wrote
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    message = capsys.readouterr().err.strip()
+    assert exited.value.code == 2, message
+    assert "Traceback" not in message
+    return message
+
+
 def train_like_the_workflow(method: str, dataset: str, data_root: Path, work: Path, entry: dict, settings,
                             seed: int = 0) -> dict:
     """Train ``method`` with its config ``entry`` (``hparams``, and ``stage1.hparams`` for a two-stage

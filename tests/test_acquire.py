@@ -57,7 +57,7 @@ def make_variant(canonical: Path, where: Path) -> Path:
 
 def assert_canonical(out: Path, canonical: Path) -> dict:
     """``out`` holds exactly the canonical files, pixel for pixel, masks in P mode; returns the manifest."""
-    assert _files(out) == sorted(_files(canonical) + ["manifest.json"])
+    assert _files(out) == sorted([*_files(canonical), "manifest.json"])
     for relative in _files(canonical):
         expected, found = Image.open(canonical / relative), Image.open(out / relative)
         assert found.mode == expected.mode, relative
@@ -172,18 +172,18 @@ def server():
 
 def test_interrupted_download_is_never_used_and_resumes(server, tmp_path):
     data = np.random.default_rng(0).bytes(TRANSFER_BYTES)
-    server.files["data.zip"] = data
-    dest = tmp_path / "downloads" / "data.zip"
+    server.files["data.bin"] = data
+    dest = tmp_path / "downloads" / "data.bin"
 
     server.cut_next_after = CUT_AFTER
     with pytest.raises(DownloadFailed, match="partial file kept for the next attempt to resume"):
-        download_file(server.url("data.zip"), dest, retries=0, timeout=10)
+        download_file(server.url("data.bin"), dest, retries=0, timeout=10)
     assert not dest.exists()
     [part] = partial_files(dest)
     kept = part.stat().st_size
     assert 0 < kept <= CUT_AFTER
 
-    assert download_file(server.url("data.zip"), dest, retries=0, timeout=10) == dest
+    assert download_file(server.url("data.bin"), dest, retries=0, timeout=10) == dest
     # gdown opens the file once without a range, then asks for the missing bytes.
     assert server.ranges == [None, None, f"bytes={kept}-"]
     assert dest.read_bytes() == data and not partial_files(dest)
@@ -191,16 +191,16 @@ def test_interrupted_download_is_never_used_and_resumes(server, tmp_path):
 
 def test_download_restarts_when_the_server_cannot_resume(server, tmp_path):
     data = np.random.default_rng(1).bytes(TRANSFER_BYTES)
-    server.files["data.zip"] = data
+    server.files["data.bin"] = data
     server.honour_range = False
-    dest = tmp_path / "data.zip"
+    dest = tmp_path / "data.bin"
     server.cut_next_after = CUT_AFTER
     with pytest.raises(DownloadFailed):
-        download_file(server.url("data.zip"), dest, retries=0, timeout=10)
+        download_file(server.url("data.bin"), dest, retries=0, timeout=10)
     [part] = partial_files(dest)
     kept = part.stat().st_size
 
-    assert download_file(server.url("data.zip"), dest, retries=0, timeout=10) == dest
+    assert download_file(server.url("data.bin"), dest, retries=0, timeout=10) == dest
     assert server.ranges == [None, None, f"bytes={kept}-", None]  # refused resume, then a fresh transfer
     assert dest.read_bytes() == data and not partial_files(dest)
 
@@ -217,7 +217,7 @@ def test_downloaded_archive_is_prepared_then_locked(server, canonical, tmp_path)
     downloaded.unlink()
     server.files["LUAD-HistoSeg.zip"] += b"\0"
     download_dataset(SPEC, folder, server.url("LUAD-HistoSeg.zip"))
-    with pytest.raises(ChecksumMismatch, match="LUAD-HistoSeg.zip: sha256"):
+    with pytest.raises(ChecksumMismatch, match=r"LUAD-HistoSeg\.zip: sha256"):
         prepare_dataset(SPEC, [downloaded], tmp_path / "second", lock)
     assert downloaded.exists() and not (tmp_path / "second").exists()
 

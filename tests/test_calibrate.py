@@ -4,10 +4,11 @@ import contextlib
 import io
 import json
 import math
+import re
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cli_error
 
 from pathmamba.calibrate import calibration_hparams
 from pathmamba.cli import main
@@ -62,13 +63,12 @@ def test_plan_uses_the_measured_file_and_falls_back_for_other_methods(calibrated
     assert rows["pathmamba"].endswith("| assumed (config; not measured) |")
 
 
-def test_missing_weights_file_is_an_error_before_any_measurement(tmp_path, monkeypatch):
+def test_missing_weights_file_is_an_error_before_any_measurement(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no resources/weights/ here
     config_path = REPO / "config" / "config.yaml"
     expected = (r"methods\.cam\.hparams\.pretrained: weights file 'resources/weights/resnet50-imagenet\.pth' "
                 r"does not exist.*--random-init")
-    with pytest.raises(SystemExit, match=expected):
-        main(["calibrate", "--configfile", str(config_path), "--device", "cpu"])
+    assert re.search(expected, cli_error(["calibrate", "--configfile", str(config_path), "--device", "cpu"], capsys))
     config = yaml.safe_load(config_path.read_text())
     second_stage = calibration_hparams(config, "wsss-tissue", None, random_init=True)
     assert second_stage["segmenter_pretrained"] == "none"
@@ -77,9 +77,9 @@ def test_missing_weights_file_is_an_error_before_any_measurement(tmp_path, monke
         calibration_hparams(config, "wsss-tissue", 1, random_init=False)
 
 
-def test_unconfigured_method_is_an_error_naming_it():
-    with pytest.raises(SystemExit, match="methods: sam not configured; configured methods: cam, gradcam"):
-        main(["calibrate", "--configfile", str(REPO / "config" / "demo.yaml"), "--methods", "sam"])
+def test_unconfigured_method_is_an_error_naming_it(capsys):
+    message = cli_error(["calibrate", "--configfile", str(REPO / "config" / "demo.yaml"), "--methods", "sam"], capsys)
+    assert "methods: sam not configured; configured methods: cam, gradcam" in message
 
 
 @pytest.mark.parametrize(("n_val", "val_fraction"), [(24, 0.2), (300, 0.2), (7, 0.5), (2, 0.1)])
@@ -91,11 +91,11 @@ def test_plan_counts_the_val_images_a_pixel_supervised_method_trains_on(n_val, v
     assert training_images(config, "synthetic-luad", "unet") == (len(fit), len(select))
 
 
-def test_a_scan_this_device_cannot_run_is_an_error_before_any_measurement(tmp_path):
+def test_a_scan_this_device_cannot_run_is_an_error_before_any_measurement(tmp_path, capsys):
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["train"]["scan"] = "fused"  # CUDA only; the demo trains on the CPU
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit, match=r"methods\.[a-z-]+: scan 'fused' on device 'cpu'.*--scan / --precision"):
-        main(["calibrate", "--configfile", str(config_path), "--out", str(tmp_path / "out.json")])
+    message = cli_error(["calibrate", "--configfile", str(config_path), "--out", str(tmp_path / "out.json")], capsys)
+    assert re.search(r"methods\.[a-z-]+: scan 'fused' on device 'cpu'.*--scan / --precision", message)
     assert not (tmp_path / "out.json").exists()

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_preempted_after
+from conftest import cli_error, train_preempted_after
 
-from pathmamba.cli import main as cli_main
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.pseudo_masks import write_pseudo_masks
 from pathmamba.runtime import FileSafetyError, load_torch_file
@@ -61,10 +60,8 @@ def test_pseudo_masks_refuse_a_foreign_folder_and_replace_their_own(stage1_model
     with pytest.raises(FileSafetyError, match=f"{out} exists and is not a pseudo-mask folder written by this tool"):
         write_pseudo_masks(stage1_model, data_root, out, device="cpu")
     # Through the CLI: one line, no traceback.
-    with pytest.raises(SystemExit) as refused:
-        cli_main(["pseudo-masks", "--model", str(stage1_model), "--data-root", str(data_root), "--out", str(out),
-                  "--device", "cpu"])
-    message = str(refused.value.code)
+    message = cli_error(["pseudo-masks", "--model", str(stage1_model), "--data-root", str(data_root), "--out",
+                         str(out), "--device", "cpu"], capsys)
     assert "\n" not in message and str(out) in message and "no pseudo-mask manifest.json" in message
     assert digests(out) == before
 
@@ -136,7 +133,7 @@ time.sleep(600)
 """
 
 
-def test_second_trainer_on_a_locked_checkpoint_folder_fails_at_once(data_root, tmp_path):
+def test_second_trainer_on_a_locked_checkpoint_folder_fails_at_once(data_root, tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     with checkpoint_lock(checkpoints):
         with pytest.raises(FileSafetyError, match=rf"{checkpoints / LOCK_FILE} is locked by another trainer .*"
@@ -152,12 +149,10 @@ def test_second_trainer_on_a_locked_checkpoint_folder_fails_at_once(data_root, t
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        with pytest.raises(SystemExit) as refused:
-            cli_main(["train", "--method", "cam", "--dataset", "synthetic-luad", "--data-root", str(data_root),
-                      "--out", str(tmp_path / "run"), "--checkpoint-dir", str(checkpoints), "--hparams",
-                      json.dumps(TINY_CAM), "--settings", json.dumps({"device": "cpu", "epochs": 1})])
+        message = cli_error(["train", "--method", "cam", "--dataset", "synthetic-luad", "--data-root", str(data_root),
+                             "--out", str(tmp_path / "run"), "--checkpoint-dir", str(checkpoints), "--hparams",
+                             json.dumps(TINY_CAM), "--settings", json.dumps({"device": "cpu", "epochs": 1})], capsys)
         assert time.monotonic() - started < 30
-        message = str(refused.value.code)
         assert "\n" not in message and str(checkpoints / LOCK_FILE) in message and f"pid {holder.pid}" in message
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -173,15 +168,14 @@ class NotPlainData:
     pass
 
 
-def test_a_file_that_is_not_ours_is_refused_in_one_line(tmp_path, data_root):
+def test_a_file_that_is_not_ours_is_refused_in_one_line(tmp_path, data_root, capsys):
     path = tmp_path / "model.pt"
     torch.save({"method": "cam", "payload": NotPlainData()}, path)
     with pytest.raises(FileSafetyError, match=f"{path}: not a model file of this tool") as refused:
         load_torch_file(path, "model file")
     assert "\n" not in str(refused.value)
-    with pytest.raises(SystemExit) as exited:
-        cli_main(["evaluate", "--model", str(path), "--data-root", str(data_root), "--out", str(tmp_path / "eval"),
-                  "--device", "cpu"])
-    assert "\n" not in str(exited.value.code) and f"{path}: not a model file of this tool" in str(exited.value.code)
+    message = cli_error(["evaluate", "--model", str(path), "--data-root", str(data_root), "--out",
+                         str(tmp_path / "eval"), "--device", "cpu"], capsys)
+    assert "\n" not in message and f"{path}: not a model file of this tool" in message
     with pytest.raises(FileNotFoundError):
         load_torch_file(tmp_path / "missing.pt", "model file")

@@ -28,7 +28,7 @@ RULES = REPO / "workflow" / "rules"
 # Options whose argument is a path (one each; --archive: one or more).
 PATH_OPTIONS = {"--data-root", "--out", "--model", "--masks-dir", "--checkpoint-dir", "--folder", "--record",
                 "--lock", "--archive", "--downloaded", "--stage1-model", "--pseudo-masks", "--run-dir",
-                "--out-dir", "--paper"}
+                "--out-dir", "--paper", "--validated"}
 
 
 def shell_rules() -> set[str]:
@@ -119,6 +119,8 @@ def check_command(rule: str, command: str, config: dict) -> None:
         dataset = dataset if "--dataset" in given else re.search(r"/runs/([\w-]+)/", given["--model"][0])[1]
         expected = datasets[dataset].get("root", f"{config['resources_dir']}/datasets/{dataset}")
         assert given["--data-root"] == [expected], command
+    if rule in ("train", "train_stage1", "evaluate", "evaluate_trivial", "pseudo_masks"):
+        assert given["--validated"] == [f"{config['results_dir']}/odd/datasets/{dataset}/validation.json"], command
     if rule in ("train", "train_stage1"):
         method = given["--method"][0]
         block = config["methods"][method].get("stage1", {}) if rule == "train_stage1" else config["methods"][method]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_error
 
 from pathmamba.cli import main
 from pathmamba.data.specs import get_dataset_spec
@@ -216,6 +216,20 @@ def test_tables_command_reads_the_configfile(partial_run, tmp_path):
     assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t"), "--n-resamples", "50"]) == 0
     table = pd.read_csv(tmp_path / "t" / "table1_comparison.csv")
     assert list(dict.fromkeys(table["method"])) == ["cam", "pathmamba", "trivial"]
+
+
+@pytest.mark.parametrize(("name", "damage"), [("test_metrics.json", '{"dataset": "luad-his'),
+                                               ("per_image.csv", "")])
+def test_a_damaged_run_file_is_named_and_nothing_is_written(partial_run, tmp_path, capsys, name, damage):
+    run_dir, _ = partial_run
+    damaged = run_dir / "runs" / "luad-histoseg" / "cam" / "seed1" / name
+    damaged.write_text(damage)
+    out = tmp_path / "tables"
+    message = cli_error(["tables", "--run-dir", str(run_dir), "--datasets", "luad-histoseg", "--methods", "cam",
+                         "pathmamba", "--seeds", "0", "1", "2", "--paper", str(PAPER), "--n-resamples", "50",
+                         "--out-dir", str(out)], capsys)
+    assert str(damaged) in message and "run the" in message
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_splice_readme_replaces_only_the_marked_block(tmp_path):

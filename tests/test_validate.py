@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_error
 from PIL import Image
 
 from pathmamba.cli import main
@@ -144,7 +145,7 @@ def test_published_counts_are_checked_for_real_datasets(generated):
     assert warned.warnings[2] == "test: 3 usable files, luad-histoseg has 307 (-304)"
 
 
-def test_cli_writes_the_report_or_fails_with_a_summary(luad, tmp_path):
+def test_cli_writes_the_report_or_fails_with_a_summary(luad, tmp_path, capsys):
     out = tmp_path / "report" / "validation.json"
     argv = ["validate-dataset", "--dataset", "synthetic-luad", "--data-root", str(luad), "--out", str(out),
             "--image-size", str(SIZE)]
@@ -154,8 +155,7 @@ def test_cli_writes_the_report_or_fails_with_a_summary(luad, tmp_path):
 
     out.unlink()
     bad = _mask_value_7(luad)
-    with pytest.raises(SystemExit) as failed:
-        main(argv)
-    assert str(failed.value.code).startswith("error: synthetic-luad: INVALID")
-    assert f"{bad}: mask value 7" in str(failed.value.code)
+    message = cli_error(argv, capsys)
+    assert message.startswith("error: synthetic-luad: INVALID")
+    assert f"{bad}: mask value 7" in message
     assert not out.exists()

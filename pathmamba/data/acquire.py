@@ -9,12 +9,15 @@ Four ways in (docs/design.md §3.3), chosen per dataset in the config:
 
 Downloads go to files that gdown names ``<file><8 random chars>.part`` and renames when complete, so a
 partial file is never used; a later call resumes it with an HTTP range request, or restarts from zero
-when the server cannot resume. :func:`prepare_dataset` extracts the archives (zip CRCs checked), moves
+when the server cannot resume; a ``.zip`` that is not a zip archive (an HTML error page) is removed and
+fetched again. :func:`prepare_dataset` refuses archives whose members overlap or expand beyond the
+extraction limits before anything is extracted, extracts them (zip CRCs checked), moves
 the files into the canonical layout ``<out>/training/*.png, <out>/{val,test}/{img,mask}/*.png`` (the
-variants of :mod:`pathmamba.data.readers` tolerated, RGB masks rewritten as P-mode palette PNGs,
-unpaired val/test images left out) and writes ``<out>/manifest.json``. The SHA-256 of every archive is
-checked against a lock file written on the first successful preparation; a mismatch stops before
-anything is extracted and removes nothing.
+variants of :mod:`pathmamba.data.readers` tolerated, RGB masks and masks in another palette rewritten as
+P-mode PNGs in the dataset's palette, unpaired val/test images left out) and writes
+``<out>/manifest.json``. The SHA-256 of every archive is
+checked against a lock file written on the first successful preparation of a complete set (the
+published number of files per split); a mismatch stops before anything is extracted and removes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathmamba.data.readers import (
     DatasetLayoutError,
     LabelError,
     MaskError,
+    in_dataset_palette,
     list_pngs,
     paired_items,
     parse_label,
@@ -53,6 +57,13 @@ GDRIVE_FILE_URL = "https://drive.google.com/uc?id={}"
 HASH_BLOCK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_RETRIES = 3
+# Extraction limits, checked on the archives' directories before anything is written. PNG members barely
+# compress (ratio ~1), so a member expanding more than MAX_RATIO times is a zip bomb, not a dataset;
+# members under RATIO_FLOOR (small text files) may compress well. Both published datasets extract to
+# far less than MAX_EXTRACTED_BYTES.
+MAX_EXTRACTED_BYTES = 64 << 30
+MAX_RATIO = 100
+RATIO_FLOOR = 1 << 20
 
 
 class DownloadFailed(RuntimeError):
@@ -97,6 +108,10 @@ def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout
     from gdown.exceptions import DownloadError
 
     dest = Path(dest)
+    if dest.exists() and (reason := not_a_zip(dest)):
+        # An error page saved under the archive's name by an earlier run: ours, worthless, fetched again.
+        log.warning("%s: %s; removed, downloading it again", dest, reason)
+        dest.unlink()
     if dest.exists():
         log.info("%s already downloaded", dest)
         return dest
@@ -108,9 +123,14 @@ def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout
         try:
             gdown.download(url=url, output=str(dest), quiet=quiet, resume=True, retries=retries,
                            timeout=timeout)
-            return dest
         except (DownloadError, OSError) as error:
             failure = error
+        else:
+            if reason := not_a_zip(dest):
+                dest.unlink()  # never "already downloaded" on the next run
+                raise DownloadFailed(f"{url}: the server sent something else than the archive ({reason}); "
+                                     f"removed {dest}; check the URL, or download it by hand")
+            return dest
         if attempt == "resume" and _partial_size(dest) == before:
             # Not one byte added: the server cannot continue this partial file (no range support, or
             # the file changed), so our partial bytes are worthless and the transfer starts from zero.
@@ -122,6 +142,16 @@ def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout
     parts = ", ".join(str(p) for p in partial_files(dest)) or "none"
     raise DownloadFailed(f"{url}: download to {dest} failed ({failure}); partial file kept for "
                          f"the next attempt to resume: {parts}")
+
+
+def not_a_zip(path: Path) -> str | None:
+    """Why a file named ``*.zip`` is not a zip archive (e.g. an HTML error page), None if it is one or if
+    its name does not end with .zip (a Drive folder's files are of any kind)."""
+    if path.suffix.lower() != ".zip" or zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as handle:
+        start = handle.read(40)
+    return f"not a zip archive: {path.stat().st_size} bytes starting {start!r}"
 
 
 def _partial_size(dest: Path) -> int:
@@ -197,6 +227,40 @@ def write_lock(lock: Path, dataset: str, sums: dict[str, str]) -> None:
 # --- normalisation -----------------------------------------------------------------------------------
 
 
+def check_archives(archives: list[Path], into: Path) -> None:
+    """Refuse, before anything is extracted, archives that overlap or expand too much.
+
+    Two members at the same path (in two parts, or twice in one) would silently overwrite each other;
+    a member expanding more than ``MAX_RATIO`` times, or a total beyond ``MAX_EXTRACTED_BYTES`` or the
+    free space of ``into``, is a zip bomb or the wrong file. Raises :class:`ArchiveError` naming them.
+    """
+    owners: dict[str, Path] = {}
+    total = 0
+    for archive in archives:
+        try:
+            with zipfile.ZipFile(archive) as handle:
+                members = [info for info in handle.infolist() if not info.is_dir()]
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+            raise ArchiveError(f"{archive}: not a readable zip archive ({error}); download it again") from None
+        for info in members:
+            if info.filename in owners:
+                where = (f"twice in {archive}" if owners[info.filename] == archive
+                         else f"in both {owners[info.filename]} and {archive}")
+                raise ArchiveError(f"{info.filename}: {where}; the parts of a dataset must not overlap (one "
+                                   "part given twice, or parts of two different downloads?)")
+            owners[info.filename] = archive
+            if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise ArchiveError(f"{archive}: member {info.filename} expands from {info.compress_size} to "
+                                   f"{info.file_size} bytes, more than {MAX_RATIO} times; refused as a zip bomb, "
+                                   "nothing extracted")
+            total += info.file_size
+    free = shutil.disk_usage(into).free
+    if total > min(MAX_EXTRACTED_BYTES, free):
+        limit = "the limit" if total > MAX_EXTRACTED_BYTES else f"the free space of {into}"
+        raise ArchiveError(f"{', '.join(map(str, archives))}: {total} bytes to extract, more than {limit} "
+                           f"({min(MAX_EXTRACTED_BYTES, free)} bytes); nothing extracted")
+
+
 def _extract(archive: Path, into: Path) -> None:
     """Extract a zip into ``into``; names escaping it are neutralised by zipfile, CRCs checked on read."""
     try:
@@ -218,7 +282,8 @@ def _place(source: Path, target: Path, move: bool) -> None:
 
 
 def _write_palette_mask(source: Path, target: Path, spec: DatasetSpec) -> bool:
-    """Rewrite an RGB mask as a P-mode palette PNG; False (nothing written) if it cannot be read."""
+    """Rewrite an RGB mask, or a P-mode one in another palette, as a P-mode PNG in the dataset's palette;
+    False (nothing written) if it cannot be read."""
     try:
         mask = read_mask(source, spec)
     except (MaskError, OSError, SyntaxError, ValueError):
@@ -248,11 +313,12 @@ def normalise(tree: Path, spec: DatasetSpec, out: Path, move: bool) -> list[str]
     for split in ("val", "test"):
         (out / split / "img").mkdir(parents=True)
         (out / split / "mask").mkdir()
-        for image, mask in paired_items(root, split, tolerated):
+        for image, mask in paired_items(root, split, spec, tolerated):
             _place(image, out / split / "img" / image.name, move)
             with Image.open(mask) as opened:
-                rgb = opened.mode in RGB_MODES
-            if not (rgb and _write_palette_mask(mask, out / split / "mask" / mask.name, spec)):
+                # RGB masks and palettes in another order are rewritten: the canonical copy's index is its class.
+                rewrite = opened.mode in RGB_MODES or (opened.mode == "P" and not in_dataset_palette(opened, spec))
+            if not (rewrite and _write_palette_mask(mask, out / split / "mask" / mask.name, spec)):
                 _place(mask, out / split / "mask" / mask.name, move)
     return tolerated
 
@@ -262,7 +328,7 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
 
     Unreadable names and masks are skipped here (validation reports them).
     """
-    names = list(spec.classes) + ["background"]
+    names = [*spec.classes, "background"]
     training = list_pngs(out / "training")
     positives = np.zeros(len(spec.classes), dtype=np.int64)
     for path in training:
@@ -272,7 +338,7 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
             continue
     stats = {
         "counts": {"training": len(training)},
-        "label_frequency": {c: int(n) for c, n in zip(spec.classes, positives)},
+        "label_frequency": {c: int(n) for c, n in zip(spec.classes, positives, strict=True)},
         "pixel_frequency": {},
     }
     for split in ("val", "test"):
@@ -285,7 +351,7 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
             except (MaskError, OSError, SyntaxError, ValueError):
                 continue
         total = max(int(pixels.sum()), 1)
-        stats["pixel_frequency"][split] = {c: round(int(n) / total, 6) for c, n in zip(names, pixels)}
+        stats["pixel_frequency"][split] = {c: round(int(n) / total, 6) for c, n in zip(names, pixels, strict=True)}
     return stats
 
 
@@ -295,8 +361,8 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
 
     ``sources``: zip archives (all extracted into one tree, as the parts of a split Drive download)
     or one folder holding the extracted tree (a Drive folder downloaded file by file). Their SHA-256
-    sums are checked against ``lock`` (or written to it when it does not exist yet, after the dataset
-    was built). ``origin`` (how the sources were obtained) is recorded in the manifest. ``out`` is
+    sums are checked against ``lock``, or written to it when it does not exist yet and the built dataset
+    has the published number of files per split (an incomplete set of parts is not locked). ``origin`` (how the sources were obtained) is recorded in the manifest. ``out`` is
     built in a hidden sibling and renamed at the end, so it is complete or absent.
     """
     sources = [Path(s) for s in sources]
@@ -313,6 +379,9 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
     base = folders[0] if folders else None
     sums = {(p.relative_to(base).as_posix() if base else p.name): sha256(p) for p in files}
     locked = check_lock(lock, sums)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not folders:
+        check_archives(sources, out.parent)
 
     building = out.parent / f".{out.name}.building-{os.getpid()}"
     extracted = out.parent / f".{out.name}.extracting-{os.getpid()}"
@@ -333,9 +402,14 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
         shutil.rmtree(building, ignore_errors=True)
-    if not locked:
+    complete = spec.counts is None or manifest["counts"] == spec.counts
+    if not locked and complete:
         write_lock(lock, spec.name, sums)
         log.info("%s: wrote the checksums of %d source files to %s", spec.name, len(sums), lock)
+    elif not locked:
+        # An incomplete set of parts must not become the reference the complete set is refused against.
+        log.warning("%s: the checksum lock %s is not written: the files per split %s differ from the "
+                    "published %s (a part missing?)", spec.name, lock, manifest["counts"], spec.counts)
     for note in tolerated:
         log.warning("%s: %s", spec.name, note)
     return manifest

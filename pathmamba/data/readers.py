@@ -8,6 +8,7 @@ Layout (docs/design.md §3.2): ``<root>/training/*.png`` with the image-level la
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
 EXPECTED_LAYOUT = "<root>/training/*.png, <root>/{val,test}/{img,mask}/*.png"
 TRAIN_FOLDERS = ("training", "train")
 LABEL_EXAMPLE = {"luad": "'[1 0 0 1]'", "bcss": "'[1101]'"}
+#: The label part of a training file name as each dataset writes it.
+LABEL_FORMS = {"luad": (re.compile(r"\[[01]( [01]){3}\]\.png$"), "'...-[1 0 0 1].png'"),
+               "bcss": (re.compile(r"\[[01]{4}\]\.png$"), "'...+0[1101].png'")}
 RGB_MODES = ("RGB", "RGBA")
 
 
@@ -72,6 +76,15 @@ def parse_label(path: Path | str, spec: DatasetSpec) -> tuple[int, ...]:
     return tuple(int(d) for d in digits)
 
 
+def check_label_form(path: Path, spec: DatasetSpec) -> None:
+    """Raise ``LabelError`` naming the file if its label is not written as ``spec``'s dataset writes it:
+    another dataset's files (the labels of both read alike, but the classes differ)."""
+    form, example = LABEL_FORMS[spec.layout]
+    if not form.search(path.name):
+        raise LabelError(f"{path}: label not written as {spec.name} writes it, like {example}; is this file "
+                         "from another dataset?")
+
+
 def read_image(path: Path | str) -> np.ndarray:
     """(H, W, 3) uint8 RGB array of an image file (read-only: copy before writing into it)."""
     with Image.open(path) as image:
@@ -81,22 +94,54 @@ def read_image(path: Path | str) -> np.ndarray:
 def read_mask(path: Path | str, spec: DatasetSpec) -> np.ndarray:
     """(H, W) uint8 class indices 0..4 (4 = white background) of a mask file.
 
-    P- and L-mode masks hold the indices directly; RGB(A) masks are mapped through ``spec.palette``.
+    L-mode masks hold the indices directly. P-mode masks are read through their own palette: each index
+    used becomes its colour, and the colour the class of ``spec.palette`` (a mask re-saved with another
+    order of the same colours reads the same). RGB(A) masks are mapped through ``spec.palette`` too.
     A colour outside the palette, an index above 4 or another image mode raises ``MaskError``.
     """
     with Image.open(path) as image:
-        if image.mode in ("P", "L"):
+        if image.mode == "P":
+            mask = _palette_to_indices(np.asarray(image), image.getpalette("RGB"), spec, path)
+        elif image.mode == "L":
             mask = np.asarray(image)
         elif image.mode in RGB_MODES:
             mask = _colours_to_indices(np.asarray(image.convert("RGB")), spec, path)
         else:
             raise MaskError(
-                f"{path}: mask in image mode {image.mode}; expected a P- or L-mode PNG of class "
-                f"indices 0..{IGNORE_INDEX} or an RGB PNG in the {spec.name} palette"
+                f"{path}: mask in image mode {image.mode}; expected a P-mode or RGB PNG in the {spec.name} "
+                f"palette or an L-mode PNG of class indices 0..{IGNORE_INDEX}"
             )
     if mask.max(initial=0) > IGNORE_INDEX:
         raise MaskError(f"{path}: mask value {mask.max()}; expected class indices 0..{IGNORE_INDEX}")
     return mask
+
+
+def in_dataset_palette(image: Image.Image, spec: DatasetSpec) -> bool:
+    """Whether an opened P-mode image's palette starts with ``spec.palette`` (index = class). Reads the
+    PNG header's palette only, without decoding the pixels."""
+    own = bytes(value for rgb in spec.palette for value in rgb)
+    return image.palette is not None and image.palette.mode == "RGB" and image.palette.palette[:len(own)] == own
+
+
+def _palette_to_indices(indices: np.ndarray, palette: list[int] | None, spec: DatasetSpec,
+                        path: Path | str) -> np.ndarray:
+    """(H, W) uint8 class indices of a P-mode mask's palette indices, matched by colour, not by index."""
+    if palette is None:  # no PLTE chunk: nothing to read through, the indices are all there is
+        return indices
+    colours = np.array(palette, dtype=np.uint8).reshape(-1, 3)
+    lookup = np.zeros(256, dtype=np.uint8)
+    for index in np.unique(indices):
+        colour = tuple(int(v) for v in colours[index]) if index < len(colours) else None
+        if colour not in spec.palette:
+            y, x = np.argwhere(indices == index)[0]
+            found = (f"has the colour {colour}, not in the {spec.name} palette" if colour else
+                     f"has no colour in the file's palette of {len(colours)}")
+            raise MaskError(
+                f"{path}: mask value {index} at row {y}, column {x} {found}; expected colours of the "
+                f"{spec.name} palette {list(spec.palette)} (or an L-mode PNG of class indices)"
+            )
+        lookup[index] = spec.palette.index(colour)
+    return lookup[indices]
 
 
 def _colours_to_indices(rgb: np.ndarray, spec: DatasetSpec, path: Path | str) -> np.ndarray:
@@ -147,10 +192,13 @@ def _training_items(
     files = list_pngs(folder)
     if not files:
         raise DatasetLayoutError(f"{folder}: no *.png training images; expected {EXPECTED_LAYOUT}")
-    return [(path, parse_label(path, spec)) for path in files]
+    items = [(path, parse_label(path, spec)) for path in files]
+    for path in files:
+        check_label_form(path, spec)
+    return items
 
 
-def paired_items(root: Path, split: str, tolerated: list[str]) -> list[tuple[Path, Path]]:
+def paired_items(root: Path, split: str, spec: DatasetSpec, tolerated: list[str]) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of a val/test split, matched by file name."""
     image_folder, mask_folder = root / split / "img", root / split / "mask"
     for folder in (image_folder, mask_folder):
@@ -167,14 +215,19 @@ def paired_items(root: Path, split: str, tolerated: list[str]) -> list[tuple[Pat
         raise DatasetLayoutError(
             f"{root / split}: no image with a mask of the same name; expected {EXPECTED_LAYOUT}"
         )
-    # Opening a PNG reads its header only, so checking the mode of every mask stays cheap.
-    rgb = 0
+    # Opening a PNG reads its header only (palette included), so checking every mask stays cheap.
+    rgb = foreign = 0
     for _, mask in pairs:
         with Image.open(mask) as image:
             rgb += image.mode in RGB_MODES
+            foreign += image.mode == "P" and not in_dataset_palette(image, spec)
     if rgb:
         tolerated.append(
             f"{split}: {rgb} of {len(pairs)} masks are RGB, not P mode; read through the palette"
+        )
+    if foreign:
+        tolerated.append(
+            f"{split}: {foreign} of {len(pairs)} masks have a palette other than {spec.name}'s; read by colour"
         )
     return pairs
 
@@ -183,7 +236,8 @@ def index_dataset(root: Path | str, spec: DatasetSpec) -> DatasetIndex:
     """Index a dataset folder in the published layout; raises ``DatasetLayoutError`` if it is not one.
 
     Tolerated and noted: a nested top folder, ``train/`` for ``training/``, val/test images without
-    a mask (skipped) and RGB masks. A bad training file name raises ``LabelError``.
+    a mask (skipped), RGB masks and masks in another palette. A bad training file name, or one written in
+    another dataset's form (another dataset's folder), raises ``LabelError``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -191,6 +245,6 @@ def index_dataset(root: Path | str, spec: DatasetSpec) -> DatasetIndex:
     tolerated: list[str] = []
     root = split_root(root, tolerated)
     train = _training_items(root, spec, tolerated)
-    val = paired_items(root, "val", tolerated)
-    test = paired_items(root, "test", tolerated)
+    val = paired_items(root, "val", spec, tolerated)
+    test = paired_items(root, "test", spec, tolerated)
     return DatasetIndex(root=root, spec=spec, train=train, val=val, test=test, tolerated=tolerated)

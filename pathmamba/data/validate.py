@@ -17,7 +17,8 @@ Files are decoded in a thread pool (PIL releases the GIL while decoding).
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,20 +29,21 @@ from PIL import Image, UnidentifiedImageError
 from pathmamba.data.readers import (
     RGB_MODES,
     TRAIN_FOLDERS,
+    DatasetIndex,
     DatasetLayoutError,
     LabelError,
     MaskError,
+    check_label_form,
+    index_dataset,
     list_pngs,
     paired_items,
     parse_label,
     read_mask,
     split_root,
 )
-from pathmamba.data.specs import DatasetSpec
+from pathmamba.data.specs import DatasetSpec, get_dataset_spec
+from pathmamba.runtime import InputError
 
-#: The label part of a training file name as each dataset writes it.
-LABEL_FORMS = {"luad": (re.compile(r"\[[01]( [01]){3}\]\.png$"), "'...-[1 0 0 1].png'"),
-               "bcss": (re.compile(r"\[[01]{4}\]\.png$"), "'...+0[1101].png'")}
 COUNT_POLICIES = ("error", "warn")
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -68,6 +70,7 @@ class ValidationReport:
     counts: dict[str, int]
     expected_counts: dict[str, int] | None
     checked_files: int = 0
+    fingerprint: str = ""
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tolerated: list[str] = field(default_factory=list)
@@ -143,12 +146,12 @@ def check_pair(image: Path, mask: Path, spec: DatasetSpec, size: int) -> list[Pr
     try:
         values = read_mask(mask, spec)
     except UnidentifiedImageError:
-        return problems + [Problem(str(mask), "unreadable mask", "not an image file (PIL cannot identify "
-                                   "it); expected a PNG")]
+        return [*problems, Problem(str(mask), "unreadable mask", "not an image file (PIL cannot identify it); "
+                                   "expected a PNG")]
     except MaskError as error:
-        return problems + [_problem_from(error, mask, "mask values")]
+        return [*problems, _problem_from(error, mask, "mask values")]
     except DECODE_ERRORS as error:
-        return problems + [Problem(str(mask), "unreadable mask", f"does not decode ({error}); the file "
+        return [*problems, Problem(str(mask), "unreadable mask", f"does not decode ({error}); the file "
                                    "is damaged or incomplete")]
     if shape is not None and values.shape[::-1] != shape:
         problems.append(Problem(str(mask), "mask size", f"mask is {values.shape[1]}x{values.shape[0]} px "
@@ -162,10 +165,10 @@ def check_training_name(path: Path, spec: DatasetSpec) -> list[Problem]:
         label = parse_label(path, spec)
     except LabelError as error:
         return [_problem_from(error, path, "label")]
-    form, example = LABEL_FORMS[spec.layout]
-    if not form.search(path.name):
-        return [Problem(str(path), "label form", f"label not written as {spec.name} writes it, "
-                        f"like {example}; is this file from another dataset?")]
+    try:
+        check_label_form(path, spec)
+    except LabelError as error:
+        return [_problem_from(error, path, "label form")]
     if not any(label):
         return [Problem(str(path), "no positive label", f"label {list(label)} has no tissue class; "
                         "expected at least one 1 per training image")]
@@ -184,13 +187,14 @@ def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
     return files
 
 
-def _pairs(root: Path, split: str, problems: list[Problem], tolerated: list[str]) -> list[tuple[Path, Path]]:
+def _pairs(root: Path, split: str, spec: DatasetSpec, problems: list[Problem],
+           tolerated: list[str]) -> list[tuple[Path, Path]]:
     image_folder = root / split / "img"
     if image_folder.is_dir() and not list_pngs(image_folder):
         problems.append(Problem(str(image_folder), "layout", "empty split folder: no *.png images"))
         return []
     try:
-        return paired_items(root, split, tolerated)
+        return paired_items(root, split, spec, tolerated)
     except DatasetLayoutError as error:
         path = str(error).split(": ", 1)[0]  # the readers' messages start with the folder's path
         problems.append(_problem_from(error, Path(path), "layout"))
@@ -213,18 +217,20 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
         return report
     root = split_root(root, report.tolerated)
     training = _training_files(root, report.problems)
-    pairs = {split: _pairs(root, split, report.problems, report.tolerated) for split in ("val", "test")}
+    pairs = {split: _pairs(root, split, spec, report.problems, report.tolerated) for split in ("val", "test")}
     report.counts = {"training": len(training), **{split: len(items) for split, items in pairs.items()}}
 
     for path in training:
         report.problems += check_training_name(path, spec)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         decoded = list(pool.map(lambda path: check_image(path, image_size)[0], training))
-        for split, items in pairs.items():
+        for items in pairs.values():
             decoded += pool.map(lambda pair: check_pair(*pair, spec, image_size), items)
     for problems in decoded:
         report.problems += problems
     report.checked_files = len(training) + 2 * sum(len(items) for items in pairs.values())
+    report.fingerprint = dataset_fingerprint(root, training + [path for items in pairs.values()
+                                                               for pair in items for path in pair])
 
     for split, expected in (spec.counts or {}).items():
         found = report.counts[split]
@@ -236,3 +242,41 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
             else:
                 report.warnings.append(message)
     return report
+
+
+# --- the dataset as validated ------------------------------------------------------------------------
+
+
+def dataset_fingerprint(root: Path, files: list[Path]) -> str:
+    """SHA-256 of the path (relative to ``root``), size and modification time of every file a job reads.
+    A file added, removed, replaced or edited changes it; the dataset folder's own mtime, which is all
+    a workflow sees of a folder input, does not change when a file inside it does."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def index_files(index: DatasetIndex) -> list[Path]:
+    """Every file of an index: training images, val/test images and masks."""
+    return [path for path, _ in index.train] + [path for split in (index.val, index.test)
+                                                for pair in split for path in pair]
+
+
+def check_validated(report_path: Path, data_root: Path) -> None:
+    """Refuse (:class:`InputError`) data at ``data_root`` whose files changed since its validation report
+    ``report_path`` was written: a job must not use files that no validation checked, nor mix results of
+    two versions of a dataset."""
+    try:
+        report = json.loads(Path(report_path).read_text())
+        spec, validated = get_dataset_spec(report["dataset"]), report["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise InputError(f"{report_path}: not a validation report of this version ({error!r}); delete it to "
+                         "validate the dataset again") from None
+    index = index_dataset(data_root, spec)
+    if dataset_fingerprint(index.root, index_files(index)) != validated:
+        now = {"training": len(index.train), "val": len(index.val), "test": len(index.test)}
+        raise InputError(f"{data_root}: files added, removed or changed since its validation ({report_path}: "
+                         f"{report['counts']}, now {now}); delete {report_path} to validate it again (the "
+                         "workflow then reruns every job that used it)")

@@ -2,6 +2,8 @@ rule evaluate:
     input:
         model=f"{RUN_DIR}/model.pt",
         data=dataset_root,
+        # The data must be the files that were validated (its fingerprint), not only a folder of that name.
+        validated=VALIDATION_REPORT,
     output:
         metrics=f"{RUN_DIR}/test_metrics.json",
         per_image=f"{RUN_DIR}/per_image.csv",
@@ -27,13 +29,15 @@ rule evaluate:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "python -m pathmamba evaluate --model {input.model:q} --data-root {input.data:q}"
-        " --out {params.out_dir:q} --masks-dir {output.masks:q} --n-masks {params.n_masks:q} {params.tta:q}"
-        " --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"
+        " --validated {input.validated:q} --out {params.out_dir:q} --masks-dir {output.masks:q}"
+        " --n-masks {params.n_masks:q} {params.tta:q} --device {params.device:q} --threads {threads:q}"
+        " > {log:q} 2>&1"
 
 
 rule evaluate_trivial:
     input:
         data=dataset_root,
+        validated=VALIDATION_REPORT,
     output:
         metrics=f"{TRIVIAL_RUN_DIR}/test_metrics.json",
         per_image=f"{TRIVIAL_RUN_DIR}/per_image.csv",
@@ -48,4 +52,4 @@ rule evaluate_trivial:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset:q} --data-root {input.data:q}"
-        " --out {params.out_dir:q} > {log:q} 2>&1"
+        " --validated {input.validated:q} --out {params.out_dir:q} > {log:q} 2>&1"

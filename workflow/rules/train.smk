@@ -31,8 +31,8 @@ rule train:
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
     shell:
         "python -m pathmamba train --method {wildcards.method:q} --dataset {wildcards.dataset:q}"
-        " --data-root {input.data:q} --seed {wildcards.seed:q} --out {params.out_dir:q}"
-        " --checkpoint-dir {params.checkpoint_dir:q} --hparams {params.hparams:q}"
+        " --data-root {input.data:q} --validated {input.validated:q} --seed {wildcards.seed:q}"
+        " --out {params.out_dir:q} --checkpoint-dir {params.checkpoint_dir:q} --hparams {params.hparams:q}"
         " --settings {params.settings:q} {params.stage:q} --threads {threads:q} > {log:q} 2>&1"
 
 
@@ -73,6 +73,7 @@ rule pseudo_masks:
     input:
         model=STAGE1_MODEL,
         data=dataset_root,
+        validated=VALIDATION_REPORT,
     output:
         directory(PSEUDO_MASKS),
     log:
@@ -93,5 +94,6 @@ rule pseudo_masks:
     params:
         device=lambda wildcards: job_device(wildcards, stage=1),
     shell:
-        "python -m pathmamba pseudo-masks --model {input.model:q} --data-root {input.data:q} --out {output:q}"
-        " --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"
+        "python -m pathmamba pseudo-masks --model {input.model:q} --data-root {input.data:q}"
+        " --validated {input.validated:q} --out {output:q} --device {params.device:q} --threads {threads:q}"
+        " > {log:q} 2>&1"
