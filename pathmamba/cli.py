@@ -6,11 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from pathmamba import __version__
+from pathmamba.runtime import InputError
 
 
 def _json_object(text: str) -> dict:
@@ -35,6 +37,7 @@ def _int_at_least(minimum: int):
 
 def _add_make_demo_data(commands) -> None:
     parser = commands.add_parser("make-demo-data", help="write a synthetic dataset in a published layout")
+    parser.set_defaults(func=_make_demo_data)
     parser.add_argument("--dataset", required=True, choices=["synthetic-luad", "synthetic-bcss"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--n-train", type=int, default=200)
@@ -51,6 +54,7 @@ def _add_train(commands) -> None:
 
     defaults = TrainSettings()
     parser = commands.add_parser("train", help="train one method on one dataset with one seed")
+    parser.set_defaults(func=_train)
     parser.add_argument("--method", required=True, choices=method_names())
     parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--data-root", required=True, type=Path)
@@ -73,6 +77,7 @@ def _add_train(commands) -> None:
 
 def _add_pseudo_masks(commands) -> None:
     parser = commands.add_parser("pseudo-masks", help="write a first stage's pseudo masks of every training image")
+    parser.set_defaults(func=_pseudo_masks)
     parser.add_argument("--model", required=True, type=Path, help="the first stage's model.pt")
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="the pseudo-mask folder to create")
@@ -102,6 +107,7 @@ def _add_validated_argument(parser) -> None:
 
 def _add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="evaluate a trained model on the test split")
+    parser.set_defaults(func=_evaluate)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for test_metrics.json, per_image.csv")
@@ -118,6 +124,7 @@ def _add_evaluate(commands) -> None:
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="segment your own images with a trained model: palette masks, "
                                                  "overlays and class shares (large images in tiles)")
+    parser.set_defaults(func=_predict)
     parser.add_argument("--model", required=True, type=Path, help="a model.pt or a folder written by `export`")
     parser.add_argument("--input", required=True, type=Path,
                         help="an image (PNG, JPEG, TIFF, BMP) or a folder of them")
@@ -133,6 +140,7 @@ def _add_predict(commands) -> None:
 
 def _add_export(commands) -> None:
     parser = commands.add_parser("export", help="write a trained model as safetensors weights and a JSON model card")
+    parser.set_defaults(func=_export)
     parser.add_argument("--model", required=True, type=Path, help="the model.pt (run.json, test_metrics.json "
                                                                   "beside it go into the card)")
     parser.add_argument("--out", required=True, type=Path,
@@ -143,6 +151,7 @@ def _add_trivial(commands) -> None:
     from pathmamba.data.specs import dataset_names
 
     parser = commands.add_parser("evaluate-trivial", help="score the trivial one-class-per-image reference")
+    parser.set_defaults(func=_evaluate_trivial)
     parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
@@ -151,11 +160,13 @@ def _add_trivial(commands) -> None:
 
 def _add_doctor(commands) -> None:
     parser = commands.add_parser("doctor", help="check this machine against a workflow config before running its grid")
+    parser.set_defaults(func=_doctor)
     parser.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
 
 
 def _add_plan(commands) -> None:
     parser = commands.add_parser("plan", help="GPU jobs and estimated GPU-hours of a workflow config's grid")
+    parser.set_defaults(func=_plan)
     parser.add_argument("--configfile", required=True, type=Path,
                         help="workflow config (YAML) with a 'throughput' block")
 
@@ -166,6 +177,7 @@ def _add_calibrate(commands) -> None:
 
     parser = commands.add_parser("calibrate", help="measure each configured method's images/s and peak memory on "
                                                    "this device: the throughput file `plan` reads")
+    parser.set_defaults(func=_calibrate)
     parser.add_argument("--configfile", required=True, type=Path, help="workflow config (YAML)")
     parser.add_argument("--out", type=Path, default=None,
                         help="throughput file (JSON) to write; default <resources_dir>/throughput-<device type>.json")
@@ -198,6 +210,7 @@ def _add_grid_arguments(parser) -> None:
 def _add_tables(commands) -> None:
     parser = commands.add_parser("tables", help="Tables 1 and 2, per-class IoU, 5-class protocol and paired "
                                                 "statistics from whatever runs finished")
+    parser.set_defaults(func=_tables)
     _add_grid_arguments(parser)
     parser.add_argument("--n-resamples", type=int, default=10000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
@@ -206,6 +219,7 @@ def _add_tables(commands) -> None:
 def _add_figures(commands) -> None:
     parser = commands.add_parser("figures", help="qualitative grid, seed spread, ablation, training curves and "
                                                  "compute cost (PNG + PDF) from whatever runs finished")
+    parser.set_defaults(func=_figures)
     _add_grid_arguments(parser)
     parser.add_argument("--data-root", nargs="+", default=[], metavar="DATASET=FOLDER",
                         help="dataset folders for the qualitative grid (taken from --configfile when given)")
@@ -215,46 +229,11 @@ def _add_figures(commands) -> None:
 def _add_readme(commands) -> None:
     parser = commands.add_parser("readme", help="splice a markdown table into README.md between the "
                                                 "<!-- results:start --> and <!-- results:end --> markers")
+    parser.set_defaults(func=_readme)
     parser.add_argument("--table", required=True, type=Path, help="e.g. results/demo/tables/table1_comparison.md")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 with a diff when the README's results differ from the table")
-
-
-def _grid_arguments(args) -> dict:
-    """Run folder, datasets, methods, seeds and dataset folders: explicit arguments win over --configfile."""
-    import yaml
-
-    from pathmamba.config import grid_datasets, grid_methods
-    from pathmamba.runtime import InputError
-
-    config = yaml.safe_load(args.configfile.read_text()) if args.configfile else {}
-    resources = config.get("resources_dir", "resources")
-    roots = {name: entry.get("root", f"{resources}/datasets/{name}")
-             for name, entry in config.get("datasets", {}).items()}
-    for item in getattr(args, "data_root", []):
-        name, sep, folder = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--data-root: expected DATASET=FOLDER, got {item!r}")
-        roots[name] = folder
-    run_dir = args.run_dir or (Path(config.get("results_dir", "results")) / config["run"] if "run" in config else None)
-    grid = {"run_dir": run_dir, "datasets": args.datasets or (grid_datasets(config) if config else []),
-            "methods": args.methods or (grid_methods(config) if config else []),
-            "seeds": args.seeds or [int(seed) for seed in config.get("seeds", [])], "data_roots": roots}
-    missing = [key for key in ("run_dir", "datasets", "methods", "seeds") if not grid[key]]
-    if missing:
-        raise SystemExit(f"{args.command}: give --configfile or --{', --'.join(k.replace('_', '-') for k in missing)}")
-    for key in ("datasets", "methods", "seeds"):
-        # A seed given twice would count as two finished runs: "3 seeds, ± 0.000" from one run.
-        repeated = sorted({str(value) for value in grid[key] if grid[key].count(value) > 1})
-        if repeated:
-            given = f"--{key}" if getattr(args, key) else f"{args.configfile}: {key}"
-            raise InputError(f"{given}: {', '.join(repeated)} given more than once; each must be unique")
-    if not Path(run_dir).is_dir():
-        # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
-        given = "--run-dir" if args.run_dir else f"{args.configfile}: results_dir/run"
-        raise InputError(f"{given}: {run_dir} is not a folder; expected results/<run> holding runs/")
-    return grid
 
 
 def _add_rehearse(commands) -> None:
@@ -263,6 +242,7 @@ def _add_rehearse(commands) -> None:
     parser = commands.add_parser("rehearse", help="run the paper config on generated data and random weights at "
                                                   "the paper's model sizes, in a folder of its own, and check "
                                                   "the run (docs/rehearsal.md)")
+    parser.set_defaults(func=_rehearse)
     parser.add_argument("--folder", type=Path, default=Path("results/rehearsal"),
                         help="the rehearsal's folder: new, or one an earlier rehearsal created (it resumes)")
     parser.add_argument("--paper", type=Path, default=PAPER_CONFIG, help="the paper config")
@@ -272,6 +252,7 @@ def _add_rehearse(commands) -> None:
 
 def _add_fetch_weights(commands) -> None:
     parser = commands.add_parser("fetch-weights", help="download a backbone's ImageNet weights once, for offline jobs")
+    parser.set_defaults(func=_fetch_weights)
     parser.add_argument("--backbone", required=True, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     parser.add_argument("--out", required=True, type=Path, help="the weights file to write")
     parser.add_argument("--url", default=None,
@@ -279,14 +260,18 @@ def _add_fetch_weights(commands) -> None:
 
 
 def _add_dataset_commands(commands) -> None:
+    from pathmamba.data.specs import dataset_names
+
     parser = commands.add_parser("download-dataset", help="download a real dataset's published files (resumable)")
+    parser.set_defaults(func=_download_dataset)
     parser.add_argument("--dataset", required=True, choices=["luad-histoseg", "bcss-wsss"])
     parser.add_argument("--folder", required=True, type=Path, help="download folder (kept: partial files resume)")
     parser.add_argument("--record", required=True, type=Path, help="JSON file listing the downloaded files")
     parser.add_argument("--url", default="", help="one archive at this URL instead of the Google Drive folder")
 
     parser = commands.add_parser("prepare-dataset", help="verify checksums, extract and normalise a dataset")
-    parser.add_argument("--dataset", required=True)
+    parser.set_defaults(func=_prepare_dataset)
+    parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--out", required=True, type=Path, help="the canonical dataset folder to create")
     parser.add_argument("--lock", required=True, type=Path,
                         help="lock file of the sources' SHA-256 sums: checked if present, else written")
@@ -295,51 +280,14 @@ def _add_dataset_commands(commands) -> None:
     sources.add_argument("--downloaded", type=Path, help="the record written by download-dataset")
 
     parser = commands.add_parser("validate-dataset", help="check every file of a dataset; fail with a summary")
-    parser.add_argument("--dataset", required=True)
+    parser.set_defaults(func=_validate_dataset)
+    parser.add_argument("--dataset", required=True, choices=dataset_names())
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="validation report (JSON), written when valid")
     parser.add_argument("--image-size", type=int, default=224, help="expected patch side in pixels")
     parser.add_argument("--counts", choices=["error", "warn"], default="error",
                         help="a split count other than the published one: a problem or a warning")
     parser.add_argument("--workers", type=int, default=1, help="decoding threads")
-
-
-def _dataset_command(args) -> None:
-    """download-dataset, prepare-dataset, validate-dataset: expected failures end with their message."""
-    from pathmamba.data import acquire
-    from pathmamba.data.readers import DatasetLayoutError
-    from pathmamba.data.specs import get_dataset_spec
-    from pathmamba.data.validate import validate_dataset
-    from pathmamba.runtime import atomic_write_json
-
-    logger = logging.getLogger("pathmamba.data")
-    expected = (acquire.DownloadFailed, acquire.ChecksumMismatch, acquire.ArchiveError, DatasetLayoutError,
-                FileExistsError, FileNotFoundError, KeyError, ValueError)
-    try:
-        spec = get_dataset_spec(args.dataset)
-        if args.command == "download-dataset":
-            files = acquire.download_dataset(spec, args.folder, args.url or None)
-            origin = {"url": args.url} if args.url else {"gdrive_folder": spec.gdrive_folder}
-            atomic_write_json(args.record, {"dataset": spec.name, "origin": origin, "folder": str(args.folder),
-                                            "files": [str(f) for f in files]})
-        elif args.command == "prepare-dataset":
-            origin = None
-            sources = args.archive
-            if args.downloaded:
-                record = json.loads(args.downloaded.read_text())
-                origin = record["origin"]
-                zips = [Path(f) for f in record["files"] if f.lower().endswith(".zip")]
-                sources = zips or [Path(record["folder"])]
-            manifest = acquire.prepare_dataset(spec, sources, args.out, args.lock, origin)
-            logger.info("prepared %s in %s: %s", spec.name, args.out, manifest["counts"])
-        else:
-            report = validate_dataset(args.data_root, spec, args.image_size, args.counts, args.workers)
-            if not report.ok:
-                raise SystemExit(f"error: {report.summary()}")
-            print(report.summary(), file=sys.stderr)
-            atomic_write_json(args.out, report.to_dict())
-    except expected as error:
-        raise SystemExit(f"error: {error.args[0] if isinstance(error, KeyError) else error}") from None
 
 
 def _claim_gpu(args) -> None:
@@ -379,7 +327,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
             ArchiveError, ChecksumMismatch, DownloadFailed, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+            IsADirectoryError, PermissionError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,16 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except SystemExit as exit_:
-        if args.debug or not isinstance(exit_.code, str):
-            raise
-        message = exit_.code  # raised with its message by a command's own checks
     except expected_errors() as error:
         if args.debug:
             raise
-        message = f"pathmamba {args.command}: {error}"
-    print(message, file=sys.stderr)
-    raise SystemExit(EXIT_INPUT)
+        print(f"pathmamba {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT) from None
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -411,116 +354,181 @@ def _main(args: argparse.Namespace) -> int:
         check_validated(args.validated, args.data_root)
     if args.command in ("train", "evaluate", "pseudo-masks"):
         _claim_gpu(args)
-    if args.command in ("download-dataset", "prepare-dataset", "validate-dataset"):
-        _dataset_command(args)
-    elif args.command == "make-demo-data":
-        from pathmamba.data.synthetic import make_synthetic_dataset
+    return args.func(args) or 0
 
-        counts = make_synthetic_dataset(args.dataset, args.out, args.n_train, args.n_val, args.n_test,
-                                        size=args.size, seed=args.seed)
-        logging.getLogger("pathmamba").info("wrote %s to %s: %s", args.dataset, args.out, counts)
-    elif args.command == "train":
-        from pathmamba.train import TrainingInterrupted, TrainSettings, train
 
-        try:
-            settings = TrainSettings(**args.settings)
-        except TypeError as error:
-            raise SystemExit(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}") from None
-        try:
-            train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed,
-                  args.hparams, settings, args.stage, args.stage1_model, args.pseudo_masks)
-        except TrainingInterrupted as interrupted:
-            return 128 + interrupted.signum  # the shell's convention for "killed by this signal"
-    elif args.command == "pseudo-masks":
-        from pathmamba.pseudo_masks import write_pseudo_masks
+# One function per command: its arguments into one call of the module that does the work.
 
-        write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size, scan=args.scan,
-                           precision=args.precision)
-    elif args.command == "evaluate":
-        from pathmamba.evaluate import evaluate
 
-        evaluate(args.model, args.data_root, args.out, args.masks_dir, args.n_masks, args.tta, args.device,
-                 args.batch_size, scan=args.scan, precision=args.precision)
-    elif args.command == "evaluate-trivial":
-        from pathmamba.evaluate import evaluate_trivial
+def _make_demo_data(args) -> None:
+    from pathmamba.data.synthetic import make_synthetic_dataset
 
-        evaluate_trivial(args.dataset, args.data_root, args.out)
-    elif args.command == "predict":
-        from pathmamba.predict import predict
+    counts = make_synthetic_dataset(args.dataset, args.out, args.n_train, args.n_val, args.n_test, size=args.size,
+                                    seed=args.seed)
+    logging.getLogger("pathmamba").info("wrote %s to %s: %s", args.dataset, args.out, counts)
 
-        predict(args.model, args.input, args.out, args.device, args.batch_size, args.tile_size, scan=args.scan,
-                precision=args.precision)
-    elif args.command == "export":
-        from pathmamba.export import export_model
 
-        export_model(args.model, args.out)
-    elif args.command == "fetch-weights":
-        from pathmamba.models.backbones import imagenet_weights_url
-        from pathmamba.runtime import download_file
+def _download_dataset(args) -> None:
+    from pathmamba.data.acquire import download_with_record
+    from pathmamba.data.specs import get_dataset_spec
 
-        official = imagenet_weights_url(args.backbone)
-        # torchvision's file names end with the first hex digits of the file's SHA-256.
-        download_file(args.url or official, args.out, sha256_prefix=official.rsplit("-", 1)[1].split(".")[0])
-        logging.getLogger("pathmamba").info("wrote %s weights to %s", args.backbone, args.out)
-    elif args.command == "doctor":
-        from pathmamba.config import ConfigError
-        from pathmamba.doctor import FAIL, format_checks, run_checks
-        from pathmamba.plan import load_workflow_config
+    download_with_record(get_dataset_spec(args.dataset), args.folder, args.record, args.url or None)
 
-        try:
-            checks = run_checks(load_workflow_config(args.configfile))
-        except ConfigError as error:
-            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
-        print(format_checks(checks))
-        return 1 if any(check.status == FAIL for check in checks) else 0
-    elif args.command == "plan":
-        from pathmamba.config import ConfigError
-        from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
 
-        try:
-            print(format_plan(gpu_jobs(load_workflow_config(args.configfile))))
-        except (ConfigError, KeyError) as error:
-            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
-    elif args.command == "calibrate":
-        from pathmamba.calibrate import format_calibration, write_calibration
-        from pathmamba.config import ConfigError
+def _prepare_dataset(args) -> None:
+    from pathmamba.data.acquire import prepare_dataset, prepare_downloaded
+    from pathmamba.data.specs import get_dataset_spec
 
-        try:
-            out, record = write_calibration(args.configfile, args.out, device=args.device, steps=args.steps,
-                                            warmup_steps=args.warmup_steps, methods=args.methods,
-                                            random_init=args.random_init, threads=args.threads,
-                                            scan=args.scan, precision=args.precision)
-        except (ConfigError, KeyError) as error:
-            raise SystemExit(f"{args.configfile}: {error.args[0]}") from None
-        print(format_calibration(record))
-        logging.getLogger("pathmamba").info("wrote %s", out)
-    elif args.command == "tables":
-        from pathmamba.results import Grid
-        from pathmamba.tables import write_tables
+    spec = get_dataset_spec(args.dataset)
+    if args.downloaded:
+        manifest = prepare_downloaded(spec, args.downloaded, args.out, args.lock)
+    else:
+        manifest = prepare_dataset(spec, args.archive, args.out, args.lock)
+    logging.getLogger("pathmamba.data").info("prepared %s in %s: %s", spec.name, args.out, manifest["counts"])
 
-        grid = _grid_arguments(args)
-        write_tables(grid["run_dir"], Grid(grid["datasets"], grid["methods"], grid["seeds"]), args.paper,
-                     args.out_dir, args.n_resamples, args.bootstrap_seed)
-    elif args.command == "figures":
-        from pathmamba.plots import write_figures
-        from pathmamba.results import load_paper_results
 
-        grid = _grid_arguments(args)
-        write_figures(grid["run_dir"], grid["datasets"], grid["methods"], grid["seeds"], grid["data_roots"],
-                      load_paper_results(args.paper), args.out_dir, args.n_images)
-    elif args.command == "readme":
-        from pathmamba.readme import splice_readme
+def _validate_dataset(args) -> None:
+    from pathmamba.data.specs import get_dataset_spec
+    from pathmamba.data.validate import validate_and_write
 
-        diff = splice_readme(args.readme, args.table, check=args.check)
-        if diff:
-            print("\n".join(diff))
-            print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
-            return 1
-    elif args.command == "rehearse":
-        from pathmamba.rehearsal import RehearsalError, rehearse
+    report = validate_and_write(args.data_root, get_dataset_spec(args.dataset), args.out, args.image_size,
+                                args.counts, args.workers)
+    print(report.summary(), file=sys.stderr)
 
-        try:
-            return rehearse(args.folder, args.paper, args.overlay, args.cores)
-        except RehearsalError as error:
-            raise SystemExit(f"rehearse: {error}") from None
+
+def _train(args) -> int | None:
+    from pathmamba.train import TrainingInterrupted, TrainSettings, train
+
+    try:
+        settings = TrainSettings(**args.settings)
+    except TypeError as error:
+        raise InputError(f"--settings: {error}; valid keys: {', '.join(TrainSettings.__dataclass_fields__)}") from None
+    try:
+        train(args.method, args.dataset, args.data_root, args.out, args.checkpoint_dir, args.seed, args.hparams,
+              settings, args.stage, args.stage1_model, args.pseudo_masks)
+    except TrainingInterrupted as interrupted:
+        return 128 + interrupted.signum  # the shell's convention for "killed by this signal"
+    return None
+
+
+def _pseudo_masks(args) -> None:
+    from pathmamba.pseudo_masks import write_pseudo_masks
+
+    write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size, scan=args.scan,
+                       precision=args.precision)
+
+
+def _evaluate(args) -> None:
+    from pathmamba.evaluate import evaluate
+
+    evaluate(args.model, args.data_root, args.out, args.masks_dir, args.n_masks, args.tta, args.device,
+             args.batch_size, scan=args.scan, precision=args.precision)
+
+
+def _evaluate_trivial(args) -> None:
+    from pathmamba.evaluate import evaluate_trivial
+
+    evaluate_trivial(args.dataset, args.data_root, args.out)
+
+
+def _predict(args) -> None:
+    from pathmamba.predict import predict
+
+    predict(args.model, args.input, args.out, args.device, args.batch_size, args.tile_size, scan=args.scan,
+            precision=args.precision)
+
+
+def _export(args) -> None:
+    from pathmamba.export import export_model
+
+    export_model(args.model, args.out)
+
+
+def _fetch_weights(args) -> None:
+    from pathmamba.models.backbones import fetch_imagenet_weights
+
+    fetch_imagenet_weights(args.backbone, args.out, args.url)
+
+
+@contextmanager
+def _config_named(configfile: Path):
+    """A config problem as an :class:`InputError` that names ``configfile``."""
+    from pathmamba.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, KeyError) as error:
+        raise InputError(f"{configfile}: {error.args[0]}") from None
+
+
+def _doctor(args) -> int:
+    from pathmamba.doctor import FAIL, format_checks, run_checks
+    from pathmamba.plan import load_workflow_config
+
+    with _config_named(args.configfile):
+        checks = run_checks(load_workflow_config(args.configfile))
+    print(format_checks(checks))
+    return 1 if any(check.status == FAIL for check in checks) else 0
+
+
+def _plan(args) -> None:
+    from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
+
+    with _config_named(args.configfile):
+        print(format_plan(gpu_jobs(load_workflow_config(args.configfile))))
+
+
+def _calibrate(args) -> None:
+    from pathmamba.calibrate import format_calibration, write_calibration
+
+    with _config_named(args.configfile):
+        out, record = write_calibration(args.configfile, args.out, device=args.device, steps=args.steps,
+                                        warmup_steps=args.warmup_steps, methods=args.methods,
+                                        random_init=args.random_init, threads=args.threads, scan=args.scan,
+                                        precision=args.precision)
+    print(format_calibration(record))
+    logging.getLogger("pathmamba").info("wrote %s", out)
+
+
+def _selection(args):
+    from pathmamba.results import select_runs
+
+    return select_runs(args.configfile, args.run_dir, args.datasets, args.methods, args.seeds,
+                       getattr(args, "data_root", []))
+
+
+def _tables(args) -> None:
+    from pathmamba.tables import write_tables
+
+    selection = _selection(args)
+    write_tables(selection.run_dir, selection.grid, args.paper, args.out_dir, args.n_resamples, args.bootstrap_seed)
+
+
+def _figures(args) -> None:
+    from pathmamba.plots import write_figures
+    from pathmamba.results import load_paper_results
+
+    selection = _selection(args)
+    grid = selection.grid
+    write_figures(selection.run_dir, grid.datasets, grid.methods, grid.seeds, selection.data_roots,
+                  load_paper_results(args.paper), args.out_dir, args.n_images)
+
+
+def _readme(args) -> int:
+    from pathmamba.readme import splice_readme
+
+    diff = splice_readme(args.readme, args.table, check=args.check)
+    if diff:
+        print("\n".join(diff))
+        print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
+        return 1
     return 0
+
+
+def _rehearse(args) -> int:
+    from pathmamba.rehearsal import RehearsalError, rehearse
+
+    try:
+        return rehearse(args.folder, args.paper, args.overlay, args.cores)
+    except RehearsalError as error:
+        raise InputError(str(error)) from None

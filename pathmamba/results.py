@@ -39,6 +39,55 @@ class Grid:
     seeds: list[int]
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a ``tables`` or ``figures`` command reads: the run folder, its grid, the datasets' folders."""
+
+    run_dir: Path
+    grid: Grid
+    data_roots: dict[str, str]
+
+
+def select_runs(configfile: Path | None = None, run_dir: Path | None = None, datasets: list[str] | None = None,
+                methods: list[str] | None = None, seeds: list[int] | None = None,
+                data_roots: list[str] = ()) -> Selection:
+    """The runs a command reads: each of ``run_dir``, ``datasets``, ``methods``, ``seeds`` given, else the
+    workflow config ``configfile``'s (its ``grid``); ``data_roots`` (``DATASET=FOLDER``) over the config's
+    dataset folders. Raises :class:`InputError` naming the argument for what is missing, repeated or not
+    a folder."""
+    from pathmamba.config import grid_datasets, grid_methods
+
+    config = yaml.safe_load(Path(configfile).read_text()) if configfile else {}
+    resources = config.get("resources_dir", "resources")
+    roots = {name: entry.get("root", f"{resources}/datasets/{name}")
+             for name, entry in config.get("datasets", {}).items()}
+    for item in data_roots:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise InputError(f"--data-root: expected DATASET=FOLDER, got {item!r}")
+        roots[name] = folder
+    if run_dir is None and "run" in config:
+        run_dir = Path(config.get("results_dir", "results")) / config["run"]
+    given = {"datasets": datasets, "methods": methods, "seeds": seeds}
+    chosen = {"datasets": datasets or (grid_datasets(config) if config else []),
+              "methods": methods or (grid_methods(config) if config else []),
+              "seeds": seeds or [int(seed) for seed in config.get("seeds", [])]}
+    missing = [key for key, value in {"run-dir": run_dir, **chosen}.items() if not value]
+    if missing:
+        raise InputError(f"give --configfile or --{', --'.join(missing)}")
+    for key, values in chosen.items():
+        # A seed given twice would count as two finished runs: "3 seeds, ± 0.000" from one run.
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:
+            where = f"--{key}" if given[key] else f"{configfile}: {key}"
+            raise InputError(f"{where}: {', '.join(repeated)} given more than once; each must be unique")
+    if not Path(run_dir).is_dir():
+        # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
+        where = f"{configfile}: results_dir/run" if configfile and not given.get("run_dir") else "--run-dir"
+        raise InputError(f"{where}: {run_dir} is not a folder; expected results/<run> holding runs/")
+    return Selection(Path(run_dir), Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
+
+
 def finished_runs(run_dir: Path, grid: Grid) -> pd.DataFrame:
     """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference.
 

@@ -254,7 +254,7 @@ def test_workflow_prepares_and_validates_archives_before_training(canonical, tmp
     assert not (tmp_path / reports[1]).exists()
     log = (tmp_path / "results/tiny/logs/data/synthetic-bcss.validate.log").read_text()
     prepared_mask = f"resources/datasets/synthetic-bcss/val/mask/{bad_mask.name}"
-    assert "error: synthetic-bcss: INVALID" in log and f"{prepared_mask}: mask value 7" in log
+    assert "validate-dataset: synthetic-bcss: INVALID" in log and f"{prepared_mask}: mask value 7" in log
     assert "Traceback" not in log
 
 

@@ -156,6 +156,6 @@ def test_cli_writes_the_report_or_fails_with_a_summary(luad, tmp_path, capsys):
     out.unlink()
     bad = _mask_value_7(luad)
     message = cli_error(argv, capsys)
-    assert message.startswith("error: synthetic-luad: INVALID")
+    assert message.startswith("pathmamba validate-dataset: synthetic-luad: INVALID")
     assert f"{bad}: mask value 7" in message
     assert not out.exists()

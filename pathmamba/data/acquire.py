@@ -49,7 +49,7 @@ from pathmamba.data.readers import (
     split_root,
 )
 from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
-from pathmamba.runtime import atomic_write_json
+from pathmamba.runtime import InputError, atomic_write_json
 
 log = logging.getLogger("pathmamba.data")
 
@@ -183,7 +183,7 @@ def download_dataset(spec: DatasetSpec, folder: Path, url: str | None = None) ->
         name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or f"{spec.name}.zip"
         return [download_file(url, folder / name)]
     if spec.gdrive_folder is None:
-        raise ValueError(f"{spec.name}: no published Google Drive folder; give 'archive', 'url' or 'root'")
+        raise InputError(f"{spec.name}: no published Google Drive folder; give 'archive', 'url' or 'root'")
     files = list_gdrive_folder(spec.gdrive_folder)
     log.info("%s: %d files in Google Drive folder %s", spec.name, len(files), spec.gdrive_folder)
     return [download_file(GDRIVE_FILE_URL.format(file_id), folder / path) for file_id, path in files]
@@ -374,7 +374,7 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
             raise FileNotFoundError(f"{source}: source of {spec.name} not found")
     folders = [s for s in sources if s.is_dir()]
     if folders and len(sources) > 1:
-        raise ValueError(f"{spec.name}: give zip archives or one extracted folder, not both: {sources}")
+        raise InputError(f"{spec.name}: give zip archives or one extracted folder, not both: {sources}")
     files = sorted(p for p in folders[0].rglob("*") if p.is_file()) if folders else sources
     base = folders[0] if folders else None
     sums = {(p.relative_to(base).as_posix() if base else p.name): sha256(p) for p in files}
@@ -413,3 +413,22 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
     for note in tolerated:
         log.warning("%s: %s", spec.name, note)
     return manifest
+
+
+def download_with_record(spec: DatasetSpec, folder: Path, record: Path, url: str | None = None) -> list[Path]:
+    """:func:`download_dataset`, then ``record`` (JSON): the dataset, where the files came from, the
+    download folder and the files; what ``prepare-dataset --downloaded`` reads."""
+    files = download_dataset(spec, folder, url)
+    origin = {"url": url} if url else {"gdrive_folder": spec.gdrive_folder}
+    atomic_write_json(record, {"dataset": spec.name, "origin": origin, "folder": str(folder),
+                               "files": [str(f) for f in files]})
+    return files
+
+
+def prepare_downloaded(spec: DatasetSpec, record: Path, out: Path, lock: Path) -> dict:
+    """:func:`prepare_dataset` from a :func:`download_with_record` record: its zip archives, or its
+    folder when the download was the extracted files."""
+    downloaded = json.loads(Path(record).read_text())
+    zips = [Path(f) for f in downloaded["files"] if f.lower().endswith(".zip")]
+    return prepare_dataset(spec, zips or [Path(downloaded["folder"])], out, lock, downloaded["origin"])
+

@@ -42,7 +42,7 @@ from pathmamba.data.readers import (
     split_root,
 )
 from pathmamba.data.specs import DatasetSpec, get_dataset_spec
-from pathmamba.runtime import InputError
+from pathmamba.runtime import InputError, atomic_write_json
 
 COUNT_POLICIES = ("error", "warn")
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -262,6 +262,18 @@ def index_files(index: DatasetIndex) -> list[Path]:
     """Every file of an index: training images, val/test images and masks."""
     return [path for path, _ in index.train] + [path for split in (index.val, index.test)
                                                 for pair in split for path in pair]
+
+
+def validate_and_write(root: Path, spec: DatasetSpec, out: Path, image_size: int = 224, counts: str = "error",
+                       workers: int = 1) -> ValidationReport:
+    """:func:`validate_dataset`, then the report as JSON at ``out`` (with the fingerprint that
+    :func:`check_validated` compares against); an invalid dataset raises :class:`DatasetInvalid` and
+    writes nothing."""
+    report = validate_dataset(root, spec, image_size, counts, workers)
+    if not report.ok:
+        raise DatasetInvalid(report)
+    atomic_write_json(out, report.to_dict())
+    return report
 
 
 def check_validated(report_path: Path, data_root: Path) -> None:

@@ -166,6 +166,17 @@ def imagenet_weights_url(name: str) -> str:
     return _imagenet_weights(name).url
 
 
+def fetch_imagenet_weights(name: str, out: Path, url: str | None = None) -> None:
+    """Download backbone ``name``'s ImageNet weights file to ``out``, from ``url`` (a mirror) or
+    torchvision's; either way its SHA-256 must start with the digits that torchvision's file name ends
+    with (``resnet50-0676ba61.pth``)."""
+    from pathmamba.runtime import download_file
+
+    official = imagenet_weights_url(name)
+    download_file(url or official, Path(out), sha256_prefix=official.rsplit("-", 1)[1].split(".")[0])
+    log.info("wrote %s weights to %s", name, out)
+
+
 def resnet_stages(model: ResNet, depth: int = 4) -> nn.ModuleList:
     """The stem + layer1 as stage 1, then layer2.. up to ``depth`` stages, as a ModuleList."""
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
