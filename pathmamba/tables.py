@@ -77,6 +77,13 @@ METHOD_NOTES = {
 }
 
 
+#: Table 1 rows that the paper does not have: references for the CAM family.
+BEYOND_THE_PAPER = ("cam", "gradcam")
+BASELINES_NOTE = ("Baselines: each one's implementation, its differences from the original code with their "
+                  "expected effect, and the training budget are in the repository's docs/baselines.md. The "
+                  "CAM family's masks hold only classes the method's own image-level prediction keeps.")
+
+
 def mixed_runtime_notes(runs: pd.DataFrame, methods: list[str]) -> tuple[set[tuple[str, str]], list[str]]:
     """The (dataset, method) cells of ``methods`` whose seeds ran with different selective scans or
     precisions, and a footnote for each: their spread then holds an implementation difference too."""
@@ -169,7 +176,14 @@ def _footnotes(methods: list[str], protocol: str, paper_source: str | None, has_
              f"finished than configured; {MISSING}: no finished run. Bold: best weakly supervised mean per column.")]
     if has_paper:
         notes.append(f"paper: the value reported in {paper_source}; Δ = reproduced mean − paper value.")
+    beyond = [method for method in BEYOND_THE_PAPER if method in methods]
+    if beyond:
+        notes.append(f"Reference rows beyond the paper, whose Table 1 reports neither CAM nor Grad-CAM: "
+                     f"{' and '.join(beyond)}. With global average pooling and a linear classifier, Grad-CAM of "
+                     "the last layer equals CAM.")
     notes += [METHOD_NOTES[method] for method in methods if method in METHOD_NOTES]
+    if any(method != TRIVIAL and get_spec(method).target.startswith("baselines.") for method in methods):
+        notes.append(BASELINES_NOTE)
     return notes
 
 

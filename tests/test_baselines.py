@@ -102,7 +102,7 @@ def test_unet_loads_a_torchvision_resnet_state_dict_into_its_encoder(tmp_path):
     torch.save(reference.state_dict(), path)
     model = UNet(encoder="resnet18", pretrained=str(path), decoder_channels=[16, 8, 8, 8, 4])
     assert torch.equal(model.net.encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
         UNet(encoder="resnet18", pretrained=str(tmp_path / "missing.pth"))
 
 

@@ -15,8 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from baselines.cam.ccam import CCAM
 from baselines.cam.sccam import SCCAM
-from baselines.cam.toolbox import white_background_mask
-from baselines.cam.wsss_tissue import WSSSTissue, WSSSTissueClassifier, dropout_gamma, pseudo_mask
+from baselines.cam.toolbox import REJECTED_SCORE, gray_background_mask, white_background_mask
+from baselines.cam.wsss_tissue import (
+    WSSSTissue,
+    WSSSTissueClassifier,
+    dropout_attention,
+    dropout_gamma,
+    pseudo_mask,
+)
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import IGNORE_INDEX, get_dataset_spec
@@ -123,17 +129,22 @@ def test_white_background_mask_marks_white_glass_only():
     assert mask[..., :8].min() == 1.0 and mask[..., 8:].max() == 0.0
 
 
-def test_ccam_anatomy_prior_is_the_tissue_mask_and_masks_have_no_class_on_white():
+def test_ccam_anatomy_prior_is_the_tissue_mask_and_acts_in_training_only():
     torch.manual_seed(0)
     model = CCAM(num_classes=4, **TINY).eval()
     images = half_white_images(size=32)
     prior = model.tissue_prior(images, (4, 4))
     assert torch.equal(prior, torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(2, 1, 4, 4))
 
+    # No white-pixel zeroing at prediction: the scores are the gated refined maps everywhere (zeroed
+    # scores sent white-looking tissue to class 0, kept or not).
     scores = model.predict(images)
     assert scores.shape == (2, 4, 32, 32)
-    assert scores[..., :16].abs().max() == 0.0
-    assert scores[..., 16:].sum() > 0
+    refined = torch.nn.functional.interpolate(torch.relu(model.maps(images)[1]), size=(32, 32),
+                                              mode="bilinear", align_corners=False)
+    kept = scores > REJECTED_SCORE
+    expected = refined / refined.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    torch.testing.assert_close(scores[kept], expected[kept])
 
     loss, parts = model.train().loss(images, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]]))
     assert torch.isfinite(loss) and set(parts) == {"category", "anatomy"}
@@ -149,40 +160,81 @@ def test_ccam_refined_maps_start_equal_to_the_coarse_maps():
 # --- WSSS-Tissue ----------------------------------------------------------------------------------
 
 def test_progressive_dropout_gamma_schedule():
-    assert dropout_gamma(1) == dropout_gamma(2) == 1.0
-    assert dropout_gamma(3) == pytest.approx(0.98)
-    assert dropout_gamma(5) == pytest.approx(0.98**3)
-    assert dropout_gamma(21) == pytest.approx(0.98**19)  # 0.681, still above the floor
-    assert dropout_gamma(30) == 0.65 and dropout_gamma(100) == 0.65
+    """1_train_stage1.py: gamma starts at 1 and is multiplied by 0.98 after every epoch while above 0.65
+    (so once more at 0.98^21 = 0.654); PDA is on from the fourth epoch (0-based ``ep > 2``)."""
+    assert dropout_gamma(1) == 1.0
+    assert dropout_gamma(2) == pytest.approx(0.98)
+    assert dropout_gamma(4) == pytest.approx(0.98**3)
+    assert dropout_gamma(22) == pytest.approx(0.98**21)  # 0.654, still above the floor
+    assert dropout_gamma(23) == dropout_gamma(100) == pytest.approx(0.98**22)  # 0.641, then fixed
 
     model = WSSSTissueClassifier(num_classes=4, **TINY)
     seen = []
     for epoch in (1, 3, 4):
         model.on_epoch_start(epoch, None, CPU, "synthetic-bcss")
-        seen.append(round(float(model.gamma), 4))
-    assert seen == [1.0, 0.98, 0.9604]
+        seen.append((round(float(model.gamma), 4), bool(model.pda)))
+    assert seen == [(1.0, False), (0.9604, False), (0.9412, True)]
 
 
-def test_progressive_dropout_drops_the_most_activated_positions():
+def test_dropout_attention_is_the_mean_of_cams_with_their_peaks_dropped():
+    """tool/ADL_module.py: per class, ReLU'd CAM values above gamma x the class maximum become 0; the
+    attention is the mean over all classes (labelled or not)."""
+    cams = torch.tensor([[[[1.0, 0.5], [-2.0, 0.2]],
+                          [[0.1, 0.3], [0.4, 0.0]]]])  # (1, 2, 2, 2)
+    attention = dropout_attention(cams, gamma=0.6)
+    # class 0: max 1 -> values > 0.6 dropped: [[0, 0.5], [0, 0.2]]; class 1: max 0.4 -> > 0.24 dropped
+    expected = (torch.tensor([[0.0, 0.5], [0.0, 0.2]]) + torch.tensor([[0.1, 0.0], [0.0, 0.0]])) / 2
+    torch.testing.assert_close(attention, expected.view(1, 1, 2, 2))
+
+
+def test_pda_multiplies_the_features_by_the_attention_once_on():
     torch.manual_seed(0)
-    model = WSSSTissueClassifier(num_classes=4, **TINY).train()
+    model = WSSSTissueClassifier(num_classes=4, feature_dropout=0.0, **TINY).train()
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
     plain = torch.nn.functional.binary_cross_entropy_with_logits(model(images), labels)
-    model.gamma.fill_(1.0)
-    torch.testing.assert_close(model.loss(images, labels)[0], plain)  # gamma 1 drops nothing
-    model.gamma.fill_(0.65)
-    assert not torch.allclose(model.loss(images, labels)[0], plain)
+    model.on_epoch_start(3, None, CPU, "synthetic-luad")
+    torch.testing.assert_close(model.loss(images, labels)[0], plain)  # PDA still off
+    model.on_epoch_start(4, None, CPU, "synthetic-luad")
+    features = model.features(images)
+    kept = features * dropout_attention(model.classifier(features), float(model.gamma))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(model.classifier(kept).mean(dim=(2, 3)), labels)
+    torch.testing.assert_close(model.loss(images, labels)[0], expected)
 
 
-def test_pseudo_masks_keep_the_image_labels_and_white_only_where_asked():
+def test_pseudo_masks_normalise_signed_gradcams_over_all_classes_together():
+    """tool/infer_fun.py: one min-max over the stack of all classes, no ReLU, then the image's labels."""
+    maps = torch.zeros(1, 4, 2, 2)
+    maps[0, 0] = torch.tensor([[4.0, 1.0], [-1.0, -3.0]])  # strong class
+    maps[0, 3] = torch.tensor([[0.5, 0.5], [-2.0, -2.0]])  # weak class
+    maps[0, 1] = 9.0  # not in the labels: never chosen, though it sets the range
+    labels = torch.tensor([[1.0, 0, 0, 1]])
+    mask = pseudo_mask(maps, labels, (2, 2))
+    # (0, 1): 1.0 > 0.5 jointly (per-class scaling would give class 0 0.25 < 1); (1, 0): both negative,
+    # -1 > -2 (a ReLU would tie them at 0).
+    assert mask.tolist() == [[[0, 0], [0, 3]]]
+
+
+def test_luad_background_is_a_gray_threshold_without_small_objects():
+    """tool/infer_utils.py gen_bg_mask: gray > 200, 4-connected components under 50 px removed."""
+    rgb = torch.full((1, 3, 16, 16), 0.4)  # tissue
+    rgb[..., :, :8] = 1.0  # 128 px of glass: background
+    rgb[..., 0:3, 10:13] = 1.0  # 9 px bright speck: stays tissue
+    rgb[..., 10:16, 8:16] = torch.tensor([1.0, 0.9, 0.47]).view(1, 3, 1, 1)  # gray 225, mean RGB 0.79
+    mask = gray_background_mask(rgb_to_input(rgb))[0, 0]
+    assert mask[:, :8].min() == 1 and mask[0:3, 10:13].max() == 0
+    assert mask[10:, 8:].min() == 1  # 48 px, but joined to the glass on its left
+    assert white_background_mask(rgb_to_input(rgb))[0, 0, 10:, 8:].max() == 0  # mean RGB would miss it
+
+
+def test_pseudo_masks_ignore_background_only_where_asked():
     maps = torch.rand(2, 4, 4, 4)
     labels = torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 0]])
-    white = white_background_mask(half_white_images(size=16))
+    background = gray_background_mask(half_white_images(size=16))
     plain = pseudo_mask(maps, labels, (16, 16))
     assert set(plain[0].unique().tolist()) <= {0, 3} and set(plain[1].unique().tolist()) == {2}
-    with_white = pseudo_mask(maps, labels, (16, 16), white)
-    assert (with_white[..., :8] == IGNORE_INDEX).all()
-    assert torch.equal(with_white[..., 8:], plain[..., 8:])
+    with_background = pseudo_mask(maps, labels, (16, 16), background)
+    assert (with_background[..., :8] == IGNORE_INDEX).all()
+    assert torch.equal(with_background[..., 8:], plain[..., 8:])
 
 
 def test_white_background_channel_only_on_luad():
@@ -218,7 +270,7 @@ def test_stage2_loss_weights_the_three_pseudo_masks_06_02_02():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.segmenter.parameters())
 
 
-def test_gate_zeroes_classes_the_classifier_puts_below_01():
+def test_gate_rejects_classes_the_classifier_puts_below_01():
     torch.manual_seed(0)
     model = WSSSTissue(num_classes=4, stage1_hparams=TINY, **TINY_SEGMENTER)
     with torch.no_grad():  # features are >= 0 after the last ReLU: class 0 sure, class 1 excluded
@@ -230,7 +282,7 @@ def test_gate_zeroes_classes_the_classifier_puts_below_01():
     images = torch.rand(2, 3, 32, 32)
     scores = model.predict(images)
     assert scores.shape == (2, 4, 32, 32)
-    assert scores[:, 1].abs().max() == 0.0
+    assert (scores[:, 1] == REJECTED_SCORE).all()
     torch.testing.assert_close(scores[:, [0, 2, 3]], torch.softmax(model.segmenter(images), 1)[:, [0, 2, 3]])
 
 
@@ -259,7 +311,8 @@ def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path)
     rows = _history(tmp_path / "run")
     assert [row["subcategory"] != "" for row in rows] == [False, True, True, True]
     model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert int(model_file["state_dict"]["rounds_done"]) == 2
+    # The model file is the best epoch on val; clusterings happened at the starts of epochs 2 and 3.
+    assert int(model_file["state_dict"]["rounds_done"]) == min(model_file["epoch"] - 1, 2)
 
     # Preempted after the first round (epoch 2): the checkpoint brings the clustering state back, and
     # the rerun ends with the same result as the uninterrupted run.
@@ -284,7 +337,7 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     (image_path, label), = index.train[:1]
     image, target = ImageLabelDataset(index.train[:1])[0]
     expected = stage1.eval().pseudo_masks(image[None], target[None], "synthetic-luad")
-    for kind, mask in zip(manifest["masks"], expected):
+    for kind, mask in zip(manifest["masks"], expected, strict=True):
         written = Image.open(tmp_path / "pseudo_masks" / kind / image_path.name)
         assert written.mode == "P"
         assert np.array_equal(np.asarray(written), mask[0].numpy())
@@ -333,6 +386,6 @@ def test_wsss_tissue_segmenter_loads_a_fetched_torchvision_resnet(tmp_path):
     model = WSSSTissue(num_classes=4, stage1_hparams=TINY, segmenter_encoder="resnet18",
                        segmenter_pretrained=str(path), decoder_channels=8)
     assert torch.equal(model.segmenter.encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
-    with pytest.raises(FileNotFoundError, match="wsss-tissue: pretrained weights file .*missing.pth"):
+    with pytest.raises(FileNotFoundError, match=r"wsss-tissue: pretrained weights file .*missing\.pth"):
         WSSSTissue(num_classes=4, stage1_hparams=TINY, segmenter_encoder="resnet18",
                    segmenter_pretrained=str(tmp_path / "missing.pth"))

@@ -383,3 +383,13 @@ def test_table2_says_which_variants_start_from_imagenet_weights(partial_run, tmp
         json.dumps({"hparams": {"pretrained": "none"}}))
     write_tables(run_dir, grid, PAPER, tmp_path / "scratch", n_resamples=10)
     assert "every variant of this run started from random weights" in (tmp_path / "scratch" / "table2_ablation.md").read_text()
+
+
+def test_table1_marks_reference_rows_and_points_to_the_baselines_document(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
+    table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
+    table2 = (tmp_path / "tables" / "table2_ablation.md").read_text()
+    assert "Reference rows beyond the paper, whose Table 1 reports neither CAM nor Grad-CAM: cam." in table1
+    assert "docs/baselines.md" in table1
+    assert "Reference rows" not in table2 and "docs/baselines.md" not in table2

@@ -8,7 +8,8 @@ map is the cosine similarity of every position's feature to each class context; 
 Anatomy-causality chain: the original's prior is organ shape, which histology patches do not have.
 Here the anatomical prior is the tissue / white-background mask (a documented approximation): the
 pixel-level foreground max_c sigmoid(M1) is pulled towards the tissue mask by a BCE weighted by
-``anatomy_weight``, and at prediction the maps are zeroed on white background.
+``anatomy_weight``. The prior acts in training only: masks are the gated refined maps, as CAM's (zeroing
+them on white-looking pixels sent those pixels, tissue included, to class 0 whether kept or not).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import image_logits
-from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
+from baselines.cam.toolbox import white_background_mask
 
 
 class CCAM(CAMClassifier):
@@ -27,8 +28,8 @@ class CCAM(CAMClassifier):
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
                  output_stride: int = 8, width: int = 64, threshold: float = 0.5, anatomy_weight: float = 1.0,
-                 white_threshold: float = 0.85):
-        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
+                 white_threshold: float = 0.85, scales: tuple[float, ...] = (1.0,), flip: bool = False):
+        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold, scales, flip)
         self.anatomy_weight, self.white_threshold = anatomy_weight, white_threshold
         self.fusion = nn.Conv2d(2 * num_classes, num_classes, kernel_size=1)
         # Start as the identity on M0, so the refined chain begins where CAM is.
@@ -63,10 +64,6 @@ class CCAM(CAMClassifier):
         loss = category + self.anatomy_weight * anatomy
         return loss, {"category": float(category.detach()), "anatomy": float(anatomy.detach())}
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Gated, normalised refined maps (B, C, H, W), zero on white background."""
-        _, refined = self.maps(images)
-        probabilities = torch.sigmoid(image_logits(refined))
-        scores = gate_classes(normalise_maps(refined, images.shape[-2:]), probabilities, self.threshold)
-        return scores * (1.0 - white_background_mask(images, self.white_threshold))
+    def class_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The refined maps M1 (B, C, h, w): what :class:`CAMClassifier` gates, normalises and argmaxes."""
+        return self.maps(images)[1]

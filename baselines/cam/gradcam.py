@@ -52,8 +52,19 @@ def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torc
 
 
 class GradCAMClassifier(CAMClassifier):
-    """A :class:`CAMClassifier` (same keywords) whose ``predict`` gives gated Grad-CAM maps of its last
-    ResNet layer instead of class activation maps."""
+    """A :class:`CAMClassifier` (same keywords, single scale only) whose ``predict`` gives gated Grad-CAM
+    maps of its last ResNet layer instead of class activation maps.
+
+    With global average pooling and a 1x1 classifier, Grad-CAM of the last layer is CAM up to the
+    normalisation (Selvaraju et al., ICCV 2017, Sec. 3.1; ``tests/test_baselines.py`` checks it), so this
+    is a reference row beside CAM, not a row of PathMamba's Table 1 (docs/baselines.md).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.scales != (1.0,) or self.flip:
+            raise ValueError(f"gradcam: multi-scale / flip inference is not implemented, got scales "
+                             f"{self.scales} and flip {self.flip}")
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (B, C, H, W) in [0, 1]; the mask is their argmax over C."""

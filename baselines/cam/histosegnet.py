@@ -1,5 +1,11 @@
 """HistoSegNet (Chan et al., ICCV 2019): Grad-CAM of the predicted classes, turned into a segmentation by
-a white-background map, an "other" map, class subtraction and a dense CRF."""
+a white-background map, an "other" map, class subtraction and a dense CRF.
+
+Steps and values follow the released code, github.com/lyndonchan/hsn_v1: ``hsn_v1/gradcam.py``
+(``gen_gradcam``: each Grad-CAM scaled by its class's confidence; ``modify_by_htt``: background and
+"other" maps; ``get_cs_gradcam``: class subtraction) and ``hsn_v1/densecrf.py`` (CRF over the labels whose
+maps are not all zero, argmax over all labels).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,7 @@ from torchvision.transforms.functional import gaussian_blur
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.crf import CRFSettings, dense_crf
 from baselines.cam.gradcam import grad_cam_maps
-from baselines.cam.toolbox import gate_classes
-from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-
-
-def to_rgb255(images: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation: (B, 3, H, W) -> (B, 3, H, W) float on the 0..255 scale."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images * std + mean) * 255
+from baselines.cam.toolbox import gate_classes, kept_classes, to_rgb255
 
 
 def background_map(rgb255: torch.Tensor, scale: float = 0.75, slope: float = 4.0, level: float = 240.0,
@@ -30,25 +28,37 @@ def background_map(rgb255: torch.Tensor, scale: float = 0.75, slope: float = 4.0
     return gaussian_blur(score, kernel_size=2 * radius + 1, sigma=sigma)
 
 
-def subtract_other_classes(maps: torch.Tensor) -> torch.Tensor:
-    """Class subtraction: each map minus the largest of the other maps at that pixel, clipped at 0.
+def subtract_other_classes(maps: torch.Tensor, exempt: int | None = None) -> torch.Tensor:
+    """Class subtraction: each map minus the largest of the other maps at that pixel, clipped to [0, 1].
 
-    (B, C, H, W) -> (B, C, H, W). Where one class leads, it keeps its margin and the others drop to 0,
-    so overlapping activations of similar classes no longer both claim a pixel.
+    (B, L, H, W) -> (B, L, H, W). Where one label leads, it keeps its margin and the others drop to 0, so
+    overlapping activations of similar labels no longer both claim a pixel. ``exempt``: a label (the
+    original's "other") that is not subtracted from but still counts in the others' maximum.
+    The original (``get_cs_gradcam``) subtracts in place, label by label, so a later label subtracts the
+    already reduced earlier maps; this is the simultaneous subtraction the paper describes.
     """
     top2 = maps.topk(2, dim=1).values
     is_top = maps >= top2[:, :1]
     others_max = torch.where(is_top, top2[:, 1:2], top2[:, :1])
-    return (maps - others_max).clamp_min(0)
+    subtracted = (maps - others_max).clamp(0, 1)
+    if exempt is not None:
+        subtracted[:, exempt] = maps[:, exempt].clamp(0, 1)
+    return subtracted
 
 
 class HistoSegNet(MultiLabelResNet):
     """A :class:`MultiLabelResNet` whose ``predict`` runs HistoSegNet's post-processing.
 
-    Per image: Grad-CAM maps of the classes whose probability reaches ``threshold`` (the top class
-    always), class subtraction among them, then a dense CRF over C + 2 labels (the C tissue maps, the
-    white-background map and ``other_scale * (1 - max tissue map)``). The scores are the CRF marginals
-    of the C tissue labels, absent classes zeroed; background pixels are not scored by the metric.
+    Labels: the C tissue classes, then background (index C), then "other" (index C + 1). Per image:
+    Grad-CAM maps of the kept classes (probability >= ``threshold``, the top class always), each times its
+    probability; the background map; other = ``other_scale`` x (1 - max of the tissue and background
+    maps); class subtraction over all C + 2 labels ("other" exempt); a dense CRF over the labels whose
+    maps are not all zero. The original's mask is the argmax over all C + 2 CRF marginals.
+
+    Our masks hold the C tissue classes only (the metric has no "no class" prediction; background
+    pixels are not scored): a pixel the original gives to background or "other" gets the kept tissue
+    class with the highest marginal. :meth:`crf_marginals` gives all C + 2 marginals, so the share of
+    such pixels can be measured (``benchmarks/rejected_class_pixels.py``).
     """
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
@@ -71,18 +81,30 @@ class HistoSegNet(MultiLabelResNet):
         self.eval()
         with torch.no_grad():
             probabilities = torch.sigmoid(self(images.float()))
+        keep = kept_classes(probabilities, self.threshold)
         cams = grad_cam_maps(self, [self.features[-1]], images, self.num_classes)
-        cams = gate_classes(cams, probabilities, self.threshold)
-        other = self.other_scale * (1 - cams.amax(dim=1, keepdim=True))
+        # gen_gradcam: the maps of the predicted classes only, each scaled by its confidence score
+        cams = cams * (probabilities * keep)[:, :, None, None]
         background = background_map(to_rgb255(images.float()), self.background_scale,
                                     sigma=self.background_sigma)
-        return torch.cat([subtract_other_classes(cams), background, other], dim=1), probabilities
+        # modify_by_htt ("func"): other = 0.05 (1 - max over the maps so far, background included)
+        other = self.other_scale * (1 - torch.cat([cams, background], dim=1).amax(dim=1, keepdim=True))
+        maps = torch.cat([cams, background, other], dim=1)
+        return subtract_other_classes(maps, exempt=self.num_classes + 1), probabilities
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores (B, C, H, W): CRF marginals of the tissue labels; the mask is their argmax over C."""
+    def crf_marginals(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CRF marginals of all C + 2 labels (B, C + 2, H, W), 0 for a label whose map is all zero (the
+        original leaves it out of the CRF), and the class probabilities (B, C)."""
         maps, probabilities = self.label_maps(images)
         rgb = to_rgb255(images.float()).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        marginals = np.stack([dense_crf(np.ascontiguousarray(image), label_maps, self.crf_settings)
-                              for image, label_maps in zip(rgb, maps.cpu().numpy())])
-        scores = torch.from_numpy(marginals[:, : self.num_classes]).to(images.device)
-        return gate_classes(scores, probabilities, self.threshold)
+        maps = maps.cpu().numpy()
+        marginals = np.zeros_like(maps, dtype=np.float32)
+        for i, (image, label_maps) in enumerate(zip(rgb, maps, strict=True)):
+            present = label_maps.sum(axis=(1, 2)) > 0
+            marginals[i, present] = dense_crf(np.ascontiguousarray(image), label_maps[present], self.crf_settings)
+        return torch.from_numpy(marginals).to(images.device), probabilities
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C, H, W): CRF marginals of the kept tissue classes; the mask is their argmax over C."""
+        marginals, probabilities = self.crf_marginals(images)
+        return gate_classes(marginals[:, : self.num_classes], probabilities, self.threshold)

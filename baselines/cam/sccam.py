@@ -4,16 +4,24 @@ The images of each parent class are clustered (k-means on the classifier's poole
 ``subcategories`` sub-categories; a second 1x1 head over classes x sub-categories is trained jointly
 with the parent head (parent BCE + ``sub_weight`` x sub-category BCE), which pushes the features to
 separate the less discriminative parts of a class. Clustering is redone for ``rounds`` rounds, every
-``cluster_every`` epochs from epoch ``cluster_every + 1`` on. Masks come from the parent head, as CAM.
+``cluster_every`` epochs from epoch ``cluster_every + 1`` on. Masks come from the parent head, as CAM
+(optionally over SC-CAM's inference scales and flips, ``scales`` / ``flip``).
 
-Sub-category labels: the clustering keeps only the centroids (buffers, so they are checkpointed and a
-resumed run continues with them); a training image's sub-category for each of its classes is the
-nearest centroid of that class to its current pooled feature. The original fixes each image's cluster
-index for the whole round; the engine's loader yields no image identity, and the nearest centroid is
-that index as long as the features move little within a round.
+Sub-category labels (the original, github.com/Juliachang/SC-CAM: ``extract_feature.py`` then
+``create_pseudo_label.py`` per round): each image's label is the cluster its eval-mode feature falls in,
+computed once per round by the model that was clustered. The engine's loader yields no image identity,
+so the model keeps that model's feature extractor, frozen in eval mode (``extractor``), and labels each
+training batch by the nearest centroid of the extractor's pooled features: the same features the
+clusters came from, up to the batch's flip/rotation augmentation.
+
+``restart_each_round``: the original's ``script.sh`` trains every round from the ImageNet weights
+(``train_cls.py --weights ${pretrained_model}``), with new heads; with this setting the backbone and both
+heads return to their initial weights after each clustering (the engine's optimiser state is not reset).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +43,9 @@ class SCCAM(CAMClassifier):
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
                  output_stride: int = 8, width: int = 64, threshold: float = 0.5, subcategories: int = 10,
-                 rounds: int = 3, cluster_every: int = 1, sub_weight: float = 5.0, kmeans_seed: int = 0):
-        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
+                 rounds: int = 3, cluster_every: int = 1, sub_weight: float = 5.0, kmeans_seed: int = 0,
+                 restart_each_round: bool = False, scales: tuple[float, ...] = (1.0,), flip: bool = False):
+        super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold, scales, flip)
         if subcategories < 1 or rounds < 1 or cluster_every < 1:
             raise ValueError(f"sc-cam: subcategories, rounds and cluster_every must be >= 1, got "
                              f"{subcategories}, {rounds}, {cluster_every}")
@@ -49,6 +58,20 @@ class SCCAM(CAMClassifier):
         # A class with fewer training images than K gets fewer clusters; the rest are never assigned.
         self.register_buffer("centroid_valid", torch.zeros(num_classes, subcategories, dtype=torch.bool))
         self.register_buffer("rounds_done", torch.zeros((), dtype=torch.long))
+        # The clustered model's features (copied in at each clustering), labelling the training batches.
+        self.extractor = copy.deepcopy(self.features).requires_grad_(False).eval()
+        self.restart_each_round = bool(restart_each_round)
+        # Weights to restart from (ImageNet backbone, new heads); not in the state dict, rebuilt the same
+        # way when a run resumes.
+        self.initial_weights = ({name: tensor.clone() for name, tensor in self.state_dict().items()
+                                 if name.split(".")[0] in ("features", "classifier", "sub_classifier")}
+                                if self.restart_each_round else None)
+
+    def train(self, mode: bool = True):
+        """The frozen extractor stays in eval mode, as the features it was clustered on."""
+        super().train(mode)
+        self.extractor.eval()
+        return self
 
     def on_epoch_start(self, epoch: int, loader: DataLoader, device: torch.device, dataset: str) -> None:
         """Re-cluster at the start of epochs cluster_every + 1, 2 * cluster_every + 1, ... (``rounds`` times)."""
@@ -56,14 +79,20 @@ class SCCAM(CAMClassifier):
         if due and int(self.rounds_done) < self.rounds:
             features, labels = self.pooled_training_features(loader, device)
             self.cluster(features, labels)
+            self.extractor.load_state_dict(self.features.state_dict())
+            if self.restart_each_round:
+                self.load_state_dict(self.initial_weights, strict=False)
 
     @torch.no_grad()
     def pooled_training_features(self, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features (N, F) and labels (N, C) of every training image, in eval mode."""
+        """Pooled features (N, F) and labels (N, C) of every training image, in eval mode and without
+        augmentation (as the original's ``extract_feature.py``)."""
         was_training = self.training
         self.eval()
+        dataset = copy.copy(loader.dataset)
+        dataset.augment = False
         features, labels = [], []
-        for images, targets in DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False):
+        for images, targets in DataLoader(dataset, batch_size=loader.batch_size, shuffle=False):
             features.append(self.features(images.to(device)).float().mean(dim=(2, 3)).cpu())
             labels.append(targets)
         self.train(was_training)
@@ -100,8 +129,10 @@ class SCCAM(CAMClassifier):
         parent = F.binary_cross_entropy_with_logits(image_logits(self.classifier(features)), targets)
         if int(self.rounds_done) == 0:
             return parent, {"parent": float(parent.detach())}
-        pooled = features.float().mean(dim=(2, 3))  # float32 as the centroids it is compared with
+        with torch.no_grad():
+            # float32 as the centroids it is compared with
+            pooled = self.extractor(images).float().mean(dim=(2, 3))
         sub_logits = image_logits(self.sub_classifier(features))
-        sub = F.binary_cross_entropy_with_logits(sub_logits, self.subcategory_targets(pooled.detach(), targets))
+        sub = F.binary_cross_entropy_with_logits(sub_logits, self.subcategory_targets(pooled, targets))
         loss = parent + self.sub_weight * sub
         return loss, {"parent": float(parent.detach()), "subcategory": float(sub.detach())}

@@ -1,19 +1,25 @@
 """WSSS-Tissue (Han et al., MedIA 2022): multi-layer pseudo-supervision in two stages.
 
-Stage 1 (:class:`WSSSTissueClassifier`, its own training run): the multi-label ResNet classifier trained
-with progressive dropout attention: positions whose class activation (normalised per class, image labels
-only) exceeds gamma are dropped from the features before pooling; gamma is 1 (nothing dropped) up to
-epoch ``gamma_start_epoch`` and then multiplied by ``gamma_decay`` per epoch down to ``gamma_floor``.
+Each step follows the original code, github.com/ChuHan89/WSSS-Tissue:
 
-Pseudo masks (written once, by ``python -m pathmamba pseudo-masks``, a workflow rule of its own): for
-every training image, Grad-CAM of the stage-1 classifier at three depths (layer4, layer3, layer2)
-restricted to the image's labels gives three masks; white background is set to the ignored index on the
-datasets in ``white_background_datasets`` (LUAD in the original).
+Stage 1 (:class:`WSSSTissueClassifier`, its own training run; ``1_train_stage1.py``,
+``network/resnet38_cls.py``, ``tool/ADL_module.py``): the multi-label ResNet classifier with channel
+dropout (``Dropout2d``) on the features before pooling, and progressive dropout attention (PDA) from
+epoch ``pda_start_epoch`` on: the features are multiplied by the mean over all classes of their ReLU'd
+CAMs, in which every value above gamma x that class's maximum is set to 0. gamma starts at 1 and is
+multiplied by ``gamma_decay`` after every epoch while it is above ``gamma_floor``.
 
-Stage 2 (:class:`WSSSTissue`, the method of the tables): a DeepLabV3+ (segmentation-models-pytorch)
-trained on the three pseudo masks with the cross-entropy weighted ``pseudo_mask_weights`` (0.6 for the
-deepest layer, 0.2, 0.2). At test its softmax scores are gated by the frozen stage-1 classifier's
-probabilities (classes below ``gate_threshold`` zeroed).
+Pseudo masks (written once, by ``python -m pathmamba pseudo-masks``, a workflow rule of its own;
+``2_generate_PM.py``, ``tool/infer_fun.py: create_pseudo_mask``, ``tool/gradcam.py``): for every training
+image, Grad-CAM of the stage-1 classifier at three depths (layer4, layer3, layer2) without ReLU, resized
+to the image, min-max normalised over all classes together, restricted to the image's labels; on the
+datasets in ``white_background_datasets`` (LUAD in the original) background from a gray threshold
+(``gen_bg_mask``) is set to the ignored index.
+
+Stage 2 (:class:`WSSSTissue`, the method of the tables; ``3_train_stage2.py``): a DeepLabV3+
+(segmentation-models-pytorch) trained on the three pseudo masks with the cross-entropy weighted
+``pseudo_mask_weights`` (0.6 for the deepest layer, 0.2, 0.2). At test its softmax scores are gated by
+the frozen stage-1 classifier's probabilities (classes below ``gate_threshold`` rejected).
 
 As in the original's three scripts (train stage 1, write pseudo masks, train stage 2), the stages are
 separate jobs: a stage-2 change does not retrain stage 1 or rewrite the pseudo masks.
@@ -30,7 +36,7 @@ from torch import nn
 
 from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import MultiLabelResNet, image_logits
-from baselines.cam.toolbox import gate_classes, normalise_maps, white_background_mask
+from baselines.cam.toolbox import gate_classes, gray_background_mask
 from baselines.segmenters import smp_network
 from pathmamba.data.specs import IGNORE_INDEX
 
@@ -38,17 +44,34 @@ from pathmamba.data.specs import IGNORE_INDEX
 PSEUDO_MASK_LAYERS = ("layer4", "layer3", "layer2")
 
 
-def dropout_gamma(epoch: int, start_epoch: int = 2, decay: float = 0.98, floor: float = 0.65) -> float:
-    """Progressive dropout attention threshold of ``epoch`` (1-based): 1 up to ``start_epoch``, then
-    ``decay`` per epoch, never below ``floor``."""
-    return max(floor, decay ** max(0, epoch - start_epoch))
+def dropout_gamma(epoch: int, decay: float = 0.98, floor: float = 0.65) -> float:
+    """PDA's gamma during ``epoch`` (1-based): 1 in epoch 1, then multiplied by ``decay`` after each
+    epoch while above ``floor`` (``1_train_stage1.py``: ``if model.gama > 0.65: model.gama *= 0.98``)."""
+    gamma = 1.0
+    for _ in range(epoch - 1):
+        if gamma > floor:
+            gamma *= decay
+    return gamma
+
+
+def dropout_attention(cams: torch.Tensor, gamma: float) -> torch.Tensor:
+    """PDA's attention (``Attention_Module`` in ``tool/ADL_module.py``): the mean over classes of the
+    ReLU'd CAMs with every value above gamma x the class's maximum (per image) set to 0.
+
+    cams (B, C, h, w) raw class maps -> (B, 1, h, w) >= 0, differentiable (the original does not detach).
+    """
+    cams = F.relu(cams)
+    peak = cams.amax(dim=(2, 3), keepdim=True)
+    dropped = torch.where(cams > gamma * peak, torch.zeros_like(cams), cams)
+    return dropped.mean(dim=1, keepdim=True)
 
 
 def gradcam_per_layer(classifier: MultiLabelResNet, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Grad-CAM of every class at layer4, layer3 and layer2 of ``classifier`` (deepest first).
 
-    images (B, 3, H, W) -> ([(B, C, h_l, w_l)] * 3 non-negative, logits (B, C)). Gradients are taken
-    with respect to the activations only, so no parameter gradient is accumulated.
+    images (B, 3, H, W) -> ([(B, C, h_l, w_l)] * 3 signed, logits (B, C)): gradient-weighted sums of the
+    activations without ReLU, as the original's ``tool/gradcam.py``. Gradients are taken with respect to
+    the activations only, so no parameter gradient is accumulated.
     """
     stem = classifier.features[:5]  # conv1, bn1, relu, maxpool, layer1
     layer2, layer3, layer4 = classifier.features[5:]
@@ -65,33 +88,38 @@ def gradcam_per_layer(classifier: MultiLabelResNet, images: torch.Tensor) -> tup
         maps = [[] for _ in activations]
         for c in range(logits.shape[1]):
             grads = torch.autograd.grad(logits[:, c].sum(), activations, retain_graph=c < logits.shape[1] - 1)
-            for layer_maps, activation, grad in zip(maps, activations, grads):
+            for layer_maps, activation, grad in zip(maps, activations, grads, strict=True):
                 # float32 weights and sum: under bf16 autocast they would round to 8 significant bits
                 weights = grad.float().mean(dim=(2, 3), keepdim=True)
-                layer_maps.append(F.relu((weights * activation.float()).sum(dim=1)))
+                layer_maps.append((weights * activation.float()).sum(dim=1))
     return [torch.stack(layer_maps, dim=1).detach() for layer_maps in maps], logits.detach()
 
 
 def pseudo_mask(maps: torch.Tensor, targets: torch.Tensor, size: tuple[int, int],
-                white: torch.Tensor | None = None) -> torch.Tensor:
-    """A pseudo mask from one layer's class maps, restricted to the image's labels.
+                background: torch.Tensor | None = None) -> torch.Tensor:
+    """A pseudo mask from one layer's class maps (``create_pseudo_mask`` in ``tool/infer_fun.py``).
 
-    maps (B, C, h, w) >= 0, targets (B, C) multi-hot, white (B, 1, H, W) {0, 1} or None ->
-    (B, H, W) int64 in 0..C-1, and ``IGNORE_INDEX`` on white background when ``white`` is given.
+    maps (B, C, h, w) signed Grad-CAMs, targets (B, C) multi-hot, background (B, 1, H, W) {0, 1} or None
+    -> (B, H, W) int64 in 0..C-1, and ``IGNORE_INDEX`` on background when ``background`` is given.
+    The maps are resized to ``size`` and min-max normalised over all classes of an image together (one
+    range, so the classes keep their relative strength), then the argmax is taken over the image's labels.
     """
-    scores = normalise_maps(maps, size)
-    # Absent classes below any present one (normalised maps are >= 0), so argmax picks a label.
+    maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    low = maps.amin(dim=(1, 2, 3), keepdim=True)
+    high = maps.amax(dim=(1, 2, 3), keepdim=True)
+    scores = (maps - low) / (high - low).clamp_min(1e-12)
+    # Classes not in the labels below every labelled one (normalised scores are in [0, 1]).
     scores = torch.where(targets[:, :, None, None] > 0, scores, torch.full_like(scores, -1.0))
     mask = scores.argmax(dim=1)
-    if white is not None:
-        mask = mask.masked_fill(white[:, 0] > 0, IGNORE_INDEX)
+    if background is not None:
+        mask = mask.masked_fill(background[:, 0] > 0, IGNORE_INDEX)
     return mask
 
 
 class WSSSTissueClassifier(CAMClassifier):
     """Stage 1: a :class:`CAMClassifier` (its gated CAMs select the stage's best epoch on val) trained
-    with progressive dropout attention, and the pseudo-mask generator. ``gamma`` is a buffer set per
-    epoch, so a resumed run continues the schedule.
+    with channel dropout and progressive dropout attention, and the pseudo-mask generator. ``gamma`` and
+    ``pda`` (whether PDA is on) are buffers set per epoch, so a resumed run continues the schedule.
 
     Shapes: images (B, 3, H, W) -> logits (B, C); predict and each pseudo mask at (H, W).
     """
@@ -99,34 +127,43 @@ class WSSSTissueClassifier(CAMClassifier):
     pseudo_mask_names = PSEUDO_MASK_LAYERS
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
-                 output_stride: int = 8, width: int = 64, threshold: float = 0.5, gamma_start_epoch: int = 2,
-                 gamma_decay: float = 0.98, gamma_floor: float = 0.65, white_threshold: float = 0.85,
+                 output_stride: int = 8, width: int = 64, threshold: float = 0.5, feature_dropout: float = 0.5,
+                 pda_start_epoch: int = 4, gamma_decay: float = 0.98, gamma_floor: float = 0.65,
+                 background_level: float = 200.0, background_min_size: int = 50,
                  white_background_datasets: tuple[str, ...] = ("luad-histoseg", "synthetic-luad")):
         super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
-        self.gamma_schedule = {"start_epoch": gamma_start_epoch, "decay": gamma_decay, "floor": gamma_floor}
-        self.white_threshold = white_threshold
+        if not 0 <= feature_dropout < 1 or pda_start_epoch < 1:
+            raise ValueError(f"wsss-tissue: feature_dropout must be in [0, 1) and pda_start_epoch >= 1, got "
+                             f"{feature_dropout} and {pda_start_epoch}")
+        self.feature_dropout = feature_dropout
+        self.pda_start_epoch = pda_start_epoch
+        self.gamma_schedule = {"decay": gamma_decay, "floor": gamma_floor}
+        self.background = {"level": background_level, "min_size": background_min_size}
         self.white_background_datasets = tuple(white_background_datasets)
         self.register_buffer("gamma", torch.ones(()))
+        self.register_buffer("pda", torch.zeros((), dtype=torch.bool))
 
     def on_epoch_start(self, epoch: int, loader, device: torch.device, dataset: str) -> None:
         self.gamma.fill_(dropout_gamma(epoch, **self.gamma_schedule))
+        self.pda.fill_(epoch >= self.pda_start_epoch)
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """BCE of the classifier with the most activated positions (above gamma) dropped."""
+        """BCE (the original's ``multilabel_soft_margin_loss``, the same mean) of the classifier on the
+        features times PDA's attention (when on), after channel dropout."""
         features = self.features(images)
-        maps = self.classifier(features)
-        attention = (normalise_maps(maps.detach(), maps.shape[-2:]) * targets[:, :, None, None]).amax(dim=1, keepdim=True)
-        kept = features * (attention <= self.gamma).to(features.dtype)
-        loss = F.binary_cross_entropy_with_logits(image_logits(self.classifier(kept)), targets)
-        return loss, {"gamma": float(self.gamma), "bce": float(loss.detach())}
+        if bool(self.pda):
+            features = features * dropout_attention(self.classifier(features), float(self.gamma)).to(features.dtype)
+        features = F.dropout2d(features, self.feature_dropout, self.training)
+        loss = F.binary_cross_entropy_with_logits(image_logits(self.classifier(features)), targets)
+        return loss, {"gamma": float(self.gamma), "pda": float(self.pda), "bce": float(loss.detach())}
 
     def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]:
-        """One pseudo mask (B, H, W) int64 per layer of :data:`PSEUDO_MASK_LAYERS`; white background
-        ignored on the datasets in ``white_background_datasets``."""
+        """One pseudo mask (B, H, W) int64 per layer of :data:`PSEUDO_MASK_LAYERS`; background ignored
+        on the datasets in ``white_background_datasets``."""
         maps, _ = gradcam_per_layer(self, images)
-        white = (white_background_mask(images, self.white_threshold)
-                 if dataset in self.white_background_datasets else None)
-        return [pseudo_mask(layer_maps, targets, images.shape[-2:], white) for layer_maps in maps]
+        background = (gray_background_mask(images, **self.background)
+                      if dataset in self.white_background_datasets else None)
+        return [pseudo_mask(layer_maps, targets, images.shape[-2:], background) for layer_maps in maps]
 
 
 class WSSSTissue(nn.Module):
@@ -170,8 +207,8 @@ class WSSSTissue(nn.Module):
         logits = self.segmenter(images).float()  # softmax and cross-entropy in float32 under bf16 autocast
         terms = [F.cross_entropy(logits, targets[:, k], ignore_index=IGNORE_INDEX)
                  for k in range(len(PSEUDO_MASK_LAYERS))]
-        loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms))
-        return loss, {f"ce_{name}": float(term.detach()) for name, term in zip(PSEUDO_MASK_LAYERS, terms)}
+        loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms, strict=True))
+        return loss, {f"ce_{name}": float(term.detach()) for name, term in zip(PSEUDO_MASK_LAYERS, terms, strict=True)}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
