@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -91,6 +90,9 @@ def gray_background_mask(images: torch.Tensor, level: float = 200.0, min_size: i
 
     images (B, 3, H, W) ImageNet-normalised -> (B, 1, H, W) float {0, 1}.
     """
+    # Imported here: every CAM-family job imports this module, only WSSS-Tissue's LUAD jobs need scipy.
+    from scipy import ndimage
+
     rgb = to_rgb255(images.float()).round().clamp(0, 255)
     gray = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).round()
     bright = (gray > level).cpu().numpy()
