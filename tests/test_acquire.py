@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -205,13 +206,20 @@ def test_download_restarts_when_the_server_cannot_resume(server, tmp_path):
     assert dest.read_bytes() == data and not partial_files(dest)
 
 
-def test_downloaded_archive_is_prepared_then_locked(server, canonical, tmp_path):
+def test_downloaded_archive_is_prepared_then_locked(server, canonical, tmp_path, caplog):
     server.files["LUAD-HistoSeg.zip"] = zip_folder(canonical, tmp_path / "served.zip").read_bytes()
     folder, lock = tmp_path / "downloads", tmp_path / "lock.json"
+    caplog.set_level(logging.INFO, logger="pathmamba.data")
     [downloaded] = download_dataset(SPEC, folder, server.url("LUAD-HistoSeg.zip"))
     assert downloaded == folder / "LUAD-HistoSeg.zip"
     prepare_dataset(SPEC, [downloaded], tmp_path / "first", lock)
     assert_canonical(tmp_path / "first", canonical)
+    # Progress reaches the log (the job's log file), not only a terminal.
+    size_mb = downloaded.stat().st_size / 1e6
+    assert f"downloaded LUAD-HistoSeg.zip: {size_mb:.1f} MB, " in caplog.text
+    first = tmp_path / "first"
+    n_items = sum(len(list((first / folder).glob("*.png"))) for folder in ("training", "val/img", "test/img"))
+    assert f"{SPEC.name}: files laid out {n_items}/{n_items} (100%)" in caplog.text
 
     # The file changes on the server: a new download no longer matches the lock.
     downloaded.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -37,12 +38,14 @@ def luad(generated, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["synthetic-luad", "synthetic-bcss"])
-def test_generated_datasets_are_valid(generated, name):
+def test_generated_datasets_are_valid(generated, name, caplog):
+    caplog.set_level(logging.INFO, logger="pathmamba.data")
     report = validate_dataset(generated[name], get_dataset_spec(name), image_size=SIZE, workers=2)
     assert report.ok, report.summary()
     assert report.counts == {"training": 6, "val": 3, "test": 3}
     assert report.checked_files == 6 + 2 * 3 + 2 * 3
     assert report.summary().startswith(f"{name}: valid")
+    assert f"{name}: images checked 12/12 (100%)" in caplog.text  # progress, in the job's log
 
 
 def _first(root: Path, folder: str) -> Path:

@@ -28,7 +28,10 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,7 @@ from pathmamba.data.readers import (
     split_root,
 )
 from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
-from pathmamba.runtime import InputError, atomic_write_json
+from pathmamba.runtime import InputError, ProgressLog, atomic_write_json, format_duration
 
 log = logging.getLogger("pathmamba.data")
 
@@ -121,8 +124,9 @@ def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout
         before = _partial_size(dest)
         log.info("downloading %s to %s (%s)", url, dest, attempt)
         try:
-            gdown.download(url=url, output=str(dest), quiet=quiet, resume=True, retries=retries,
-                           timeout=timeout)
+            with _logging_transfer(dest):
+                gdown.download(url=url, output=str(dest), quiet=quiet, resume=True, retries=retries,
+                               timeout=timeout)
         except (DownloadError, OSError) as error:
             failure = error
         else:
@@ -142,6 +146,33 @@ def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout
     parts = ", ".join(str(p) for p in partial_files(dest)) or "none"
     raise DownloadFailed(f"{url}: download to {dest} failed ({failure}); partial file kept for "
                          f"the next attempt to resume: {parts}")
+
+
+@contextmanager
+def _logging_transfer(dest: Path, every: float = 30.0):
+    """Log the bytes of ``dest`` downloaded so far and the rate every ``every`` seconds while the body
+    runs, and the total at its end: gdown's progress bar goes to a terminal only, not to a log file."""
+    stop = threading.Event()
+    started, before = time.monotonic(), _partial_size(dest)
+
+    def rate_line(size: int) -> str:
+        seconds = time.monotonic() - started
+        return (f"{size / 1e6:.1f} MB, {(size - before) / 1e6 / max(seconds, 1e-9):.2f} MB/s over "
+                f"{format_duration(seconds)}")
+
+    def report() -> None:
+        while not stop.wait(every):
+            log.info("downloading %s: %s", dest.name, rate_line(_partial_size(dest)))
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if dest.exists():
+        log.info("downloaded %s: %s", dest.name, rate_line(dest.stat().st_size))
 
 
 def not_a_zip(path: Path) -> str | None:
@@ -308,12 +339,17 @@ def normalise(tree: Path, spec: DatasetSpec, out: Path, move: bool) -> list[str]
     if training.name != "training":
         tolerated.append(f"training images are in {training.name}/ instead of training/")
     (out / "training").mkdir(parents=True)
-    for path in list_pngs(training):
+    pairs = {split: paired_items(root, split, spec, tolerated) for split in ("val", "test")}
+    training_files = list_pngs(training)
+    progress = ProgressLog(log, f"{spec.name}: files laid out", len(training_files) + sum(map(len, pairs.values())))
+    for path in training_files:
         _place(path, out / "training" / path.name, move)
+        progress.update()
     for split in ("val", "test"):
         (out / split / "img").mkdir(parents=True)
         (out / split / "mask").mkdir()
-        for image, mask in paired_items(root, split, spec, tolerated):
+        for image, mask in pairs[split]:
+            progress.update()
             _place(image, out / split / "img" / image.name, move)
             with Image.open(mask) as opened:
                 # RGB masks and palettes in another order are rewritten: the canonical copy's index is its class.
@@ -389,7 +425,8 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
         if folders:
             tolerated = normalise(folders[0], spec, building, move=False)
         else:
-            for archive in sources:
+            for number, archive in enumerate(sources, 1):
+                log.info("%s: extracting %s (%d of %d)", spec.name, archive, number, len(sources))
                 _extract(archive, extracted)
             tolerated = normalise(extracted, spec, building, move=True)
             # Name the archives, not the temporary folder they were extracted to.

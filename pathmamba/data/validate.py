@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,9 @@ from pathmamba.data.readers import (
     split_root,
 )
 from pathmamba.data.specs import DatasetSpec, get_dataset_spec
-from pathmamba.runtime import InputError, atomic_write_json
+from pathmamba.runtime import InputError, ProgressLog, atomic_write_json
+
+log = logging.getLogger("pathmamba.data")
 
 COUNT_POLICIES = ("error", "warn")
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -222,10 +225,16 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
 
     for path in training:
         report.problems += check_training_name(path, spec)
+    progress = ProgressLog(log, f"{spec.name}: images checked", len(training) + sum(map(len, pairs.values())))
+    decoded = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        decoded = list(pool.map(lambda path: check_image(path, image_size)[0], training))
+        for problems in pool.map(lambda path: check_image(path, image_size)[0], training):
+            decoded.append(problems)
+            progress.update()
         for items in pairs.values():
-            decoded += pool.map(lambda pair: check_pair(*pair, spec, image_size), items)
+            for problems in pool.map(lambda pair: check_pair(*pair, spec, image_size), items):
+                decoded.append(problems)
+                progress.update()
     for problems in decoded:
         report.problems += problems
     report.checked_files = len(training) + 2 * sum(len(items) for items in pairs.values())
