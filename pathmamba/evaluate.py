@@ -181,4 +181,8 @@ def evaluate_trivial(dataset: str, data_root: Path, out_dir: Path) -> dict:
     record = {"method": "trivial", "dataset": spec.name, "seed": None, "classes": list(spec.classes),
               "tta": False, "test_images": len(index.test),
               "description": "most frequent training class among each test image's true classes"}
-    return _write_results(Path(out_dir), meter, record)
+    record = _write_results(Path(out_dir), meter, record)
+    scores = record["protocols"]["ignore_background"]
+    log.info("trivial reference on %s (%d test images): test mIoU %.4f mDice %.4f; wrote %s", spec.name,
+             len(index.test), scores["mIoU"], scores["mDice"], out_dir)
+    return record

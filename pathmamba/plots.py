@@ -1,10 +1,20 @@
 """The figures of a run, each written as PNG and PDF (matplotlib/seaborn, colour-blind-safe palette).
 
-(a) :func:`qualitative_grid`  image, ground truth and each method's predicted mask (like the paper's Fig. 3)
-(b) :func:`seed_spread`       mIoU of every seed per method and dataset, box + dots, the paper's value marked
-(c) :func:`ablation_steps`    PathMamba's ablation (Table 2) as a step chart
-(d) :func:`training_curves`   training loss and validation mIoU per epoch, mean over seeds with a ±std band
-(e) :func:`compute_cost`      training hours per method from the Snakemake ``benchmark:`` files
+(a) :func:`qualitative_grid`     image, ground truth and each method's predicted mask overlaid on the H&E
+                                 image (like the paper's Fig. 3)
+(b) :func:`class_heatmaps`       class activation heat maps of the CAM family and PathMamba's Y' (MIML)
+                                 and Y'' (CMB) on the same test images, from one seed's ``model.pt`` (CPU)
+(c) :func:`seed_spread`          mIoU of every seed per method and dataset, box + dots, the paper's value
+                                 and the trivial reference marked
+(d) :func:`ablation_steps`       PathMamba's ablation (Table 2) as a step chart
+(e) :func:`per_class_chart`      per-class IoU per method, mean ± std over seeds, the trivial reference marked
+(f) :func:`confusion_matrices`   row-normalised confusion matrix per method (images and seeds summed)
+(g) :func:`training_curves`      training loss and validation mIoU on a normalised epoch axis (epoch /
+                                 epochs of the run), mean over seeds with a ±std band
+(h) :func:`compute_cost`         training hours per method from the Snakemake ``benchmark:`` files
+
+Every method keeps one colour and one marker (:func:`method_styles`) in every figure, so that methods
+stay apart in grey-scale print and where the palette's colours repeat.
 
 Every function draws whatever finished and writes its files even when nothing did (an axis that says
 so), so that the figures of a partial grid exist too.
@@ -12,6 +22,8 @@ so), so that the figures of a partial grid exist too.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -21,21 +33,34 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
 from pathmamba.data.readers import index_dataset, read_image, read_mask
-from pathmamba.data.specs import get_dataset_spec
+from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.layout import TRIVIAL, benchmark_path, run_path
-from pathmamba.results import Grid, finished_runs, load_metrics
+from pathmamba.metrics import confusion_columns
+from pathmamba.results import Grid, finished_runs, load_metrics, load_per_class_iou, load_per_image
 from pathmamba.tables import ABLATION
 
-PALETTE = sns.color_palette("colorblind")
+#: seaborn's colour-blind-safe palette without its grey, which the reference lines and steps use.
+PALETTE = [colour for i, colour in enumerate(sns.color_palette("colorblind")) if i != 7]
+#: One marker per method in the order of the configured methods (then repeated); "x" is the paper's. The
+#: palette has 9 colours, so methods i and i + 9 share one: their markers (o/*, s/X, ^/h, D/8) differ in shape.
+MARKERS = ("o", "s", "^", "D", "v", "P", "p", "<", ">", "*", "X", "h", "8")
 DPI = 150
 GRID_CELL_INCHES = 1.4
 GRID_LEGEND_INCHES = 0.6
-GRID_LABEL_INCHES = 0.15
-PAPER_MARKER = {"marker": "D", "color": "black", "markersize": 7, "linestyle": "none"}
+GRID_LABEL_INCHES = 0.25
+PAPER_MARKER = {"marker": "x", "color": "black", "markersize": 7, "markeredgewidth": 1.8, "linestyle": "none"}
+#: The trivial reference (docs/design.md §4.6): a grey dashed line wherever it is drawn.
+TRIVIAL_LINE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
+#: Opacity of the mask colours over the H&E image in the qualitative grid.
+MASK_ALPHA = 0.5
+HEATMAP_CMAP = "viridis"
+HEATMAP_ALPHA = 0.6
+#: PathMamba methods whose Y' and Y'' the heat-map figure shows (the ablation variants would double it).
+HEATMAP_PATHMAMBA = ("pathmamba",)
 
 
 def save_figure(figure, stem: Path, tight: bool = True) -> list[Path]:
@@ -51,14 +76,27 @@ def save_figure(figure, stem: Path, tight: bool = True) -> list[Path]:
     return paths
 
 
+def method_styles(methods: list[str]) -> dict[str, dict]:
+    """``{method: {"color": ..., "marker": ...}}``, by position in ``methods``: the same in every figure."""
+    return {method: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, method in enumerate(methods)}
+
+
 def _method_colours(methods: list[str]) -> dict[str, tuple]:
-    return {method: PALETTE[i % len(PALETTE)] for i, method in enumerate(methods)}
+    return {method: style["color"] for method, style in method_styles(methods).items()}
 
 
 def _nothing_to_show(axis, text: str) -> None:
     axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes, fontsize=9, color="0.4")
     axis.set_xticks([])
     axis.set_yticks([])
+
+
+def _rotate_ticks(axis) -> None:
+    axis.tick_params(axis="x", rotation=45, labelsize=7)
+    for label in axis.get_xticklabels():
+        label.set_horizontalalignment("right")
+        label.set_rotation_mode("anchor")
 
 
 def grid_pixel_size(n_images: int, n_methods: int) -> tuple[int, int]:
@@ -73,14 +111,45 @@ def colour_mask(mask: np.ndarray, palette) -> np.ndarray:
     return np.asarray(palette, dtype=np.uint8)[mask]
 
 
+def overlay_mask(image: np.ndarray, mask: np.ndarray, palette, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """(H, W, 3) uint8: the tissue classes' colours of ``mask`` blended over ``image`` with opacity
+    ``alpha``; background pixels (index 4, not scored) keep the image's own pixels."""
+    colours = colour_mask(mask, palette).astype(np.float32)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    tissue = (mask < NUM_CLASSES)[..., None]
+    return np.rint(np.where(tissue, blended, image)).astype(np.uint8)
+
+
+def image_label(stem: str, width: int = 26) -> str:
+    """A test image's name for a row label: on two lines when longer than ``width`` characters (BCSS
+    names share their first 18 characters), its middle elided when longer than two lines."""
+    if len(stem) <= width:
+        return stem
+    if len(stem) > 2 * width:
+        stem = stem[:width - 1] + "\u2026" + stem[-width:]
+    half = math.ceil(len(stem) / 2)
+    return f"{stem[:half]}\n{stem[half:]}"
+
+
+def _test_images(dataset: str, data_root: Path, n_images: int):
+    spec = get_dataset_spec(dataset)
+    return spec, sorted(index_dataset(Path(data_root), spec).test, key=lambda pair: pair[0].name)[:n_images]
+
+
+def _class_legend(figure, spec, background: str = "background (not scored)") -> None:
+    handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="0.3", label=name)
+               for name, rgb in zip([*spec.classes, background], spec.palette, strict=True)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=6, frameon=False)
+
+
 def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
                      stem: Path, n_images: int = 4) -> list[Path]:
     """Rows: the first ``n_images`` test images by file name (those whose masks evaluation saves).
     Columns: image, ground truth, then each method's predicted mask from its first finished seed
-    (the seed named in the column title). Masks in the dataset's palette, with a legend; white =
-    background, not scored. The PNG has exactly :func:`grid_pixel_size` pixels."""
-    spec = get_dataset_spec(dataset)
-    test = sorted(index_dataset(Path(data_root), spec).test, key=lambda pair: pair[0].name)[:n_images]
+    (the seed named in the column title), each mask overlaid on the image in the dataset's palette
+    (opacity :data:`MASK_ALPHA`), with a legend; background, not scored, is left uncoloured. The PNG
+    has exactly :func:`grid_pixel_size` pixels."""
+    spec, test = _test_images(dataset, data_root, n_images)
     columns = []
     for method in methods:
         found = [seed for seed in seeds if (run_path(run_dir, dataset, method, seed) / "masks").is_dir()]
@@ -89,8 +158,9 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     legend_fraction = GRID_LEGEND_INCHES / (height / DPI)
     axes = figure.subplots(max(len(test), 1), 2 + len(methods), squeeze=False,
-                           gridspec_kw={"left": GRID_LABEL_INCHES / (width / DPI), "right": 0.99, "top": 0.97 - 0.1 * legend_fraction,
-                                            "bottom": legend_fraction, "wspace": 0.04, "hspace": 0.04})
+                           gridspec_kw={"left": GRID_LABEL_INCHES / (width / DPI), "right": 0.99,
+                                        "top": 0.97 - 0.1 * legend_fraction, "bottom": legend_fraction,
+                                        "wspace": 0.04, "hspace": 0.04})
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
@@ -101,123 +171,414 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     if not test:
         _nothing_to_show(axes[0, 0], f"no test images in {data_root}")
     for row, (image_path, mask_path) in enumerate(test):
-        axes[row, 0].imshow(read_image(image_path))
-        axes[row, 1].imshow(colour_mask(read_mask(mask_path, spec), spec.palette))
-        axes[row, 0].set_ylabel(image_path.stem[:18], fontsize=5)
+        image = read_image(image_path)
+        axes[row, 0].imshow(image)
+        axes[row, 1].imshow(overlay_mask(image, read_mask(mask_path, spec), spec.palette))
+        axes[row, 0].set_ylabel(image_label(image_path.stem), fontsize=5)
         for col, (method, seed) in enumerate(columns, start=2):
             predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / "masks" / image_path.name
             if predicted is not None and predicted.exists():
-                axes[row, col].imshow(colour_mask(read_mask(predicted, spec), spec.palette))
+                axes[row, col].imshow(overlay_mask(image, read_mask(predicted, spec), spec.palette))
             else:
                 _nothing_to_show(axes[row, col], "not run" if seed is None else "mask not saved")
-    handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="0.3", label=name)
-               for name, rgb in zip([*spec.classes, "background (not scored)"], spec.palette, strict=True)]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=6, frameon=False)
+    _class_legend(figure, spec, "background (not scored, uncoloured)")
     return save_figure(figure, stem, tight=False)
 
 
+def _heatmap_columns(dataset: str, run_dir: Path, methods: list[str], seeds: list[int]) -> list[dict]:
+    """The heat-map columns: per CAM-family method (a model with ``class_maps``) one, its Grad-CAM for the
+    methods that segment from Grad-CAM (gradcam, histosegnet), else its class activation maps; per method
+    of :data:`HEATMAP_PATHMAMBA` its Y' (when it has the MIML branch) and Y''; each from the lowest seed
+    whose ``model.pt`` exists, loaded on the CPU."""
+    from baselines.cam.gradcam import GradCAMClassifier
+    from baselines.cam.histosegnet import HistoSegNet
+    from pathmamba.evaluate import load_model
+    from pathmamba.models.pathmamba import PathMamba
+    from pathmamba.registry import METHODS
+
+    columns = []
+    for method in methods:
+        spec = METHODS.get(method)
+        if spec is None or not (spec.target.startswith("baselines.cam.") or method in HEATMAP_PATHMAMBA):
+            continue
+        found = [seed for seed in sorted(seeds) if (run_path(run_dir, dataset, method, seed) / "model.pt").exists()]
+        if not found:
+            continue
+        _, model = load_model(run_path(run_dir, dataset, method, found[0]) / "model.pt")
+        model.eval()
+        if isinstance(model, PathMamba):
+            if model.miml is not None:
+                columns.append({"method": method, "seed": found[0], "model": model, "map": "y1",
+                                "title": f"{method} (seed {found[0]})\nY\u2032 (MIML fused map)"})
+            columns.append({"method": method, "seed": found[0], "model": model, "map": "y2",
+                            "title": f"{method} (seed {found[0]})\nY\u2033 (CMB map)"})
+        elif isinstance(model, (GradCAMClassifier, HistoSegNet)):
+            columns.append({"method": method, "seed": found[0], "model": model, "map": "gradcam",
+                            "title": f"{method} (seed {found[0]})\nGrad-CAM"})
+        elif hasattr(model, "class_maps"):
+            columns.append({"method": method, "seed": found[0], "model": model, "map": "cam",
+                            "title": f"{method} (seed {found[0]})\nclass activation map"})
+    return columns
+
+
+def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 maps in [0, 1] of one heat-map column for one (H, W, 3) uint8 image: a CAM
+    family model's class activation maps, ReLU'd, resized to the image and divided by each class's
+    maximum (as its ``predict`` does), or its Grad-CAM (min-max scaled per class, as pytorch-grad-cam
+    does); PathMamba's Y' or Y'' as sigmoid probabilities."""
+    import torch
+    import torch.nn.functional as F
+
+    from pathmamba.data.datasets import to_tensor
+
+    images = to_tensor(image)[None]
+    if column["map"] == "gradcam":
+        from baselines.cam.gradcam import grad_cam_maps
+
+        model = column["model"]
+        return grad_cam_maps(model, [model.features[-1]], images, model.num_classes)[0].float().numpy()
+    with torch.no_grad():
+        if column["map"] == "cam":
+            maps = F.relu(column["model"].class_maps(images).float())
+            maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        else:
+            maps = torch.sigmoid(column["model"](images)[column["map"]].float())
+    return maps[0].numpy()
+
+
+def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
+                   stem: Path, n_images: int = 4) -> list[Path]:
+    """Rows: the qualitative grid's test images; columns: the image with its ground truth overlaid, then
+    one heat map per CAM-family method and PathMamba's Y' and Y'' (:func:`_heatmap_columns`), each over
+    the grey-scale image. Each row shows the map of the image's most frequent ground-truth class (named
+    at the left), the same class in every column, on a common 0..1 colour scale."""
+    spec, test = _test_images(dataset, data_root, n_images)
+    columns = _heatmap_columns(dataset, run_dir, methods, seeds)
+    n_rows, n_cols = max(len(test), 1), 1 + max(len(columns), 1)
+    figure = plt.figure(figsize=(0.35 + GRID_CELL_INCHES * n_cols, 0.85 + GRID_CELL_INCHES * n_rows), dpi=DPI)
+    axes = figure.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.06})
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[0, 0].set_title("image + ground truth", fontsize=6)
+    for axis, column in zip(axes[0, 1:], columns, strict=False):
+        axis.set_title(column["title"], fontsize=6)
+    if not test:
+        _nothing_to_show(axes[0, 0], f"no test images in {data_root}")
+    if not columns:
+        _nothing_to_show(axes[0, 1], "no CAM-family or\nPathMamba model.pt")
+    heat = None
+    for row, (image_path, mask_path) in enumerate(test):
+        image, truth = read_image(image_path), read_mask(mask_path, spec)
+        counts = np.bincount(truth[truth < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
+        shown = int(counts.argmax())
+        axes[row, 0].imshow(overlay_mask(image, truth, spec.palette))
+        axes[row, 0].set_ylabel(f"{image_label(image_path.stem)}\nclass: {spec.classes[shown]}", fontsize=5)
+        grey = image.astype(np.float32).mean(axis=2)
+        for col, column in enumerate(columns, start=1):
+            axes[row, col].imshow(grey, cmap="gray", vmin=0, vmax=255)
+            heat = axes[row, col].imshow(class_heatmap(column, image)[shown], cmap=HEATMAP_CMAP, vmin=0, vmax=1,
+                                         alpha=HEATMAP_ALPHA)
+    if heat is not None:
+        bar = figure.colorbar(heat, ax=axes.ravel().tolist(), orientation="horizontal", fraction=0.9 / (n_rows * 8),
+                              pad=0.02, aspect=40, shrink=0.6)
+        bar.set_label("map of the row's class (CAM: ReLU, divided by its maximum; Grad-CAM: min-max scaled; "
+                      "Y\u2032, Y\u2033: sigmoid)",
+                      fontsize=6)
+        bar.ax.tick_params(labelsize=6)
+    return save_figure(figure, stem)
+
+
+def _trivial_value(trivial: pd.DataFrame | None, dataset: str, metric: str) -> float | None:
+    if trivial is None or trivial.empty:
+        return None
+    values = trivial.loc[trivial["dataset"] == dataset, metric].dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
+def _reference_handles(paper: bool, trivial: bool, reproduced: bool = False) -> list:
+    handles = []
+    if reproduced:
+        handles.append(Line2D([], [], color="0.5", marker="o", label="reproduced (mean ± std over seeds)"))
+    if paper:
+        handles.append(Line2D([], [], label="paper", **PAPER_MARKER))
+    if trivial:
+        handles.append(Line2D([], [], label="trivial reference", **TRIVIAL_LINE))
+    return handles
+
+
 def seed_spread(metrics: pd.DataFrame, paper: dict, datasets: list[str], methods: list[str], stem: Path,
-                metric: str = "mIoU") -> list[Path]:
-    """One panel per dataset: ``metric`` of each seed (dots) and their box per method; the paper's
-    value as a black diamond. metrics: rows of :func:`pathmamba.results.load_metrics`;
+                metric: str = "mIoU", trivial: pd.DataFrame | None = None, styles: dict | None = None) -> list[Path]:
+    """One panel per dataset: ``metric`` of each seed (dots in the method's colour and marker) and their
+    box per method; the paper's value as a black cross, the trivial reference (rows of ``trivial``, as
+    ``metrics``) as a grey dashed line. metrics: rows of :func:`pathmamba.results.load_metrics`;
     paper: ``{dataset: {method: {metric: value}}}``."""
-    figure, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 0.75 * len(methods) * len(datasets), 3.4),
+    styles = styles or method_styles(methods)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 0.5 * len(methods) * len(datasets), 3.4),
                                 squeeze=False)
-    colours = _method_colours(methods)
+    any_paper = any_trivial = False
+    rng = np.random.default_rng(0)
     for axis, dataset in zip(axes[0], datasets, strict=True):
         frame = metrics[(metrics["dataset"] == dataset) & metrics["method"].isin(methods)]
         if frame.empty:
             _nothing_to_show(axis, "no finished runs")
         else:
-            order = list(methods)  # a method with no finished seed keeps its (empty) place
-            sns.boxplot(data=frame, x="method", y=metric, order=order, hue="method", palette=colours,
-                        showfliers=False, width=0.5, boxprops={"alpha": 0.35}, ax=axis, legend=False)
-            sns.stripplot(data=frame, x="method", y=metric, order=order, hue="method", palette=colours,
-                          size=5, jitter=0.12, edgecolor="black", linewidth=0.5, ax=axis, legend=False)
-            reported = [(i, paper.get(dataset, {}).get(method, {}).get(metric)) for i, method in enumerate(order)]
+            for i, method in enumerate(methods):  # a method with no finished seed keeps its (empty) place
+                values = frame.loc[frame["method"] == method, metric].dropna().to_numpy(float)
+                if not len(values):
+                    continue
+                style = styles[method]
+                axis.boxplot([values], positions=[i], widths=0.55, showfliers=False, patch_artist=True,
+                             boxprops={"facecolor": (*style["color"], 0.3), "edgecolor": style["color"]},
+                             medianprops={"color": style["color"]}, whiskerprops={"color": style["color"]},
+                             capprops={"color": style["color"]})
+                axis.scatter(i + rng.uniform(-0.13, 0.13, len(values)), values, s=26, zorder=3,
+                             edgecolors="black", linewidths=0.5, **style)
+            reported = [(i, paper.get(dataset, {}).get(method, {}).get(metric)) for i, method in enumerate(methods)]
             reported = [(i, value) for i, value in reported if value is not None]
             if reported:
-                axis.plot(*zip(*reported, strict=True), **PAPER_MARKER, label="paper")
-                axis.legend(fontsize=7, loc="lower right")
-            axis.tick_params(axis="x", rotation=45, labelsize=7)
-            for label in axis.get_xticklabels():
-                label.set_horizontalalignment("right")
+                any_paper = True
+                axis.plot(*zip(*reported, strict=True), zorder=4, **PAPER_MARKER)
+            axis.set_xticks(range(len(methods)), methods)
+            axis.set_xlim(-0.6, len(methods) - 0.4)
+            _rotate_ticks(axis)
+        reference = _trivial_value(trivial, dataset, metric)
+        if reference is not None and not frame.empty:
+            any_trivial = True
+            axis.axhline(reference, zorder=1, **TRIVIAL_LINE)
         axis.set_title(dataset, fontsize=9)
-        axis.set_xlabel("")
         axis.set_ylabel(f"test {metric} (one dot per seed)")
     figure.tight_layout()
+    handles = _reference_handles(any_paper, any_trivial)
+    if handles:
+        figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                      fontsize=7, frameon=False)
     return save_figure(figure, stem)
 
 
 def ablation_steps(metrics: pd.DataFrame, paper: dict, datasets: list[str], variants: list[str], labels: dict,
-                   stem: Path, metric: str = "mIoU") -> list[Path]:
+                   stem: Path, metric: str = "mIoU", trivial: pd.DataFrame | None = None,
+                   styles: dict | None = None) -> list[Path]:
     """One panel per dataset: ``metric`` (mean ± std over seeds) of the ablation ``variants`` in order,
-    drawn as a step line; the paper's Table 2 values as a dashed step line where it reports them.
-    labels: ``{variant: tick label}``."""
+    drawn as a grey step line with each variant's colour and marker; the paper's Table 2 values as
+    black crosses on a dotted step line where it reports them; the trivial reference as a grey dashed
+    line. labels: ``{variant: tick label}``."""
+    styles = styles or method_styles(variants)
     figure, axes = plt.subplots(1, len(datasets), figsize=(1.5 + 1.0 * max(len(variants), 2) * len(datasets), 3.4),
                                 squeeze=False)
     positions = np.arange(len(variants))
+    any_paper = any_trivial = any_reproduced = False
     for axis, dataset in zip(axes[0], datasets, strict=True):
         frame = metrics[(metrics["dataset"] == dataset) & metrics["method"].isin(variants)]
         if frame.empty:
             _nothing_to_show(axis, "no finished ablation runs" if variants else "no ablation variants configured")
         else:
+            any_reproduced = True
             grouped = frame.groupby("method")[metric]
             mean = grouped.mean().reindex(variants).to_numpy()
             std = grouped.std(ddof=1).fillna(0.0).reindex(variants).to_numpy()
-            axis.step(positions, mean, where="mid", color=PALETTE[0], label="reproduced (mean ± std)")
-            axis.errorbar(positions, mean, yerr=std, fmt="o", color=PALETTE[0], capsize=3)
+            axis.step(positions, mean, where="mid", color="0.5", zorder=1)
+            for position, variant, value, spread in zip(positions, variants, mean, std, strict=True):
+                if np.isfinite(value):
+                    axis.errorbar([position], [value], yerr=[spread], capsize=3, markersize=7,
+                                  markeredgecolor="black", markeredgewidth=0.5, zorder=3,
+                                  color=styles[variant]["color"], marker=styles[variant]["marker"])
             reported = np.array([paper.get(dataset, {}).get(v, {}).get(metric, np.nan) for v in variants], float)
             if np.isfinite(reported).any():
-                axis.step(positions, reported, where="mid", color=PALETTE[1], linestyle="--", label="paper")
-                axis.plot(positions, reported, "s", color=PALETTE[1])
-            axis.legend(fontsize=7, loc="lower right")
-            axis.set_xticks(positions, [labels.get(v, v) for v in variants], rotation=30, ha="right", fontsize=7)
+                any_paper = True
+                axis.step(positions, reported, where="mid", color="black", linestyle=":", linewidth=1, zorder=2)
+                axis.plot(positions, reported, zorder=4, **PAPER_MARKER)
+            reference = _trivial_value(trivial, dataset, metric)
+            if reference is not None:
+                any_trivial = True
+                axis.axhline(reference, zorder=1, **TRIVIAL_LINE)
+            axis.set_xticks(positions, [labels.get(v, v) for v in variants], rotation=30, ha="right", fontsize=7,
+                            rotation_mode="anchor")
         axis.set_title(dataset, fontsize=9)
         axis.set_ylabel(f"test {metric}")
     figure.tight_layout()
+    handles = _reference_handles(any_paper, any_trivial, reproduced=any_reproduced)
+    if handles:
+        figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                      fontsize=7, frameon=False)
+    return save_figure(figure, stem)
+
+
+def per_class_chart(per_class: pd.DataFrame, datasets: list[str], methods: list[str], stem: Path,
+                    styles: dict | None = None) -> list[Path]:
+    """Rows: datasets; per tissue class (x, the dataset's names) a dot per method, mean ± std over its
+    seeds, in the method's colour and marker; the trivial reference as a grey dashed segment across the
+    class. per_class: rows of :func:`pathmamba.results.load_per_class_iou` (the trivial's seed None)."""
+    styles = styles or method_styles(methods)
+    width = max(6.0, 1.2 + 0.11 * len(methods) * NUM_CLASSES)
+    figure, axes = plt.subplots(len(datasets), 1, figsize=(width, 2.6 * len(datasets)), squeeze=False)
+    spacing = 0.8 / max(len(methods), 1)
+    for axis, dataset in zip(axes[:, 0], datasets, strict=True):
+        classes = list(get_dataset_spec(dataset).classes)
+        frame = per_class[per_class["dataset"] == dataset]
+        if frame.empty:
+            _nothing_to_show(axis, "no finished runs")
+        for j, method in enumerate(methods):
+            rows = frame[frame["method"] == method]
+            if rows.empty:
+                continue
+            grouped = rows.groupby("class")["IoU"]
+            mean = grouped.mean().reindex(classes).to_numpy()
+            std = grouped.std(ddof=1).fillna(0.0).reindex(classes).to_numpy()
+            axis.errorbar(np.arange(len(classes)) + (j - (len(methods) - 1) / 2) * spacing, mean, yerr=std,
+                          linestyle="none", capsize=1.5, markersize=5, markeredgecolor="black",
+                          markeredgewidth=0.4, elinewidth=0.8, label=method, **styles[method])
+        trivial = frame[frame["method"] == TRIVIAL].set_index("class")["IoU"].reindex(classes)
+        for k, value in enumerate(trivial.to_numpy()):
+            if np.isfinite(value):
+                axis.plot([k - 0.45, k + 0.45], [value, value], zorder=1, label="trivial reference", **TRIVIAL_LINE)
+        for k in range(1, len(classes)):
+            axis.axvline(k - 0.5, color="0.85", linewidth=0.8, zorder=0)
+        axis.set_xticks(range(len(classes)), classes, fontsize=8)
+        axis.set_xlim(-0.5, len(classes) - 0.5)
+        axis.set_ylim(-0.03, 1.03)
+        axis.set_title(dataset, fontsize=9)
+        axis.set_ylabel("test IoU (mean ± std over seeds)", fontsize=8)
+    handles, names = [], []
+    for axis in axes[:, 0]:
+        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    if "trivial reference" in names:  # last, after the methods
+        i = names.index("trivial reference")
+        handles.append(handles.pop(i))
+        names.append(names.pop(i))
+    figure.tight_layout()
+    if handles:
+        figure.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    return save_figure(figure, stem)
+
+
+def normalised_confusion(per_image: pd.DataFrame, dataset: str, method: str) -> np.ndarray:
+    """(4, 4) confusion matrix of ``method`` on ``dataset`` (rows: truth, columns: prediction), summed over
+    the test images and seeds of ``per_image`` (:func:`pathmamba.results.load_per_image`) and divided by
+    each row's sum, so a row holds where that class's pixels went; nan for a class with no pixel."""
+    rows = per_image[(per_image["dataset"] == dataset) & (per_image["method"] == method)]
+    counts = rows[confusion_columns()].to_numpy(float).sum(axis=0).reshape(NUM_CLASSES, NUM_CLASSES)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, counts / totals, np.nan)
+
+
+def confusion_matrices(per_image: pd.DataFrame, dataset: str, methods: list[str], stem: Path,
+                       columns: int = 5) -> list[Path]:
+    """Small multiples, one panel per method of ``methods`` that finished (and the trivial reference when
+    it did): :func:`normalised_confusion` with the dataset's class names, each cell's share written in it."""
+    classes = list(get_dataset_spec(dataset).classes)
+    frame = per_image[per_image["dataset"] == dataset]
+    shown = [m for m in [*methods, TRIVIAL] if (frame["method"] == m).any()]
+    n_cols = min(columns, max(len(shown), 1))
+    n_rows = max(math.ceil(len(shown) / n_cols), 1)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(0.6 + 2.0 * n_cols, 0.5 + 2.0 * n_rows), squeeze=False)
+    image = None
+    for i, axis in enumerate(axes.flat):
+        if i >= len(shown):
+            axis.axis("off")
+            continue
+        method = shown[i]
+        matrix = normalised_confusion(frame, dataset, method)
+        image = axis.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0, vmax=1)
+        for t in range(NUM_CLASSES):
+            for p in range(NUM_CLASSES):
+                value = matrix[t, p]
+                axis.text(p, t, "—" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=6,
+                          color="white" if np.isfinite(value) and value > 0.6 else "black")
+        seeds = frame.loc[frame["method"] == method, "seed"].dropna().nunique()
+        axis.set_title(method if method == TRIVIAL else f"{method} ({seeds} seed{'s' * (seeds != 1)})", fontsize=7)
+        axis.set_xticks(range(NUM_CLASSES), classes if i + n_cols >= len(shown) else [""] * NUM_CLASSES,
+                        fontsize=6, rotation=45, ha="right", rotation_mode="anchor")
+        axis.set_yticks(range(NUM_CLASSES), classes if i % n_cols == 0 else [""] * NUM_CLASSES, fontsize=6)
+        if i + n_cols >= len(shown):
+            axis.set_xlabel("predicted", fontsize=7)
+        if i % n_cols == 0:
+            axis.set_ylabel("true", fontsize=7)
+    if not shown:
+        _nothing_to_show(axes[0, 0], "no finished runs")
+    figure.suptitle(f"{dataset}: confusion matrices, rows normalised (images and seeds summed)", fontsize=9)
+    figure.tight_layout()
+    if image is not None:
+        bar = figure.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02)
+        bar.set_label("share of the true class's pixels", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     return save_figure(figure, stem)
 
 
 def load_histories(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
-    """Every finished ``history.csv`` with dataset, method and seed columns added."""
+    """Every finished ``history.csv`` with dataset, method and seed columns added, and ``epochs``: the
+    epochs the run was configured for (``run.json``'s settings; without it, its last epoch)."""
     frames = []
     for dataset in datasets:
         for method in methods:
             for seed in seeds:
-                path = run_path(run_dir, dataset, method, seed) / "history.csv"
-                if path.exists():
-                    frames.append(pd.read_csv(path).assign(dataset=dataset, method=method, seed=seed))
+                folder = run_path(run_dir, dataset, method, seed)
+                if not (folder / "history.csv").exists():
+                    continue
+                history = pd.read_csv(folder / "history.csv")
+                epochs = None
+                if (folder / "run.json").exists():
+                    epochs = json.loads((folder / "run.json").read_text()).get("settings", {}).get("epochs")
+                epochs = int(epochs or history["epoch"].max())
+                frames.append(history.assign(dataset=dataset, method=method, seed=seed, epochs=epochs))
     if not frames:
-        return pd.DataFrame(columns=["epoch", "loss", "val_mIoU", "dataset", "method", "seed"])
+        return pd.DataFrame(columns=["epoch", "loss", "val_mIoU", "dataset", "method", "seed", "epochs"])
     return pd.concat(frames, ignore_index=True)
 
 
-def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[str], stem: Path) -> list[Path]:
-    """Rows: datasets; columns: training loss and validation mIoU per epoch; a line per method (mean
-    over seeds) with a band of ± one std over seeds."""
+def with_progress(histories: pd.DataFrame) -> pd.DataFrame:
+    """``histories`` with ``progress`` = epoch / epochs of the run, so runs of 5 and 60 epochs share one
+    0..1 axis; ``epochs`` from :func:`load_histories`, else each run's last epoch."""
+    histories = histories.copy()
+    if "epochs" not in histories or histories["epochs"].isna().any():
+        last = histories.groupby(["dataset", "method", "seed"])["epoch"].transform("max")
+        histories["epochs"] = histories["epochs"].fillna(last) if "epochs" in histories else last
+    histories["progress"] = histories["epoch"].astype(float) / histories["epochs"].astype(float)
+    return histories
+
+
+def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[str], stem: Path,
+                    styles: dict | None = None) -> list[Path]:
+    """Rows: datasets; columns: training loss and validation mIoU against training progress (epoch /
+    epochs of the run, :func:`with_progress`); a line per method (mean over seeds) in its colour and
+    marker with a band of ± one std over seeds; the legend names each method's epochs."""
+    styles = styles or method_styles(methods)
+    histories = with_progress(histories)
     figure, axes = plt.subplots(len(datasets), 2, figsize=(8.5, 2.8 * len(datasets)), squeeze=False)
-    colours = _method_colours(methods)
     for row, dataset in enumerate(datasets):
         frame = histories[histories["dataset"] == dataset]
         for axis, column, label in ((axes[row, 0], "loss", "training loss"), (axes[row, 1], "val_mIoU", "val mIoU")):
             if frame.empty:
                 _nothing_to_show(axis, "no finished runs")
             for method in methods:
-                curve = frame[frame["method"] == method].groupby("epoch")[column].agg(["mean", "std"]).fillna(0.0)
+                runs = frame[frame["method"] == method]
+                curve = runs.groupby("progress")[column].agg(["mean", "std"]).fillna(0.0)
                 if curve.empty:
                     continue
-                axis.plot(curve.index, curve["mean"], color=colours[method], label=method, marker=".")
+                epochs = sorted({int(e) for e in histories.loc[histories["method"] == method, "epochs"]})
+                name = f"{method} ({'/'.join(map(str, epochs))} epoch{'s' * (epochs != [1])})"
+                axis.plot(curve.index, curve["mean"], label=name, markersize=4, linewidth=1.2,
+                          markevery=max(1, len(curve) // 8), **styles[method])
                 axis.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"],
-                                  color=colours[method], alpha=0.2, linewidth=0)
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+                                  color=styles[method]["color"], alpha=0.1, linewidth=0)
+            axis.set_xlim(0, 1.02)
             axis.set_title(f"{dataset}: {label}", fontsize=9)
-            axis.set_xlabel("epoch")
+            axis.set_xlabel("training progress (epoch / epochs of the run)", fontsize=8)
             axis.set_ylabel(label)
-    handles, names = axes[0, 1].get_legend_handles_labels()
+    handles, names = [], []
+    for axis in axes.flat:
+        for handle, name in zip(*axis.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    figure.tight_layout()
     if handles:
         figure.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-    figure.tight_layout()
     return save_figure(figure, stem)
 
 
@@ -281,12 +642,16 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
                   paper: dict, out_dir: Path, n_images: int = 4) -> list[Path]:
     """Every figure of the module docstring for what finished under ``run_dir``; returns the paths.
 
-    data_roots: ``{dataset: folder}`` for the qualitative grid; paper: the parsed
+    data_roots: ``{dataset: folder}`` for the qualitative grid and the heat maps; paper: the parsed
     ``config/paper_results.yaml``."""
     out_dir = Path(out_dir)
-    runs = finished_runs(run_dir, Grid(datasets, methods, seeds))
-    runs = runs[runs["method"] != TRIVIAL]
+    every = finished_runs(run_dir, Grid(datasets, methods, seeds))
+    runs = every[every["method"] != TRIVIAL]
     metrics = load_metrics([Path(path) / "test_metrics.json" for path in runs["path"]])
+    trivial = load_metrics([Path(path) / "test_metrics.json" for path in every.loc[every["method"] == TRIVIAL, "path"]])
+    per_class = load_per_class_iou([Path(path) / "test_metrics.json" for path in every["path"]])
+    per_image = load_per_image(every)
+    styles = method_styles(methods)
     variants = [method for method in ABLATION if method in methods]
     labels = {method: values["label"].split(":")[0] + f": {method}"
               for method, values in paper["table2"].get("luad-histoseg", {}).items()}
@@ -294,10 +659,16 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
     for dataset in datasets:
         written += qualitative_grid(dataset, data_roots[dataset], run_dir, methods, seeds,
                                     out_dir / f"qualitative_{dataset}", n_images)
-    written += seed_spread(metrics, paper["table1"], datasets, methods, out_dir / "miou_over_seeds")
-    written += ablation_steps(metrics, paper["table2"], datasets, variants, labels, out_dir / "ablation")
+        written += class_heatmaps(dataset, data_roots[dataset], run_dir, methods, seeds,
+                                  out_dir / f"heatmaps_{dataset}", n_images)
+        written += confusion_matrices(per_image, dataset, methods, out_dir / f"confusion_{dataset}")
+    written += seed_spread(metrics, paper["table1"], datasets, methods, out_dir / "miou_over_seeds",
+                           trivial=trivial, styles=styles)
+    written += ablation_steps(metrics, paper["table2"], datasets, variants, labels, out_dir / "ablation",
+                              trivial=trivial, styles=styles)
+    written += per_class_chart(per_class, datasets, methods, out_dir / "per_class_iou", styles=styles)
     written += training_curves(load_histories(run_dir, datasets, methods, seeds), datasets, methods,
-                               out_dir / "training_curves")
+                               out_dir / "training_curves", styles=styles)
     written += compute_cost(load_benchmarks(run_dir, datasets, methods, seeds), datasets, methods,
                             out_dir / "compute_cost")
     return written

@@ -80,7 +80,8 @@ def test_pipeline_end_to_end_on_tiny_synthetic_data(tmp_path, snakemake_bin, wor
     for (dataset, method), row in cells.items():
         assert float(table1[(dataset, method, "mIoU")]["mean"]) == pytest.approx(float(row["mIoU_mean"]), abs=1e-6)
         assert table1[(dataset, method, "mIoU")]["status"] == "complete"
-    for name in ("qualitative_synthetic-luad", "miou_over_seeds", "ablation", "training_curves", "compute_cost"):
+    for name in ("qualitative_synthetic-luad", "heatmaps_synthetic-luad", "confusion_synthetic-luad", "miou_over_seeds",
+                 "ablation", "per_class_iou", "training_curves", "compute_cost"):
         for extension in ("png", "pdf"):
             assert (results / "figures" / f"{name}.{extension}").stat().st_size > 1000
 

@@ -100,7 +100,12 @@ rule figures:
             name=["train_stage1.tsv", "pseudo_masks.tsv"],
         ),
         runs=run_files("test_metrics.json"),
+        # The confusion matrices sum their per-image cells; the trivial reference is drawn too.
+        per_image=run_files("per_image.csv"),
+        trivial=expand(f"{TRIVIAL_RUN_DIR}/test_metrics.json", dataset=DATASETS),
         masks=run_files("masks"),
+        # The heat maps run the lowest seed's models on the CPU for the few images shown.
+        models=expand(f"{RUN_DIR}/model.pt", dataset=DATASETS, method=METHODS, seed=min(SEEDS)),
         data=[dataset_root(SimpleNamespace(dataset=dataset)) for dataset in DATASETS],
         paper=PAPER_RESULTS,
     output:
@@ -110,6 +115,24 @@ rule figures:
                 caption="../report/qualitative.rst",
                 category="Figures",
                 labels={"figure": f"Qualitative: {dataset}"},
+            )
+            for dataset in DATASETS
+        ],
+        *[
+            report(
+                f"{FIGURES}/heatmaps_{dataset}.png",
+                caption="../report/heatmaps.rst",
+                category="Figures",
+                labels={"figure": f"Heat maps: {dataset}"},
+            )
+            for dataset in DATASETS
+        ],
+        *[
+            report(
+                f"{FIGURES}/confusion_{dataset}.png",
+                caption="../report/confusion.rst",
+                category="Figures",
+                labels={"figure": f"Confusion matrices: {dataset}"},
             )
             for dataset in DATASETS
         ],
@@ -124,6 +147,12 @@ rule figures:
             caption="../report/ablation.rst",
             category="Figures",
             labels={"figure": "Ablation (Table 2)"},
+        ),
+        report(
+            f"{FIGURES}/per_class_iou.png",
+            caption="../report/per_class_chart.rst",
+            category="Figures",
+            labels={"figure": "Per-class IoU"},
         ),
         report(
             f"{FIGURES}/training_curves.png",
@@ -141,8 +170,11 @@ rule figures:
             f"{FIGURES}/{{name}}.pdf",
             name=[
                 *[f"qualitative_{d}" for d in DATASETS],
+                *[f"heatmaps_{d}" for d in DATASETS],
+                *[f"confusion_{d}" for d in DATASETS],
                 "miou_over_seeds",
                 "ablation",
+                "per_class_iou",
                 "training_curves",
                 "compute_cost",
             ],
@@ -152,7 +184,8 @@ rule figures:
     conda:
         "../envs/pathmamba.yaml"
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        # with the heat maps' models of every CAM-family method and PathMamba loaded at once
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
