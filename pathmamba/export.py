@@ -24,7 +24,7 @@ from pathmamba.config import without_weights_files
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import load_model
-from pathmamba.outputs import check_replaceable, new_sibling, put_in_place
+from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
 from pathmamba.registry import build_method, get_spec
 from pathmamba.runtime import InputError, atomic_write_json, environment_record
 
@@ -105,7 +105,7 @@ def export_model(model_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write the export folder of the trained ``model_path`` (a ``model.pt``) to ``out_dir``; returns
     the card. An existing ``out_dir`` is replaced only if it is empty or an export of this tool."""
     model_path, out_dir = Path(model_path), Path(out_dir)
-    check_replaceable(out_dir, CARD, "an export folder")  # before any work
+    check_replaceable(out_dir, listed_in(CARD), "an export folder")  # before any work
     checkpoint, model = load_model(model_path)
     card = model_card(checkpoint, model_path)
     building = new_sibling(out_dir, "building")
@@ -119,7 +119,7 @@ def export_model(model_path: Path, out_dir: Path) -> dict[str, Any]:
         (building / WEIGHTS).chmod(0o666 & ~umask)
         card["weights_sha256"] = _file_sha256(building / WEIGHTS)
         atomic_write_json(building / CARD, card)
-        put_in_place(building, out_dir, CARD, "an export folder")
+        put_in_place(building, out_dir, listed_in(CARD), "an export folder")
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     log.info("exported %s (%s on %s, seed %s) to %s", model_path, card["method"], card["dataset"], card["seed"],

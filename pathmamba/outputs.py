@@ -1,9 +1,11 @@
-"""A command's output folder (``predict``, ``export``): built beside its destination, renamed into place.
+"""A command's output folder (``predict``, ``export``, ``pseudo-masks``): built beside its destination,
+renamed into place.
 
 The folder is written into a fresh hidden sibling and renamed to ``--out`` when complete, so an
 interrupted command leaves no half-written folder. An existing ``--out`` is replaced only when it is
-empty or this tool wrote it: it holds its record file (``record``, a JSON object whose ``files`` lists
-every other file in it) and nothing else. Anything else is refused, never deleted or written into.
+empty or this tool wrote it, as the command's ownership test says (``not_ours(folder)``: why it is not
+ours, None when it is; :func:`listed_in` for folders whose record file lists every file). Anything else is
+refused, never deleted or written into.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from pathmamba.runtime import FileSafetyError
 
+#: Why an existing folder is not an output of this tool (None: it is, or it is empty).
+Ownership = Callable[[Path], "str | None"]
 
-def not_ours(folder: Path, record: str) -> str | None:
-    """Why the existing ``folder`` is not an output folder of this tool with the record file ``record``
-    (None: it is, or it is empty)."""
+
+def not_listed(folder: Path, record: str) -> str | None:
+    """Why the existing ``folder`` is not an output folder of this tool with the record file ``record``,
+    a JSON object whose ``files`` lists every other file in it (None: it is, or it is empty)."""
     if folder.is_symlink() or not folder.is_dir():
         return "a symbolic link" if folder.is_symlink() else "not a folder"
     found = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir()}
@@ -36,10 +43,15 @@ def not_ours(folder: Path, record: str) -> str | None:
     return None
 
 
-def check_replaceable(out_dir: Path, record: str, what: str) -> None:
+def listed_in(record: str) -> Ownership:
+    """The ownership test of folders whose record file ``record`` lists every file (:func:`not_listed`)."""
+    return partial(not_listed, record=record)
+
+
+def check_replaceable(out_dir: Path, not_ours: Ownership, what: str) -> None:
     """Raise :class:`FileSafetyError` if ``out_dir`` exists and is not ours (``what``: e.g. "a prediction
     folder") to replace."""
-    if (out_dir.exists() or out_dir.is_symlink()) and (reason := not_ours(out_dir, record)):
+    if (out_dir.exists() or out_dir.is_symlink()) and (reason := not_ours(out_dir)):
         raise FileSafetyError(f"{out_dir} exists and is not {what} written by this tool ({reason}); not "
                               "writing into it: give another --out, or remove it yourself")
 
@@ -55,10 +67,10 @@ def new_sibling(out_dir: Path, role: str) -> Path:
     return folder
 
 
-def put_in_place(building: Path, out_dir: Path, record: str, what: str) -> None:
+def put_in_place(building: Path, out_dir: Path, not_ours: Ownership, what: str) -> None:
     """Rename the finished ``building`` to ``out_dir``. Our earlier output there is moved aside first and
     deleted only once the new folder is in place (put back if the rename fails)."""
-    check_replaceable(out_dir, record, what)  # again: something may have appeared there meanwhile
+    check_replaceable(out_dir, not_ours, what)  # again: something may have appeared there meanwhile
     if not (out_dir.exists() or out_dir.is_symlink()) or not any(out_dir.iterdir()):
         building.rename(out_dir)  # onto nothing, or onto an empty folder
         return

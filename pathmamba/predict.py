@@ -32,7 +32,7 @@ from pathmamba.data.readers import read_image
 from pathmamba.data.specs import NUM_CLASSES, DatasetSpec, get_dataset_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
 from pathmamba.export import CARD, load_export
-from pathmamba.outputs import check_replaceable, new_sibling, put_in_place
+from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
 from pathmamba.runtime import InputError, ProgressLog, atomic_write_json, atomic_write_text, autocast
 
 log = logging.getLogger("pathmamba.predict")
@@ -200,7 +200,7 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
     training size (which models trained before it was recorded need). ``scan``, ``precision``: see
     :func:`pathmamba.evaluate.inference_setup`."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, RECORD, WHAT)  # before any work
+    check_replaceable(out_dir, listed_in(RECORD), WHAT)  # before any work
     paths = input_images(source)
     sizes = [image_size(path) for path in paths]  # every input readable, before the model loads
     record, model = load_any(model_path)
@@ -241,7 +241,7 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
             "tile": {"height": tile[0], "width": tile[1]}, "images": len(rows),
             "seconds": round(time.time() - started, 2), "environment": environment,
             "files": [*files, "classes.csv"]})
-        put_in_place(building, out_dir, RECORD, WHAT)
+        put_in_place(building, out_dir, listed_in(RECORD), WHAT)
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     log.info("wrote masks, overlays and classes.csv of %d image(s) to %s", len(rows), out_dir)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -26,9 +24,12 @@ from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
-from pathmamba.runtime import FileSafetyError, ProgressLog, atomic_write_json, autocast
+from pathmamba.outputs import check_replaceable, new_sibling, put_in_place
+from pathmamba.runtime import ProgressLog, atomic_write_json, autocast
 
 log = logging.getLogger("pathmamba.pseudo_masks")
+
+WHAT = "a pseudo-mask folder"
 
 
 def not_ours(folder: Path) -> str | None:
@@ -57,43 +58,6 @@ def not_ours(folder: Path) -> str | None:
     return None
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Raise :class:`FileSafetyError` if ``out_dir`` exists and is not ours to replace."""
-    if (out_dir.exists() or out_dir.is_symlink()) and (reason := not_ours(out_dir)):
-        raise FileSafetyError(f"{out_dir} exists and is not a pseudo-mask folder written by this tool ({reason}); "
-                              "not replacing it: remove it yourself or give another --out")
-
-
-def _new_sibling(out_dir: Path, role: str) -> Path:
-    """A new, empty hidden folder beside ``out_dir`` (same file system: renames are atomic), with the
-    permissions an ordinary mkdir would give (mkdtemp makes it private)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{role}-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    return folder
-
-
-def _put_in_place(building: Path, out_dir: Path) -> None:
-    """Rename ``building`` to ``out_dir``. Our earlier output there is moved aside first and deleted only
-    once the new folder is in place (put back if the rename fails); anything else there is refused."""
-    _check_replaceable(out_dir)  # again: it may have appeared while the masks were computed
-    if not (out_dir.exists() or out_dir.is_symlink()) or not any(out_dir.iterdir()):
-        building.rename(out_dir)  # onto nothing, or onto an empty folder (replaced atomically)
-        return
-    aside = _new_sibling(out_dir, "replaced")
-    out_dir.rename(aside / out_dir.name)
-    try:
-        building.rename(out_dir)
-    except BaseException:
-        (aside / out_dir.name).rename(out_dir)
-        aside.rmdir()
-        raise
-    log.info("replaced the earlier pseudo masks in %s", out_dir)
-    shutil.rmtree(aside)
-
-
 def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device: str = "auto",
                        batch_size: int = 16, workers: int = 0, scan: str | None = None,
                        precision: str | None = None) -> dict:
@@ -101,7 +65,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
     dataset into ``out_dir``; returns the manifest. ``scan``, ``precision``: see
     :func:`pathmamba.evaluate.inference_setup`."""
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)  # before any work
+    check_replaceable(out_dir, not_ours, WHAT)  # before any work
     checkpoint, model = load_model(model_path)
     if checkpoint.get("stage") != 1:
         raise ValueError(f"{model_path}: a model of {checkpoint['method']!r} (stage {checkpoint.get('stage')}); "
@@ -112,7 +76,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
     model.to(torch_device).eval()
     kinds = list(model.pseudo_mask_names)
     # A fresh folder of this process's own: deleting it on failure removes nothing else.
-    building = _new_sibling(out_dir, "building")
+    building = new_sibling(out_dir, "building")
     try:
         for kind in kinds:
             (building / kind).mkdir()
@@ -133,7 +97,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
                     "masks": kinds, "images": done, "stage1_model": str(model_path),
                     "stage1_sha256": sha256(model_path), "environment": environment}
         atomic_write_json(building / PSEUDO_MASK_MANIFEST, manifest)
-        _put_in_place(building, out_dir)
+        put_in_place(building, out_dir, not_ours, WHAT)
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     log.info("wrote %d x %d pseudo masks (%s) of %s to %s", done, len(kinds), ", ".join(kinds), model_path, out_dir)

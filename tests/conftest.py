@@ -1,6 +1,9 @@
 import os
+import re
 import shutil
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,63 @@ def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path
         stop.set()
         watcher.join()
     return checkpoint_epoch(last)
+
+
+# --- a loopback HTTP server for download tests ------------------------------------------------------------
+
+
+class ArchiveServer(ThreadingHTTPServer):
+    """Serves ``files`` (name -> bytes) on 127.0.0.1; can cut the next response short, and can ignore
+    Range requests (as many plain servers do). Records the Range header of every request."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+        self.files: dict[str, bytes] = {}
+        self.cut_next_after: int | None = None
+        self.honour_range = True
+        self.ranges: list[str | None] = []
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = self.server.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        requested = self.headers.get("Range")
+        self.server.ranges.append(requested)
+        start = 0
+        if requested and self.server.honour_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", requested)[1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if self.server.cut_next_after is not None:
+            body, self.server.cut_next_after = body[: self.server.cut_next_after], None
+            self.close_connection = True  # the client sees fewer bytes than announced: an interruption
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # gdown closes its first response unread when it resumes with a range request
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ArchiveServer()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)

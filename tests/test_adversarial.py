@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import shutil
-import threading
 import zipfile
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 import torch
 from conftest import cli_error
 from PIL import Image
-from test_acquire import ArchiveServer
 
 from pathmamba.cli import main as cli_main
 from pathmamba.data import acquire
@@ -184,15 +182,6 @@ def test_checksum_lock_is_written_only_from_a_complete_set_of_parts(canonical, t
         prepare_dataset(published, [first], tmp_path / "again", lock)
 
 
-@pytest.fixture
-def server():
-    httpd = ArchiveServer()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
 
 
 ERROR_PAGE = b"<!DOCTYPE html><html><body>Quota exceeded</body></html>"
