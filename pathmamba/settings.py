@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+#: The annotation of each setting -> the types its value may have (bool is not a number here).
+_ACCEPTED = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "int | None": (int, type(None))}
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,11 @@ class TrainSettings:
     val_fraction: float = 0.2
     scan: str = "auto"
     precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        # A value of the wrong type (from --settings JSON) would otherwise fail deep inside training.
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            accepted = _ACCEPTED[setting.type]
+            if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+                raise TypeError(f"{setting.name}={value!r} is not of type {setting.type}")

@@ -341,3 +341,17 @@ def test_a_damaged_validation_report_is_refused_naming_it(luad, validated, tmp_p
     message = cli_error(_train_argv(luad, validated, tmp_path), capsys)
     assert message.startswith(f"pathmamba train: {validated}: not a validation report of this version (")
     assert message.endswith("; delete it to validate the dataset again")
+
+
+@pytest.mark.parametrize(("settings", "named"), [('{"epochs": "x"}', "epochs='x' is not of type int"),
+                                                 ('{"lr": "1e-3"}', "lr='1e-3' is not of type float"),
+                                                 ('{"augment": 1}', "augment=1 is not of type bool"),
+                                                 ('{"epoch": 3}', "valid keys: epochs")])
+def test_train_settings_of_the_wrong_type_or_name_are_refused_before_training(luad, tmp_path, capsys, settings,
+                                                                               named):
+    out = tmp_path / "run"
+    message = cli_error(["train", "--method", "cam", "--dataset", "synthetic-luad", "--data-root", str(luad),
+                         "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"), "--settings", settings],
+                        capsys)
+    assert message.startswith("pathmamba train: --settings: ") and named in message
+    assert not out.exists() and not (tmp_path / "ck").exists()
