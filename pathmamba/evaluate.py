@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from pathmamba.runtime import (
     atomic_write_json,
     atomic_write_text,
     autocast,
+    csv_text,
     describe_environment,
     environment_record,
     load_torch_file,
@@ -96,6 +95,20 @@ def inference_setup(checkpoint: dict, device: str, scan: str | None, precision: 
     return torch_device, precision, environment
 
 
+def colour_mask(mask: np.ndarray, palette) -> np.ndarray:
+    """(H, W) class indices 0..4 -> (H, W, 3) uint8 RGB in the dataset's palette."""
+    return np.asarray(palette, dtype=np.uint8)[mask]
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, palette, alpha: float) -> np.ndarray:
+    """(H, W, 3) uint8: the tissue classes' colours of ``mask`` blended over ``image`` with opacity
+    ``alpha``; background pixels (index 4, not scored) keep the image's own pixels."""
+    colours = colour_mask(mask, palette).astype(np.float32)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    tissue = (mask < NUM_CLASSES)[..., None]
+    return np.rint(np.where(tissue, blended, image)).astype(np.uint8)
+
+
 def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(palette)
@@ -105,12 +118,7 @@ def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
 def _write_results(out_dir: Path, meter: SegmentationMeter, record: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**record, "protocols": meter.summary()}
-    rows = meter.per_image()
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "per_image.csv", buffer.getvalue())
+    atomic_write_text(out_dir / "per_image.csv", csv_text(meter.per_image()))
     atomic_write_json(out_dir / "test_metrics.json", record)
     return record
 

@@ -38,6 +38,7 @@ from matplotlib.patches import Patch
 
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.evaluate import overlay_mask
 from pathmamba.layout import TRIVIAL, benchmark_path, run_path
 from pathmamba.metrics import confusion_columns
 from pathmamba.results import Grid, finished_runs, load_metrics, load_per_class_iou, load_per_image
@@ -106,20 +107,6 @@ def grid_pixel_size(n_images: int, n_methods: int) -> tuple[int, int]:
     return round(width * DPI), round(height * DPI)
 
 
-def colour_mask(mask: np.ndarray, palette) -> np.ndarray:
-    """(H, W) class indices 0..4 -> (H, W, 3) uint8 RGB in the dataset's palette."""
-    return np.asarray(palette, dtype=np.uint8)[mask]
-
-
-def overlay_mask(image: np.ndarray, mask: np.ndarray, palette, alpha: float = MASK_ALPHA) -> np.ndarray:
-    """(H, W, 3) uint8: the tissue classes' colours of ``mask`` blended over ``image`` with opacity
-    ``alpha``; background pixels (index 4, not scored) keep the image's own pixels."""
-    colours = colour_mask(mask, palette).astype(np.float32)
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    tissue = (mask < NUM_CLASSES)[..., None]
-    return np.rint(np.where(tissue, blended, image)).astype(np.uint8)
-
-
 def image_label(stem: str, width: int = 26) -> str:
     """A test image's name for a row label: on two lines when longer than ``width`` characters (BCSS
     names share their first 18 characters), its middle elided when longer than two lines."""
@@ -173,12 +160,12 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     for row, (image_path, mask_path) in enumerate(test):
         image = read_image(image_path)
         axes[row, 0].imshow(image)
-        axes[row, 1].imshow(overlay_mask(image, read_mask(mask_path, spec), spec.palette))
+        axes[row, 1].imshow(overlay_mask(image, read_mask(mask_path, spec), spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(image_label(image_path.stem), fontsize=5)
         for col, (method, seed) in enumerate(columns, start=2):
             predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / "masks" / image_path.name
             if predicted is not None and predicted.exists():
-                axes[row, col].imshow(overlay_mask(image, read_mask(predicted, spec), spec.palette))
+                axes[row, col].imshow(overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA))
             else:
                 _nothing_to_show(axes[row, col], "not run" if seed is None else "mask not saved")
     _class_legend(figure, spec, "background (not scored, uncoloured)")
@@ -273,7 +260,7 @@ def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[s
         image, truth = read_image(image_path), read_mask(mask_path, spec)
         counts = np.bincount(truth[truth < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
         shown = int(counts.argmax())
-        axes[row, 0].imshow(overlay_mask(image, truth, spec.palette))
+        axes[row, 0].imshow(overlay_mask(image, truth, spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(f"{image_label(image_path.stem)}\nclass: {spec.classes[shown]}", fontsize=5)
         grey = image.astype(np.float32).mean(axis=2)
         for col, column in enumerate(columns, start=1):

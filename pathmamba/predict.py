@@ -15,8 +15,6 @@ of the predicted mask, the same quantity for every method.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import shutil
 import time
@@ -29,11 +27,18 @@ from PIL import Image
 
 from pathmamba.data.datasets import to_tensor
 from pathmamba.data.readers import read_image
-from pathmamba.data.specs import NUM_CLASSES, DatasetSpec, get_dataset_spec
-from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
+from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.evaluate import inference_setup, load_model, overlay_mask, save_palette_mask
 from pathmamba.export import CARD, load_export
 from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
-from pathmamba.runtime import InputError, ProgressLog, atomic_write_json, atomic_write_text, autocast
+from pathmamba.runtime import (
+    InputError,
+    ProgressLog,
+    atomic_write_json,
+    atomic_write_text,
+    autocast,
+    csv_text,
+)
 
 log = logging.getLogger("pathmamba.predict")
 
@@ -186,12 +191,6 @@ def segment(model: torch.nn.Module, paths: list[Path], tile: tuple[int, int], de
     yield from finished()
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, spec: DatasetSpec, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """(H, W, 3) uint8: the mask's (H, W) class colours blended over the image's pixels with opacity ``alpha``."""
-    colours = np.array(spec.palette, dtype=np.float32)[mask]
-    return np.rint((1 - alpha) * image.astype(np.float32) + alpha * colours).astype(np.uint8)
-
-
 def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto", batch_size: int = 16,
             tile_size: int | None = None, scan: str | None = None, precision: str | None = None) -> list[dict]:
     """Segment the image ``source`` (or every image in folder ``source``) with ``model_path`` (a
@@ -228,13 +227,13 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
             name = f"{canvas.path.stem}.png"
             save_palette_mask(mask, spec.flat_palette, building / "masks" / name)
             image = canvas.image[:canvas.height, :canvas.width]
-            Image.fromarray(overlay(image, mask, spec)).save(building / "overlays" / name)
+            Image.fromarray(overlay_mask(image, mask, spec.palette, OVERLAY_ALPHA)).save(building / "overlays" / name)
             files += [f"masks/{name}", f"overlays/{name}"]
             shares = np.bincount(mask.ravel(), minlength=NUM_CLASSES) / mask.size
             rows.append({"image": canvas.path.name, "width": canvas.width, "height": canvas.height,
                          "tiles": len(canvas.tiles), "mask": f"masks/{name}",
                          **{f"share_{c}": round(float(s), 6) for c, s in zip(spec.classes, shares, strict=True)}})
-        atomic_write_text(building / "classes.csv", _csv(rows))
+        atomic_write_text(building / "classes.csv", csv_text(rows))
         atomic_write_json(building / RECORD, {
             "model": str(model_path), "method": record["method"], "stage": record.get("stage"),
             "dataset": spec.name, "seed": record["seed"], "classes": list(spec.classes), "input": str(source),
@@ -246,11 +245,3 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
         shutil.rmtree(building, ignore_errors=True)  # gone already after a successful rename
     log.info("wrote masks, overlays and classes.csv of %d image(s) to %s", len(rows), out_dir)
     return rows
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -24,9 +24,7 @@ epoch's checkpoint write), keeping the last complete epoch's checkpoint, and rai
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -59,6 +57,7 @@ from pathmamba.runtime import (
     atomic_write_json,
     atomic_write_text,
     autocast,
+    csv_text,
     derived_seed,
     describe_environment,
     environment_record,
@@ -533,16 +532,14 @@ def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoi
     ``out_dir``; then the finished run's checkpoints are removed."""
     best = progress.best
     best_weights = torch.load(_best_path(checkpoint_dir, best["epoch"]), map_location="cpu", weights_only=True)
-    fingerprint = run.fingerprint
     # The training images' (height, width): what `predict` tiles larger images into.
     input_size = list(run.train_loader.dataset[0][0].shape[-2:])
     # Tensors and plain data only: model.pt loads with weights_only=True (pathmamba.runtime.load_torch_file).
-    metadata = plain_data({"method": fingerprint["method"], "stage": fingerprint["stage"], "hparams": run.hparams,
-                           "dataset": fingerprint["dataset"], "seed": fingerprint["seed"],
-                           "settings": asdict(run.settings), "epoch": best["epoch"], "val_mIoU": best["val_mIoU"],
-                           "input_size": input_size})
+    metadata = plain_data({**{key: record[key] for key in ("method", "stage", "hparams", "dataset", "seed",
+                                                          "settings")},
+                           "epoch": best["epoch"], "val_mIoU": best["val_mIoU"], "input_size": input_size})
     atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / "model.pt")
-    atomic_write_text(out_dir / "history.csv", _csv(progress.history))
+    atomic_write_text(out_dir / "history.csv", csv_text(progress.history))
     atomic_write_json(out_dir / "run.json", record)
     _remove_checkpoints(checkpoint_dir)
 
@@ -608,12 +605,3 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
 def _cpu_peak_rss() -> float:
     """Peak resident memory of this process in bytes (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
-def _csv(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

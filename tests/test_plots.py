@@ -17,20 +17,18 @@ from pathmamba import plots
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import save_palette_mask
+from pathmamba.evaluate import colour_mask, overlay_mask, save_palette_mask
 from pathmamba.layout import run_path
 from pathmamba.metrics import confusion_columns
 from pathmamba.plots import (
     PAPER_MARKER,
     TRIVIAL_LINE,
     class_heatmap,
-    colour_mask,
     grid_pixel_size,
     image_label,
     load_histories,
     method_styles,
     normalised_confusion,
-    overlay_mask,
     with_progress,
     write_figures,
 )
