@@ -66,9 +66,9 @@ def select_runs(configfile: Path | None = None, run_dir: Path | None = None, dat
         if not sep:
             raise InputError(f"--data-root: expected DATASET=FOLDER, got {item!r}")
         roots[name] = folder
+    given = {"run_dir": run_dir, "datasets": datasets, "methods": methods, "seeds": seeds}
     if run_dir is None and "run" in config:
         run_dir = Path(config.get("results_dir", "results")) / config["run"]
-    given = {"datasets": datasets, "methods": methods, "seeds": seeds}
     chosen = {"datasets": datasets or (grid_datasets(config) if config else []),
               "methods": methods or (grid_methods(config) if config else []),
               "seeds": seeds or [int(seed) for seed in config.get("seeds", [])]}
@@ -83,7 +83,7 @@ def select_runs(configfile: Path | None = None, run_dir: Path | None = None, dat
             raise InputError(f"{where}: {', '.join(repeated)} given more than once; each must be unique")
     if not Path(run_dir).is_dir():
         # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
-        where = f"{configfile}: results_dir/run" if configfile and not given.get("run_dir") else "--run-dir"
+        where = "--run-dir" if given["run_dir"] else f"{configfile}: results_dir/run"
         raise InputError(f"{where}: {run_dir} is not a folder; expected results/<run> holding runs/")
     return Selection(Path(run_dir), Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
 

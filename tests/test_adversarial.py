@@ -246,6 +246,12 @@ def test_tables_refuse_a_run_folder_that_does_not_exist(tmp_path, capsys):
     assert message == (f"pathmamba tables: --run-dir: {tmp_path / 'typo'} is not a folder; expected results/<run> "
                        "holding runs/")
     assert not (tmp_path / "tables").exists()
+    # Given beside a config, the mistyped --run-dir is still what the message names.
+    config = tmp_path / "config.yaml"
+    config.write_text("run: r\nseeds: [0]\ndatasets: {synthetic-luad: {root: x}}\nmethods: {cam: {}}\n")
+    message = cli_error([*_tables(tmp_path / "typo", tmp_path / "tables", ["0"]), "--configfile", str(config)],
+                        capsys)
+    assert message.startswith(f"pathmamba tables: --run-dir: {tmp_path / 'typo'} is not a folder")
 
 
 def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
