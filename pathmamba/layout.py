@@ -32,6 +32,8 @@ BENCHMARK_ROOT = "benchmarks"
 BENCHMARKS = BENCHMARK_ROOT + "/{dataset}/{method}/seed{seed}"
 #: The dataset's validation report, which every training job waits for.
 VALIDATION_REPORT = "datasets/{dataset}/validation.json"
+#: The log of a local run's fork server (pathmamba/forkserver.py), which runs no rule of its own.
+FORKSERVER_LOG = "logs/forkserver.log"
 TABLES = "tables"
 FIGURES = "figures"
 

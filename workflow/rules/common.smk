@@ -206,3 +206,46 @@ def validation_option(wildcards, key):
     entry = config["datasets"][wildcards.dataset]
     defaults = {"image_size": entry.get("synthetic", {}).get("size", 224), "counts": "error"}
     return entry.get("validate", {}).get(key, defaults[key])
+
+
+# `forkserver: true` (the demo): a local run's jobs fork from one process that imported torch and the
+# project once, instead of each importing them (pathmamba/forkserver.py). Not for cluster jobs (other
+# hosts) nor conda or container jobs (another Python): a job the server cannot run starts normally.
+FORKSERVER = []
+
+
+def forkserver_wanted():
+    deployment = workflow.deployment_settings.deployment_method
+    return (
+        bool(config["forkserver"])
+        and not workflow.executor_plugin.common_settings.non_local_exec
+        and not deployment
+    )
+
+
+onstart:
+    if forkserver_wanted():
+        from snakemake.logging import logger
+        from pathmamba.forkserver import SOCKET_VARIABLE, job_environment, start_server
+
+        server = start_server(
+            Path(RESULTS) / layout.FORKSERVER_LOG, job_environment(config["threads_per_job"], REPO)
+        )
+        FORKSERVER.append(server)
+        os.environ[SOCKET_VARIABLE] = str(server.socket_path)
+        logger.info(
+            f"fork server for the jobs: pid {server.process.pid}, log {RESULTS}/{layout.FORKSERVER_LOG}"
+        )
+
+
+def stop_forkserver():
+    for server in FORKSERVER:
+        server.stop()
+
+
+onsuccess:
+    stop_forkserver()
+
+
+onerror:
+    stop_forkserver()
