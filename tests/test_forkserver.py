@@ -193,7 +193,7 @@ def test_a_workflow_run_with_the_server_gives_the_run_without_it(tmp_path, snake
         assert "fork server not used" not in logs
     log = (runs[True] / "logs" / "forkserver.log").read_text()
     jobs = len(re.findall(r"child \d+ exit 0", log))
-    assert jobs == 6, log  # validate, trivial, train, evaluate, tables, figures
+    assert jobs == 7, log  # make data, validate, trivial, train, evaluate, tables, figures
     assert "stopping: signal 15" in log
     server_pid = int(re.search(r"fork server for the jobs: pid (\d+)", messages[True]).group(1))
     assert not Path(f"/proc/{server_pid}").exists()
