@@ -70,11 +70,15 @@ _FIRST_ANSWER_TIMEOUT_S = 300.0
 
 # --- the caller: `python -m pathmamba` ---------------------------------------------------------------------
 
+#: What makes two processes the same Python: compared between a call and the server.
+_IDENTITY_KEYS = ("executable", "prefix", "version", "path", "package")
+
+
 def _identity() -> dict:
     import pathmamba
 
-    return {"executable": sys.executable, "prefix": sys.prefix, "version": sys.version, "path": list(sys.path),
-            "package": pathmamba.__file__}
+    values = (sys.executable, sys.prefix, sys.version, list(sys.path), pathmamba.__file__)
+    return dict(zip(_IDENTITY_KEYS, values, strict=True))
 
 
 def _notice(text: str) -> None:
@@ -210,7 +214,7 @@ def _receive_request(connection: socket.socket) -> tuple[dict, list[int]]:
             raise ConnectionError("the caller closed the connection mid-request")
         data += more
     request = json.loads(data[4:4 + int.from_bytes(data[:4], "big")])
-    missing = {"argv", "argv0", "cwd", "env", "streams", *_identity()} - set(request)
+    missing = {"argv", "argv0", "cwd", "env", "streams", *_IDENTITY_KEYS} - set(request)
     if missing or len(fds) != len(request["streams"]):
         for fd in fds:
             os.close(fd)
@@ -351,10 +355,9 @@ def _answer_calls(listener, server: _Server, stop_signal, parent, idle_exit_s) -
         for item in ready:
             if item is listener:
                 last_call = time.monotonic()
-                changed = _accept(listener, server, children)
-                if changed:
+                if _accept(listener, server, children) == _SOURCES_CHANGED:
                     stopping = "project sources changed"
-                    _log(f"stopping: {stopping}: {', '.join(changed)}")
+                    _log(f"stopping: {stopping}; {len(children)} children still running may finish")
             elif isinstance(item, int):
                 _reap(children.pop(item))
             else:
@@ -367,8 +370,11 @@ def _answer_calls(listener, server: _Server, stop_signal, parent, idle_exit_s) -
                     os.killpg(child.pid, signal.SIGTERM)
 
 
-def _accept(listener, server: _Server, children: dict[int, _Child]) -> list[str]:
-    """Answer one call; the changed project sources, if that is why it was refused."""
+_SOURCES_CHANGED = "project sources changed since the server started"
+
+
+def _accept(listener, server: _Server, children: dict[int, _Child]) -> str | None:
+    """Answer one call by forking a child; why it was not forked, if it was not."""
     connection, _ = listener.accept()
     connection.settimeout(10.0)
     try:
@@ -376,23 +382,19 @@ def _accept(listener, server: _Server, children: dict[int, _Child]) -> list[str]
     except (OSError, ValueError) as error:
         _log(f"unreadable call: {error}")
         connection.close()
-        return []
+        return str(error)
     changed = _changed_sources(server.sources)
-    reason = f"project sources changed since the server started: {', '.join(changed)}" if changed else \
-        _refusal(request, server.identity, server.environment)
-    if reason:
-        _log(f"refused {' '.join(request['argv'][:1])}: {reason}")
+    reason = _SOURCES_CHANGED if changed else _refusal(request, server.identity, server.environment)
+    if reason is None and _caller_gone(connection):  # it gave up waiting for the server's imports
+        reason = "the caller left before its answer"
+    if reason is not None:
+        detail = f"{reason}: {', '.join(changed)}" if changed else reason
+        _log(f"refused {' '.join(request['argv'][:1])}: {detail}")
         for fd in fds:
             os.close(fd)
-        _send(connection, {"refused": reason})
+        _send(connection, {"refused": detail})
         connection.close()
-        return changed
-    if _caller_gone(connection):  # it gave up waiting for the server's imports and runs on its own
-        _log(f"caller of {' '.join(request['argv'][:1])} left before its answer: not forked")
-        for fd in fds:
-            os.close(fd)
-        connection.close()
-        return []
+        return reason
     connection.settimeout(None)
     request["env"] = {**request["env"], **server.set_by_imports}
     inherited = [listener.fileno(), connection.fileno()]
@@ -401,7 +403,7 @@ def _accept(listener, server: _Server, children: dict[int, _Child]) -> list[str]
     child = _fork(request, fds, connection, inherited)
     children[child.pidfd] = child
     _send(connection, {"pid": child.pid})
-    return []
+    return None
 
 
 def _reap(child: _Child) -> None:

@@ -40,6 +40,21 @@ def workflow_env() -> dict:
     return env
 
 
+@pytest.fixture(scope="module")
+def canonical(tmp_path_factory) -> Path:
+    """A tiny synthetic-luad dataset in the published layout (6/3/3 images of 32 px)."""
+    from pathmamba.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("canonical") / "luad"
+    make_synthetic_dataset("synthetic-luad", root, n_train=6, n_val=3, n_test=3, size=32, seed=0)
+    return root
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its relative path: for comparing two trees byte for byte."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 def cli_error(argv: list[str], capsys) -> str:
     """The message of a CLI call that must end in an expected error: exit status 2 and no traceback.
     Returns what it wrote to stderr, stripped."""

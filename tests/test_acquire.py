@@ -26,7 +26,7 @@ from pathmamba.data.acquire import (
     sha256,
 )
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.data.synthetic import make_synthetic_dataset, published_copy, zip_folder
+from pathmamba.data.synthetic import published_copy, zip_folder
 from pathmamba.data.validate import validate_dataset
 
 SPEC = get_dataset_spec("synthetic-luad")
@@ -34,13 +34,6 @@ SIZE = 32
 # gdown writes in 512 KiB chunks and drops a chunk cut short: 3 MB cut after 1.5 MB keeps 1 MiB.
 TRANSFER_BYTES = 3_000_000
 CUT_AFTER = 1_500_000
-
-
-@pytest.fixture(scope="module")
-def canonical(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("acquire") / "canonical"
-    make_synthetic_dataset("synthetic-luad", root, n_train=6, n_val=3, n_test=3, size=SIZE, seed=0)
-    return root
 
 
 def _files(root: Path) -> list[str]:

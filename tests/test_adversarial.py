@@ -32,13 +32,6 @@ LUAD = get_dataset_spec("synthetic-luad")
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def canonical(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("adversarial") / "luad"
-    make_synthetic_dataset("synthetic-luad", root, n_train=6, n_val=3, n_test=3, size=SIZE, seed=0)
-    return root
-
-
 @pytest.fixture
 def luad(canonical, tmp_path) -> Path:
     """A copy of the canonical dataset for one test to damage."""

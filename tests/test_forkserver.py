@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, file_bytes
 
 from pathmamba.forkserver import SOCKET_VARIABLE, job_environment, start_server
 
@@ -60,10 +60,6 @@ def forked_children(log: Path) -> list[str]:
     return re.findall(r"child (\d+) exit", log.read_text())
 
 
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
 def test_a_forked_call_writes_and_says_what_a_fresh_process_does(server, tmp_path):
     handle, log = server
     argv = ["make-demo-data", "--dataset", "synthetic-bcss", "--n-train", "6", "--n-val", "3", "--n-test", "3",
@@ -72,8 +68,8 @@ def test_a_forked_call_writes_and_says_what_a_fresh_process_does(server, tmp_pat
     fresh = pathmamba([*argv, "--out", str(tmp_path / "fresh data")], call_env(None))
     assert forked.returncode == fresh.returncode == 0, forked.stderr + fresh.stderr
     assert "fork server not used" not in forked.stderr
-    assert tree_bytes(tmp_path / "forked data") == tree_bytes(tmp_path / "fresh data")
-    assert len(tree_bytes(tmp_path / "forked data")) >= 12
+    assert file_bytes(tmp_path / "forked data") == file_bytes(tmp_path / "fresh data")
+    assert len(file_bytes(tmp_path / "forked data")) >= 12
 
     before = len(forked_children(log))
     bad = ["tables", "--seeds", "0", "0", "--out-dir", str(tmp_path / "tables")]
@@ -200,7 +196,7 @@ def test_a_workflow_run_with_the_server_gives_the_run_without_it(tmp_path, snake
     assert not (runs[False] / "logs" / "forkserver.log").exists()
 
     def outputs(results: Path) -> dict[str, bytes]:
-        files = {**tree_bytes(results / "tables"), **tree_bytes(results / "runs")}
+        files = {**file_bytes(results / "tables"), **file_bytes(results / "runs")}
         # run.json and test_metrics.json record the environment, history.csv the seconds of each epoch
         return {name: content for name, content in files.items()
                 if Path(name).name not in ("run.json", "test_metrics.json", "history.csv")}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import file_bytes
 from PIL import Image
 
 from pathmamba.data import synthetic
@@ -38,10 +39,6 @@ def _make(root: Path, name: str, seed: int = 0) -> Path:
 def datasets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
     return {name: _make(root, name) for name in NAMES}
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -109,9 +106,9 @@ def test_every_class_occurs_in_every_split_however_small(n):
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, datasets):
-    again = _files(_make(tmp_path / "again", "synthetic-luad", seed=0))
-    assert again == _files(datasets["synthetic-luad"])
-    other = _files(_make(tmp_path / "other", "synthetic-luad", seed=1))
+    again = file_bytes(_make(tmp_path / "again", "synthetic-luad", seed=0))
+    assert again == file_bytes(datasets["synthetic-luad"])
+    other = file_bytes(_make(tmp_path / "other", "synthetic-luad", seed=1))
     assert set(other) != set(again)
     assert sorted(other.values()) != sorted(again.values())
 
