@@ -21,6 +21,7 @@ def shell_word(text):
 
 # Every value put into a rule's shell command is quoted with `:q` (lists: each item), so that no config
 # value or path is ever read by the shell: a space, an apostrophe or `$(...)` in it stays one argument.
+# The fork server is started with the same PYTHONPATH (pathmamba/forkserver.py, job_environment).
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shell_word(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from pathmamba.config import (
