@@ -36,9 +36,9 @@ report: install
 test: install
 	$(BIN)/python -m pytest
 
-# The suite without its Snakemake end-to-end runs, the SLURM run and the environment installs.
+# The suite without its Snakemake end-to-end runs, the SLURM run, the emulated CPUs and the environment installs.
 test-fast: install
-	$(BIN)/python -m pytest -m "not e2e and not slurm and not install"
+	$(BIN)/python -m pytest -m "not e2e and not slurm and not qemu and not install"
 
 # The paper config at the paper's model sizes on generated data and random weights, in a folder of its
 # own (docs/rehearsal.md); fails when the run or its checks fail. REHEARSAL: a new folder, or one an

@@ -19,3 +19,8 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+# Before torch or numpy is imported anywhere (they read the pins when they load): pathmamba/cpu_pins.py.
+from pathmamba import cpu_pins as _cpu_pins
+
+_cpu_pins.apply()

@@ -43,7 +43,7 @@ from pathmamba.config import (
 from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
 from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
-from pathmamba.optim import parameter_groups
+from pathmamba.optim import adam
 from pathmamba.plan import dataset_image_size, default_throughput_path, load_workflow_config
 from pathmamba.registry import EpochAware, build_method, get_spec, two_stage_methods
 from pathmamba.runtime import (
@@ -167,7 +167,7 @@ def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image
     model = build_method(method, num_classes=NUM_CLASSES, stage=stage, **build_hparams).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(parameter_groups(model, settings.weight_decay), lr=settings.lr)
+    optimiser = adam(model, settings.lr, settings.weight_decay)
     warmup = _random_loaders(supervision, warmup_steps, settings.batch_size, image_size, pseudo_mask_kinds)
     timed = _random_loaders(supervision, steps, settings.batch_size, image_size, pseudo_mask_kinds)
     if isinstance(model, EpochAware):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathmamba import __version__
+from pathmamba import __version__, cpu_pins
 from pathmamba.gpus import claimed_gpu, nvidia_driver
 
 log = logging.getLogger("pathmamba.runtime")
@@ -265,7 +265,8 @@ def _git(*args: str) -> str | None:
 
 def environment_record(device: torch.device, scan: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """What ran a result: package versions, device, CUDA build and driver, the selective scan and the
-    precision that ran, the GPU slot (workstation runs), host and git commit.
+    precision that ran, the GPU slot (workstation runs), the CPU and its instruction-set pins
+    (:func:`pathmamba.cpu_pins.record`), host and git commit.
 
     ``git_dirty`` is true when the checkout had uncommitted changes (the commit alone then does not
     say which code ran); both are None outside a git checkout.
@@ -295,6 +296,7 @@ def environment_record(device: torch.device, scan: str | None = None, precision:
         "scan": scan,
         "precision": precision,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_pins.record(),
         "host": platform.node(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
@@ -342,7 +344,7 @@ def describe_environment(record: dict[str, Any]) -> str:
     slot = record["gpu_slot"]
     pool = f" | GPU slot {slot['gpu']} of pool {','.join(slot['pool'])}" if slot else ""
     return (f"device {device} | torch {record['torch']}, {cuda} | scan {record['scan']} | "
-            f"precision {record['precision']} | threads {record['threads']}{pool}")
+            f"precision {record['precision']} | threads {record['threads']}{pool} | {cpu_pins.describe(record['cpu'])}")
 
 
 def download_file(url: str, path: Path, sha256_prefix: str | None = None) -> None:

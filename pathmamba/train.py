@@ -49,7 +49,7 @@ from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
 from pathmamba.locks import lock_holder, try_lock
 from pathmamba.models.scan import select_scan
-from pathmamba.optim import parameter_groups
+from pathmamba.optim import adam
 from pathmamba.registry import EpochAware, build_method, get_spec
 from pathmamba.runtime import (
     FileSafetyError,
@@ -452,7 +452,7 @@ def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # Adam with L2 weight decay (the paper's), none on the parameters pathmamba.optim exempts
-    optimiser = torch.optim.Adam(parameter_groups(model, settings.weight_decay), lr=settings.lr)
+    optimiser = adam(model, settings.lr, settings.weight_decay)
     train_loader, select_loader, seeded, order = _loaders(index, spec, supervision, settings, seed,
                                                          settings.workers, pin=device.type == "cuda",
                                                          pseudo_masks=pseudo_masks)

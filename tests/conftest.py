@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import pathmamba  # noqa: F401  (sets the CPU pins before any test imports torch or numpy: pathmamba/cpu_pins.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

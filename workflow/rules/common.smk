@@ -35,7 +35,7 @@ from pathmamba.config import (
     train_settings,
 )
 from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
-from pathmamba import layout
+from pathmamba import cpu_pins, layout
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
 
@@ -44,6 +44,10 @@ try:
     check_config(config)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+
+# The CPU pins of every job and of the fork server, which inherit this process's environment; cluster
+# jobs evaluate this file again. Importing pathmamba set the default pins already (pathmamba/cpu_pins.py).
+cpu_pins.apply(config["cpu_pins"])
 
 
 def config_paths():
