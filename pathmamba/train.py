@@ -70,7 +70,7 @@ from pathmamba.runtime import (
     rng_state,
     seed_everything,
 )
-from pathmamba.settings import TrainSettings
+from pathmamba.settings import TrainSettings, lr_factor
 
 log = logging.getLogger("pathmamba.train")
 
@@ -495,8 +495,11 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                 # recomputed on resume from the restored checkpoint, so it is the same as without a kill.
                 if isinstance(run.model, EpochAware):
                     run.model.on_epoch_start(epoch, run.train_loader, run.device, dataset)
+                steps = len(run.train_loader)
                 row = _train_epoch(run.model, run.optimiser, run.train_loader, run.device, epoch, epochs,
-                                   run.channels_last, run.precision, between_steps=sigterm.check)
+                                   run.channels_last, run.precision, between_steps=sigterm.check,
+                                   lr_factor_at=lambda step, first=(epoch - 1) * steps, total=epochs * steps:
+                                   lr_factor(run.settings.lr_schedule, first + step, total))
                 meter = predict_split(run.model, run.select_loader, run.device, channels_last=run.channels_last,
                                       precision=run.precision)
                 scores = meter.summary()["ignore_background"]
@@ -504,7 +507,8 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                 progress.history.append(row)
                 previous_best_epoch = progress.best["epoch"]
                 # The first epoch is always kept, so a run whose val mIoU is nan still has a model.
-                improved = progress.best["epoch"] == 0 or scores["mIoU"] > progress.best["val_mIoU"]
+                improved = (run.settings.selection == "last" or progress.best["epoch"] == 0
+                            or scores["mIoU"] > progress.best["val_mIoU"])
                 if improved:
                     progress.best = {"epoch": epoch, "val_mIoU": scores["mIoU"]}
                     atomic_torch_save(run.model.state_dict(), _best_path(checkpoint_dir, epoch))
@@ -514,7 +518,8 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                     "best": progress.best, "history": progress.history, "rng": rng_state(),
                     "train_seconds": progress.train_seconds, "fingerprint": run.fingerprint}, previous_best_epoch)
                 log.info("epoch %d/%d loss %.4f val mIoU %.4f%s  %.1f img/s  %.1f s  peak %.0f MB  run ETA %s",
-                         epoch, epochs, row["loss"], scores["mIoU"], " (best)" if improved else "",
+                         epoch, epochs, row["loss"], scores["mIoU"],
+                         f" ({run.settings.selection})" if improved else "",
                          row["images_per_s"], row["seconds"], row["peak_memory_mb"],
                          format_duration(progress.train_seconds / epoch * (epochs - epoch)))
                 sigterm.check()
@@ -555,10 +560,12 @@ def _remove_checkpoints(checkpoint_dir: Path) -> None:
 
 
 def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, channels_last: bool,
-                 precision: str = "fp32", between_steps=lambda: None) -> dict:
+                 precision: str = "fp32", between_steps=lambda: None, lr_factor_at=lambda step: 1.0) -> dict:
     """One pass over ``loader``, calling ``between_steps()`` after each optimiser step; returns the
-    epoch's row of ``history.csv`` (mean loss and parts, seconds, images/s, peak memory in MB).
-    ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`)."""
+    epoch's row of ``history.csv`` (mean loss and parts, seconds, images/s, peak memory in MB, the last
+    step's learning rate factor). ``precision``: a resolved precision
+    (:func:`pathmamba.runtime.resolve_precision`). ``lr_factor_at(step)``: the learning rate of the
+    epoch's 0-based ``step``, as a fraction of each parameter group's configured one."""
     model.train()
     totals: dict[str, float] = {}
     seen, started = 0, time.time()
@@ -578,6 +585,10 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
             loss, parts = model.loss(images, targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        factor = lr_factor_at(step - 1)
+        for group in optimiser.param_groups:
+            # The configured rate, kept in the group (and so in checkpoints) the first time it is scaled.
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         optimiser.step()
         between_steps()
         seen += len(images)
@@ -599,7 +610,8 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
     seconds = time.time() - started
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_rss()) / 2**20
     return {"epoch": epoch, **{name: total / max(seen, 1) for name, total in totals.items()},
-            "seconds": round(seconds, 3), "images_per_s": seen / max(seconds, 1e-9), "peak_memory_mb": peak}
+            "seconds": round(seconds, 3), "images_per_s": seen / max(seconds, 1e-9), "peak_memory_mb": peak,
+            "lr_factor": factor}
 
 
 def _cpu_peak_rss() -> float:

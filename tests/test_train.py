@@ -21,6 +21,7 @@ from pathmamba.evaluate import evaluate
 from pathmamba.models.backbones import RESNETS, build_resnet, resnet_stages, stage_channels
 from pathmamba.registry import build_method
 from pathmamba.runtime import download_file
+from pathmamba.settings import lr_factor
 from pathmamba.train import TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8}
@@ -118,6 +119,33 @@ def test_run_json_records_resolved_settings_environment_and_wall_time(seed0_work
     assert record["environment"]["packages"]["torch"] == metadata.version("torch")
     assert len(record["environment"]["git_commit"]) == 40 and record["environment"]["git_dirty"] in (True, False)
     assert record["wall_seconds_this_run"] > 0 and record["train_seconds_all_epochs"] > 0
+    # The CPU and its instruction-set pins (the suite runs pinned: conftest imports pathmamba first).
+    cpu = record["environment"]["cpu"]
+    assert cpu["pinned_isa"] == "avx2" and cpu["capability"] == "AVX2" and "avx2" in cpu["isa_flags"]
+
+
+def test_cosine_schedule_runs_from_the_configured_rate_down_to_zero():
+    assert lr_factor("constant", 7, 10) == 1.0
+    factors = [lr_factor("cosine", step, 10) for step in range(10)]
+    assert factors[0] == 1.0 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
+    assert all(later < earlier for earlier, later in zip(factors, factors[1:], strict=False))
+    with pytest.raises(ValueError, match=r"lr_schedule='linear': expected one of constant, cosine"):
+        TrainSettings(lr_schedule="linear")
+    with pytest.raises(ValueError, match=r"selection='first': expected one of best, last"):
+        TrainSettings(selection="first")
+
+
+def test_last_selection_keeps_the_last_epoch_and_the_schedule_is_applied_per_step(data_root, tmp_path):
+    settings = replace(SETTINGS, lr_schedule="cosine", selection="last")
+    train("cam", "synthetic-luad", data_root, tmp_path / "run", tmp_path / "checkpoints", 0, TINY_CAM, settings)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["best_epoch"] == SETTINGS.epochs
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["epoch"] == SETTINGS.epochs
+    with open(tmp_path / "run" / "history.csv") as handle:
+        last_step_factors = [float(row["lr_factor"]) for row in csv.DictReader(handle)]
+    steps = 2  # 16 training images, batch 8
+    assert last_step_factors == [lr_factor("cosine", epoch * steps - 1, SETTINGS.epochs * steps)
+                                 for epoch in range(1, SETTINGS.epochs + 1)]
 
 
 @pytest.mark.parametrize("method, hparams", [
