@@ -195,10 +195,15 @@ def _add_calibrate(commands) -> None:
                         help="bf16 autocast or fp32 instead of the config's train.precision")
 
 
-def _add_grid_arguments(parser) -> None:
+def _add_grid_arguments(parser, several_run_dirs: bool = False) -> None:
     parser.add_argument("--configfile", type=Path, default=None,
                         help="workflow config (YAML) to take the run folder, datasets, methods and seeds from")
-    parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
+    if several_run_dirs:
+        parser.add_argument("--run-dir", type=Path, nargs="+", default=None,
+                            help="results/<run>, holding runs/; several (a grid split across machines) are combined: "
+                                 "a run in two of them must have the same results in both")
+    else:
+        parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
     parser.add_argument("--datasets", nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
@@ -211,7 +216,7 @@ def _add_tables(commands) -> None:
     parser = commands.add_parser("tables", help="Tables 1 and 2, per-class IoU, 5-class protocol and paired "
                                                 "statistics from whatever runs finished")
     parser.set_defaults(func=_tables)
-    _add_grid_arguments(parser)
+    _add_grid_arguments(parser, several_run_dirs=True)
     parser.add_argument("--n-resamples", type=int, default=10000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
 
@@ -224,6 +229,27 @@ def _add_figures(commands) -> None:
     parser.add_argument("--data-root", nargs="+", default=[], metavar="DATASET=FOLDER",
                         help="dataset folders for the qualitative grid (taken from --configfile when given)")
     parser.add_argument("--n-images", type=int, default=4, help="test images in the qualitative grid")
+
+
+def _add_compare(commands) -> None:
+    from pathmamba.compare import FAIL_ON
+
+    parser = commands.add_parser("compare", help="do two results agree? Per dataset, method and metric: both means, "
+                                                 "the difference, 95%% intervals and a verdict (identical, within "
+                                                 "seed noise, differs)")
+    parser.set_defaults(func=_compare)
+    parser.add_argument("a", type=Path, metavar="A", help="a run folder (results/<run>)")
+    parser.add_argument("b", type=Path, metavar="B",
+                        help="another run folder of the same configuration (another machine), a README with a "
+                             "results section (README.md) or the paper's values (config/paper_results.yaml)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the comparison to this .md or .csv file (new, or one compare wrote)")
+    parser.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                        help="exit 1 when a row differs, or when any is not identical (default: exit 0 either way)")
+    parser.add_argument("--accept", nargs="+", default=[], metavar="KEY",
+                        help="configuration keys (as the refusal names them) allowed to differ between A and B")
+    parser.add_argument("--n-resamples", type=_int_at_least(1), default=10000, help="bootstrap resamples")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
 
 
 def _add_readme(commands) -> None:
@@ -307,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_make_demo_data, _add_dataset_commands, _add_train, _add_pseudo_masks, _add_evaluate,
-                _add_trivial, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures,
+                _add_trivial, _add_doctor, _add_plan, _add_calibrate, _add_tables, _add_figures, _add_compare,
                 _add_readme, _add_fetch_weights, _add_rehearse, _add_predict, _add_export):
         add(commands)
     return parser
@@ -493,7 +519,8 @@ def _calibrate(args) -> None:
 def _selection(args):
     from pathmamba.results import select_runs
 
-    return select_runs(args.configfile, args.run_dir, args.datasets, args.methods, args.seeds,
+    run_dirs = [args.run_dir] if isinstance(args.run_dir, Path) else args.run_dir
+    return select_runs(args.configfile, run_dirs, args.datasets, args.methods, args.seeds,
                        getattr(args, "data_root", []))
 
 
@@ -501,7 +528,7 @@ def _tables(args) -> None:
     from pathmamba.tables import write_tables
 
     selection = _selection(args)
-    write_tables(selection.run_dir, selection.grid, args.paper, args.out_dir, args.n_resamples, args.bootstrap_seed)
+    write_tables(selection.run_dirs, selection.grid, args.paper, args.out_dir, args.n_resamples, args.bootstrap_seed)
 
 
 def _figures(args) -> None:
@@ -510,8 +537,18 @@ def _figures(args) -> None:
 
     selection = _selection(args)
     grid = selection.grid
-    write_figures(selection.run_dir, grid.datasets, grid.methods, grid.seeds, selection.data_roots,
+    write_figures(selection.run_dirs[0], grid.datasets, grid.methods, grid.seeds, selection.data_roots,
                   load_paper_results(args.paper), args.out_dir, args.n_images)
+
+
+def _compare(args) -> int:
+    from pathmamba.compare import compare, failed, markdown, write_comparison
+
+    comparison = compare(args.a, args.b, args.accept, args.n_resamples, args.bootstrap_seed)
+    if args.out:
+        write_comparison(args.out, comparison)
+    print(markdown(comparison), end="")
+    return 1 if failed(comparison, args.fail_on) else 0
 
 
 def _readme(args) -> int:

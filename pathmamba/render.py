@@ -18,7 +18,8 @@ from pathmamba.runtime import atomic_write_text
 
 METRIC_LABELS = {"mDice": "mDice", "mIoU": "mIoU", "mPrecision": "mP", "mRecall": "mR"}
 MISSING = "—"
-#: Marks a row whose seeds ran with different selective scans or precisions (a footnote says which).
+#: Marks a row whose seeds ran on different hardware or with different selective scans or precisions (a
+#: footnote says which seeds ran where).
 MIXED_MARK = "†"
 #: Marks a paper value that no evaluation can give together with its row's other value (see
 #: :func:`dice_iou_inconsistent`).

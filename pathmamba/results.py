@@ -7,6 +7,7 @@ GPU. A run counts as finished when its ``test_metrics.json`` exists.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +42,21 @@ class Grid:
 
 @dataclass(frozen=True)
 class Selection:
-    """What a ``tables`` or ``figures`` command reads: the run folder, its grid, the datasets' folders."""
+    """What a ``tables`` or ``figures`` command reads: the run folders (one, or several whose runs are
+    combined), their grid, the datasets' folders."""
 
-    run_dir: Path
+    run_dirs: list[Path]
     grid: Grid
     data_roots: dict[str, str]
 
 
-def select_runs(configfile: Path | None = None, run_dir: Path | None = None, datasets: list[str] | None = None,
-                methods: list[str] | None = None, seeds: list[int] | None = None,
+def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = None,
+                datasets: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None,
                 data_roots: list[str] = ()) -> Selection:
-    """The runs a command reads: each of ``run_dir``, ``datasets``, ``methods``, ``seeds`` given, else the
-    workflow config ``configfile``'s (its ``grid``); ``data_roots`` (``DATASET=FOLDER``) over the config's
-    dataset folders. Raises :class:`InputError` naming the argument for what is missing, repeated or not
-    a folder."""
+    """The runs a command reads: each of ``run_dirs``, ``datasets``, ``methods``, ``seeds`` given, else the
+    workflow config ``configfile``'s (its run folder and ``grid``); ``data_roots`` (``DATASET=FOLDER``) over
+    the config's dataset folders. Raises :class:`InputError` naming the argument for what is missing,
+    repeated or not a folder."""
     from pathmamba.config import grid_datasets, grid_methods
 
     config = yaml.safe_load(Path(configfile).read_text()) if configfile else {}
@@ -66,13 +68,14 @@ def select_runs(configfile: Path | None = None, run_dir: Path | None = None, dat
         if not sep:
             raise InputError(f"--data-root: expected DATASET=FOLDER, got {item!r}")
         roots[name] = folder
-    given = {"run_dir": run_dir, "datasets": datasets, "methods": methods, "seeds": seeds}
-    if run_dir is None and "run" in config:
-        run_dir = Path(config.get("results_dir", "results")) / config["run"]
-    chosen = {"datasets": datasets or (grid_datasets(config) if config else []),
+    given = {"run-dir": run_dirs, "datasets": datasets, "methods": methods, "seeds": seeds}
+    if not run_dirs and "run" in config:
+        run_dirs = [Path(config.get("results_dir", "results")) / config["run"]]
+    chosen = {"run-dir": [Path(folder) for folder in run_dirs or []],
+              "datasets": datasets or (grid_datasets(config) if config else []),
               "methods": methods or (grid_methods(config) if config else []),
               "seeds": seeds or [int(seed) for seed in config.get("seeds", [])]}
-    missing = [key for key, value in {"run-dir": run_dir, **chosen}.items() if not value]
+    missing = [key for key, value in chosen.items() if not value]
     if missing:
         raise InputError(f"give --configfile or --{', --'.join(missing)}")
     for key, values in chosen.items():
@@ -81,29 +84,66 @@ def select_runs(configfile: Path | None = None, run_dir: Path | None = None, dat
         if repeated:
             where = f"--{key}" if given[key] else f"{configfile}: {key}"
             raise InputError(f"{where}: {', '.join(repeated)} given more than once; each must be unique")
-    if not Path(run_dir).is_dir():
-        # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
-        where = "--run-dir" if given["run_dir"] else f"{configfile}: results_dir/run"
-        raise InputError(f"{where}: {run_dir} is not a folder; expected results/<run> holding runs/")
-    return Selection(Path(run_dir), Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
+    for run_dir in chosen["run-dir"]:
+        if not run_dir.is_dir():
+            # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
+            where = "--run-dir" if given["run-dir"] else f"{configfile}: results_dir/run"
+            raise InputError(f"{where}: {run_dir} is not a folder; expected results/<run> holding runs/")
+    return Selection(chosen["run-dir"], Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
 
 
-def finished_runs(run_dir: Path, grid: Grid) -> pd.DataFrame:
-    """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference.
+def finished_runs(run_dirs: Path | Sequence[Path], grid: Grid) -> pd.DataFrame:
+    """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference, in
+    the run folder ``run_dirs`` or in several (a grid split across machines).
 
-    Columns: dataset, method, seed (None for trivial), path (the run folder).
+    A run found in several folders must have the same results in each (:func:`agreeing_copy`); the first
+    folder's copy is used. Columns: dataset, method, seed (None for trivial), path (the run's folder).
     """
+    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(folder) for folder in run_dirs]
     rows = []
+    for dataset, method, seed in _grid_runs(grid):
+        run = run_path(Path(), dataset, method, seed)
+        holding = [run_dir for run_dir in run_dirs if (run_dir / run / "test_metrics.json").exists()]
+        if holding:
+            rows.append({"dataset": dataset, "method": method, "seed": seed,
+                         "path": agreeing_copy(holding, run)})
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
+
+
+def _grid_runs(grid: Grid):
+    """(dataset, method, seed) of every run of ``grid``, each dataset's trivial reference (seed None) last."""
     for dataset in grid.datasets:
         for method in grid.methods:
             for seed in grid.seeds:
-                folder = run_path(run_dir, dataset, method, seed)
-                if (folder / "test_metrics.json").exists():
-                    rows.append({"dataset": dataset, "method": method, "seed": seed, "path": folder})
-        folder = run_path(run_dir, dataset, TRIVIAL, None)
-        if (folder / "test_metrics.json").exists():
-            rows.append({"dataset": dataset, "method": TRIVIAL, "seed": None, "path": folder})
-    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
+                yield dataset, method, seed
+        yield dataset, TRIVIAL, None
+
+
+def flat_record(record: dict, prefix: str = "") -> dict[str, str]:
+    """A JSON record as one level of dotted keys (``environment.cpu.model``), each value as its canonical
+    JSON text: two values are equal exactly when their texts are (floats bitwise; nan equals nan)."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_record(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+def agreeing_copy(run_dirs: list[Path], run: Path) -> Path:
+    """``run`` (a run's folder relative to a run folder) in the first of ``run_dirs``, once its results
+    (the ``protocols`` of ``test_metrics.json``) are the same in every other: copies that disagree raise
+    :class:`InputError` naming both run folders, the run and the first metric that differs."""
+    first = flat_record(read_run_json(run_dirs[0] / run / "test_metrics.json")["protocols"])
+    for run_dir in run_dirs[1:]:
+        other = flat_record(read_run_json(run_dir / run / "test_metrics.json")["protocols"])
+        differing = next((key for key in {**first, **other} if first.get(key) != other.get(key)), None)
+        if differing is not None:
+            raise InputError(f"{run} is in {run_dirs[0]} and in {run_dir} with different results: {differing} "
+                             f"{first.get(differing)} vs {other.get(differing)}; a run of one dataset, method and "
+                             "seed must have one result: remove the copy that should not count")
+    return run_dirs[0] / run
 
 
 def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.DataFrame:
@@ -148,20 +188,53 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, str]]:
-    """``{(dataset, method): {seed: "scan ..., precision ..."}}``: what computed each seed's result, from
-    the environment records of its training (``run.json``) and evaluation (``test_metrics.json``)."""
-    runtimes: dict[tuple[str, str], dict[int, str]] = {}
+def hardware_label(environment: dict) -> str:
+    """The hardware that computed a result, as far as it decides the numbers (an environment record of
+    :func:`pathmamba.runtime.environment_record`): the GPU model on CUDA, and the CPU, whose libraries
+    run beside a GPU too: "CPU pinned to AVX2" where the instruction-set pins held (then every x86-64 CPU
+    with AVX2 gives the same numbers; :mod:`pathmamba.cpu_pins`), else the CPU's model. "unrecorded" for a
+    record without a device."""
+    device = environment.get("device")
+    if device is None:
+        return "unrecorded"
+    cpu = environment.get("cpu")
+    if cpu is None:
+        processor = "CPU pins unrecorded"
+    elif cpu.get("pinned_isa"):
+        processor = f"CPU pinned to {cpu['pinned_isa'].upper()}"
+    else:
+        processor = f"CPU {cpu.get('model') or 'unknown'} unpinned"
+    if device.startswith("cuda"):
+        return f"GPU {environment.get('device_name') or 'unrecorded'}, {processor}"
+    return processor
+
+
+def _scan_precision(environment: dict) -> str:
+    return "/".join(environment.get(key) or "unrecorded" for key in ("scan", "precision"))
+
+
+#: The aspects of what computed a result that can change its numbers, each as a label of an environment
+#: record.
+RUNTIME_ASPECTS = {"hardware": hardware_label, "scan/precision": _scan_precision}
+
+
+def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, dict[str, str]]]:
+    """``{(dataset, method): {seed: {aspect: label}}}``: what computed each seed's result, per aspect of
+    :data:`RUNTIME_ASPECTS`, from the environment records of its training (``run.json``) and evaluation
+    (``test_metrics.json``); "<training's> (train), <evaluation's> (test)" where the two differ."""
+    runtimes: dict[tuple[str, str], dict[int, dict[str, str]]] = {}
     for run in runs.itertuples(index=False):
         if run.method == TRIVIAL:
             continue
-        parts = []
+        environments = []
         for name in ("run.json", "test_metrics.json"):
             path = Path(run.path) / name
-            environment = read_run_json(path).get("environment", {}) if path.exists() else {}
-            parts.append("/".join(environment.get(key) or "unrecorded" for key in ("scan", "precision")))
-        label = "scan/precision " + (parts[0] if parts[0] == parts[1] else f"{parts[0]} (train), {parts[1]} (test)")
-        runtimes.setdefault((run.dataset, run.method), {})[int(run.seed)] = label
+            environments.append(read_run_json(path).get("environment", {}) if path.exists() else {})
+        labels = {}
+        for aspect, label_of in RUNTIME_ASPECTS.items():
+            train, test = (label_of(environment) for environment in environments)
+            labels[aspect] = train if train == test else f"{train} (train), {test} (test)"
+        runtimes.setdefault((run.dataset, run.method), {})[int(run.seed)] = labels
     return runtimes
 
 

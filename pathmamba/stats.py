@@ -10,6 +10,10 @@ Unit of resampling: the test image; two methods are paired by image name. Two vi
   over its seeds (seeds pooled, never best-of); Wilcoxon tests and effect sizes on those pairs. A
   per-image mean weighs a small image as much as a large one, so it is not Table 1's number.
 
+For ``python -m pathmamba compare`` (:mod:`pathmamba.compare`): the same split-level bootstrap for every
+m-metric, between two evaluations of the same images or of one alone (:func:`split_level_intervals`), and
+t intervals over seeds from summary statistics (:func:`welch_interval`, :func:`one_sample_interval`).
+
 All randomness comes from a ``numpy.random.Generator`` seeded by the caller: same seed, same interval.
 """
 
@@ -126,19 +130,82 @@ def compare_to_reference(per_image: pd.DataFrame, reference: str, others: list[s
     return table
 
 
-def mean_iou(confusion, num_tissue: int = NUM_CLASSES) -> np.ndarray:
-    """mIoU of confusion matrices (..., C, C) (rows truth, columns prediction): the mean over the first
-    ``num_tissue`` classes of TP / (TP + FP + FN), skipping classes with an empty denominator, as
-    :func:`pathmamba.metrics.scores_from_confusion`; nan where no class has one. Shape (...)."""
+#: Each m-metric's per-class score from a confusion matrix's true positives, true pixels (row sums) and
+#: predicted pixels (column sums), as a (numerator, denominator) pair; see :mod:`pathmamba.metrics`.
+SCORE_TERMS = {
+    "mIoU": lambda tp, true, predicted: (tp, true + predicted - tp),
+    "mDice": lambda tp, true, predicted: (2 * tp, true + predicted),
+    "mPrecision": lambda tp, true, predicted: (tp, predicted),
+    "mRecall": lambda tp, true, predicted: (tp, true),
+}
+
+
+def mean_score(confusion, metric: str = "mIoU", num_tissue: int = NUM_CLASSES) -> np.ndarray:
+    """The m-metric ``metric`` (mIoU, mDice, mPrecision, mRecall) of confusion matrices (..., C, C) (rows
+    truth, columns prediction): the mean over the first ``num_tissue`` classes of the per-class score,
+    skipping classes with an empty denominator, as :func:`pathmamba.metrics.scores_from_confusion`; nan
+    where no class has one. Shape (...)."""
     cm = np.asarray(confusion, dtype=np.float64)
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    union = cm.sum(-1) + cm.sum(-2) - tp
+    numerator, denominator = SCORE_TERMS[metric](tp, cm.sum(-1), cm.sum(-2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = (tp / union)[..., :num_tissue]
-    valid = np.isfinite(iou)
+        score = (numerator / denominator)[..., :num_tissue]
+    valid = np.isfinite(score)
     count = valid.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.where(valid, iou, 0.0).sum(-1) / count, np.nan)
+        return np.where(count > 0, np.where(valid, score, 0.0).sum(-1) / count, np.nan)
+
+
+def split_scores(confusions: np.ndarray, counts: np.ndarray, metrics: tuple[str, ...]) -> np.ndarray:
+    """Split-level ``metrics`` of image samples, each the mean over seeds, as Table 1 computes them.
+
+    confusions (S, N, C, C): per-image confusion matrices of S seeds on N images; counts (R, N): how often
+    each image is in each of R samples (all ones: the split itself). Each seed's split matrix is the
+    count-weighted sum of its per-image matrices. Returns (R, len(metrics))."""
+    seeds, n_images, classes, _ = confusions.shape
+    # (images, seeds * C * C): the samples' split matrices are one product with their image counts.
+    flat = np.moveaxis(confusions, 1, 0).reshape(n_images, -1)
+    split = (counts @ flat).reshape(len(counts), seeds, classes, classes)
+    return np.stack([mean_score(split, metric).mean(-1) for metric in metrics], axis=-1)
+
+
+def resampled(statistic, n_images: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``statistic`` on ``n_resamples`` resamples of ``n_images`` images drawn with replacement from
+    ``numpy.random.default_rng(seed)``. ``statistic`` maps image counts (R, n_images), how often each image
+    was drawn in each of R resamples, to an array (R, ...); returns (n_resamples, ...)."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):
+        size = min(BOOTSTRAP_CHUNK, n_resamples - start)
+        picks = rng.integers(0, n_images, size=(size, n_images))
+        counts = np.bincount((np.arange(size)[:, None] * n_images + picks).ravel(), minlength=size * n_images)
+        draws.append(statistic(counts.reshape(size, n_images).astype(np.float64)))
+    return np.concatenate(draws)
+
+
+def _split_difference_draws(a, b, metrics: tuple[str, ...], n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The split-level ``metrics`` of ``a`` minus those of ``b`` (None: of nothing), on the split itself
+    (len(metrics),) and on each image resample (n_resamples, len(metrics)); the same draw of images for
+    both and every seed. a, b: (seeds, N, C, C) per-image confusion matrices of the same N images."""
+    a = np.asarray(a, dtype=np.float64)
+    shapes = [a.shape] if b is None else [a.shape, np.shape(b)]
+    if any(len(shape) != 4 or shape[1] != a.shape[1] for shape in shapes) or a.shape[1] == 0:
+        raise ValueError("the split-level bootstrap needs (seeds, images, C, C) confusion matrices of the same "
+                         f"images, got shapes {' and '.join(str(shape) for shape in shapes)}")
+    b = None if b is None else np.asarray(b, dtype=np.float64)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        scores = split_scores(a, counts, metrics)
+        return scores if b is None else scores - split_scores(b, counts, metrics)
+
+    return statistic(np.ones((1, a.shape[1])))[0], resampled(statistic, a.shape[1], n_resamples, seed)
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval at ``level`` of ``draws`` (R, ...) along the resamples; nan resamples skipped."""
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
+    return low, high
 
 
 def split_level_bootstrap(reference, other, n_resamples: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
@@ -153,33 +220,53 @@ def split_level_bootstrap(reference, other, n_resamples: int = 10000, seed: int 
     p-value: twice the share of resampled differences on the far side of zero, as (k + 1) / (R + 1),
     at most 1.
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    other = np.asarray(other, dtype=np.float64)
-    if reference.ndim != 4 or other.ndim != 4 or reference.shape[1] != other.shape[1] or reference.shape[1] == 0:
-        raise ValueError("split_level_bootstrap needs (seeds, images, C, C) confusion matrices of the same "
-                         f"images, got shapes {reference.shape} and {other.shape}")
-    n_images = reference.shape[1]
-    # (images, seeds * C * C): a resample's split matrices are one product with its image counts.
-    flat = [np.moveaxis(cms, 1, 0).reshape(n_images, -1) for cms in (reference, other)]
-
-    def statistic(counts: np.ndarray) -> np.ndarray:
-        scores = [mean_iou((counts @ cms).reshape(len(counts), -1, *reference.shape[2:])).mean(-1)
-                  for cms in flat]
-        return scores[0] - scores[1]
-
-    rng = np.random.default_rng(seed)
-    draws = np.empty(n_resamples)
-    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):
-        stop = min(start + BOOTSTRAP_CHUNK, n_resamples)
-        picks = rng.integers(0, n_images, size=(stop - start, n_images))
-        counts = np.zeros((stop - start, n_images))
-        np.add.at(counts, (np.arange(stop - start)[:, None], picks), 1.0)
-        draws[start:stop] = statistic(counts)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    diff, draws = _split_difference_draws(reference, other, ("mIoU",), n_resamples, seed)
+    draws = draws[:, 0]
+    low, high = _percentiles(draws, level)
     far_side = min(np.sum(draws <= 0), np.sum(draws >= 0))
-    return {"diff": float(statistic(np.ones((1, n_images)))[0]), "low": float(low), "high": float(high),
+    return {"diff": float(diff[0]), "low": float(low), "high": float(high),
             "p": min(1.0, 2 * (far_side + 1) / (n_resamples + 1))}
+
+
+def split_level_intervals(a, b=None, metrics: tuple[str, ...] = ("mIoU",), n_resamples: int = 10000,
+                          seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Paired image bootstrap of the split-level ``metrics`` of ``a`` minus those of ``b``, or of ``a``
+    alone when ``b`` is None (its own test-image sampling interval).
+
+    a (S_a, N, C, C), b (S_b, N, C, C): per-image confusion matrices of two evaluations' seeds on the same
+    N test images, in the same order; each side's metric is the mean over its seeds of the split-level
+    metric, as :func:`split_level_bootstrap`. Returns ``{metric: {"value", "low", "high"}}``: the statistic
+    on the split itself and its percentile interval at ``level``."""
+    value, draws = _split_difference_draws(a, b, metrics, n_resamples, seed)
+    low, high = _percentiles(draws, level)
+    return {metric: {"value": float(value[i]), "low": float(low[i]), "high": float(high[i])}
+            for i, metric in enumerate(metrics)}
+
+
+def welch_interval(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float, n_b: int,
+                   level: float = 0.95) -> dict:
+    """Welch's t interval of ``mean_a - mean_b`` from two independent samples' means, standard deviations
+    (ddof=1) and sizes (each at least 2), with the Welch-Satterthwaite degrees of freedom. Returns
+    ``{"diff", "low", "high", "df"}``; two samples without spread give the difference itself (df nan)."""
+    if min(n_a, n_b) < 2:
+        raise ValueError(f"a Welch interval needs at least 2 values per sample, got {n_a} and {n_b}")
+    terms = std_a ** 2 / n_a, std_b ** 2 / n_b
+    diff = mean_a - mean_b
+    if sum(terms) == 0:
+        return {"diff": diff, "low": diff, "high": diff, "df": float("nan")}
+    df = sum(terms) ** 2 / (terms[0] ** 2 / (n_a - 1) + terms[1] ** 2 / (n_b - 1))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * float(np.sqrt(sum(terms)))
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": float(df)}
+
+
+def one_sample_interval(mean: float, std: float, n: int, reference: float, level: float = 0.95) -> dict:
+    """The t interval of ``mean - reference``: a sample's mean, standard deviation (ddof=1) and size (at
+    least 2) against a fixed value. Returns ``{"diff", "low", "high", "df"}``."""
+    if n < 2:
+        raise ValueError(f"a one-sample t interval needs at least 2 values, got {n}")
+    diff = mean - reference
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * std / float(np.sqrt(n))
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": float(n - 1)}
 
 
 def confusions_by_seed(per_image: pd.DataFrame, method: str, images: list[str]) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""The paper's tables from a run's finished results (docs/design.md §4.5).
+"""The paper's tables from a run's finished results (docs/design.md §4.5), in one run folder or several
+(a grid split across machines: a run found in two folders must have the same results in both, and a cell
+whose seeds ran on different hardware is marked).
 
 A partial grid gives a partial table: a cell with no finished seed shows "—", and a method with fewer
 finished seeds than configured is flagged in the table (``n/N``), never averaged silently. Values are
@@ -17,6 +19,7 @@ Tables written by :func:`write_tables` into ``<out_dir>``:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -84,20 +87,30 @@ BASELINES_NOTE = ("Baselines: each one's implementation, its differences from th
                   "CAM family's masks hold only classes the method's own image-level prediction keeps.")
 
 
+#: How a footnote names each aspect of :data:`pathmamba.results.RUNTIME_ASPECTS` that differs among a
+#: cell's seeds, and the words before its label.
+MIXED_ASPECTS = {"hardware": ("on different hardware (GPU model, CPU or its pins)", ""),
+                 "scan/precision": ("with different selective scans or precisions", "scan/precision ")}
+
+
 def mixed_runtime_notes(runs: pd.DataFrame, methods: list[str]) -> tuple[set[tuple[str, str]], list[str]]:
-    """The (dataset, method) cells of ``methods`` whose seeds ran with different selective scans or
-    precisions, and a footnote for each: their spread then holds an implementation difference too."""
+    """The (dataset, method) cells of ``methods`` whose seeds ran on different hardware (GPU models, CPUs
+    unpinned, CPU pins or none) or with different selective scans or precisions, and a footnote for each
+    saying which seeds ran where: their spread then holds that difference too."""
     marked, notes = set(), []
     for (dataset, method), seeds in run_runtimes(runs).items():
-        if method not in methods or len(set(seeds.values())) < 2:
+        differing = [aspect for aspect in MIXED_ASPECTS if len({labels[aspect] for labels in seeds.values()}) > 1]
+        if method not in methods or not differing:
             continue
         marked.add((dataset, method))
         by_label: dict[str, list[str]] = {}
-        for seed, label in sorted(seeds.items()):
+        for seed, labels in sorted(seeds.items()):
+            label = ", ".join(MIXED_ASPECTS[aspect][1] + labels[aspect] for aspect in differing)
             by_label.setdefault(label, []).append(str(seed))
         ran = "; ".join(f"seed {', '.join(numbers)}: {label}" for label, numbers in by_label.items())
-        notes.append(f"{MIXED_MARK} {dataset}, {method}: its seeds ran with different selective scans or precisions "
-                     f"({ran}); the spread includes that difference.")
+        how = " and ".join(MIXED_ASPECTS[aspect][0] for aspect in differing)
+        notes.append(f"{MIXED_MARK} {dataset}, {method}: its seeds ran {how} ({ran}); the spread includes that "
+                     "difference.")
     return marked, notes
 
 
@@ -279,12 +292,14 @@ def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str]
         atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title, inconsistent))
 
 
-def write_tables(run_dir: Path, grid: Grid, paper_path: Path, out_dir: Path, n_resamples: int = 10000,
-                 bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Write every table of the module docstring from what finished under ``run_dir``; returns them."""
+def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, out_dir: Path,
+                 n_resamples: int = 10000, bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Write every table of the module docstring from what finished under the run folder ``run_dirs``, or
+    several (:func:`pathmamba.results.finished_runs`: a run in two of them must have one result); returns
+    them."""
     out_dir = Path(out_dir)
     paper = load_paper_results(paper_path)
-    runs = finished_runs(run_dir, grid)
+    runs = finished_runs(run_dirs, grid)
     paths = [Path(path) / "test_metrics.json" for path in runs["path"]]
     n_expected = len(grid.seeds)
     rows = [*grid.methods, TRIVIAL]

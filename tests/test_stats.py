@@ -121,13 +121,74 @@ def test_split_level_bootstrap_of_a_method_against_itself_is_zero_with_p_one():
         split_level_bootstrap(cms, cms[:, :3], n_resamples=10)
 
 
-def test_mean_iou_matches_the_metrics_module_including_empty_classes():
-    from pathmamba.metrics import scores_from_confusion
-    from pathmamba.stats import mean_iou
+def test_mean_scores_match_the_metrics_module_including_empty_classes():
+    from pathmamba.metrics import METRICS, scores_from_confusion
+    from pathmamba.stats import mean_score
 
     cms = np.random.default_rng(1).integers(0, 20, size=(6, 4, 4)).astype(float)
     cms[1, 3, :] = cms[1, :, 3] = 0
     cms[2] = 0
-    expected = [scores_from_confusion(cm)["mIoU"] for cm in cms]
-    np.testing.assert_allclose(mean_iou(cms), expected, atol=1e-15)
-    assert math.isnan(mean_iou(cms)[2])
+    cms[3, :, 1] = 0  # class 1 never predicted: no precision for it, recall 0
+    for metric in METRICS:
+        expected = [scores_from_confusion(cm)[metric] for cm in cms]
+        np.testing.assert_allclose(mean_score(cms, metric), expected, atol=1e-15, err_msg=metric)
+        assert math.isnan(mean_score(cms, metric)[2])
+
+
+def test_split_level_intervals_of_every_metric_equal_a_resample_by_resample_reference():
+    from pathmamba.metrics import METRICS, scores_from_confusion
+    from pathmamba.stats import split_level_intervals
+
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 50, size=(3, 6, 4, 4)).astype(float)
+    b = rng.integers(0, 50, size=(2, 6, 4, 4)).astype(float)
+    result = split_level_intervals(a, b, METRICS, n_resamples=300, seed=2)
+    alone = split_level_intervals(a, None, METRICS, n_resamples=300, seed=2)
+    draws_rng = np.random.default_rng(2)
+    picks = [draws_rng.integers(0, 6, size=6) for _ in range(300)]
+    for metric in METRICS:
+        def split(cms, images, metric=metric):
+            return np.mean([scores_from_confusion(seed_cms[images].sum(0))[metric] for seed_cms in cms])
+        everything = np.arange(6)
+        assert result[metric]["value"] == pytest.approx(split(a, everything) - split(b, everything), abs=1e-12)
+        low, high = np.percentile([split(a, p) - split(b, p) for p in picks], [2.5, 97.5])
+        assert (result[metric]["low"], result[metric]["high"]) == (pytest.approx(low, abs=1e-12),
+                                                                   pytest.approx(high, abs=1e-12))
+        low, high = np.percentile([split(a, p) for p in picks], [2.5, 97.5])
+        assert alone[metric]["value"] == pytest.approx(split(a, everything), abs=1e-12)
+        assert (alone[metric]["low"], alone[metric]["high"]) == (pytest.approx(low, abs=1e-12),
+                                                                 pytest.approx(high, abs=1e-12))
+
+
+def test_welch_interval_on_known_values():
+    from scipy import stats as scipy_stats
+
+    from pathmamba.stats import welch_interval
+
+    # Samples (1, 2, 3) and (2, 4, 6, 8): variances 1 and 20/3.
+    terms = 1 / 3, (20 / 3) / 4
+    df = sum(terms) ** 2 / (terms[0] ** 2 / 2 + terms[1] ** 2 / 3)
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(sum(terms))
+    result = welch_interval(2.0, 1.0, 3, 5.0, math.sqrt(20 / 3), 4)
+    assert result == {"diff": -3.0, "low": pytest.approx(-3 - half), "high": pytest.approx(-3 + half),
+                      "df": pytest.approx(df)}
+    # scipy's own Welch test gives the same interval.
+    welch = scipy_stats.ttest_ind([1, 2, 3], [2, 4, 6, 8], equal_var=False).confidence_interval(0.95)
+    assert (result["low"], result["high"]) == (pytest.approx(welch.low), pytest.approx(welch.high))
+    assert welch_interval(0.5, 0.0, 3, 0.25, 0.0, 2)["low"] == 0.25
+    with pytest.raises(ValueError, match="at least 2 values per sample"):
+        welch_interval(0.5, 0.1, 1, 0.5, 0.1, 3)
+
+
+def test_one_sample_interval_equals_scipys_t_interval():
+    from scipy import stats as scipy_stats
+
+    from pathmamba.stats import one_sample_interval
+
+    values = np.array([0.61, 0.66, 0.58, 0.70])
+    result = one_sample_interval(values.mean(), values.std(ddof=1), 4, 0.767)
+    expected = scipy_stats.ttest_1samp(values, 0.767).confidence_interval(0.95)
+    assert result["diff"] == pytest.approx(values.mean() - 0.767, abs=1e-15)
+    assert (result["low"], result["high"]) == (pytest.approx(expected.low - 0.767),
+                                               pytest.approx(expected.high - 0.767))
+    assert result["df"] == 3.0

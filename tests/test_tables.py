@@ -393,3 +393,87 @@ def test_table1_marks_reference_rows_and_points_to_the_baselines_document(partia
     assert "Reference rows beyond the paper, whose Table 1 reports neither CAM nor Grad-CAM: cam." in table1
     assert "docs/baselines.md" in table1
     assert "Reference rows" not in table2 and "docs/baselines.md" not in table2
+
+
+def environment_of(device_name: str | None = None, cpu_model: str = "AMD EPYC 7B13", pinned: bool = True) -> dict:
+    """The parts of an environment record that say what computed a result (pathmamba.runtime)."""
+    return {"device": "cuda:0" if device_name else "cpu", "device_name": device_name or "x86_64",
+            "scan": "pytorch", "precision": "fp32", "host": "h",
+            "cpu": {"model": cpu_model, "pins_requested": "avx2" if pinned else "native",
+                    "capability": "AVX2" if pinned else "AVX512", "pinned_isa": "avx2" if pinned else None}}
+
+
+def record_environment(run_dir: Path, method: str, seed: int, environment: dict) -> None:
+    """``environment`` into a run's run.json and test_metrics.json, as its training and evaluation wrote it."""
+    folder = run_dir / "runs" / "luad-histoseg" / method / f"seed{seed}"
+    (folder / "run.json").write_text(json.dumps({"environment": environment}))
+    record = json.loads((folder / "test_metrics.json").read_text())
+    (folder / "test_metrics.json").write_text(json.dumps({**record, "environment": environment}))
+
+
+def test_tables_combine_run_folders_of_several_machines(partial_run, tmp_path, capsys):
+    """A grid split across machines: each folder holds some seeds; a run in both must be the same run."""
+    run_dir, grid = partial_run
+    workstation, cluster = tmp_path / "results" / "workstation", tmp_path / "results" / "cluster"
+    for seed in (0, 1, 2):
+        target = workstation if seed < 2 else cluster
+        shutil.copytree(run_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}",
+                        target / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}")
+    shutil.copytree(run_dir / "runs" / "luad-histoseg" / "cam", workstation / "runs" / "luad-histoseg" / "cam")
+    for folder in (workstation, cluster):  # identical copies of one run: accepted
+        shutil.copytree(run_dir / "runs" / "luad-histoseg" / "trivial", folder / "runs" / "luad-histoseg" / "trivial")
+    shutil.copytree(run_dir / "runs" / "luad-histoseg" / "cam" / "seed0", cluster / "runs" / "luad-histoseg" / "cam" / "seed0")
+    arguments = ["tables", "--run-dir", str(workstation), str(cluster), "--datasets", "luad-histoseg", "--methods",
+                 "cam", "pathmamba-b", "pathmamba", "--seeds", "0", "1", "2", "--paper", str(PAPER),
+                 "--n-resamples", "50"]
+    assert main([*arguments, "--out-dir", str(tmp_path / "combined")]) == 0
+    write_tables(run_dir, grid, PAPER, tmp_path / "one", n_resamples=50)
+    for name in ("table1_comparison.md", "table1_comparison.csv", "statistics.csv", "per_class_iou.csv"):
+        assert (tmp_path / "combined" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+
+    copy = cluster / "runs" / "luad-histoseg" / "cam" / "seed0" / "test_metrics.json"
+    record = json.loads(copy.read_text())
+    record["protocols"]["ignore_background"]["mIoU"] = 0.31
+    copy.write_text(json.dumps(record))
+    message = cli_error([*arguments, "--out-dir", str(tmp_path / "refused")], capsys)
+    assert message == (f"pathmamba tables: runs/luad-histoseg/cam/seed0 is in {workstation} and in {cluster} with "
+                       "different results: ignore_background.mIoU 0.3 vs 0.31; a run of one dataset, method and seed "
+                       "must have one result: remove the copy that should not count")
+    assert not (tmp_path / "refused").exists()
+    repeated = [*arguments[:3], str(workstation), *arguments[4:], "--out-dir", "t"]
+    assert cli_error(repeated, capsys) == (f"pathmamba tables: --run-dir: {workstation} given more than once; each "
+                                           "must be unique")
+
+
+@pytest.mark.parametrize(("environments", "note"), [
+    ({0: environment_of("NVIDIA A100-SXM4-80GB"), 1: environment_of("NVIDIA H100 80GB HBM3"),
+      2: environment_of("NVIDIA H100 80GB HBM3")},
+     "(seed 0: GPU NVIDIA A100-SXM4-80GB, CPU pinned to AVX2; seed 1, 2: GPU NVIDIA H100 80GB HBM3, CPU pinned to AVX2)"),
+    ({0: environment_of(), 1: environment_of(), 2: environment_of(pinned=False)},
+     "(seed 0, 1: CPU pinned to AVX2; seed 2: CPU AMD EPYC 7B13 unpinned)"),
+    ({0: environment_of(), 1: environment_of(cpu_model="Intel Xeon Platinum 8480+"), 2: environment_of()}, None),
+])
+def test_a_cell_whose_seeds_ran_on_different_gpus_or_cpu_pins_is_marked(partial_run, tmp_path, environments, note):
+    """Pinned CPUs give the same numbers on any x86-64 CPU: their models do not mark a cell."""
+    run_dir, grid = partial_run
+    for seed, environment in environments.items():
+        record_environment(run_dir, "pathmamba", seed, environment)
+    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
+    table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
+    if note is None:
+        assert "†" not in table1
+    else:
+        assert "| pathmamba † |" in table1
+        assert (f"- † luad-histoseg, pathmamba: its seeds ran on different hardware (GPU model, CPU or its pins) "
+                f"{note}; the spread includes that difference.") in table1
+
+
+def test_a_cell_whose_seeds_mixed_hardware_and_precisions_names_both(partial_run, tmp_path):
+    run_dir, grid = partial_run
+    record_environment(run_dir, "pathmamba", 0, environment_of("NVIDIA H100 80GB HBM3") | {"precision": "bf16"})
+    for seed in (1, 2):
+        record_environment(run_dir, "pathmamba", seed, environment_of())
+    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
+    assert ("its seeds ran on different hardware (GPU model, CPU or its pins) and with different selective scans or "
+            "precisions (seed 0: GPU NVIDIA H100 80GB HBM3, CPU pinned to AVX2, scan/precision pytorch/bf16; seed 1, 2: "
+            "CPU pinned to AVX2, scan/precision pytorch/fp32)") in (tmp_path / "tables" / "table1_comparison.md").read_text()
