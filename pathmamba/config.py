@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pathmamba.data.specs import dataset_names, get_dataset_spec
-from pathmamba.registry import method_names, two_stage_methods
+from pathmamba.registry import get_spec, method_names, two_stage_methods
 
 
 class ConfigError(ValueError):
@@ -26,6 +26,8 @@ def check_config(config: dict[str, Any]) -> None:
         elif "stage1" in entry and method not in two_stage_methods():
             problems.append(f"methods.{method}.stage1: {method} has no first stage; methods with one: "
                             f"{', '.join(two_stage_methods())}")
+        else:
+            problems += preset_overrides(method, entry)
     for key in ("methods", "datasets"):
         for name in config.get("grid", {}).get(key, []):
             if name not in config.get(key, {}):
@@ -50,6 +52,22 @@ def check_config(config: dict[str, Any]) -> None:
                                 "archive of the dataset")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def preset_overrides(method: str, entry: dict[str, Any]) -> list[str]:
+    """One problem per hparams key of ``method``'s config block (and of its ``stage1`` block) that its
+    registry preset fixes. A preset is what makes the method that variant (PathMamba's Table 2 flags): a
+    config that set ``use_miml: true`` under ``pathmamba-b`` would train another row under that name."""
+    problems = []
+    for stage, block in ((None, entry), (1, entry.get("stage1") or {})):
+        if stage == 1 and not block:
+            continue
+        preset = get_spec(method, stage).preset
+        prefix = f"methods.{method}" + (".stage1" if stage else "")
+        for key in sorted(set(block.get("hparams") or {}) & set(preset)):
+            problems.append(f"{prefix}.hparams.{key}: {method}'s registry preset fixes {key}={preset[key]!r}; "
+                            "a preset key cannot be set by config (remove it, or register another method)")
+    return problems
 
 
 def grid_methods(config: dict[str, Any]) -> list[str]:

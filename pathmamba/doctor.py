@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from pathmamba.config import (
+    ConfigError,
     all_fetched_weights,
+    check_config,
     grid_datasets,
     grid_methods,
     method_hparams,
@@ -201,8 +203,17 @@ def check_slurm_plugin() -> Check:
     return Check("SLURM executor plugin", NOT_APPLICABLE, "not installed; no sbatch here (not a SLURM host)")
 
 
+def check_config_values(config: dict[str, Any]) -> Check:
+    """The Snakefile's start-up check (:func:`pathmamba.config.check_config`): FAIL with its problems."""
+    try:
+        check_config(config)
+    except ConfigError as error:
+        return Check("config", FAIL, str(error).replace("\n", " "))
+    return Check("config", OK, "methods, datasets and presets as the Snakefile checks them")
+
+
 def run_checks(config: dict[str, Any]) -> list[Check]:
-    return [check_python(), check_torch(), *check_gpus(config), check_fused_scan(config), check_weights(config),
+    return [check_config_values(config), check_python(), check_torch(), *check_gpus(config), check_fused_scan(config), check_weights(config),
             *check_datasets(config), check_disk(config), check_slurm_plugin()]
 
 

@@ -191,9 +191,14 @@ def required_protocol(name: str, stage: int | None = None) -> type:
 
 def build_method(name: str, num_classes: int, stage: int | None = None, **hparams: Any):
     """Build method ``name`` (``stage=1``: its first stage) for ``num_classes`` classes; ``hparams``
-    override the builder's defaults. A model that lacks what the engine calls (:func:`required_protocol`)
+    override the builder's defaults, never the preset's keys (``ValueError``). A model that lacks what the engine calls (:func:`required_protocol`)
     raises ``TypeError`` naming the builder and the protocol."""
     spec = get_spec(name, stage)
+    fixed = sorted(set(hparams) & set(spec.preset))
+    if fixed:
+        # the preset is what makes this method this variant; an override would train another one under its name
+        raise ValueError(f"method {name!r}: {', '.join(fixed)} fixed by its registry preset "
+                         f"({', '.join(f'{k}={spec.preset[k]!r}' for k in fixed)}); hparams cannot override it")
     module_name, _, attr = spec.target.partition(":")
     builder = getattr(importlib.import_module(module_name), attr)
     model = builder(num_classes=num_classes, **{**spec.preset, **hparams})

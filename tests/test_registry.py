@@ -68,3 +68,26 @@ def test_unknown_names_list_the_valid_ones():
         get_spec("pathmamba-c")
     with pytest.raises(ValueError, match=r"methods with a first stage .*wsss-tissue"):
         get_spec("cam", stage=1)
+
+
+def test_a_preset_key_in_config_hparams_is_refused_at_start_up_naming_method_and_key():
+    """pathmamba-b with use_miml: true would build the MIML variant and report it as Table 2's row a."""
+    from pathmamba.config import ConfigError, check_config
+    from pathmamba.doctor import FAIL, check_config_values
+
+    config = {"methods": {"pathmamba-b": {"hparams": {"use_miml": True, "dims": [8, 8, 8, 8]}},
+                          "pathmamba-noscan": {"hparams": {"scan": "selective"}},
+                          "cam": {"hparams": {"use_miml": True}}}}
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    message = str(error.value)
+    assert "methods.pathmamba-b.hparams.use_miml" in message and "use_miml=False" in message
+    assert "methods.pathmamba-noscan.hparams.scan" in message
+    assert "dims" not in message and "methods.cam" not in message  # not preset keys: builder keywords
+    assert check_config_values(config).status == FAIL
+    check_config({"methods": {"pathmamba-b": {"hparams": {"dims": [8, 8, 8, 8]}}}})
+
+
+def test_build_method_refuses_to_override_a_preset_key():
+    with pytest.raises(ValueError, match="use_dcl"):
+        build_method("pathmamba-b-miml", num_classes=4, use_dcl=True)
