@@ -4,6 +4,7 @@ import csv
 import functools
 import hashlib
 import http.server
+import itertools
 import json
 import logging
 import threading
@@ -128,7 +129,7 @@ def test_cosine_schedule_runs_from_the_configured_rate_down_to_zero():
     assert lr_factor("constant", 7, 10) == 1.0
     factors = [lr_factor("cosine", step, 10) for step in range(10)]
     assert factors[0] == 1.0 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
-    assert all(later < earlier for earlier, later in zip(factors, factors[1:], strict=False))
+    assert all(later < earlier for earlier, later in itertools.pairwise(factors))
     with pytest.raises(ValueError, match=r"lr_schedule='linear': expected one of constant, cosine"):
         TrainSettings(lr_schedule="linear")
     with pytest.raises(ValueError, match=r"selection='first': expected one of best, last"):
