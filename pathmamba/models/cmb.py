@@ -9,17 +9,64 @@ linear layers act on the last dimension; convolutions permute to (B, C, H, W) an
                     scan (S6), cross-merge; LayerNorm; * SiLU(z); * (1 + contrast map); out-proj
     PatchMerging    (B, h, w, C) -> (B, h/2, w/2, C') between stages
     contrast_map    Eq. 2, from the stage features P and a pixel-level saliency map M
+
+Initialisation and regularisation follow the VMamba code the authors built on (VM-UNet's
+``models/vmunet/vmamba.py``, ``VSSM``; also the authors' ``models/mamba.py``): every Linear
+trunc_normal(std 0.02) with bias 0, LayerNorm weight 1 and bias 0 (:func:`vmamba_init_`), stochastic
+depth growing linearly over the layers up to ``drop_path_rate`` (:class:`DropPath`), LayerNorm eps as
+``VSSM`` passes it (``norm_layer=nn.LayerNorm``: PyTorch's 1e-5; ``VSSBlock``'s own default of 1e-6 is
+overridden there).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .scan import cross_merge, cross_scan, selective_scan
+
+#: VM-UNet's stochastic-depth rate (``configs/config_setting.py``, ``model_config["drop_path_rate"]``, and
+#: the default of its ``VMUNet``), the VMamba setup the authors' ``models/mamba.py`` copies.
+VMUNET_DROP_PATH_RATE = 0.2
+
+
+def vmamba_init_(module: nn.Module, std: float = 0.02) -> None:
+    """VMamba's ``VSSM._init_weights`` on every submodule: Linear weights trunc_normal(0, std) (cut at
+    +-2 absolute, as timm's ``trunc_normal_``), Linear biases 0, LayerNorm weight 1 and bias 0.
+    Convolutions and the state-space parameters (``x_proj_weight``, ``dt_projs_*``, ``A_logs``, ``Ds``,
+    not Linear modules, as in VMamba where they are stacked into parameters) keep their own init."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``): in training, a residual branch's output (B, ...) is zeroed
+    for a random fraction ``p`` of the samples and the others scaled by 1 / (1 - p); the identity in
+    eval mode or at p = 0. Draws from torch's generator, which the engine seeds."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def contrast_map(
@@ -154,27 +201,33 @@ class DeepConv(nn.Module):
 
 
 class CMBLayer(nn.Module):
-    """One layer of Eq. 1 (phi, the flatten/transpose, is implicit in the channels-last layout)."""
+    """One layer of Eq. 1 (phi, the flatten/transpose, is implicit in the channels-last layout).
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, **dc_mamba):
+    ``drop_path``: stochastic depth on both residual branches (VMamba's VSSBlock has one, DC-Mamba's;
+    DeepConv's is a residual branch of the same block, dropped at the same rate as in Swin-style blocks).
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, norm_eps: float = 1e-5,
+                 **dc_mamba):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.dc_mamba = DCMamba(dim, **dc_mamba)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.deep_conv = DeepConv(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, h: torch.Tensor, saliency: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.dc_mamba(self.norm1(h), saliency)
-        return h + self.deep_conv(self.norm2(h))
+        h = h + self.drop_path(self.dc_mamba(self.norm1(h), saliency))
+        return h + self.drop_path(self.deep_conv(self.norm2(h)))
 
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> C channels: (B, 3, H, W) -> (B, H/p, W/p, C)."""
 
-    def __init__(self, dim: int, patch_size: int = 4, in_chans: int = 3):
+    def __init__(self, dim: int, patch_size: int = 4, in_chans: int = 3, norm_eps: float = 1e-5):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -183,9 +236,9 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """Swin's 2x2 patch merging: (B, h, w, C) -> (B, ceil(h/2), ceil(w/2), C_out)."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,12 +249,14 @@ class PatchMerging(nn.Module):
 
 
 class CMBStage(nn.Module):
-    """Optional patch merging, then ``depth`` CMB layers sharing the stage's saliency map."""
+    """Optional patch merging, then one CMB layer per entry of ``drop_paths`` (its stochastic-depth
+    rate), sharing the stage's saliency map."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, **layer):
+    def __init__(self, in_dim: int, dim: int, drop_paths: Sequence[float], downsample: bool,
+                 norm_eps: float = 1e-5, **layer):
         super().__init__()
-        self.downsample = PatchMerging(in_dim, dim) if downsample else None
-        self.layers = nn.ModuleList(CMBLayer(dim, **layer) for _ in range(depth))
+        self.downsample = PatchMerging(in_dim, dim, norm_eps) if downsample else None
+        self.layers = nn.ModuleList(CMBLayer(dim, drop_path=p, norm_eps=norm_eps, **layer) for p in drop_paths)
 
     def forward(self, h: torch.Tensor, saliency: torch.Tensor | None = None) -> torch.Tensor:
         if self.downsample is not None:
@@ -218,7 +273,10 @@ class CMBEncoder(nn.Module):
     """Patch embedding and the CMB stages: (B, 3, H, W) -> list of (B, H/(p 2^i), W/(p 2^i), dims[i]).
 
     ``saliency`` (B, 1, H, W) in [0, 1] switches the contrast modulation on in every layer; None runs
-    the plain VMamba-style encoder.
+    the plain VMamba-style encoder. ``drop_path_rate``: the last layer's stochastic-depth rate, the
+    earlier ones' growing linearly from 0 over all layers (VMamba's decay rule); ``init_std``: the Linear
+    weights' std (:func:`vmamba_init_`); ``norm_eps``: the eps of the blocks', patch embedding's and
+    patch merging's LayerNorms.
     """
 
     # VMamba's optimiser rule: no weight decay on 1-D parameters (norms, biases); pathmamba.optim.
@@ -230,14 +288,21 @@ class CMBEncoder(nn.Module):
         depths=(2, 2, 9, 2),
         patch_size: int = 4,
         mlp_ratio: float = 4.0,
+        drop_path_rate: float = VMUNET_DROP_PATH_RATE,
+        init_std: float = 0.02,
+        norm_eps: float = 1e-5,
         **dc_mamba,
     ):
         super().__init__()
-        self.patch_embed = PatchEmbed(dims[0], patch_size)
+        self.patch_embed = PatchEmbed(dims[0], patch_size, norm_eps=norm_eps)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        starts = [sum(depths[:i]) for i in range(len(depths))]
         self.stages = nn.ModuleList(
-            CMBStage(dims[max(i - 1, 0)], dims[i], depths[i], i > 0, mlp_ratio=mlp_ratio, **dc_mamba)
+            CMBStage(dims[max(i - 1, 0)], dims[i], rates[starts[i]:starts[i] + depths[i]], i > 0,
+                     norm_eps=norm_eps, mlp_ratio=mlp_ratio, **dc_mamba)
             for i in range(len(dims))
         )
+        vmamba_init_(self, init_std)
 
     def forward(self, x: torch.Tensor, saliency: torch.Tensor | None = None) -> list[torch.Tensor]:
         h = self.patch_embed(x)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cmb import CMBEncoder
+from .cmb import VMUNET_DROP_PATH_RATE, CMBEncoder, vmamba_init_
 from .miml import MIMLBranch
 
 
@@ -113,6 +113,10 @@ class PathMamba(nn.Module):
         q: float = 0.2,
         eta: float = 0.5,
         decoder_dim: int = 256,
+        # VMamba's initialisation and regularisation of the CMB branch (cmb.py)
+        drop_path_rate: float = VMUNET_DROP_PATH_RATE,
+        init_std: float = 0.02,
+        norm_eps: float = 1e-5,
         # MIML branch
         backbone: str = "resnet50",
         pretrained: str = "none",
@@ -133,6 +137,9 @@ class PathMamba(nn.Module):
         _check("eta", 0 <= eta <= 1, eta, "0 <= eta <= 1")
         _check("xi", 0 <= xi <= 1, xi, "0 <= xi <= 1")
         _check("gm_r", gm_r >= 1, gm_r, ">= 1")
+        _check("drop_path_rate", 0 <= drop_path_rate < 1, drop_path_rate, "0 <= drop_path_rate < 1")
+        _check("init_std", init_std > 0, init_std, "> 0")
+        _check("norm_eps", norm_eps > 0, norm_eps, "> 0")
         # A weights file for a variant without the MIML branch would be named in run.json but never loaded.
         _check("pretrained", use_miml or pretrained == "none", pretrained,
                "'none' when use_miml is false (the ResNet it initialises is the MIML branch's)")
@@ -168,9 +175,17 @@ class PathMamba(nn.Module):
             conv_kernel=conv_kernel,
             q=q,
             eta=eta,
+            drop_path_rate=drop_path_rate,
+            init_std=init_std,
+            norm_eps=norm_eps,
         )
         self.decoder = MLPDecoder(dims, decoder_dim, num_classes)
         self.stage_classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims) if use_dcl else None
+        # VMamba initialises its whole network this way, decoder and head included: so the CMB branch's
+        # heads too (the encoder did its own; the MIML ResNet keeps torchvision's or ImageNet weights)
+        vmamba_init_(self.decoder, init_std)
+        if self.stage_classifiers is not None:
+            vmamba_init_(self.stage_classifiers, init_std)
         if self.stage_classifiers is not None:
             # heads on the CMB stages: VMamba's no-decay rule for 1-D parameters, as encoder and decoder;
             # the MIML ResNet keeps the decay of every parameter, as the baselines' ResNets (pathmamba.optim)
