@@ -83,7 +83,7 @@ def test_histosegnet_masks_hold_only_kept_classes(monkeypatch):
     model = HistoSegNet(num_classes=4, **TINY).eval()
     cams = torch.relu(crafted_maps()) / 3
     cams[:, 0] = 1.0
-    monkeypatch.setattr(histosegnet_module, "grad_cam_maps", lambda *args: cams)
+    monkeypatch.setattr(histosegnet_module, "histosegnet_grad_cam", lambda *args: cams)
     monkeypatch.setattr(model, "forward", lambda images: crafted_maps().mean(dim=(2, 3)))
     marginals, _ = model.crf_marginals(tissue_images())
     assert (marginals[:, 0] == 0).all()  # a zero map stays out of the CRF, as in the original
@@ -95,7 +95,7 @@ def test_histosegnet_maps_scale_by_confidence_and_subtract_over_all_labels(monke
     subtraction over the C + 2 labels, "other" exempt."""
     model = HistoSegNet(num_classes=4, **TINY).eval()
     cams = torch.full((1, 4, SIZE, SIZE), 0.5)
-    monkeypatch.setattr(histosegnet_module, "grad_cam_maps", lambda *args: cams)
+    monkeypatch.setattr(histosegnet_module, "histosegnet_grad_cam", lambda *args: cams)
     logits = torch.tensor([[2.0, 0.0, -3.0, -3.0]])  # probabilities 0.881, 0.5, rejected, rejected
     monkeypatch.setattr(model, "forward", lambda images: logits)
     maps, _ = model.label_maps(tissue_images())

@@ -2,7 +2,8 @@
 a white-background map, an "other" map, class subtraction and a dense CRF.
 
 Steps and values follow the released code, github.com/lyndonchan/hsn_v1: ``hsn_v1/gradcam.py``
-(``gen_gradcam``: each Grad-CAM scaled by its class's confidence; ``modify_by_htt``: background and
+(``grad_cam_batch``: the signed Grad-CAM resized to the image, then ReLU, then divided by its maximum;
+``gen_gradcam``: each Grad-CAM scaled by its class's confidence; ``modify_by_htt``: background and
 "other" maps; ``get_cs_gradcam``: class subtraction) and ``hsn_v1/densecrf.py`` (CRF over the labels whose
 maps are not all zero, argmax over all labels).
 """
@@ -11,12 +12,46 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from baselines.cam.classifier import MultiLabelResNet
+from baselines.cam.classifier import MultiLabelResNet, image_logits
 from baselines.cam.crf import CRFSettings, dense_crf
-from baselines.cam.gradcam import grad_cam_maps
 from baselines.cam.toolbox import gate_classes, kept_classes, to_rgb255
+
+
+def signed_grad_cam(features: torch.Tensor, head, num_classes: int) -> torch.Tensor:
+    """Grad-CAM before any ReLU or scaling: features A (B, F, h, w), ``head``: A -> (B, C) logits ->
+    (B, C, h, w) maps sum_k mean_xy(d logit_c / d A_k) A_k, in float32.
+
+    Only the head is differentiated (the features are a leaf): the gradient with respect to A is all
+    Grad-CAM needs. The samples of a batch are independent (the head has no batch statistics), so the
+    gradient of the summed logit gives every sample's own. The original also divides the gradient by
+    its root mean square; a positive factor that its division by the maximum cancels.
+    """
+    with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+        features = features.detach().float().requires_grad_(True)
+        logits = head(features)
+        maps = []
+        for c in range(num_classes):
+            (grad,) = torch.autograd.grad(logits[:, c].sum(), features, retain_graph=c < num_classes - 1)
+            maps.append((grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1))
+    return torch.stack(maps, dim=1).detach()
+
+
+def histosegnet_grad_cam(model: MultiLabelResNet, images: torch.Tensor) -> torch.Tensor:
+    """HistoSegNet's Grad-CAM of every class of ``model`` at its last ResNet layer, in the order of
+    ``grad_cam_batch``: the signed map resized bilinearly to the image (OpenCV's default, half-pixel
+    centres), then ReLU, then divided by its maximum (at least 1e-7). (B, 3, H, W) -> (B, C, H, W) in [0, 1].
+
+    pytorch-grad-cam (``baselines/cam/gradcam.py``) applies ReLU and a min-max scaling on the feature grid
+    and resizes after: a different map wherever a positive region borders a negative one.
+    """
+    with torch.no_grad():
+        features = model.features(images.float())
+    cams = signed_grad_cam(features, lambda a: image_logits(model.classifier(a)), model.num_classes)
+    cams = F.relu(F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False))
+    return cams / cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-7)
 
 
 def background_map(rgb255: torch.Tensor, scale: float = 0.75, slope: float = 4.0, level: float = 240.0,
@@ -82,7 +117,7 @@ class HistoSegNet(MultiLabelResNet):
         with torch.no_grad():
             probabilities = torch.sigmoid(self(images.float()))
         keep = kept_classes(probabilities, self.threshold)
-        cams = grad_cam_maps(self, [self.features[-1]], images, self.num_classes)
+        cams = histosegnet_grad_cam(self, images)
         # gen_gradcam: the maps of the predicted classes only, each scaled by its confidence score
         cams = cams * (probabilities * keep)[:, :, None, None]
         background = background_map(to_rgb255(images.float()), self.background_scale,
