@@ -212,7 +212,7 @@ def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
     """(C, H, W) float32 maps in [0, 1] of one heat-map column for one (H, W, 3) uint8 image: a CAM
     family model's class activation maps, ReLU'd, resized to the image and divided by each class's
     maximum (as its ``predict`` does), or its Grad-CAM (min-max scaled per class, as pytorch-grad-cam
-    does); PathMamba's Y' or Y'' as sigmoid probabilities."""
+    does); PathMamba's Y' (fused side probabilities) or sigmoid(Y'')."""
     import torch
     import torch.nn.functional as F
 
@@ -230,7 +230,7 @@ def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
             maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
             maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         else:
-            maps = torch.sigmoid(column["model"](images)[column["map"]].float())
+            maps = column["model"].probability_maps(images)[column["map"]].float()
     return maps[0].numpy()
 
 

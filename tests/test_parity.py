@@ -10,6 +10,7 @@ Originals: HistoSegNet ``lyndonchan/hsn_v1`` (``hsn_v1/gradcam.py``), the PathMa
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from baselines.cam.gradcam import grad_cam_maps
@@ -51,3 +52,77 @@ def test_histosegnet_grad_cam_matches_the_originals_order():
     # pytorch-grad-cam's order (ReLU and min-max on the grid, then resize), used before, differs
     package = grad_cam_maps(model, [model.features[-1]], images, 4).double().numpy()
     assert np.abs(package - reference).max() > 0.05
+
+
+# --- MIML (the authors' models/mil.py and functions/train.py) --------------------------------------------
+
+
+def upsample_aligned_corners(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling with aligned corners (nn.Upsample(align_corners=True)) written out: output
+    pixel i samples the input at i (n - 1) / (size - 1). (C, n, n) -> (C, size, size)."""
+    n = x.shape[-1]
+    pos = np.arange(size) * (n - 1) / (size - 1)
+    lo = np.minimum(np.floor(pos).astype(int), n - 2)
+    frac = pos - lo
+    rows = x[:, lo] * (1 - frac)[None, :, None] + x[:, lo + 1] * frac[None, :, None]
+    return rows[:, :, lo] * (1 - frac) + rows[:, :, lo + 1] * frac
+
+
+def test_miml_fuses_side_probabilities_at_strides_2_4_8_as_the_authors_mil():
+    """mil.py: per side a 1x1 convolution, upsampling (aligned corners) to the input, a sigmoid; then
+    Y' = 0.2 S1 + 0.35 S2 + 0.45 S3, probabilities. Side features at strides 2, 4 and 8."""
+    from pathmamba.models.miml import MIMLBranch
+
+    torch.manual_seed(0)
+    size = 32
+    branch = MIMLBranch(4, backbone="resnet18", width=8).eval()
+    images = torch.randn(2, 3, size, size)
+    features, x = [], images
+    with torch.no_grad():
+        for stage in branch.stages:
+            x = stage(x)
+            features.append(x.double().numpy())
+        fused, sides = branch(images)
+    assert [f.shape[-1] for f in features] == [size // 2, size // 4, size // 8]  # strides 2, 4, 8
+    reference_sides = []
+    for feat, conv in zip(features, branch.side_classifiers, strict=True):
+        w = conv.weight.detach().double().numpy()[:, :, 0, 0]
+        b = conv.bias.detach().double().numpy()
+        logits = np.einsum("bfxy,cf->bcxy", feat, w) + b[None, :, None, None]
+        up = np.stack([upsample_aligned_corners(image, size) for image in logits])
+        reference_sides.append(1 / (1 + np.exp(-up)))
+    reference = 0.2 * reference_sides[0] + 0.35 * reference_sides[1] + 0.45 * reference_sides[2]
+    for ours, ref in zip(sides, reference_sides, strict=True):
+        np.testing.assert_allclose(ours.double().numpy(), ref, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(fused.double().numpy(), reference, atol=1e-6, rtol=0)
+    assert fused.min() >= 0 and fused.max() <= 1  # a probability map: Y' is not summed logits
+
+
+def test_pathmamba_dcl_side_terms_are_the_authors_unweighted_bce_of_gm_pooled_side_maps():
+    """functions/train.py: BCE(gm(map, r), label) summed over the side maps with weight 1 (per class
+    here: their gm pools one map per image); with the stage maps' and Eq. 3's terms added as the paper."""
+    from pathmamba.models.pathmamba import PathMamba
+
+    torch.manual_seed(0)
+    model = PathMamba(dims=(8, 16, 16, 32), depths=(1, 1, 1, 1), d_state=4, decoder_dim=16,
+                      backbone="resnet18", backbone_width=8).eval()
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]])
+    with torch.no_grad():
+        out = model(images)
+        loss, parts = model.loss(images, targets)
+
+    def gm(p, r=4.0):
+        p = np.clip(p.double().numpy(), 1e-6, None)
+        return np.mean(p**r, axis=(2, 3)) ** (1 / r)
+
+    def bce(p, y):
+        p, y = np.clip(p, 1e-6, 1 - 1e-6), y.double().numpy()
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    sides = sum(bce(gm(s), targets) for s in out["sides"])
+    stages = sum(w * bce(gm(torch.sigmoid(s)), targets) for w, s in zip((0.1, 0.2, 0.3, 0.4), out["stages"],
+                                                                       strict=True))
+    main = bce(0.5 * gm(out["y1"]) + 0.5 * gm(torch.sigmoid(out["y2"])), targets)
+    assert model.dcl_miml_weights == (1.0, 1.0, 1.0)
+    assert parts["dcl"] == pytest.approx(sides + stages, abs=1e-5)
+    assert float(loss) == pytest.approx(main + sides + stages, abs=1e-5)

@@ -2,14 +2,15 @@
 
 Shapes, for images (B, 3, H, W) and m classes (H, W multiples of 32 keep every grid exact):
 
-    MIML branch     -> Y' logits (B, m, H, W) and 3 side logits (B, m, H, W)       [use_miml]
-    saliency M      = max_c sigmoid(Y')  (B, 1, H, W)                               [use_contrast]
+    MIML branch     -> Y' (B, m, H, W) = sum_k w_k sigmoid(S_k), side maps S_k at strides 2/4/8   [use_miml]
+                       (probabilities, as the authors' models/mil.py fuses them)
+    saliency M      = max_c Y'  (B, 1, H, W)                                        [use_contrast]
     CMB encoder     -> 4 stage maps (B, H/4/2^i, W/4/2^i, dims[i]), contrast-modulated by M
     MLP decoder     -> Y'' logits (B, m, H, W)
-    image level     Yhat = xi GM_r(sigmoid Y') + (1 - xi) GM_r(sigmoid Y'')  (B, m)   (Eq. 3)
+    image level     Yhat = xi GM_r(Y') + (1 - xi) GM_r(sigmoid Y'')  (B, m)         (Eq. 3)
     loss            BCE(Yhat, y) + sum_k lambda_k BCE(GM_r(sigmoid S_k), y)          (Eq. 4, [use_dcl])
                     S_k: every MIML side map and a 1x1 classifier on every CMB stage
-    predict         xi sigmoid(Y') + (1 - xi) sigmoid(Y''), minus 1 for classes with Yhat < gate
+    predict         xi Y' + (1 - xi) sigmoid(Y''), minus 1 for classes with Yhat < gate
 
 Without MIML, Yhat and the mask use Y'' alone. With ``use_contrast`` and no MIML (pathmamba-b-cmb) the
 saliency comes from the CMB's own class maps: a first pass of encoder + decoder without modulation,
@@ -122,11 +123,13 @@ class PathMamba(nn.Module):
         pretrained: str = "none",
         backbone_width: int = 64,
         side_weights: Sequence[float] = (0.2, 0.35, 0.45),
+        side_strides: Sequence[int] = (2, 4, 8),
         # prediction and loss
         gm_r: float = 4.0,
         xi: float = 0.5,
         gate: float = 0.1,
-        dcl_miml_weights: Sequence[float] = (0.2, 0.35, 0.45),
+        # the authors' functions/train.py sums the side maps' BCEs unweighted; the stage weights are ours
+        dcl_miml_weights: Sequence[float] = (1.0, 1.0, 1.0),
         dcl_stage_weights: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
     ):
         super().__init__()
@@ -143,7 +146,7 @@ class PathMamba(nn.Module):
         # A weights file for a variant without the MIML branch would be named in run.json but never loaded.
         _check("pretrained", use_miml or pretrained == "none", pretrained,
                "'none' when use_miml is false (the ResNet it initialises is the MIML branch's)")
-        _check("side_weights", 1 <= len(side_weights) <= 4, side_weights, "1 to 4 weights (ResNet stages)")
+        _check("side_weights", 1 <= len(side_weights) <= 5, side_weights, "1 to 5 weights (ResNet segments)")
         _check(
             "dcl_miml_weights",
             len(dcl_miml_weights) == len(side_weights),
@@ -161,7 +164,8 @@ class PathMamba(nn.Module):
         self.dcl_miml_weights = tuple(float(w) for w in dcl_miml_weights)
         self.dcl_stage_weights = tuple(float(w) for w in dcl_stage_weights)
 
-        self.miml = MIMLBranch(num_classes, backbone, pretrained, side_weights, backbone_width) if use_miml else None
+        self.miml = (MIMLBranch(num_classes, backbone, pretrained, side_weights, backbone_width, side_strides)
+                     if use_miml else None)
         self.encoder = CMBEncoder(
             dims,
             depths,
@@ -199,13 +203,13 @@ class PathMamba(nn.Module):
         return y2, feats
 
     def forward(self, images: torch.Tensor) -> dict:
-        """Logits: ``y1`` Y' and ``sides`` (MIML, else None), ``y2`` Y'' (these three in float32),
-        ``stages`` (B, m, h_i, w_i)."""
+        """``y1`` Y' and ``sides`` (MIML, else None): probabilities; ``y2`` Y'': logits (these three in
+        float32, (B, m, H, W)); ``stages``: logits (B, m, h_i, w_i)."""
         y1 = sides = saliency = None
         if self.miml is not None:
             y1, sides = self.miml(images)
             if self.use_contrast:
-                saliency = probabilities(y1).amax(1, keepdim=True).detach()
+                saliency = y1.amax(1, keepdim=True).detach()
         elif self.use_contrast:
             with torch.no_grad():
                 saliency = probabilities(self._cmb(images, None)[0]).amax(1, keepdim=True)
@@ -216,18 +220,23 @@ class PathMamba(nn.Module):
         return {"y1": y1, "sides": sides, "y2": y2, "stages": stages}
 
     def pixel_probs(self, out: dict) -> torch.Tensor:
-        """(B, m, H, W): xi sigmoid(Y') + (1 - xi) sigmoid(Y''), or sigmoid(Y'') without MIML."""
+        """(B, m, H, W): xi Y' + (1 - xi) sigmoid(Y''), or sigmoid(Y'') without MIML."""
         p2 = probabilities(out["y2"])
         if out["y1"] is None:
             return p2
-        return self.xi * probabilities(out["y1"]) + (1 - self.xi) * p2
+        return self.xi * out["y1"] + (1 - self.xi) * p2
+
+    def probability_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Y' (None without MIML) and sigmoid(Y''), each (B, m, H, W) in [0, 1]: the heat maps of the figures."""
+        out = self(images)
+        return {"y1": out["y1"], "y2": probabilities(out["y2"])}
 
     def image_probs(self, out: dict) -> torch.Tensor:
         """Eq. 3: (B, m) image-level class probabilities."""
         p2 = gm_pool(probabilities(out["y2"]), self.gm_r)
         if out["y1"] is None:
             return p2
-        return self.xi * gm_pool(probabilities(out["y1"]), self.gm_r) + (1 - self.xi) * p2
+        return self.xi * gm_pool(out["y1"], self.gm_r) + (1 - self.xi) * p2
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """BCE of Eq. 3's prediction, plus the deep contrast supervision over side and stage maps."""
@@ -236,10 +245,10 @@ class PathMamba(nn.Module):
         parts = {"bce": main.item()}
         if not self.use_dcl:
             return main, parts
-        deep = list(zip(self.dcl_stage_weights, out["stages"], strict=True))
+        deep = [(w, probabilities(s)) for w, s in zip(self.dcl_stage_weights, out["stages"], strict=True)]
         if out["sides"] is not None:
-            deep += zip(self.dcl_miml_weights, out["sides"], strict=True)
-        dcl = sum(w * bce(gm_pool(probabilities(s), self.gm_r), targets) for w, s in deep)
+            deep += zip(self.dcl_miml_weights, out["sides"], strict=True)  # already probabilities
+        dcl = sum(w * bce(gm_pool(p, self.gm_r), targets) for w, p in deep)
         parts["dcl"] = dcl.item()
         return main + dcl, parts
 
