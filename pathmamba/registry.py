@@ -19,6 +19,9 @@ epoch (1-based), also the first epoch after a resume; for state that changes bet
 re-clustering, WSSS-Tissue's dropout threshold). That state must live in the model's buffers or be
 recomputed from the weights, so that a resumed run equals an uninterrupted one.
 
+Optional (:class:`SelectsEpochs`): ``selectable_epoch(epoch, epochs) -> bool``, the epochs that model
+selection may keep (SC-CAM: its original's final model, not the best val epoch); see :func:`selectable_epoch`.
+
 Two-stage methods (``MethodSpec.stage1``, WSSS-Tissue): the first stage is trained as a run of its own
 (``build_method(name, stage=1)``, image supervision) whose model must also have (:class:`FirstStage`)
 ``pseudo_masks(images, targets, dataset) -> [(B, H, W) int64] * K`` and ``pseudo_mask_names`` (K folder
@@ -53,6 +56,20 @@ class EpochAware(Protocol):
     """A method with state that changes between epochs; the engine calls this before each epoch."""
 
     def on_epoch_start(self, epoch: int, train_loader: DataLoader, device: torch.device, dataset: str) -> None: ...
+
+
+@runtime_checkable
+class SelectsEpochs(Protocol):
+    """A method whose original keeps a fixed epoch rather than the best on val: model selection may keep
+    only the epochs for which this returns True (1-based ``epoch`` of ``epochs``)."""
+
+    def selectable_epoch(self, epoch: int, epochs: int) -> bool: ...
+
+
+def selectable_epoch(model: object, epoch: int, epochs: int) -> bool:
+    """Whether the engine's model selection may keep ``epoch`` (1-based) of ``epochs``: every epoch of a
+    method without :class:`SelectsEpochs`; the final epoch always, so that every run ends with a model."""
+    return epoch == epochs or not isinstance(model, SelectsEpochs) or model.selectable_epoch(epoch, epochs)
 
 
 @runtime_checkable

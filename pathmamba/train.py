@@ -50,7 +50,7 @@ from pathmamba.evaluate import predict_split
 from pathmamba.locks import lock_holder, try_lock
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import adam
-from pathmamba.registry import EpochAware, build_method, get_spec
+from pathmamba.registry import EpochAware, build_method, get_spec, selectable_epoch
 from pathmamba.runtime import (
     FileSafetyError,
     atomic_torch_save,
@@ -506,9 +506,9 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                 row.update(val_mIoU=scores["mIoU"], val_mDice=scores["mDice"])
                 progress.history.append(row)
                 previous_best_epoch = progress.best["epoch"]
-                # The first epoch is always kept, so a run whose val mIoU is nan still has a model.
-                improved = (run.settings.selection == "last" or progress.best["epoch"] == 0
-                            or scores["mIoU"] > progress.best["val_mIoU"])
+                # The first selectable epoch is always kept, so a run whose val mIoU is nan still has a model.
+                improved = (run.settings.selection == "last" or (selectable_epoch(run.model, epoch, epochs) and (
+                    progress.best["epoch"] == 0 or scores["mIoU"] > progress.best["val_mIoU"])))
                 if improved:
                     progress.best = {"epoch": epoch, "val_mIoU": scores["mIoU"]}
                     atomic_torch_save(run.model.state_dict(), _best_path(checkpoint_dir, epoch))

@@ -67,6 +67,16 @@ class SCCAM(CAMClassifier):
                                  if name.split(".")[0] in ("features", "classifier", "sub_classifier")}
                                 if self.restart_each_round else None)
 
+    def selectable_epoch(self, epoch: int, epochs: int) -> bool:
+        """Model selection keeps the final epoch only (pathmamba.registry's ``SelectsEpochs``).
+
+        The original's final model is a fixed epoch of its last round, taken without looking at val
+        (``script.sh``: ``k10_R3_resnet_cls_ep50.pth``, the third round's ``train_cls.py``); here the last
+        round runs to the end of the schedule. The best val epoch over the whole run could be a plain CAM
+        from before the first clustering, or an earlier round's model, since every round restarts.
+        """
+        return epoch == epochs
+
     def train(self, mode: bool = True):
         """The frozen extractor stays in eval mode, as the features it was clustered on."""
         super().train(mode)
