@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from pathmamba.config import without_weights_files
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.models.scan import select_scan
 from pathmamba.registry import build_method
@@ -130,7 +130,8 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
 
     Writes ``test_metrics.json`` (both protocols, per-class values), ``per_image.csv`` and, into
     ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
-    name (ground-truth background pixels, which are not scored, shown as background). ``scan`` and
+    name: each the method's own prediction, 0..3 at every pixel (the ground truth's background is
+    applied only when scoring; the figures mark it, pathmamba/plots.py). ``scan`` and
     ``precision``: see :func:`inference_setup`.
     """
     checkpoint, model = load_model(model_path)
@@ -149,10 +150,9 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
 
     def save_masks(indices: list[int], predicted: torch.Tensor, truth: torch.Tensor) -> None:
         progress.update(len(indices))
-        for i, pred, gt in zip(indices, predicted, truth, strict=True):
+        for i, pred in zip(indices, predicted, strict=True):
             if i < n_masks and masks_dir is not None:
-                shown = torch.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred).numpy()
-                save_palette_mask(shown, spec.flat_palette, Path(masks_dir) / names[i])
+                save_palette_mask(pred.numpy(), spec.flat_palette, Path(masks_dir) / names[i])
 
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,9 @@ PAPER_MARKER = {"marker": "x", "color": "black", "markersize": 7, "markeredgewid
 TRIVIAL_LINE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
 #: Opacity of the mask colours over the H&E image in the qualitative grid.
 MASK_ALPHA = 0.5
+#: The ground truth's unscored background over a predicted mask: a light grey wash with darker diagonal
+#: hatching every ``UNSCORED_HATCH`` pixels, so that it reads as neither a class colour nor glass.
+UNSCORED_GREY, UNSCORED_HATCH = 200, 4
 HEATMAP_CMAP = "viridis"
 HEATMAP_ALPHA = 0.6
 #: PathMamba methods whose Y' and Y'' the heat-map figure shows (the ablation variants would double it).
@@ -129,13 +132,25 @@ def _class_legend(figure, spec, background: str = "background (not scored)") -> 
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=6, frameon=False)
 
 
+def mark_unscored(overlay: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 ``overlay`` of a predicted mask with the pixels that are not scored (ground truth
+    4, white background) greyed and hatched; the prediction itself, saved raw, is left as it is."""
+    h, w = truth.shape
+    unscored = truth >= NUM_CLASSES
+    hatch = (np.add.outer(np.arange(h), np.arange(w)) % UNSCORED_HATCH) == 0
+    grey = np.where(hatch, UNSCORED_GREY // 2, UNSCORED_GREY)[..., None]
+    washed = np.rint(0.3 * overlay.astype(np.float32) + 0.7 * grey).astype(np.uint8)
+    return np.where(unscored[..., None], washed, overlay)
+
+
 def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
                      stem: Path, n_images: int = 4) -> list[Path]:
     """Rows: the first ``n_images`` test images by file name (those whose masks evaluation saves).
     Columns: image, ground truth, then each method's predicted mask from its first finished seed
     (the seed named in the column title), each mask overlaid on the image in the dataset's palette
-    (opacity :data:`MASK_ALPHA`), with a legend; background, not scored, is left uncoloured. The PNG
-    has exactly :func:`grid_pixel_size` pixels."""
+    (opacity :data:`MASK_ALPHA`), with a legend. The ground truth's background is left uncoloured; over
+    a prediction (saved raw, every pixel a class) the pixels it covers, not scored, are greyed and
+    hatched (:func:`mark_unscored`). The PNG has exactly :func:`grid_pixel_size` pixels."""
     spec, test = _test_images(dataset, data_root, n_images)
     columns = []
     for method in methods:
@@ -158,17 +173,19 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     if not test:
         _nothing_to_show(axes[0, 0], f"no test images in {data_root}")
     for row, (image_path, mask_path) in enumerate(test):
-        image = read_image(image_path)
+        image, truth = read_image(image_path), read_mask(mask_path, spec)
         axes[row, 0].imshow(image)
-        axes[row, 1].imshow(overlay_mask(image, read_mask(mask_path, spec), spec.palette, MASK_ALPHA))
+        axes[row, 1].imshow(overlay_mask(image, truth, spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(image_label(image_path.stem), fontsize=5)
         for col, (method, seed) in enumerate(columns, start=2):
             predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / "masks" / image_path.name
             if predicted is not None and predicted.exists():
-                axes[row, col].imshow(overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA))
+                overlay = overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA)
+                axes[row, col].imshow(mark_unscored(overlay, truth))
             else:
                 _nothing_to_show(axes[row, col], "not run" if seed is None else "mask not saved")
-    _class_legend(figure, spec, "background (not scored, uncoloured)")
+    _class_legend(figure, spec, "background (not scored: uncoloured in the ground truth, hatched grey "
+                                "over predictions)")
     return save_figure(figure, stem, tight=False)
 
 

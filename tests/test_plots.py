@@ -72,12 +72,12 @@ def save_tiny_model(run_dir, method, seed):
 
 
 def fake_training(run_dir, method, seed, spec, test_pairs, value):
-    """Masks (ground truth with class 0 everywhere scored), history, run.json and benchmark of one run."""
+    """Masks (class 0 everywhere, as saved: raw predictions), history, run.json and benchmark of one run."""
     folder = write_run(run_dir, DATASET, method, seed, scores_of(value))
     (folder / "masks").mkdir()
     for image, mask in test_pairs[:2]:
         truth = read_mask(mask, spec)
-        save_palette_mask(np.where(truth == 4, 4, 0), spec.flat_palette, folder / "masks" / image.name)
+        save_palette_mask(np.zeros_like(truth), spec.flat_palette, folder / "masks" / image.name)  # raw
     pd.DataFrame({"epoch": [1, 2], "loss": [0.7, 0.5 - seed / 10], "val_mIoU": [0.2, value]}).to_csv(
         folder / "history.csv", index=False)
     (folder / "run.json").write_text(json.dumps({"environment": {"device": "cpu"}}))
@@ -119,6 +119,22 @@ def test_overlay_colours_tissue_and_leaves_background():
     out = overlay_mask(image, np.array([[0, 4], [4, 4]]), spec.palette, alpha=0.5)
     assert out[0, 0].tolist() == np.rint(0.5 * 100 + 0.5 * np.array(spec.palette[0])).astype(int).tolist()
     assert (out[0, 1] == 100).all() and (out[1, 1] == 100).all()
+
+
+def test_unscored_background_is_greyed_and_hatched_over_a_raw_prediction():
+    from pathmamba.plots import mark_unscored
+
+    spec = get_dataset_spec(DATASET)
+    image = np.full((8, 8, 3), 100, np.uint8)
+    predicted = np.zeros((8, 8), int)  # a raw prediction: a class at every pixel
+    truth = np.zeros((8, 8), int)
+    truth[:, 4:] = 4
+    overlay = overlay_mask(image, predicted, spec.palette, alpha=0.5)
+    marked = mark_unscored(overlay, truth)
+    assert (marked[:, :4] == overlay[:, :4]).all()  # scored pixels: the prediction as saved
+    unscored = marked[:, 4:].reshape(-1, 3).astype(int)
+    assert (np.ptp(unscored, axis=1) < np.ptp(overlay[0, 0].astype(int))).all()  # washed towards grey
+    assert len({tuple(pixel) for pixel in unscored}) == 2  # the grey and its hatching
 
 
 def test_image_label_keeps_long_names_apart():
