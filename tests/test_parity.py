@@ -126,3 +126,92 @@ def test_pathmamba_dcl_side_terms_are_the_authors_unweighted_bce_of_gm_pooled_si
     assert model.dcl_miml_weights == (1.0, 1.0, 1.0)
     assert parts["dcl"] == pytest.approx(sides + stages, abs=1e-5)
     assert float(loss) == pytest.approx(main + sides + stages, abs=1e-5)
+
+
+# --- DC-Mamba without contrast = VM-UNet's SS2D (models/vmunet/vmamba.py, SS2D.forward) ------------------
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def ss2d_reference(m, x: np.ndarray) -> np.ndarray:
+    """SS2D in float64 with explicit loops: in-projection to (x, z); depthwise convolution (with bias) and
+    SiLU on x; four scans (row-major, column-major, each also reversed), each with its own projections:
+    delta = softplus(dt_proj(x_proj_dt) + bias), h_t = exp(delta A) h_{t-1} + delta B_t u_t,
+    y_t = C_t h_t + D u_t; each direction's outputs put back at their pixels and summed; LayerNorm;
+    times SiLU(z); out-projection. x (H, W, C) one image -> (H, W, C)."""
+    P = {name: t.detach().double().numpy() for name, t in m.state_dict().items()}
+    H, W, _ = x.shape
+    Di, N, R = m.d_inner, m.d_state, m.dt_rank
+    xz = x @ P["in_proj.weight"].T
+    u, z = xz[..., :Di], xz[..., Di:]
+    k = P["conv2d.weight"].shape[-1]
+    padded = np.pad(u, ((k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    conv = np.zeros_like(u)
+    for i in range(H):
+        for j in range(W):
+            patch = padded[i:i + k, j:j + k]  # (k, k, Di)
+            conv[i, j] = np.einsum("abd,dab->d", patch, P["conv2d.weight"][:, 0]) + P["conv2d.bias"]
+    u = silu(conv)
+    row_major = [(i, j) for i in range(H) for j in range(W)]
+    column_major = [(i, j) for j in range(W) for i in range(H)]
+    orders = [row_major, column_major, row_major[::-1], column_major[::-1]]
+    A = -np.exp(P["A_logs"]).reshape(4, Di, N)
+    D = P["Ds"].reshape(4, Di)
+    y = np.zeros((H, W, Di))
+    for d, order in enumerate(orders):
+        h = np.zeros((Di, N))
+        for i, j in order:
+            dbl = P["x_proj_weight"][d] @ u[i, j]  # (R + 2N)
+            dt, B, C = dbl[:R], dbl[R:R + N], dbl[R + N:]
+            delta = np.log1p(np.exp(P["dt_projs_weight"][d] @ dt + P["dt_projs_bias"][d]))  # (Di)
+            h = np.exp(delta[:, None] * A[d]) * h + (delta * u[i, j])[:, None] * B[None, :]
+            y[i, j] += h @ C + D[d] * u[i, j]
+    mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    y = (y - mean) / np.sqrt(var + m.out_norm.eps) * P["out_norm.weight"] + P["out_norm.bias"]
+    return (y * silu(z)) @ P["out_proj.weight"].T
+
+
+def test_dc_mamba_without_contrast_is_vmunets_ss2d():
+    from pathmamba.models.cmb import DCMamba
+
+    torch.manual_seed(0)
+    m = DCMamba(4, d_state=3).eval()
+    with torch.no_grad():  # non-trivial norm parameters, so that a swapped one would show
+        m.out_norm.weight.uniform_(0.5, 1.5)
+        m.out_norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 5, 4)  # H != W: a transposed scan order would show
+    with torch.no_grad():
+        ours = m(x).double().numpy()
+    for b in range(2):
+        np.testing.assert_allclose(ours[b], ss2d_reference(m, x[b].double().numpy()), atol=2e-5, rtol=0)
+
+
+# --- metric protocol = WSSS-Tissue's evaluator (tool/iouutils.py, scores) -----------------------------
+
+
+def test_primary_protocol_is_wsss_tissues_scores():
+    """scores(): prediction set to 4 where the truth is 4, one 5x5 histogram over all images, its [4, 4]
+    cell zeroed, IoU of classes 0..3 = diag / (row + column - diag), nan-mean; mean accuracy = recall."""
+    from pathmamba.metrics import SegmentationMeter
+
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 5, (6, 7)) for _ in range(5)]
+    truths[0][:] = np.where(truths[0] == 2, 4, truths[0])  # a class absent from one image
+    preds = [rng.integers(0, 4, (6, 7)) for _ in range(5)]
+    hist = np.zeros((5, 5))
+    for truth, pred in zip(truths, preds, strict=True):
+        pred = np.where(truth == 4, 4, pred)
+        hist += np.bincount(5 * truth.ravel() + pred.ravel(), minlength=25).reshape(5, 5)
+    hist[4, 4] = 0
+    diag = np.diag(hist)[:4]
+    iou = diag / (hist.sum(1) + hist.sum(0) - np.diag(hist))[:4]
+    recall = diag / hist.sum(1)[:4]
+    dice = 2 * diag / (hist.sum(1) + hist.sum(0))[:4]
+    meter = SegmentationMeter()
+    meter.update(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack(truths)))
+    ours = meter.summary()["ignore_background"]
+    assert ours["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-12)
+    assert ours["mRecall"] == pytest.approx(np.nanmean(recall), abs=1e-12)
+    assert ours["mDice"] == pytest.approx(np.nanmean(dice), abs=1e-12)
