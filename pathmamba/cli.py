@@ -552,12 +552,19 @@ def _compare(args) -> int:
 
 
 def _readme(args) -> int:
-    from pathmamba.readme import splice_readme
+    from pathmamba import layout
+    from pathmamba.readme import splice_readme, unpinned_runs
 
     diff = splice_readme(args.readme, args.table, check=args.check)
     if diff:
         print("\n".join(diff))
         print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
+        unpinned = unpinned_runs(layout.run_dir_of_table(args.table))
+        if unpinned:
+            print(f"{len(unpinned)} runs of {args.table}'s run were not pinned to AVX2 (e.g. {unpinned[0]}): the "
+                  "README's numbers are bitwise only for pinned runs (docs/reproducibility.md); compare the means "
+                  f"statistically with `python -m pathmamba compare {layout.run_dir_of_table(args.table)} "
+                  f"{args.readme}`")
         return 1
     return 0
 

@@ -45,6 +45,11 @@ def run_path(run_dir: Path, dataset: str, method: str, seed: int | None) -> Path
     return Path(run_dir) / RUN.format(dataset=dataset, method=method, seed=seed)
 
 
+def run_dir_of_table(table_file: str | Path) -> Path:
+    """The run folder whose :data:`TABLES` folder holds ``table_file``."""
+    return Path(table_file).parent.parent
+
+
 def run_dir_of(run_file: str | Path) -> Path:
     """The run folder that holds ``run_file``, a file directly inside one run's folder (:data:`RUN`)."""
     return Path(run_file).parents[len(Path(RUN).parts)]

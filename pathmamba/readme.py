@@ -1,8 +1,15 @@
-"""The README's results section: a table of the demo run spliced between two markers."""
+"""The README's results section: a table of the demo run spliced between two markers.
+
+``--check`` compares text exactly: the demo runs on the CPU with the instruction-set pins
+(pathmamba/cpu_pins.py), which make its numbers bitwise the same on every x86-64 CPU with AVX2, so any
+difference is a real one. Where a run was not pinned (``cpu_pins: native``, a CPU without AVX2), the check
+says so and points at ``compare``, which judges the means against the seeds' spread instead.
+"""
 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 
@@ -27,3 +34,14 @@ def splice_readme(readme: Path, table_md: Path, start: str = "<!-- results:start
                                          f"{readme} with {table_md}", lineterm=""))
     atomic_write_text(readme, spliced)
     return []
+
+
+def unpinned_runs(run_dir: Path) -> list[str]:
+    """The runs under ``run_dir`` (``runs/.../run.json``) whose CPU pins did not hold, as paths relative to
+    it; runs recorded before the pins were recorded count as unpinned."""
+    found = []
+    for record_path in sorted(Path(run_dir).glob("runs/*/*/seed*/run.json")):
+        cpu = json.loads(record_path.read_text()).get("environment", {}).get("cpu") or {}
+        if not cpu.get("pinned_isa"):
+            found.append(str(record_path.parent.relative_to(run_dir)))
+    return found

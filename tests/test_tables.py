@@ -263,6 +263,24 @@ def test_readme_check_reports_stale_results_and_changes_nothing(tmp_path, capsys
     assert main(arguments) == 0
 
 
+def test_readme_check_names_unpinned_runs_whose_last_bits_may_differ(tmp_path, capsys):
+    from pathmamba.cli import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n| 0.650 |\n<!-- results:end -->\n")
+    table = tmp_path / "demo" / "tables" / "t.md"
+    table.parent.mkdir(parents=True)
+    table.write_text("| 0.652 |\n")
+    for seed, pinned in ((0, "avx2"), (1, None)):
+        run = tmp_path / "demo" / "runs" / "synthetic-luad" / "cam" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"environment": {"cpu": {"pinned_isa": pinned}}}))
+    assert main(["readme", "--table", str(table), "--readme", str(readme), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "1 runs of" in out and "not pinned to AVX2 (e.g. runs/synthetic-luad/cam/seed1)" in out
+    assert f"pathmamba compare {tmp_path / 'demo'} {readme}" in out
+
+
 def test_supervision_column_counts_pseudo_mask_training_as_weak():
     assert supervision_of("wsss-tissue") == supervision_of("cam") == "weak (image labels)"
     assert supervision_of("unet") == "full (pixel masks)"
