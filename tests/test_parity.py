@@ -215,3 +215,27 @@ def test_primary_protocol_is_wsss_tissues_scores():
     assert ours["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-12)
     assert ours["mRecall"] == pytest.approx(np.nanmean(recall), abs=1e-12)
     assert ours["mDice"] == pytest.approx(np.nanmean(dice), abs=1e-12)
+
+
+# --- WSSS-Tissue's pseudo masks (tool/gradcam.py, tool/infer_fun.py create_pseudo_mask, infer_utils) -----
+
+
+def test_pseudo_masks_are_wsss_tissues_create_pseudo_mask():
+    """Per class the signed Grad-CAM cv2.resize'd to the image; one min-max over the stack of all classes;
+    cam_npy_to_cam_dict + dict2npy: the labelled classes' maps, zeros for the others; np.argmax (first
+    index on ties). The only place ours may differ: a pixel where every labelled class sits at the global
+    minimum (0), tied with the zeros of an unlabelled class; ours never gives an unlabelled class."""
+    from baselines.cam.wsss_tissue import pseudo_mask
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(3, 4, 7, 7))
+    labels = np.array([[1, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0]], dtype=np.float32)
+    ours = pseudo_mask(torch.from_numpy(maps), torch.from_numpy(labels), (28, 28)).numpy()
+    for b in range(3):
+        resized = np.stack([cv2.resize(maps[b, c], (28, 28)) for c in range(4)])
+        norm = (resized - resized.min()) / (resized.max() - resized.min())
+        cam_npy = np.where(labels[b][:, None, None] == 1, norm, 0.0)
+        reference = np.argmax(cam_npy, axis=0)
+        tie = cam_npy.max(axis=0) == 0
+        assert (ours[b][~tie] == reference[~tie]).all()
+        assert tie.sum() <= 1  # the global minimum, at most one pixel of continuous maps
