@@ -228,8 +228,9 @@ def _heatmap_columns(dataset: str, run_dir: Path, methods: list[str], seeds: lis
 def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
     """(C, H, W) float32 maps in [0, 1] of one heat-map column for one (H, W, 3) uint8 image: a CAM
     family model's class activation maps, ReLU'd, resized to the image and divided by each class's
-    maximum (as its ``predict`` does), or its Grad-CAM (min-max scaled per class, as pytorch-grad-cam
-    does); PathMamba's Y' (fused side probabilities) or sigmoid(Y'')."""
+    maximum (as its ``predict`` does), or its Grad-CAM as its ``predict`` computes it (gradcam: min-max
+    scaled per class, as pytorch-grad-cam does; histosegnet: divided by its maximum after resizing, as
+    hsn_v1); PathMamba's Y' (fused side probabilities) or sigmoid(Y'')."""
     import torch
     import torch.nn.functional as F
 
@@ -238,8 +239,11 @@ def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
     images = to_tensor(image)[None]
     if column["map"] == "gradcam":
         from baselines.cam.gradcam import grad_cam_maps
+        from baselines.cam.histosegnet import HistoSegNet, histosegnet_grad_cam
 
         model = column["model"]
+        if isinstance(model, HistoSegNet):
+            return histosegnet_grad_cam(model, images)[0].float().numpy()
         return grad_cam_maps(model, [model.features[-1]], images, model.num_classes)[0].float().numpy()
     with torch.no_grad():
         if column["map"] == "cam":

@@ -137,6 +137,17 @@ def test_unscored_background_is_greyed_and_hatched_over_a_raw_prediction():
     assert len({tuple(pixel) for pixel in unscored}) == 2  # the grey and its hatching
 
 
+def test_histosegnet_heat_map_is_its_own_grad_cam():
+    from baselines.cam.histosegnet import histosegnet_grad_cam
+    from pathmamba.data.datasets import to_tensor
+
+    torch.manual_seed(0)
+    model = build_method("histosegnet", 4, backbone="resnet18", width=8).eval()
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    heat = class_heatmap({"map": "gradcam", "model": model}, image)
+    np.testing.assert_array_equal(heat, histosegnet_grad_cam(model, to_tensor(image)[None])[0].numpy())
+
+
 def test_image_label_keeps_long_names_apart():
     stems = ["TCGA-1H-ISB9-DX1_xmin20543_ymin18400_MPP-0.2500", "TCGA-1H-ISB9-DX1_xmin22995_ymin64290_MPP-0.2500"]
     labels = [image_label(stem) for stem in stems]
