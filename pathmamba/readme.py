@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from pathmamba import layout
 from pathmamba.runtime import atomic_write_text
 
 
@@ -37,10 +38,10 @@ def splice_readme(readme: Path, table_md: Path, start: str = "<!-- results:start
 
 
 def unpinned_runs(run_dir: Path) -> list[str]:
-    """The runs under ``run_dir`` (``runs/.../run.json``) whose CPU pins did not hold, as paths relative to
+    """The runs under ``run_dir`` (their ``run.json``) whose CPU pins did not hold, as paths relative to
     it; runs recorded before the pins were recorded count as unpinned."""
     found = []
-    for record_path in sorted(Path(run_dir).glob("runs/*/*/seed*/run.json")):
+    for record_path in sorted(Path(run_dir).glob(f"{layout.RUN.format(dataset='*', method='*', seed='*')}/run.json")):
         cpu = json.loads(record_path.read_text()).get("environment", {}).get("cpu") or {}
         if not cpu.get("pinned_isa"):
             found.append(str(record_path.parent.relative_to(run_dir)))
