@@ -350,10 +350,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from pathmamba.data.readers import DatasetLayoutError, LabelError, MaskError
     from pathmamba.data.validate import DatasetInvalid
     from pathmamba.runtime import FileSafetyError, InputError
+    from pathmamba.train import TrainingDiverged
 
     return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
-            ArchiveError, ChecksumMismatch, DownloadFailed, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, FileExistsError)
+            ArchiveError, ChecksumMismatch, DownloadFailed, TrainingDiverged, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:

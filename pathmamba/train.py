@@ -20,6 +20,9 @@ the same folder fails at once, naming the holder.
 SIGTERM (sent by SLURM before its kill) stops training after the current step (or the current
 epoch's checkpoint write), keeping the last complete epoch's checkpoint, and raises
 :class:`TrainingInterrupted` (the CLI exits with 128 + the signal number).
+A diverged run is never a result: a nan or infinite loss or gradient stops training before that step's
+update with :class:`TrainingDiverged`, naming the epoch and step; no ``model.pt`` is written (the CLI
+exits with 2), so no evaluation and no table ever sees the run's numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -91,6 +95,10 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became nan or infinite: the run has no result and writes none."""
 
 
 def default_workers(device: torch.device, threads: int) -> int:
@@ -523,6 +531,10 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                          row["images_per_s"], row["seconds"], row["peak_memory_mb"],
                          format_duration(progress.train_seconds / epoch * (epochs - epoch)))
                 sigterm.check()
+        except TrainingDiverged as diverged:
+            message = _diverged_message(diverged, run.settings, progress, checkpoint_dir)
+            log.error(message)
+            raise TrainingDiverged(message) from None
         except TrainingInterrupted as interrupted:
             done = progress.history[-1]["epoch"] if progress.history else 0
             message = (f"{interrupted}: stopped during epoch {done + 1}; "
@@ -530,6 +542,17 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                           if done else "no epoch was complete, a rerun starts from scratch"))
             log.error(message)
             raise TrainingInterrupted(interrupted.signum, message) from None
+
+
+def _diverged_message(diverged: TrainingDiverged, settings: TrainSettings, progress: _Progress,
+                      checkpoint_dir: Path) -> str:
+    """What a diverged run's job says: where it diverged, that nothing was written, what to change."""
+    done = progress.history[-1]["epoch"] if progress.history else 0
+    kept = (f"{checkpoint_dir / 'last.pt'} holds epoch {done}, the last finite one" if done
+            else "no epoch was complete")
+    return (f"training diverged at {diverged}; no model.pt written, the run has no result ({kept}); lower "
+            f"train.lr (now {settings.lr:g}) or check the data and hparams: a rerun with the same settings "
+            "diverges again, one with other settings starts afresh")
 
 
 def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoint_dir: Path) -> None:
@@ -585,6 +608,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
             loss, parts = model.loss(images, targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        _check_finite(model, loss, f"epoch {epoch}/{epochs}, step {step}/{steps}")
         factor = lr_factor_at(step - 1)
         for group in optimiser.param_groups:
             # The configured rate, kept in the group (and so in checkpoints) the first time it is scaled.
@@ -612,6 +636,20 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
     return {"epoch": epoch, **{name: total / max(seen, 1) for name, total in totals.items()},
             "seconds": round(seconds, 3), "images_per_s": seen / max(seconds, 1e-9), "peak_memory_mb": peak,
             "lr_factor": factor}
+
+
+def _check_finite(model: torch.nn.Module, loss: torch.Tensor, where: str) -> None:
+    """Raise :class:`TrainingDiverged` naming ``where`` (the epoch and step) when ``loss`` or a gradient of
+    ``model`` is nan or infinite, before the optimiser steps on it. Reads only: a finite run's numbers are
+    unchanged (one reduction per step, the largest absolute gradient)."""
+    grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else torch.zeros(())
+    loss_value, largest_value = (float(value) for value in torch.stack([loss.detach().float(),
+                                                                        largest.to(loss.device)]).cpu())
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(f"{where}: the training loss is {loss_value}")
+    if not math.isfinite(largest_value):
+        raise TrainingDiverged(f"{where}: a gradient is {largest_value} (the loss is {loss_value:.4g})")
 
 
 def _cpu_peak_rss() -> float:
