@@ -480,10 +480,12 @@ def _fetch_weights(args) -> None:
 @contextmanager
 def _config_named(configfile: Path):
     """A config problem as an :class:`InputError` that names ``configfile``."""
-    from pathmamba.config import ConfigError
+    from pathmamba.config import ConfigError, ConfigFileError
 
     try:
         yield
+    except ConfigFileError:
+        raise  # names the file already, with the line and column
     except (ConfigError, KeyError) as error:
         raise InputError(f"{configfile}: {error.args[0]}") from None
 

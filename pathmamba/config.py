@@ -2,19 +2,78 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) checks types and ranges; these checks need the
 registries and the file system. Every message names the key, the value and what is allowed.
+
+A method's ``hparams`` are checked against its builder's keywords, read from the builder's source
+(:mod:`ast`, so that the start-up check imports neither torch nor the models): an unknown keyword (with
+the nearest known one), a value that is not of the type its annotation says, a width or size below 1.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
+import re
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pathmamba.data.specs import dataset_names, get_dataset_spec
 from pathmamba.registry import get_spec, method_names, two_stage_methods
 
+#: The largest seed: numpy's and torch's seeding take 32-bit unsigned integers.
+MAX_SEED = 2**32 - 1
+
 
 class ConfigError(ValueError):
     """A config value that the workflow cannot run with."""
+
+
+class ConfigFileError(ConfigError):
+    """A config file that is not a YAML mapping with unique keys; the message names the file (and the line
+    and column)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key given twice in one mapping, which it would let the last win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are meant to be overridden
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (first on line {first_lines[key]}); "
+                    "the second would silently replace the first: remove one", key_node.start_mark)
+            first_lines.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """The YAML file at ``path``, read with :class:`_UniqueKeyLoader`; a syntax error or a duplicate key
+    raises :class:`ConfigFileError` naming the file, line and column."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigFileError(f"{path}{where}: {problem}; expected YAML (spaces, not tabs, for indentation)"
+                              if r"\t" in problem else f"{path}{where}: {problem}") from None
+
+
+def load_config_mapping(path: Path) -> dict[str, Any]:
+    """The workflow config file at ``path`` (:func:`load_yaml`), refused unless it is a mapping of keys."""
+    config = load_yaml(path)
+    if not isinstance(config, dict):
+        found = "an empty file" if config is None else f"a {type(config).__name__}"
+        raise ConfigFileError(f"{path}: {found}; expected a mapping of config keys (run, seeds, datasets, "
+                              "methods, train, ...), config/README.md")
+    return config
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -28,6 +87,7 @@ def check_config(config: dict[str, Any]) -> None:
                             f"{', '.join(two_stage_methods())}")
         else:
             problems += preset_overrides(method, entry)
+            problems += hparams_problems(method, entry)
     for key in ("methods", "datasets"):
         for name in config.get("grid", {}).get(key, []):
             if name not in config.get(key, {}):
@@ -50,8 +110,23 @@ def check_config(config: dict[str, Any]) -> None:
             if not Path(archive).is_file():
                 problems.append(f"datasets.{name}.archive: {archive!r} is not a file; expected a zip "
                                 "archive of the dataset")
+    problems += [f"seeds: {seed} is beyond {MAX_SEED} (2**32 - 1), the largest seed numpy and torch take"
+                 for seed in config.get("seeds", []) if isinstance(seed, int) and seed > MAX_SEED]
+    problems += overlapping_folders(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def overlapping_folders(config: dict[str, Any]) -> list[str]:
+    """A problem when ``results_dir`` and ``resources_dir`` are one folder or one lies inside the other:
+    a run's outputs would be taken for prepared datasets, or the reverse."""
+    results, resources = (Path(config.get(key, default)).resolve()
+                          for key, default in (("results_dir", "results"), ("resources_dir", "resources")))
+    if results == resources or results in resources.parents or resources in results.parents:
+        return [(f"results_dir ({config.get('results_dir', 'results')!r}) and resources_dir "
+                f"({config.get('resources_dir', 'resources')!r}) overlap ({results} and {resources}); give two "
+                "separate folders, neither inside the other")]
+    return []
 
 
 def preset_overrides(method: str, entry: dict[str, Any]) -> list[str]:
@@ -68,6 +143,105 @@ def preset_overrides(method: str, entry: dict[str, Any]) -> list[str]:
             problems.append(f"{prefix}.hparams.{key}: {method}'s registry preset fixes {key}={preset[key]!r}; "
                             "a preset key cannot be set by config (remove it, or register another method)")
     return problems
+
+
+#: Builder keywords whose value (or each value of a list) must be at least 1: widths, channel counts,
+#: sizes, counts.
+AT_LEAST_ONE = frozenset({"width", "backbone_width", "dims", "depths", "decoder_dim", "decoder_channels",
+                          "encoder_depth", "patch_size", "d_state", "d_conv", "conv_kernel", "subcategories",
+                          "rounds", "cluster_every", "background_min_size"})
+#: What a scalar annotation accepts from YAML or JSON (a bool is no number there).
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+            "dict": (dict,)}
+
+
+def hparams_problems(method: str, entry: dict[str, Any]) -> list[str]:
+    """One problem per ``hparams`` key of ``method`` (and of its ``stage1`` block) that its builder does
+    not take (naming the nearest keyword), whose value is not of the annotated type, or that is a width,
+    size or count below 1."""
+    problems = []
+    for stage, block in ((None, entry), (1, entry.get("stage1") or {})):
+        if stage == 1 and not block:
+            continue
+        keywords, preset = builder_keywords(method, stage), get_spec(method, stage).preset
+        prefix = f"methods.{method}" + (".stage1" if stage else "") + ".hparams"
+        for key, value in (block.get("hparams") or {}).items():
+            if key in preset:
+                continue  # refused by preset_overrides
+            if key not in keywords:
+                nearest = difflib.get_close_matches(key, keywords, n=1)
+                hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+                problems.append(f"{prefix}.{key}: {method} has no such keyword; {hint}its keywords: "
+                                f"{', '.join(sorted(keywords))}")
+            elif not _matches(value, keywords[key]):
+                problems.append(f"{prefix}.{key}: {value!r} is not of type {keywords[key]}")
+            elif key in AT_LEAST_ONE and any(number < 1 for number in _numbers(value)):
+                problems.append(f"{prefix}.{key}: {value!r}; expected {'values' if isinstance(value, list) else 'a value'}"
+                                " >= 1")
+    return problems
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers in ``value`` (a number, or a list of them)."""
+    values = value if isinstance(value, list) else [value]
+    return [item for item in values if isinstance(item, (int, float)) and not isinstance(item, bool)]
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether a YAML or JSON ``value`` fits the builder annotation ``annotation`` (its source text). Lists
+    stand for sequences and tuples; an annotation this does not know (a class, ``Any``) accepts anything."""
+    for option in (part.strip() for part in _split_top(annotation, "|")):
+        sequence = re.fullmatch(r"(?:Sequence|tuple|list)\[(.*)\]", option)
+        if sequence:
+            items = [item for item in _split_top(sequence[1], ",") if item != "..."]
+            if isinstance(value, list) and all(_matches(item, items[0]) for item in value):
+                return True
+            continue
+        base = option.partition("[")[0]
+        if base not in _SCALARS:
+            return True
+        if isinstance(value, _SCALARS[base]) and not (base in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside brackets, each part stripped."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == separator and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+@cache
+def builder_keywords(method: str, stage: int | None = None) -> dict[str, str]:
+    """``{keyword: annotation source text}`` of the builder of ``method`` (``stage=1``: its first stage),
+    besides ``num_classes`` and its preset's keys, read from the source without importing it; a class
+    whose ``__init__`` takes only ``*args, **kwargs`` has its base class's keywords."""
+    spec = get_spec(method, stage)
+    module, _, name = spec.target.partition(":")
+    keywords = _class_keywords(module, name)
+    return {key: value for key, value in keywords.items() if key != "num_classes" and key not in spec.preset}
+
+
+def _class_keywords(module: str, name: str) -> dict[str, str]:
+    source = Path(importlib.util.find_spec(module).origin)
+    tree = ast.parse(source.read_text(), str(source))
+    found = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
+    init = next((node for node in found.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"), None)
+    arguments = [*init.args.args[1:], *init.args.kwonlyargs] if init else []
+    if arguments:
+        return {argument.arg: ast.unparse(argument.annotation) if argument.annotation else "Any"
+                for argument in arguments}
+    base = ast.unparse(found.bases[0])
+    imported = next((node.module for node in tree.body if isinstance(node, ast.ImportFrom)
+                     and any(alias.name == base for alias in node.names)), module)
+    return _class_keywords(imported, base)
 
 
 def grid_methods(config: dict[str, Any]) -> list[str]:

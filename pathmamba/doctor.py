@@ -68,6 +68,22 @@ def _requires_cuda(config: dict[str, Any]) -> bool:
     return any(train_settings(config, method).get("device", "auto").startswith("cuda") for method in grid_methods(config))
 
 
+def missing_gpu_indices(config: dict[str, Any], count: int) -> list[str]:
+    """One line per ``train.device`` (global, a method's or a first stage's) of the form ``cuda:N`` naming a
+    GPU index that this machine, with ``count`` visible GPUs, lacks."""
+    blocks = [("train", config.get("train", {}))]
+    for method, entry in config.get("methods", {}).items():
+        blocks += [(f"methods.{method}.train", (entry or {}).get("train", {})),
+                   (f"methods.{method}.stage1.train", ((entry or {}).get("stage1") or {}).get("train", {}))]
+    lines = []
+    for key, block in blocks:
+        device = str(block.get("device", ""))
+        if device.startswith("cuda:") and int(device.partition(":")[2]) >= count:
+            lines.append(f"{key}.device: {device!r}, but this machine shows {count} GPU(s) "
+                         f"(cuda:0..cuda:{count - 1}); give an index below {count}, or 'cuda'")
+    return lines
+
+
 def check_python() -> Check:
     version = platform.python_version()
     needed = ".".join(map(str, MINIMUM_PYTHON))
@@ -94,9 +110,11 @@ def check_gpus(config: dict[str, Any]) -> list[Check]:
     pool = gpu_pool(config.get("gpus", "auto"))
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     needs_bf16 = any(train_settings(config, m).get("precision", "auto") in ("auto", "bf16") for m in grid_methods(config))
+    missing = missing_gpu_indices(config, torch.cuda.device_count())
     return [Check("NVIDIA driver", OK if driver else FAIL,
                   f"{driver} for CUDA {torch.version.cuda}" if driver else "nvidia-smi not found or not working"),
-            Check("GPUs", OK, "; ".join(names) + f"; a local run spreads GPU jobs over {len(pool)}: {','.join(pool)}"),
+            Check("GPUs", FAIL if missing else OK,
+                  "; ".join(missing or names) + f"; a local run spreads GPU jobs over {len(pool)}: {','.join(pool)}"),
             Check("bf16", OK if bf16 or not needs_bf16 else FAIL,
                   "supported" if bf16 else "not supported by this GPU; set train.precision to 'fp32'")]
 

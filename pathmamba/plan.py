@@ -32,13 +32,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pathmamba.config import (
     WEIGHT_KEYS,
     ConfigError,
     grid_datasets,
     grid_methods,
+    load_config_mapping,
     method_hparams,
     train_settings,
 )
@@ -84,7 +83,7 @@ def load_workflow_config(path: Path) -> dict[str, Any]:
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
-    config = yaml.safe_load(Path(path).read_text())
+    config = load_config_mapping(path)
     try:
         validate(config, str(SCHEMA))
     except WorkflowError as error:

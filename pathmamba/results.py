@@ -57,9 +57,9 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
     workflow config ``configfile``'s (its run folder and ``grid``); ``data_roots`` (``DATASET=FOLDER``) over
     the config's dataset folders. Raises :class:`InputError` naming the argument for what is missing,
     repeated or not a folder."""
-    from pathmamba.config import grid_datasets, grid_methods
+    from pathmamba.config import grid_datasets, grid_methods, load_config_mapping
 
-    config = yaml.safe_load(Path(configfile).read_text()) if configfile else {}
+    config = load_config_mapping(configfile) if configfile else {}
     resources = config.get("resources_dir", "resources")
     roots = {name: entry.get("root", f"{resources}/datasets/{name}")
              for name, entry in config.get("datasets", {}).items()}

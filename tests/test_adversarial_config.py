@@ -8,13 +8,17 @@ every bit depth in ``predict`` (item 4)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error
+import yaml
+from conftest import REPO, cli_error
 
 from pathmamba import train as train_module
+from pathmamba.config import ConfigError, check_config, hparams_problems
+from pathmamba.doctor import missing_gpu_indices
 from pathmamba.train import TrainingDiverged, TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
@@ -78,3 +82,119 @@ def test_the_divergence_check_leaves_a_finite_run_bitwise_unchanged(canonical, t
                           for name in ("checked", "unchecked"))
     assert checked.keys() == unchecked.keys()
     assert all(torch.equal(checked[key], unchecked[key]) for key in checked)
+
+
+# --- every config mistake before any job runs (item 2) ----------------------------------------------------
+
+
+def _config(**methods) -> dict:
+    return {"run": "r", "seeds": [0], "datasets": {"synthetic-luad": {"synthetic": {}}},
+            "methods": methods or {"cam": {"hparams": dict(TINY_CAM)}}}
+
+
+def _problems(config: dict) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        check_config(config)
+    return str(error.value).splitlines()[1:]
+
+
+@pytest.mark.parametrize(("methods", "expected"), [
+    ({"cam": {"hparams": {"widht": 8}}},
+     "methods.cam.hparams.widht: cam has no such keyword; did you mean 'width'? its keywords: backbone, flip, "),
+    ({"cam": {"hparams": {"width": "8"}}}, "methods.cam.hparams.width: '8' is not of type int"),
+    ({"cam": {"hparams": {"width": -4}}}, "methods.cam.hparams.width: -4; expected a value >= 1"),
+    ({"sc-cam": {"hparams": {"threshold": True}}}, "methods.sc-cam.hparams.threshold: True is not of type float"),
+    ({"gradcam": {"hparams": {"scales": 1.0}}},
+     "methods.gradcam.hparams.scales: 1.0 is not of type Sequence[float]"),
+    ({"histosegnet": {"hparams": {"crf": "off"}}}, "methods.histosegnet.hparams.crf: 'off' is not of type dict | None"),
+    ({"pathmamba-b": {"hparams": {"dims": [8, 0, 8, 8]}}},
+     "methods.pathmamba-b.hparams.dims: [8, 0, 8, 8]; expected values >= 1"),
+    ({"pathmamba": {"hparams": {"dt_rank": 1.5}}}, "methods.pathmamba.hparams.dt_rank: 1.5 is not of type int | str"),
+    ({"unet": {"hparams": {"decoder_channels": [64, "32"]}}},
+     "methods.unet.hparams.decoder_channels: [64, '32'] is not of type tuple[int, ...]"),
+    ({"wsss-tissue": {"stage1": {"hparams": {"pda_start_epoh": 2}}}},
+     ("methods.wsss-tissue.stage1.hparams.pda_start_epoh: wsss-tissue has no such keyword; did you mean "
+     "'pda_start_epoch'?")),
+], ids=["typo", "string-for-int", "negative-width", "bool-for-float", "number-for-list", "string-for-dict",
+        "zero-dim", "float-for-int-or-str", "string-in-int-list", "stage1-typo"])
+def test_an_hparams_mistake_is_refused_at_start_up_naming_method_key_and_value(methods, expected):
+    problems = _problems(_config(**methods))
+    assert len(problems) == 1 and problems[0].strip().startswith(expected), problems
+
+
+def test_valid_hparams_of_every_shipped_config_pass():
+    for path in sorted(Path("config").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        methods = config.get("config", config).get("methods") or {}
+        assert [problem for method, entry in methods.items() for problem in hparams_problems(method, entry or {})] == []
+    check_config(_config(cam={"hparams": {"scales": [1, 1.5], "threshold": 1, "flip": False}},
+                         unet={"hparams": {"encoder_kwargs": None, "decoder_channels": [8, 4]}}))
+
+
+@pytest.mark.parametrize("seeds", [[0, 2**32], [2**40]])
+def test_a_seed_beyond_32_bits_is_refused(seeds):
+    assert _problems({**_config(), "seeds": seeds}) == [
+        f"  seeds: {seeds[-1]} is beyond 4294967295 (2**32 - 1), the largest seed numpy and torch take"]
+
+
+@pytest.mark.parametrize(("results", "resources"), [("out", "out"), ("work/results", "work"), ("a", "a/b/../b")])
+def test_overlapping_results_and_resources_folders_are_refused_naming_both_keys(tmp_path, monkeypatch, results,
+                                                                                resources):
+    monkeypatch.chdir(tmp_path)
+    [problem] = _problems({**_config(), "results_dir": results, "resources_dir": resources})
+    assert problem.startswith(f"  results_dir ({results!r}) and resources_dir ({resources!r}) overlap (")
+    check_config({**_config(), "results_dir": "work/results", "resources_dir": "work/resources"})
+
+
+def test_a_cuda_index_this_machine_lacks_is_a_doctor_failure():
+    config = {**_config(cam={"train": {"device": "cuda:3"}}), "train": {"device": "cuda:1"}}
+    assert missing_gpu_indices(config, 2) == [
+        ("methods.cam.train.device: 'cuda:3', but this machine shows 2 GPU(s) (cuda:0..cuda:1); give an index "
+        "below 2, or 'cuda'")]
+    assert len(missing_gpu_indices(config, 1)) == 2
+    assert missing_gpu_indices(config, 4) == []
+
+
+VALID_YAML = """run: r
+seeds: [0]
+datasets:
+  synthetic-luad:
+    synthetic: {n_train: 8, n_val: 2, n_test: 2, size: 32, seed: 0}
+train: {epochs: 1, device: cpu}
+methods:
+  cam: {hparams: {width: 8}}
+"""
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (VALID_YAML + "  cam: {hparams: {width: 16}}\n",
+     (", line 9, column 3: key 'cam' given twice in one mapping (first on line 8); the second would silently "
+     "replace the first: remove one")),
+    (VALID_YAML.replace("seeds: [0]", "seeds: [0]\nrun: s"),
+     ", line 3, column 1: key 'run' given twice in one mapping (first on line 1)"),
+    (VALID_YAML.replace("  cam:", "\tcam:"), (", line 8, column 1: found character '\\t' that cannot start any "
+                                             "token; expected YAML (spaces, not tabs, for indentation)")),
+    (VALID_YAML.replace("seeds: [0]", "seeds: [0"), ", line 3, column 9: expected ',' or ']', but got ':'"),
+    ("", ": an empty file; expected a mapping of config keys"),
+    ("- run: r\n", ": a list; expected a mapping of config keys"),
+], ids=["method-twice", "top-key-twice", "tab", "unclosed-list", "empty", "list"])
+@pytest.mark.parametrize("command", ["plan", "doctor", "tables"])
+def test_a_broken_config_file_is_one_line_naming_file_line_and_column(tmp_path, capsys, text, expected, command):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    extra = ["--out-dir", str(tmp_path / "tables")] if command == "tables" else []
+    message = cli_error([command, "--configfile", str(path), *extra], capsys)
+    assert message.startswith(f"pathmamba {command}: {path}{expected}"), message
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_the_workflow_refuses_a_key_given_twice_before_any_job(tmp_path, snakemake_bin, workflow_env):
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID_YAML + "methods:\n  gradcam: {}\n")
+    result = subprocess.run([snakemake_bin, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory",
+                             str(tmp_path), "--configfile", str(path), "--cores", "1", "--dry-run"],
+                            capture_output=True, text=True, env=workflow_env, timeout=300, check=False)
+    assert result.returncode != 0
+    assert (f"{path}, line 9, column 1: key 'methods' given twice in one mapping (first on line 7)"
+            in result.stdout + result.stderr)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()

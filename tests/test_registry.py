@@ -83,7 +83,10 @@ def test_a_preset_key_in_config_hparams_is_refused_at_start_up_naming_method_and
     message = str(error.value)
     assert "methods.pathmamba-b.hparams.use_miml" in message and "use_miml=False" in message
     assert "methods.pathmamba-noscan.hparams.scan" in message
-    assert "dims" not in message and "methods.cam" not in message  # not preset keys: builder keywords
+    assert "dims" not in message  # not a preset key: a builder keyword
+    # cam has no preset: its use_miml is a keyword its builder does not take, not a preset override
+    assert "methods.cam.hparams.use_miml: cam has no such keyword; its keywords: backbone, " in message
+    assert "methods.cam.hparams.use_miml: cam's registry preset" not in message
     assert check_config_values(config).status == FAIL
     check_config({"methods": {"pathmamba-b": {"hparams": {"dims": [8, 8, 8, 8]}}}})
 

@@ -31,6 +31,7 @@ from pathmamba.config import (
     fetched_weights,
     grid_datasets,
     grid_methods,
+    load_yaml,
     method_hparams,
     train_settings,
 )
@@ -39,6 +40,12 @@ from pathmamba import cpu_pins, layout
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
 
+try:
+    # Snakemake's own YAML reading lets a key given twice silently win; read each config file again.
+    for configfile in workflow.configfiles:
+        load_yaml(configfile)
+except ConfigError as error:
+    raise WorkflowError(str(error)) from None
 validate(config, "../schemas/config.schema.yaml")
 try:
     check_config(config)
