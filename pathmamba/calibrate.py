@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib
+import json
 import logging
 import platform
 import time
@@ -47,6 +48,7 @@ from pathmamba.optim import adam
 from pathmamba.plan import dataset_image_size, default_throughput_path, load_workflow_config
 from pathmamba.registry import EpochAware, build_method, get_spec, two_stage_methods
 from pathmamba.runtime import (
+    FileSafetyError,
     atomic_write_json,
     autocast,
     environment_record,
@@ -295,15 +297,44 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     }
 
 
+#: Keys of every throughput record that :func:`calibrate` writes: what tells its files from others.
+RECORD_KEYS = ("device_type", "device_name", "torch", "settings", "methods")
+
+
+def not_a_throughput_file(path: Path) -> str | None:
+    """Why the existing ``path`` is not a throughput file written by ``calibrate`` (None: it is one)."""
+    if path.is_symlink() or not path.is_file():
+        return "a symbolic link" if path.is_symlink() else "not a regular file"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return "not a JSON file"
+    lacking = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+    return f"a JSON file without {', '.join(lacking)}" if lacking else None
+
+
+def check_throughput_out(out: Path) -> None:
+    """Raise :class:`FileSafetyError` if ``out`` exists and is not a throughput file of ``calibrate``: the
+    rule of ``predict`` and ``export``, never replacing what this tool did not write."""
+    if (out.exists() or out.is_symlink()) and (reason := not_a_throughput_file(out)):
+        raise FileSafetyError(f"{out} exists and is not a throughput file written by calibrate ({reason}); not "
+                              "replacing it: give another --out, or remove it yourself")
+
+
 def write_calibration(configfile: Path, out: Path | None = None,
                       **options: Any) -> tuple[Path, dict[str, Any]]:
     """Calibrate the workflow config ``configfile`` (``options``: those of :func:`calibrate`) and write
     the throughput file atomically to ``out``, default the one the plan reads for a config training on
-    this device type (:func:`pathmamba.plan.default_throughput_path`); returns (file, record)."""
+    this device type (:func:`pathmamba.plan.default_throughput_path`); returns (file, record). An existing
+    file there is replaced only if it is an earlier throughput file (:func:`check_throughput_out`), checked
+    before measuring when ``out`` is given, and again before writing."""
     config = load_workflow_config(configfile)
+    if out is not None:
+        check_throughput_out(Path(out))
     record = calibrate(config, **options)
     record["config"] = str(configfile)
     out = Path(out) if out is not None else default_throughput_path(config, record["device_type"])
+    check_throughput_out(out)
     atomic_write_json(out, record)
     return out, record
 

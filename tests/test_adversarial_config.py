@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO, cli_error
 
 from pathmamba import train as train_module
+from pathmamba.cli import main as cli_main
 from pathmamba.config import ConfigError, check_config, hparams_problems
 from pathmamba.doctor import missing_gpu_indices
 from pathmamba.train import TrainingDiverged, TrainSettings, train
@@ -198,3 +199,52 @@ def test_the_workflow_refuses_a_key_given_twice_before_any_job(tmp_path, snakema
     assert (f"{path}, line 9, column 1: key 'methods' given twice in one mapping (first on line 7)"
             in result.stdout + result.stderr)
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+# --- no command overwrites what it did not write: calibrate --out (item 5) --------------------------------
+
+
+def _calibrate(config: Path, out: Path) -> list[str]:
+    return ["calibrate", "--configfile", str(config), "--out", str(out), "--steps", "1", "--warmup-steps", "0",
+            "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID_YAML.replace("width: 8", "width: 8, backbone: resnet18, pretrained: none"))
+    return path
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"my notes\n", "not a JSON file"),
+    (b'{"device_type": "cpu", "methods": {}}', "a JSON file without device_name, torch, settings"),
+    (b"[1, 2]", "a JSON file without device_type, device_name, torch, settings, methods"),
+    (b"\xff\xfe binary", "not a JSON file"),
+], ids=["text", "other-json", "json-list", "binary"])
+def test_calibrate_refuses_to_replace_a_file_it_did_not_write(tiny_config, tmp_path, capsys, content, reason):
+    out = tmp_path / "notes.txt"
+    out.write_bytes(content)
+    message = cli_error(_calibrate(tiny_config, out), capsys)
+    assert message == (f"pathmamba calibrate: {out} exists and is not a throughput file written by calibrate "
+                       f"({reason}); not replacing it: give another --out, or remove it yourself")
+    assert out.read_bytes() == content
+
+
+def test_calibrate_refuses_a_folder_or_a_link_as_out(tiny_config, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "kept.txt").write_text("kept")
+    (tmp_path / "link.json").symlink_to(tmp_path / "kept.txt")
+    for out, reason in ((tmp_path / "folder", "not a regular file"), (tmp_path / "link.json", "a symbolic link")):
+        message = cli_error(_calibrate(tiny_config, out), capsys)
+        assert message.endswith(f"({reason}); not replacing it: give another --out, or remove it yourself")
+    assert (tmp_path / "kept.txt").read_text() == "kept" and not any((tmp_path / "folder").iterdir())
+
+
+def test_calibrate_replaces_its_own_earlier_file(tiny_config, tmp_path, one_torch_thread):
+    out = tmp_path / "throughput.json"
+    assert cli_main(_calibrate(tiny_config, out)) == 0
+    first = json.loads(out.read_text())
+    assert cli_main(_calibrate(tiny_config, out)) == 0
+    second = json.loads(out.read_text())
+    assert list(second["methods"]) == ["cam"] and second["date"] >= first["date"]
