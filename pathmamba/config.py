@@ -156,34 +156,42 @@ _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)
 
 
 def hparams_problems(method: str, entry: dict[str, Any]) -> list[str]:
-    """One problem per ``hparams`` key of ``method`` (and of its ``stage1`` block) that its builder does
-    not take (naming the nearest keyword), whose value is not of the annotated type, or that is a width,
-    size or count below 1."""
+    """:func:`keyword_problems` of ``method``'s config block ``entry`` (and of its ``stage1`` block), each
+    named by its config key; the preset's keys are left to :func:`preset_overrides`."""
     problems = []
     for stage, block in ((None, entry), (1, entry.get("stage1") or {})):
         if stage == 1 and not block:
             continue
-        keywords, preset = builder_keywords(method, stage), get_spec(method, stage).preset
-        prefix = f"methods.{method}" + (".stage1" if stage else "") + ".hparams"
-        for key, value in (block.get("hparams") or {}).items():
-            if key in preset:
-                continue  # refused by preset_overrides
-            if key not in keywords:
-                nearest = difflib.get_close_matches(key, keywords, n=1)
-                hint = f"did you mean {nearest[0]!r}? " if nearest else ""
-                problems.append(f"{prefix}.{key}: {method} has no such keyword; {hint}its keywords: "
-                                f"{', '.join(sorted(keywords))}")
-            elif not _matches(value, keywords[key]):
-                problems.append(f"{prefix}.{key}: {value!r} is not of type {keywords[key]}")
-            elif key in AT_LEAST_ONE and any(number < 1 for number in _numbers(value)):
-                problems.append(f"{prefix}.{key}: {value!r}; expected {'values' if isinstance(value, list) else 'a value'}"
-                                " >= 1")
+        preset = get_spec(method, stage).preset
+        hparams = {key: value for key, value in (block.get("hparams") or {}).items() if key not in preset}
+        problems += keyword_problems(method, stage, hparams,
+                                     f"methods.{method}" + (".stage1" if stage else "") + ".hparams")
+    return problems
+
+
+def keyword_problems(method: str, stage: int | None, hparams: dict[str, Any], prefix: str) -> list[str]:
+    """One problem per key of ``hparams`` (named ``<prefix>.<key>``) that the builder of ``method``
+    (``stage=1``: of its first stage) does not take (naming the nearest keyword), whose value is not of
+    the annotated type, or that is a width, size or count below 1."""
+    keywords = builder_keywords(method, stage)
+    problems = []
+    for key, value in hparams.items():
+        if key not in keywords:
+            nearest = difflib.get_close_matches(key, keywords, n=1)
+            hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+            problems.append(f"{prefix}.{key}: {method} has no such keyword; {hint}its keywords: "
+                            f"{', '.join(sorted(keywords))}")
+        elif not _matches(value, keywords[key]):
+            problems.append(f"{prefix}.{key}: {value!r} is not of type {keywords[key]}")
+        elif key in AT_LEAST_ONE and any(number < 1 for number in _numbers(value)):
+            problems.append(f"{prefix}.{key}: {value!r}; expected {'values' if isinstance(value, list) else 'a value'}"
+                            " >= 1")
     return problems
 
 
 def _numbers(value: Any) -> list[float]:
     """The numbers in ``value`` (a number, or a list of them)."""
-    values = value if isinstance(value, list) else [value]
+    values = value if isinstance(value, (list, tuple)) else [value]
     return [item for item in values if isinstance(item, (int, float)) and not isinstance(item, bool)]
 
 
@@ -194,7 +202,7 @@ def _matches(value: Any, annotation: str) -> bool:
         sequence = re.fullmatch(r"(?:Sequence|tuple|list)\[(.*)\]", option)
         if sequence:
             items = [item for item in _split_top(sequence[1], ",") if item != "..."]
-            if isinstance(value, list) and all(_matches(item, items[0]) for item in value):
+            if isinstance(value, (list, tuple)) and all(_matches(item, items[0]) for item in value):
                 return True
             continue
         base = option.partition("[")[0]

@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pathmamba.config import without_weights_files
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.metrics import SegmentationMeter
+from pathmamba.model_files import build_recorded_model, check_model_record, load_checked_weights
 from pathmamba.models.scan import select_scan
-from pathmamba.registry import build_method
 from pathmamba.runtime import (
     ProgressLog,
     atomic_write_json,
@@ -71,12 +70,13 @@ def load_model(model_path: Path) -> tuple[dict, torch.nn.Module]:
     """(the ``model.pt`` record written by training, the model built from it with its weights, on the CPU).
 
     Built without the pretrained weights files its hparams name: the record's weights replace them all,
-    and the evaluate and pseudo-mask jobs do not have those files among their inputs.
+    and the evaluate and pseudo-mask jobs do not have those files among their inputs. A file that does
+    not fit the registry (:mod:`pathmamba.model_files`) is an ``InputError`` naming it.
     """
     checkpoint = load_torch_file(model_path, "model file")
-    model = build_method(checkpoint["method"], num_classes=NUM_CLASSES, stage=checkpoint.get("stage"),
-                         **without_weights_files(checkpoint["hparams"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    check_model_record(checkpoint, model_path)
+    model = build_recorded_model(checkpoint, model_path)
+    load_checked_weights(model, checkpoint["state_dict"], model_path, checkpoint["method"])
     return checkpoint, model
 
 

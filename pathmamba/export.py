@@ -20,12 +20,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from pathmamba.config import without_weights_files
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import load_model
+from pathmamba.model_files import build_recorded_model, check_model_record
 from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
-from pathmamba.registry import build_method, get_spec
+from pathmamba.registry import get_spec
 from pathmamba.runtime import InputError, atomic_write_json, environment_record
 
 log = logging.getLogger("pathmamba.export")
@@ -143,14 +143,23 @@ def load_export(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
         raise InputError(f"{card_path}: not a model card of format {CARD_FORMAT} version {CARD_VERSION}")
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: {WEIGHTS} is missing")
-    if _file_sha256(weights) != card["weights_sha256"]:
+    if _file_sha256(weights) != card.get("weights_sha256"):
         raise InputError(f"{weights}: SHA-256 differs from the one in {CARD}; the weights file is damaged or "
                          "belongs to another export")
-    model = build_method(card["method"], num_classes=NUM_CLASSES, stage=card["stage"],
-                         **without_weights_files(card["hparams"]))
-    safetensors.torch.load_model(model, str(weights), strict=True, device="cpu")
-    size = card["input"]["size"]
-    record = {"method": card["method"], "stage": card["stage"], "hparams": card["hparams"],
-              "dataset": card["dataset"], "seed": card["seed"], "settings": card["training_settings"],
-              "input_size": [size["height"], size["width"]] if size else None}
+    try:
+        size = card["input"]["size"]
+        record = {"method": card["method"], "stage": card["stage"], "hparams": card["hparams"],
+                  "dataset": card["dataset"], "seed": card["seed"], "settings": card["training_settings"],
+                  "input_size": [size["height"], size["width"]] if size else None}
+    except (KeyError, TypeError) as error:
+        raise InputError(f"{card_path}: not a complete model card (no {error}); export the model again") from None
+    check_model_record(record, card_path, keys=("method", "dataset", "seed", "hparams"))
+    model = build_recorded_model(record, card_path)
+    try:
+        # load_model, not load_file: it restores tensors that save_model stored once for several names.
+        safetensors.torch.load_model(model, str(weights), strict=True, device="cpu")
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise InputError(f"{weights}: its weights do not fit the {card['method']} model its card's hparams build "
+                         f"({detail})") from None
     return record, model

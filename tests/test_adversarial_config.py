@@ -11,15 +11,19 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import REPO, cli_error
+from PIL import Image
 
 from pathmamba import train as train_module
 from pathmamba.cli import main as cli_main
 from pathmamba.config import ConfigError, check_config, hparams_problems
+from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.doctor import missing_gpu_indices
+from pathmamba.registry import build_method
 from pathmamba.train import TrainingDiverged, TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
@@ -248,3 +252,103 @@ def test_calibrate_replaces_its_own_earlier_file(tiny_config, tmp_path, one_torc
     assert cli_main(_calibrate(tiny_config, out)) == 0
     second = json.loads(out.read_text())
     assert list(second["methods"]) == ["cam"] and second["date"] >= first["date"]
+
+
+# --- model files checked on load (item 6) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_record() -> dict:
+    """A tiny untrained cam model.pt record; the checks come before any prediction is scored."""
+    model = build_method("cam", num_classes=NUM_CLASSES, **TINY_CAM)
+    return {"method": "cam", "stage": None, "dataset": "synthetic-luad", "seed": 0, "hparams": dict(TINY_CAM),
+            "settings": {}, "epoch": 1, "val_mIoU": 0.0, "input_size": [SIZE, SIZE],
+            "state_dict": model.state_dict()}
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "tile.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 200, np.uint8)).save(path)
+    return path
+
+
+def _tampered(record: dict, change) -> dict:
+    record = {**record, "hparams": dict(record["hparams"]), "state_dict": dict(record["state_dict"])}
+    change(record)
+    return record
+
+
+def _first_conv(record: dict) -> str:
+    return next(name for name, tensor in record["state_dict"].items() if tensor.dim() == 4)
+
+
+TAMPERED_MODELS = {
+    "unknown-method": (lambda r: r.update(method="cam2"), "method 'cam2' stage None is not a registered method; "),
+    "stage-of-a-one-stage-method": (lambda r: r.update(stage=1), "method 'cam' stage 1 is not a registered method"),
+    "other-method": (lambda r: r.update(method="unet"),
+                     "hparams.backbone: unet has no such keyword; its keywords: decoder_channels, "),
+    "unknown-dataset": (lambda r: r.update(dataset="luad"), "dataset 'luad' is unknown; known datasets: "),
+    "width-string": (lambda r: r["hparams"].update(width="8"), "hparams.width: '8' is not of type int"),
+    "width-negative": (lambda r: r["hparams"].update(width=-8), "hparams.width: -8; expected a value >= 1"),
+    "width-changed": (lambda r: r["hparams"].update(width=16),
+                      "its weights do not fit the cam model its hparams build: tensor "),
+    "tensor-missing": (lambda r: r["state_dict"].pop(_first_conv(r)),
+                       "its weights do not fit the cam model its hparams build: tensor "),
+    "tensor-extra": (lambda r: r["state_dict"].update(extra=torch.zeros(1)),
+                     ("its weights do not fit the cam model its hparams build: tensor extra is not one of the "
+                     "model's (1 such)")),
+    "input-size-zero": (lambda r: r.update(input_size=[0, SIZE]),
+                        "input_size [0, 32]; expected [height, width], two integers >= 1"),
+    "no-weights": (lambda r: r.pop("state_dict"), "not a model file written by `train` (it lacks state_dict)"),
+    "weights-a-list": (lambda r: r.update(state_dict=[1, 2]),
+                       "its weights do not fit the cam model its hparams build: its weights are a list, "),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED_MODELS)
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_tampered_model_file_is_refused_naming_file_and_mismatch(model_record, image, tmp_path, capsys, case,
+                                                                   command):
+    change, expected = TAMPERED_MODELS[case]
+    path = tmp_path / "model.pt"
+    torch.save(_tampered(model_record, change), path)
+    out = tmp_path / "out"
+    argv = ["--model", str(path), "--out", str(out)]
+    message = cli_error([command, *argv, *(["--input", str(image), "--device", "cpu"] if command == "predict"
+                                           else [])], capsys)
+    assert message.startswith(f"pathmamba {command}: {path}: {expected}"), message
+    assert "\n" not in message and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "tile.png"]  # no building folder left
+
+
+def test_a_shape_mismatch_names_the_tensor_and_both_shapes(model_record, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    name = _first_conv(model_record)
+    record = _tampered(model_record, lambda r: r["state_dict"].update({name: torch.zeros(3, 3, 1, 1)}))
+    torch.save(record, path)
+    message = cli_error(["export", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
+    shape = tuple(model_record["state_dict"][name].shape)
+    assert message == (f"pathmamba export: {path}: its weights do not fit the cam model its hparams build: tensor "
+                       f"{name} has shape (3, 3, 1, 1), the model's {shape}")
+
+
+def test_an_export_whose_card_was_edited_is_refused_naming_the_weights(model_record, image, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(model_record, path)
+    assert cli_main(["export", "--model", str(path), "--out", str(tmp_path / "export")]) == 0
+    card_path = tmp_path / "export" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["hparams"]["width"] = 16
+    card_path.write_text(json.dumps(card))
+    message = cli_error(["predict", "--model", str(tmp_path / "export"), "--input", str(image), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert message.startswith(f"pathmamba predict: {tmp_path / 'export' / 'model.safetensors'}: its weights do "
+                              "not fit the cam model its card's hparams build (Error(s) in loading state_dict")
+    del card["input"]
+    card_path.write_text(json.dumps(card))
+    message = cli_error(["predict", "--model", str(tmp_path / "export"), "--input", str(image), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert message == (f"pathmamba predict: {card_path}: not a complete model card (no 'input'); export the model "
+                       "again")
+    assert not (tmp_path / "out").exists()
