@@ -3,7 +3,9 @@
 Every image is segmented in tiles of the model's training size: an image of that size is one tile, a
 larger one (a slide region as a big PNG or TIFF) overlapping tiles whose scores are blended with a
 linear ramp window, so that tile borders, where a model sees the least context, weigh least; the output
-has the input's size. A side shorter than the tile is padded by mirroring and cropped back.
+has the input's size. A side shorter than the tile is padded by mirroring and cropped back. Images of
+any common bit depth are read as the 8-bit RGB they stand for (16-bit gray scaled, not clipped); one
+with transparent pixels or of another mode is refused naming the file and mode (:func:`read_input_image`).
 
 The output folder holds, per input image ``<stem>.<ext>``: ``masks/<stem>.png`` (palette PNG in the
 dataset's colours, class indices 0..3), ``overlays/<stem>.png`` (the mask's colours over the image);
@@ -26,7 +28,6 @@ import torch
 from PIL import Image
 
 from pathmamba.data.datasets import to_tensor
-from pathmamba.data.readers import read_image
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import inference_setup, load_model, overlay_mask, save_palette_mask
 from pathmamba.export import CARD, load_export
@@ -47,6 +48,14 @@ RECORD = "predict.json"
 WHAT = "a prediction folder"
 #: Opacity of the mask's colours in the overlays.
 OVERLAY_ALPHA = 0.4
+#: Image modes that PIL converts to 8-bit RGB without loss of meaning: 8 (or 1) bits per channel, or a
+#: colour space with a defined RGB conversion.
+CONVERTED_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
+#: 16-bit gray modes (PNG, TIFF), which PIL's own conversion to RGB clips at 255.
+GRAY_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+#: Modes with an alpha channel: read only when every pixel is opaque.
+ALPHA_MODES = ("RGBA", "LA", "PA")
+
 
 
 def load_any(model: Path) -> tuple[dict, torch.nn.Module]:
@@ -126,17 +135,52 @@ def tile_grid(height: int, width: int, tile: tuple[int, int], overlap: tuple[int
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the image file ``path``, from its header; an unreadable file is an InputError."""
+    """(height, width) of the image file ``path``, from its header; an unreadable file, or one of a mode
+    that :func:`read_input_image` refuses, is an InputError."""
     try:
         with Image.open(path) as image:
+            if image.mode not in (*CONVERTED_MODES, *GRAY_16_BIT_MODES, *ALPHA_MODES):
+                raise InputError(unreadable_mode(path, image.mode))
             return image.height, image.width
     except (OSError, Image.DecompressionBombError) as error:  # OSError includes UnidentifiedImageError
         raise InputError(f"{path}: cannot read it as an image ({error})") from None
 
 
+def unreadable_mode(path: Path, mode: str) -> str:
+    """The message refusing an image of ``mode``."""
+    return (f"{path}: image mode {mode}; predict reads 8-bit RGB, gray (L) or palette (P) images, 16-bit gray, and "
+            "RGBA or LA without transparency")
+
+
+def read_input_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image to segment, of any common bit depth: 8-bit gray, palette, RGB and
+    other 8-bit colour spaces through PIL; 16-bit gray scaled to 8 bits (round(v * 255 / 65535)); an
+    alpha channel (RGBA, LA, a palette's transparent colour) only when every pixel is opaque, since what
+    lies under a transparent pixel is not in the image. Any other mode (32-bit integers, floats, a
+    transparent pixel) is an :class:`InputError` naming the file and the mode, never a misread image."""
+    with Image.open(path) as image:
+        mode = image.mode
+        if mode in GRAY_16_BIT_MODES:
+            gray = np.asarray(image).astype(np.uint32)
+            return np.repeat(((gray * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+        if mode == "P" and "transparency" in image.info:
+            image, mode = image.convert("RGBA"), "P with a transparent colour"
+        if image.mode in ALPHA_MODES:
+            transparent = np.argwhere(np.asarray(image.getchannel("A")) < 255)
+            if len(transparent):
+                row, column = transparent[0]
+                raise InputError(f"{path}: image mode {mode} with transparent pixels ({len(transparent)}, the "
+                                 f"first at row {row}, column {column}); what lies under them is not in the image: "
+                                 "save it without transparency (flattened onto its background)")
+            return np.asarray(image.convert("RGB"))
+        if mode in CONVERTED_MODES:
+            return np.asarray(image if mode == "RGB" else image.convert("RGB"))
+    raise InputError(unreadable_mode(path, mode))
+
+
 def _canvas(path: Path, tile: tuple[int, int], overlap: tuple[int, int]) -> _Canvas:
     try:
-        image = read_image(path)
+        image = read_input_image(path)
     except (OSError, Image.DecompressionBombError) as error:
         raise InputError(f"{path}: cannot read it as an image ({error})") from None
     height, width = image.shape[:2]

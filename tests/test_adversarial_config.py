@@ -8,7 +8,9 @@ every bit depth in ``predict`` (item 4)."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,9 @@ from pathmamba.cli import main as cli_main
 from pathmamba.config import ConfigError, check_config, hparams_problems
 from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.doctor import missing_gpu_indices
+from pathmamba.predict import predict, read_input_image
 from pathmamba.registry import build_method
+from pathmamba.runtime import InputError
 from pathmamba.train import TrainingDiverged, TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
@@ -352,3 +356,117 @@ def test_an_export_whose_card_was_edited_is_refused_naming_the_weights(model_rec
     assert message == (f"pathmamba predict: {card_path}: not a complete model card (no 'input'); export the model "
                        "again")
     assert not (tmp_path / "out").exists()
+
+
+# --- images of every bit depth in predict (item 4) --------------------------------------------------------
+
+
+def _png_16bit_rgb(path: Path, rgb: np.ndarray) -> Path:
+    """A 48-bit RGB PNG (16 bits per channel) of the (H, W, 3) uint16 ``rgb``, written by hand: PIL cannot."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = rgb.shape[:2]
+    rows = b"".join(b"\x00" + rgb[row].astype(">u2").tobytes() for row in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb8() -> np.ndarray:
+    """A (32, 32, 3) uint8 image with every channel varying."""
+    rows, columns = np.mgrid[0:SIZE, 0:SIZE]
+    return np.stack([rows * 8, columns * 8, (rows + columns) * 4], axis=-1).astype(np.uint8)
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0]
+
+
+IMAGE_FILES = {
+    # name: (writer of the file from the 8-bit image, what predict must read: the 8-bit image it stands for)
+    "gray-8": (lambda path, rgb: Image.fromarray(_gray(rgb)).save(path), lambda rgb: np.repeat(_gray(rgb)[..., None], 3, 2)),
+    "gray-16": (lambda path, rgb: Image.fromarray(_gray(rgb).astype(np.uint16) * 257).save(path),
+                lambda rgb: np.repeat(_gray(rgb)[..., None], 3, 2)),
+    "gray-16-tiff": (lambda path, rgb: Image.fromarray(_gray(rgb).astype(np.uint16) * 257).save(path.with_suffix(".tif")),
+                     lambda rgb: np.repeat(_gray(rgb)[..., None], 3, 2)),
+    "rgb-16": (lambda path, rgb: _png_16bit_rgb(path, rgb.astype(np.uint16) * 257), lambda rgb: rgb),
+    "rgba-opaque": (lambda path, rgb: Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(path),
+                    lambda rgb: rgb),
+    "la-opaque": (lambda path, rgb: Image.fromarray(_gray(rgb)).convert("LA").save(path),
+                  lambda rgb: np.repeat(_gray(rgb)[..., None], 3, 2)),
+    "palette": (lambda path, rgb: Image.fromarray(rgb).quantize(16).save(path),
+                lambda rgb: np.asarray(Image.fromarray(rgb).quantize(16).convert("RGB"))),
+    "bilevel": (lambda path, rgb: Image.fromarray(_gray(rgb) > 127).save(path),
+                lambda rgb: np.repeat(np.where(_gray(rgb) > 127, 255, 0).astype(np.uint8)[..., None], 3, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", IMAGE_FILES)
+def test_an_image_of_any_bit_depth_reads_as_the_8_bit_rgb_it_stands_for(rgb8, tmp_path, kind):
+    write, expected = IMAGE_FILES[kind]
+    write(tmp_path / "image.png", rgb8)
+    [path] = tmp_path.iterdir()
+    np.testing.assert_array_equal(read_input_image(path), expected(rgb8))
+
+
+def test_a_16_bit_gray_image_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.array([[0, 128, 257, 32767, 65280, 65535]], dtype=np.uint16)).save(path)
+    assert Image.open(path).convert("RGB").getpixel((2, 0)) == (255, 255, 255)  # PIL's own conversion clips
+    np.testing.assert_array_equal(read_input_image(path)[0, :, 0], [0, 0, 1, 127, 254, 255])
+
+
+def _palette_image() -> Image.Image:
+    """A 4x4 palette image of indices 0..15, each a gray of its own."""
+    image = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), "P")
+    image.putpalette([level * 16 for level in range(16) for _ in range(3)])
+    return image
+
+
+@pytest.mark.parametrize(("write", "mode", "first"), [
+    (lambda path: Image.fromarray(np.dstack([np.zeros((4, 4, 3), np.uint8), np.eye(4, dtype=np.uint8) * 255])).save(path),
+     "RGBA", "row 0, column 1"),
+    (lambda path: Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), np.full((4, 4), 128, np.uint8)]), "LA").save(path),
+     "LA", "row 0, column 0"),
+    (lambda path: _palette_image().save(path, transparency=5), "P with a transparent colour", "row 1, column 1"),
+], ids=["rgba", "la", "palette-transparency"])
+def test_an_image_with_transparent_pixels_is_refused_naming_file_mode_and_pixel(tmp_path, write, mode, first):
+    path = tmp_path / "image.png"
+    write(path)
+    with pytest.raises(InputError, match=rf"^{path}: image mode {mode} with transparent pixels \(\d+, the first at "
+                                         rf"{first}\); what lies under them is not in the image"):
+        read_input_image(path)
+
+
+@pytest.mark.parametrize(("array", "mode"), [(np.full((4, 4), 70000, np.int32), "I"),
+                                             (np.full((4, 4), 0.5, np.float32), "F")], ids=["int32", "float"])
+def test_an_image_of_an_unsupported_mode_is_refused_by_predict_before_any_work(model_record, tmp_path, capsys,
+                                                                               array, mode):
+    path = tmp_path / "slide.tif"
+    Image.fromarray(array).save(path)
+    torch.save(model_record, tmp_path / "model.pt")
+    message = cli_error(["predict", "--model", str(tmp_path / "model.pt"), "--input", str(tmp_path), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert message == (f"pathmamba predict: {path}: image mode {mode}; predict reads 8-bit RGB, gray (L) or palette "
+                       "(P) images, 16-bit gray, and RGBA or LA without transparency")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "slide.tif"]
+
+
+def test_predict_gives_a_16_bit_image_the_masks_of_its_8_bit_version(model_record, rgb8, tmp_path):
+    torch.save(model_record, tmp_path / "model.pt")
+    (tmp_path / "in8").mkdir()
+    (tmp_path / "in16").mkdir()
+    Image.fromarray(_gray(rgb8)).save(tmp_path / "in8" / "a.png")
+    Image.fromarray(_gray(rgb8).astype(np.uint16) * 257).save(tmp_path / "in16" / "a.png")
+    _png_16bit_rgb(tmp_path / "in16" / "b.png", rgb8.astype(np.uint16) * 257)
+    Image.fromarray(rgb8).save(tmp_path / "in8" / "b.png")
+    rows = {}
+    for name in ("in8", "in16"):
+        rows[name] = predict(tmp_path / "model.pt", tmp_path / name, tmp_path / f"out-{name}", device="cpu")
+    assert rows["in8"] == rows["in16"]
+    for image in ("a.png", "b.png"):
+        for folder in ("masks", "overlays"):
+            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out-in8" / folder / image)),
+                                          np.asarray(Image.open(tmp_path / "out-in16" / folder / image)))
