@@ -470,3 +470,12 @@ def test_predict_gives_a_16_bit_image_the_masks_of_its_8_bit_version(model_recor
         for folder in ("masks", "overlays"):
             np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out-in8" / folder / image)),
                                           np.asarray(Image.open(tmp_path / "out-in16" / folder / image)))
+
+
+def test_calibrate_refuses_an_hparams_mistake_before_building_a_model(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(VALID_YAML.replace("width: 8", "widht: 8"))
+    message = cli_error(_calibrate(config, tmp_path / "throughput.json"), capsys)
+    assert message.startswith(f"pathmamba calibrate: {config}: methods.cam.hparams.widht: cam has no such keyword; "
+                              "did you mean 'width'?")
+    assert not (tmp_path / "throughput.json").exists()
