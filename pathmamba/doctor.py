@@ -231,8 +231,13 @@ def check_config_values(config: dict[str, Any]) -> Check:
 
 
 def run_checks(config: dict[str, Any]) -> list[Check]:
-    return [check_config_values(config), check_python(), check_torch(), *check_gpus(config), check_fused_scan(config), check_weights(config),
-            *check_datasets(config), check_disk(config), check_slurm_plugin()]
+    """Every check; the disk is sized by building each model, so only once the config passes its check."""
+    config_check = check_config_values(config)
+    disk = (check_disk(config) if config_check.status == OK
+            else Check("free disk", NOT_APPLICABLE, "not sized: the models are built from a valid config only "
+                                                     "(see the config row)"))
+    return [config_check, check_python(), check_torch(), *check_gpus(config), check_fused_scan(config),
+            check_weights(config), *check_datasets(config), disk, check_slurm_plugin()]
 
 
 def format_checks(checks: list[Check]) -> str:

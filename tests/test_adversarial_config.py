@@ -479,3 +479,15 @@ def test_calibrate_refuses_an_hparams_mistake_before_building_a_model(tmp_path, 
     assert message.startswith(f"pathmamba calibrate: {config}: methods.cam.hparams.widht: cam has no such keyword; "
                               "did you mean 'width'?")
     assert not (tmp_path / "throughput.json").exists()
+
+
+def test_doctor_reports_an_hparams_mistake_in_its_config_row_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(VALID_YAML.replace("width: 8", "width: '8'"))
+    capsys.readouterr()
+    assert cli_main(["doctor", "--configfile", str(config)]) == 1
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["config"].startswith("| config | FAIL | invalid config:   methods.cam.hparams.width: '8' is not of "
+                                     "type int |")
+    assert rows["free disk"].startswith("| free disk | n/a | not sized: ")
