@@ -197,15 +197,20 @@ def test_a_broken_config_file_is_one_line_naming_file_line_and_column(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
-def test_the_workflow_refuses_a_key_given_twice_before_any_job(tmp_path, snakemake_bin, workflow_env):
+@pytest.mark.parametrize(("text", "expected"), [
+    (VALID_YAML + "methods:\n  gradcam: {}\n",
+     "{path}, line 9, column 1: key 'methods' given twice in one mapping (first on line 7)"),
+    (VALID_YAML.replace("width: 8", "widht: 8").replace("seeds: [0]", "seeds: [0, 4294967296]"),
+     "methods.cam.hparams.widht: cam has no such keyword; did you mean 'width'?"),
+], ids=["key-twice", "hparams-typo"])
+def test_the_workflow_refuses_a_config_mistake_at_a_dry_run(tmp_path, snakemake_bin, workflow_env, text, expected):
     path = tmp_path / "config.yaml"
-    path.write_text(VALID_YAML + "methods:\n  gradcam: {}\n")
+    path.write_text(text)
     result = subprocess.run([snakemake_bin, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory",
                              str(tmp_path), "--configfile", str(path), "--cores", "1", "--dry-run"],
                             capture_output=True, text=True, env=workflow_env, timeout=300, check=False)
     assert result.returncode != 0
-    assert (f"{path}, line 9, column 1: key 'methods' given twice in one mapping (first on line 7)"
-            in result.stdout + result.stderr)
+    assert expected.format(path=path) in result.stdout + result.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
 
