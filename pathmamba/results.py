@@ -7,6 +7,7 @@ GPU. A run counts as finished when its ``test_metrics.json`` exists.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,20 +95,46 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
 
 def finished_runs(run_dirs: Path | Sequence[Path], grid: Grid) -> pd.DataFrame:
     """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference, in
-    the run folder ``run_dirs`` or in several (a grid split across machines).
+    the run folder ``run_dirs`` or in several (a grid split across machines); a run whose training
+    diverged (:func:`diverged`) is never one.
 
     A run found in several folders must have the same results in each (:func:`agreeing_copy`); the first
     folder's copy is used. Columns: dataset, method, seed (None for trivial), path (the run's folder).
     """
+    rows = [{"dataset": dataset, "method": method, "seed": seed, "path": path}
+            for dataset, method, seed, path in _evaluated_runs(run_dirs, grid) if not diverged(path)]
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
+
+
+def diverged_runs(run_dirs: Path | Sequence[Path], grid: Grid) -> list[tuple[str, str, int]]:
+    """(dataset, method, seed) of the evaluated runs of ``grid`` left out of :func:`finished_runs` because
+    their training diverged."""
+    return [(dataset, method, seed) for dataset, method, seed, path in _evaluated_runs(run_dirs, grid)
+            if diverged(path)]
+
+
+def _evaluated_runs(run_dirs: Path | Sequence[Path], grid: Grid):
+    """(dataset, method, seed, folder) of every run of ``grid`` with a ``test_metrics.json`` in ``run_dirs``."""
     run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(folder) for folder in run_dirs]
-    rows = []
     for dataset, method, seed in _grid_runs(grid):
         run = run_path(Path(), dataset, method, seed)
         holding = [run_dir for run_dir in run_dirs if (run_dir / run / "test_metrics.json").exists()]
         if holding:
-            rows.append({"dataset": dataset, "method": method, "seed": seed,
-                         "path": agreeing_copy(holding, run)})
-    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
+            yield dataset, method, seed, agreeing_copy(holding, run)
+
+
+def diverged(run: Path) -> bool:
+    """Whether the training of the run in folder ``run`` diverged: a nan or infinite loss in its
+    ``history.csv``. The engine stops such a run without a model (:class:`pathmamba.train.TrainingDiverged`);
+    this keeps one trained before it did out of every table."""
+    path = Path(run) / "history.csv"
+    if not path.is_file():
+        return False
+    try:
+        losses = pd.read_csv(path)["loss"].astype(float)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, KeyError, ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable training history ({error}); {RERUN}") from None
+    return not losses.map(math.isfinite).all()
 
 
 def _grid_runs(grid: Grid):

@@ -40,6 +40,7 @@ from pathmamba.render import (
 )
 from pathmamba.results import (
     Grid,
+    diverged_runs,
     finished_runs,
     load_metrics,
     load_paper_results,
@@ -292,6 +293,15 @@ def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str]
         atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title, inconsistent))
 
 
+def diverged_note(run_dirs: Path | Sequence[Path], grid: Grid) -> list[str]:
+    """A footnote naming the runs left out because their training diverged (none: no footnote)."""
+    left_out = diverged_runs(run_dirs, grid)
+    if not left_out:
+        return []
+    runs = "; ".join(f"{dataset} {method} seed {seed}" for dataset, method, seed in left_out)
+    return [f"Not counted, their training diverged (a nan or infinite loss in history.csv): {runs}."]
+
+
 def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, out_dir: Path,
                  n_resamples: int = 10000, bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
     """Write every table of the module docstring from what finished under the run folder ``run_dirs``, or
@@ -314,7 +324,8 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
     tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
     has_paper = tables["table1"]["paper"].notna().any()
     _write_results(tables["table1"], out_dir / "table1_comparison", "Table 1: comparison on the test split",
-                   _footnotes(rows, "ignore_background", source, has_paper), latex=True, runs=runs)
+                   _footnotes(rows, "ignore_background", source, has_paper) + diverged_note(run_dirs, grid),
+                   latex=True, runs=runs)
 
     ablation = [method for method in ABLATION if method in grid.methods]
     tables["table2"] = results_table(primary, ablation, grid.datasets, n_expected, paper["table2"])

@@ -27,7 +27,9 @@ from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.doctor import missing_gpu_indices
 from pathmamba.predict import predict, read_input_image
 from pathmamba.registry import build_method
+from pathmamba.results import Grid, finished_runs
 from pathmamba.runtime import InputError
+from pathmamba.tables import write_tables
 from pathmamba.train import TrainingDiverged, TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
@@ -496,3 +498,26 @@ def test_doctor_reports_an_hparams_mistake_in_its_config_row_without_a_traceback
     assert rows["config"].startswith("| config | FAIL | invalid config:   methods.cam.hparams.width: '8' is not of "
                                      "type int |")
     assert rows["free disk"].startswith("| free disk | n/a | not sized: ")
+
+
+# --- a diverged run trained before the engine stopped them is in no table (item 1) ----------------------
+
+
+def test_tables_leave_out_a_run_whose_history_shows_a_diverged_loss(tmp_path):
+    from test_tables import scores_of, write_run
+
+    run_dir = tmp_path / "results" / "r"
+    for seed, value, losses in ((0, 0.5, "0.9,0.7"), (1, 0.132, "nan,nan"), (2, 0.6, "0.8,inf")):
+        folder = write_run(run_dir, "luad-histoseg", "cam", seed, scores_of(value))
+        (folder / "history.csv").write_text("epoch,loss\n" + "".join(f"{epoch},{loss}\n" for epoch, loss in
+                                                                     enumerate(losses.split(","), 1)))
+    write_run(run_dir, "luad-histoseg", "trivial", None, scores_of(0.2))
+    grid = Grid(["luad-histoseg"], ["cam"], [0, 1, 2])
+    assert finished_runs(run_dir, grid)["method"].tolist() == ["cam", "trivial"]
+    tables = write_tables(run_dir, grid, REPO / "config" / "paper_results.yaml", tmp_path / "tables", n_resamples=100)
+    cam = tables["table1"].query("method == 'cam' and metric == 'mIoU'").iloc[0]
+    assert (cam["mean"], cam["n_seeds"]) == (0.5, 1)  # seed 0 alone: neither 0.132 nor inf's run
+    markdown = (tmp_path / "tables" / "table1_comparison.md").read_text()
+    assert "| cam | weak (image labels) | 1/3 (incomplete) | **0.500** | " in markdown and "0.132" not in markdown
+    assert ("Not counted, their training diverged (a nan or infinite loss in history.csv): luad-histoseg cam seed 1; "
+            "luad-histoseg cam seed 2.") in markdown
