@@ -35,11 +35,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from pathmamba.config import (
     WEIGHT_KEYS,
     ConfigError,
+    check_methods,
     grid_datasets,
     grid_methods,
-    hparams_problems,
     method_hparams,
-    preset_overrides,
     train_settings,
     without_weights_files,
 )
@@ -254,11 +253,7 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     if unknown:
         raise ConfigError(f"methods: {', '.join(unknown)} not configured; configured methods: "
                           f"{', '.join(config['methods'])}")
-    # The workflow's start-up check of the hparams, before any model is built (a typo is not a traceback).
-    problems = [problem for method in methods for check in (preset_overrides, hparams_problems)
-                for problem in check(method, config["methods"][method] or {})]
-    if problems:
-        raise ConfigError("; ".join(problems))
+    check_methods(config, methods)  # before any model is built: a typo is not a traceback
     dataset = max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
     image_size = dataset_image_size(config, dataset)
     torch.set_num_threads(threads or config.get("threads_per_job", torch.get_num_threads()))

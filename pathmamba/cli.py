@@ -501,10 +501,13 @@ def _doctor(args) -> int:
 
 
 def _plan(args) -> None:
+    from pathmamba.config import check_methods, grid_methods
     from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
 
     with _config_named(args.configfile):
-        print(format_plan(gpu_jobs(load_workflow_config(args.configfile))))
+        config = load_workflow_config(args.configfile)
+        check_methods(config, grid_methods(config))
+        print(format_plan(gpu_jobs(config)))
 
 
 def _calibrate(args) -> None:

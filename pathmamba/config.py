@@ -155,6 +155,16 @@ _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)
             "dict": (dict,)}
 
 
+def check_methods(config: dict[str, Any], methods: list[str]) -> None:
+    """Raise :class:`ConfigError` (one line) when the config blocks of ``methods`` set a preset key or
+    hparams their builders refuse: the start-up check of :func:`check_config` for the commands that build
+    models without the workflow (``calibrate``) or plan them (``plan``)."""
+    problems = [problem for method in methods for check in (preset_overrides, hparams_problems)
+                for problem in check(method, config["methods"][method] or {})]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def hparams_problems(method: str, entry: dict[str, Any]) -> list[str]:
     """:func:`keyword_problems` of ``method``'s config block ``entry`` (and of its ``stage1`` block), each
     named by its config key; the preset's keys are left to :func:`preset_overrides`."""

@@ -521,3 +521,10 @@ def test_tables_leave_out_a_run_whose_history_shows_a_diverged_loss(tmp_path):
     assert "| cam | weak (image labels) | 1/3 (incomplete) | **0.500** | " in markdown and "0.132" not in markdown
     assert ("Not counted, their training diverged (a nan or infinite loss in history.csv): luad-histoseg cam seed 1; "
             "luad-histoseg cam seed 2.") in markdown
+
+
+def test_plan_refuses_an_hparams_mistake_instead_of_planning_failing_jobs(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(VALID_YAML.replace("width: 8", "width: [8]"))
+    message = cli_error(["plan", "--configfile", str(config)], capsys)
+    assert message == f"pathmamba plan: {config}: methods.cam.hparams.width: [8] is not of type int"
