@@ -58,8 +58,8 @@ AVX2_PINS = {
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "amx_tile", "amx_bf16")
 
-#: The variables apply() set in this process, with their values.
-_applied: dict[str, str] = {}
+#: The variables apply() set in this process: name -> (the value it set, the value before, or None).
+_applied: dict[str, tuple[str, str | None]] = {}
 
 
 class PinError(ValueError):
@@ -76,20 +76,24 @@ def mode() -> str:
 
 def apply(requested: str | None = None) -> dict[str, str]:
     """Set the pins of ``requested`` (default: :func:`mode`) in ``os.environ``, and ``PATHMAMBA_CPU_PINS``
-    to it so that child processes do the same; the pins set. ``native`` sets none, takes back those an
-    earlier call in this process set (the workflow imports this package before it reads the config) and
-    leaves those the user set."""
+    to it so that child processes do the same; the pins set. ``native`` sets none and takes back those an
+    earlier call in this process set (the workflow imports this package before it reads the config),
+    restoring what the user had set before them."""
     chosen = requested or mode()
     if chosen not in MODES:
         raise PinError(f"CPU pins {chosen!r}: expected one of {', '.join(MODES)}")
-    for name, value in _applied.items():
-        if os.environ.get(name) == value:
-            del os.environ[name]
+    for name, (ours, before) in _applied.items():
+        if os.environ.get(name) == ours:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
     _applied.clear()
     os.environ[MODE_VARIABLE] = chosen
     pins = AVX2_PINS if chosen == "avx2" else {}
-    os.environ.update(pins)
-    _applied.update(pins)
+    for name, value in pins.items():
+        _applied[name] = (value, os.environ.get(name))
+        os.environ[name] = value
     return dict(pins)
 
 

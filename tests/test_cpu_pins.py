@@ -42,6 +42,18 @@ def test_native_takes_back_the_pins_this_process_set_and_keeps_the_users(restore
     assert {name: os.environ[name] for name in cpu_pins.AVX2_PINS} == cpu_pins.AVX2_PINS
 
 
+def test_native_after_the_import_time_pins_restores_what_the_user_had_set(restored_environment):
+    """The workflow's case: the user exports a variable, importing pathmamba pins over it, then the
+    config's `cpu_pins: native` takes the pins back: the user's value is in effect again."""
+    cpu_pins.apply("native")
+    os.environ["ATEN_CPU_CAPABILITY"] = "default"
+    os.environ.pop("MKL_CBWR", None)
+    cpu_pins.apply("avx2")
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    cpu_pins.apply("native")
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "default" and "MKL_CBWR" not in os.environ
+
+
 def test_an_unknown_mode_is_refused_naming_the_variable(restored_environment):
     os.environ[cpu_pins.MODE_VARIABLE] = "avx512"
     with pytest.raises(cpu_pins.PinError, match=r"PATHMAMBA_CPU_PINS='avx512': expected one of avx2, native"):
