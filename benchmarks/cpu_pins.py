@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,7 @@ DATASET = "synthetic-luad"
 
 def train_seconds(method: str, hparams: dict, data: Path, work: Path, epochs: int, pins: str) -> float:
     """Seconds of the training epochs of one fresh ``train`` call with the CPU pins ``pins``."""
-    env = {name: value for name, value in os.environ.items() if name not in cpu_pins.AVX2_PINS}
-    env.update({cpu_pins.MODE_VARIABLE: pins, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    env = {**cpu_pins.child_environment(pins), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     settings = {"epochs": epochs, "batch_size": 16, "lr": 1e-3, "device": "cpu", "workers": 0}
     out = work / f"{method}-{pins}"
     subprocess.run([sys.executable, "-m", "pathmamba", "train", "--method", method, "--dataset", DATASET,

@@ -30,6 +30,7 @@ import pandas as pd
 from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.layout import RUN, TRIVIAL, TRIVIAL_RUN
 from pathmamba.metrics import METRICS, confusion_columns
+from pathmamba.readme import RESULTS_END, RESULTS_START
 from pathmamba.render import METRIC_LABELS, MISSING, MIXED_MARK, markdown_grid
 from pathmamba.results import flat_record, hardware_label, load_paper_results, load_per_image, read_run_json
 from pathmamba.runtime import FileSafetyError, InputError, atomic_write_text
@@ -65,7 +66,6 @@ NOT_CONFIGURATION = ("method", "dataset", "seed", "data_root", "checkpoint_dir",
 EVALUATION = "evaluation."
 
 #: The README's results section, as ``python -m pathmamba readme`` writes it.
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 #: Half a unit of the README's last digit (three decimals), as the paper's.
 README_ROUNDING = PAPER_ROUNDING
 #: The first line of a Markdown file compare wrote: an existing ``--out`` without it is not overwritten.
@@ -190,10 +190,10 @@ def read_readme(path: Path) -> dict[tuple[str, str], Published]:
     """The cells of a README's results section (one ``### dataset`` table per dataset, as
     :func:`pathmamba.render.markdown_results` writes them): mean ± std and seed count per metric."""
     text = Path(path).read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise InputError(f"B: {path} has no results section between {README_START} and {README_END}; "
+    if text.count(RESULTS_START) != 1 or text.count(RESULTS_END) != 1:
+        raise InputError(f"B: {path} has no results section between {RESULTS_START} and {RESULTS_END}; "
                          "expected a README written by `python -m pathmamba readme`")
-    section = text.split(README_START)[1].split(README_END)[0]
+    section = text.split(RESULTS_START)[1].split(RESULTS_END)[0]
     cells: dict[tuple[str, str], Published] = {}
     dataset, header = None, []
     for line in section.splitlines():

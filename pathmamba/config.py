@@ -133,16 +133,20 @@ def preset_overrides(method: str, entry: dict[str, Any]) -> list[str]:
     """One problem per hparams key of ``method``'s config block (and of its ``stage1`` block) that its
     registry preset fixes. A preset is what makes the method that variant (PathMamba's Table 2 flags): a
     config that set ``use_miml: true`` under ``pathmamba-b`` would train another row under that name."""
-    problems = []
+    return [f"{prefix}.{key}: {method}'s registry preset fixes {key}={preset[key]!r}; a preset key cannot be "
+            "set by config (remove it, or register another method)"
+            for _, prefix, hparams, preset in _stage_hparams(method, entry)
+            for key in sorted(set(hparams) & set(preset))]
+
+
+def _stage_hparams(method: str, entry: dict[str, Any]):
+    """(stage, config key prefix, hparams, registry preset) of ``method``'s config block ``entry`` and, where
+    it has one, of its ``stage1`` block (stage 1)."""
     for stage, block in ((None, entry), (1, entry.get("stage1") or {})):
         if stage == 1 and not block:
             continue
-        preset = get_spec(method, stage).preset
-        prefix = f"methods.{method}" + (".stage1" if stage else "")
-        for key in sorted(set(block.get("hparams") or {}) & set(preset)):
-            problems.append(f"{prefix}.hparams.{key}: {method}'s registry preset fixes {key}={preset[key]!r}; "
-                            "a preset key cannot be set by config (remove it, or register another method)")
-    return problems
+        prefix = f"methods.{method}" + (".stage1" if stage else "") + ".hparams"
+        yield stage, prefix, block.get("hparams") or {}, get_spec(method, stage).preset
 
 
 #: Builder keywords whose value (or each value of a list) must be at least 1: widths, channel counts,
@@ -168,15 +172,9 @@ def check_methods(config: dict[str, Any], methods: list[str]) -> None:
 def hparams_problems(method: str, entry: dict[str, Any]) -> list[str]:
     """:func:`keyword_problems` of ``method``'s config block ``entry`` (and of its ``stage1`` block), each
     named by its config key; the preset's keys are left to :func:`preset_overrides`."""
-    problems = []
-    for stage, block in ((None, entry), (1, entry.get("stage1") or {})):
-        if stage == 1 and not block:
-            continue
-        preset = get_spec(method, stage).preset
-        hparams = {key: value for key, value in (block.get("hparams") or {}).items() if key not in preset}
-        problems += keyword_problems(method, stage, hparams,
-                                     f"methods.{method}" + (".stage1" if stage else "") + ".hparams")
-    return problems
+    return [problem for stage, prefix, hparams, preset in _stage_hparams(method, entry)
+            for problem in keyword_problems(method, stage, {key: value for key, value in hparams.items()
+                                                            if key not in preset}, prefix)]
 
 
 def keyword_problems(method: str, stage: int | None, hparams: dict[str, Any], prefix: str) -> list[str]:

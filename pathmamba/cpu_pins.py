@@ -97,6 +97,14 @@ def apply(requested: str | None = None) -> dict[str, str]:
     return dict(pins)
 
 
+def child_environment(requested: str) -> dict[str, str]:
+    """This process's environment for a child that runs with the pins ``requested``, without the pins this
+    package set here (so that ``native`` there means the libraries' own defaults)."""
+    env = {name: value for name, value in os.environ.items() if name not in AVX2_PINS}
+    env[MODE_VARIABLE] = requested
+    return env
+
+
 def _cpuinfo() -> tuple[str | None, str | None, list[str]]:
     """(model name, vendor, the ISA_FLAGS this CPU has) from /proc/cpuinfo; Nones on other systems."""
     try:

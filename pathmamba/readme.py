@@ -16,9 +16,12 @@ from pathlib import Path
 from pathmamba import layout
 from pathmamba.runtime import atomic_write_text
 
+#: The markers around the README's results section.
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
-def splice_readme(readme: Path, table_md: Path, start: str = "<!-- results:start -->",
-                  end: str = "<!-- results:end -->", check: bool = False) -> list[str]:
+
+def splice_readme(readme: Path, table_md: Path, start: str = RESULTS_START, end: str = RESULTS_END,
+                  check: bool = False) -> list[str]:
     """Replace the text between the ``start`` and ``end`` markers of ``readme`` with ``table_md``'s text
     (its first heading dropped: the README has its own). With ``check``, change nothing; return the
     unified diff from the README to what it would become (empty when they agree)."""

@@ -608,7 +608,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
             loss, parts = model.loss(images, targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        _check_finite(model, loss, f"epoch {epoch}/{epochs}, step {step}/{steps}")
+        loss_value = _finite_loss(model, loss, f"epoch {epoch}/{epochs}, step {step}/{steps}")
         factor = lr_factor_at(step - 1)
         for group in optimiser.param_groups:
             # The configured rate, kept in the group (and so in checkpoints) the first time it is scaled.
@@ -616,7 +616,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
         optimiser.step()
         between_steps()
         seen += len(images)
-        for name, value in {"loss": float(loss.detach()), **parts}.items():
+        for name, value in {"loss": loss_value, **parts}.items():
             totals[name] = totals.get(name, 0.0) + value * len(images)
         if interactive:
             print(f"\repoch {epoch}/{epochs} step {step}/{steps} loss {float(loss):.4f}",
@@ -638,10 +638,11 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
             "lr_factor": factor}
 
 
-def _check_finite(model: torch.nn.Module, loss: torch.Tensor, where: str) -> None:
-    """Raise :class:`TrainingDiverged` naming ``where`` (the epoch and step) when ``loss`` or a gradient of
-    ``model`` is nan or infinite, before the optimiser steps on it. Reads only: a finite run's numbers are
-    unchanged (one reduction per step, the largest absolute gradient)."""
+def _finite_loss(model: torch.nn.Module, loss: torch.Tensor, where: str) -> float:
+    """``loss`` as a number; raise :class:`TrainingDiverged` naming ``where`` (the epoch and step) when it or
+    a gradient of ``model`` is nan or infinite, before the optimiser steps on it. Reads only: a finite
+    run's numbers are unchanged (one reduction per step, the largest absolute gradient, read in the same
+    device-to-host copy as the loss)."""
     grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
     largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else torch.zeros(())
     loss_value, largest_value = (float(value) for value in torch.stack([loss.detach().float(),
@@ -650,6 +651,7 @@ def _check_finite(model: torch.nn.Module, loss: torch.Tensor, where: str) -> Non
         raise TrainingDiverged(f"{where}: the training loss is {loss_value}")
     if not math.isfinite(largest_value):
         raise TrainingDiverged(f"{where}: a gradient is {largest_value} (the loss is {loss_value:.4g})")
+    return loss_value
 
 
 def _cpu_peak_rss() -> float:

@@ -58,12 +58,12 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_writes_nothing(canonica
 
 def test_a_run_diverging_after_a_finite_epoch_keeps_that_epochs_checkpoint(canonical, tmp_path, monkeypatch,
                                                                            one_torch_thread):
-    check = train_module._check_finite
+    check = train_module._finite_loss
 
     def nan_in_epoch_2(model, loss, where):
-        check(model, loss * float("nan") if where.startswith("epoch 2/") else loss, where)
+        return check(model, loss * float("nan") if where.startswith("epoch 2/") else loss, where)
 
-    monkeypatch.setattr(train_module, "_check_finite", nan_in_epoch_2)
+    monkeypatch.setattr(train_module, "_finite_loss", nan_in_epoch_2)
     with pytest.raises(TrainingDiverged, match=r"^training diverged at epoch 2/3, step 1/2: the training loss is "
                                                rf"nan; no model.pt written, the run has no result \("
                                                rf"{tmp_path / 'checkpoints' / 'last.pt'} holds epoch 1, the last "
@@ -80,14 +80,14 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_named():
     loss.backward()
     model.weight.grad[0, 1] = float("inf")
     with pytest.raises(TrainingDiverged, match=r"^epoch 3/5, step 7/9: a gradient is inf \(the loss is -?\d"):
-        train_module._check_finite(model, loss, "epoch 3/5, step 7/9")
+        train_module._finite_loss(model, loss, "epoch 3/5, step 7/9")
 
 
 def test_the_divergence_check_leaves_a_finite_run_bitwise_unchanged(canonical, tmp_path, monkeypatch,
                                                                     one_torch_thread):
     settings = TrainSettings(epochs=2, batch_size=4, lr=1e-3, device="cpu")
     train("cam", "synthetic-luad", canonical, tmp_path / "checked", tmp_path / "ck1", 0, TINY_CAM, settings)
-    monkeypatch.setattr(train_module, "_check_finite", lambda model, loss, where: None)
+    monkeypatch.setattr(train_module, "_finite_loss", lambda model, loss, where: float(loss.detach()))
     train("cam", "synthetic-luad", canonical, tmp_path / "unchecked", tmp_path / "ck2", 0, TINY_CAM, settings)
     checked, unchecked = (torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
                           for name in ("checked", "unchecked"))

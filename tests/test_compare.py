@@ -346,9 +346,10 @@ def test_folders_without_runs_or_in_common_are_refused(tmp_path, capsys):
 
 
 def test_every_row_of_the_repository_readmes_results_section_is_read():
-    from pathmamba.compare import README_END, README_START, read_readme
+    from pathmamba.compare import read_readme
+    from pathmamba.readme import RESULTS_END, RESULTS_START
 
-    section = (REPO / "README.md").read_text().split(README_START)[1].split(README_END)[0]
+    section = (REPO / "README.md").read_text().split(RESULTS_START)[1].split(RESULTS_END)[0]
     rows = [line for line in section.splitlines()
             if line.startswith("| ") and not line.startswith("| Method |") and "| — |" not in line]
     cells = read_readme(REPO / "README.md")

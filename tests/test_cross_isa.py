@@ -87,8 +87,7 @@ def _run(out: Path, cpu: str | None, pins: str, methods: tuple[str, ...] = METHO
     prefix = [QEMU, "-cpu", cpu] if cpu else []
     # This process holds the default pins in its environment (conftest imports pathmamba); `native` leaves
     # the environment as it is, so the unpinned run gets one without them.
-    env = {name: value for name, value in os.environ.items() if name not in cpu_pins.AVX2_PINS}
-    env.update({cpu_pins.MODE_VARIABLE: pins, "PYTHONPATH": str(REPO)})
+    env = {**cpu_pins.child_environment(pins), "PYTHONPATH": str(REPO)}
     result = subprocess.run([*prefix, sys.executable, "-c", script, json.dumps(_commands(out, methods))], env=env,
                             capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
