@@ -87,7 +87,7 @@ def check_config(config: dict[str, Any]) -> None:
                             f"{', '.join(two_stage_methods())}")
         else:
             problems += preset_overrides(method, entry)
-            problems += hparams_problems(method, entry)
+            problems += hparams_problems(method, entry) or schedule_problems(config, method)
     for key in ("methods", "datasets"):
         for name in config.get("grid", {}).get(key, []):
             if name not in config.get(key, {}):
@@ -139,6 +139,24 @@ def preset_overrides(method: str, entry: dict[str, Any]) -> list[str]:
             for key in sorted(set(hparams) & set(preset))]
 
 
+def schedule_problems(config: dict[str, Any], method: str) -> list[str]:
+    """A problem when ``method`` has a schedule of its own (``MethodSpec.epochs_from``: SC-CAM's CAM phase
+    and rounds) whose epochs differ from its ``train.epochs``: its rounds would be cut short, or run past
+    the epoch that is its final model."""
+    spec = get_spec(method)
+    if not spec.epochs_from:
+        return []
+    values = {**builder_defaults(method), **spec.preset, **(config["methods"][method] or {}).get("hparams", {})}
+    parts = {key: values[key] for key in spec.epochs_from}
+    scheduled = int(sum(sum(_numbers(value)) for value in parts.values()))
+    epochs = train_settings(config, method).get("epochs")
+    if epochs == scheduled:
+        return []
+    named = " + ".join(f"{key} {value!r}" for key, value in parts.items())
+    return [f"methods.{method}.train.epochs: {epochs!r}, but {method}'s schedule ({named}) takes {scheduled} "
+            f"epochs; set methods.{method}.train.epochs: {scheduled} or change its schedule's hparams"]
+
+
 def _stage_hparams(method: str, entry: dict[str, Any]):
     """(stage, config key prefix, hparams, registry preset) of ``method``'s config block ``entry`` and, where
     it has one, of its ``stage1`` block (stage 1)."""
@@ -153,7 +171,7 @@ def _stage_hparams(method: str, entry: dict[str, Any]):
 #: sizes, counts.
 AT_LEAST_ONE = frozenset({"width", "backbone_width", "dims", "depths", "decoder_dim", "decoder_channels",
                           "encoder_depth", "patch_size", "d_state", "d_conv", "conv_kernel", "subcategories",
-                          "rounds", "cluster_every", "background_min_size"})
+                          "cam_epochs", "round_epochs", "background_min_size"})
 #: What a scalar annotation accepts from YAML or JSON (a bool is no number there).
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
             "dict": (dict,)}
@@ -240,24 +258,47 @@ def builder_keywords(method: str, stage: int | None = None) -> dict[str, str]:
     besides ``num_classes`` and its preset's keys, read from the source without importing it; a class
     whose ``__init__`` takes only ``*args, **kwargs`` has its base class's keywords."""
     spec = get_spec(method, stage)
-    module, _, name = spec.target.partition(":")
-    keywords = _class_keywords(module, name)
-    return {key: value for key, value in keywords.items() if key != "num_classes" and key not in spec.preset}
+    return {key: annotation for key, (annotation, _) in _builder_arguments(spec.target).items()
+            if key != "num_classes" and key not in spec.preset}
 
 
-def _class_keywords(module: str, name: str) -> dict[str, str]:
+def builder_defaults(method: str, stage: int | None = None) -> dict[str, Any]:
+    """``{keyword: default value}`` of the builder of ``method`` for the keywords whose default is a
+    literal (read as :func:`builder_keywords` reads the keywords)."""
+    return {key: ast.literal_eval(default) for key, (_, default) in
+            _builder_arguments(get_spec(method, stage).target).items()
+            if default is not None and _is_literal(default)}
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return True
+
+
+def _builder_arguments(target: str) -> dict[str, tuple[str, ast.expr | None]]:
+    """``{keyword: (annotation source text, default node or None)}`` of the class ``module:name``."""
+    module, _, name = target.partition(":")
+    return _class_arguments(module, name)
+
+
+def _class_arguments(module: str, name: str) -> dict[str, tuple[str, ast.expr | None]]:
     source = Path(importlib.util.find_spec(module).origin)
     tree = ast.parse(source.read_text(), str(source))
     found = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
     init = next((node for node in found.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"), None)
-    arguments = [*init.args.args[1:], *init.args.kwonlyargs] if init else []
-    if arguments:
-        return {argument.arg: ast.unparse(argument.annotation) if argument.annotation else "Any"
-                for argument in arguments}
+    if init and [*init.args.args[1:], *init.args.kwonlyargs]:
+        positional = init.args.args[1:]
+        defaults = [None] * (len(positional) - len(init.args.defaults)) + list(init.args.defaults)
+        pairs = [*zip(positional, defaults), *zip(init.args.kwonlyargs, init.args.kw_defaults)]
+        return {argument.arg: (ast.unparse(argument.annotation) if argument.annotation else "Any", default)
+                for argument, default in pairs}
     base = ast.unparse(found.bases[0])
     imported = next((node.module for node in tree.body if isinstance(node, ast.ImportFrom)
                      and any(alias.name == base for alias in node.names)), module)
-    return _class_keywords(imported, base)
+    return _class_arguments(imported, base)
 
 
 def grid_methods(config: dict[str, Any]) -> list[str]:

@@ -13,7 +13,9 @@ Two rules, as in Mamba and VMamba:
   baseline) all unflagged parameters decay as before: the baselines keep the single decayed group that
   their results were produced with.
 
-The flags are plain attributes: ``model.to(...)`` and ``load_state_dict`` keep them, but
+A module may also set ``_lr_scale`` (a float): its parameters train at that multiple of the learning rate,
+in groups of their own (the authors' side-output decoders of the MIML branch at lr / 100, their
+``functions/train.py``). The flags are plain attributes: ``model.to(...)`` and ``load_state_dict`` keep them, but
 ``copy.deepcopy`` of a parameter does not, so build the groups from the model the optimiser steps.
 """
 
@@ -34,24 +36,28 @@ def _exempt_1d(model: nn.Module) -> set[int]:
     }
 
 
+def _lr_scales(model: nn.Module) -> dict[int, float]:
+    """``{id(parameter): scale}`` for the parameters of modules that set ``_lr_scale``."""
+    return {id(p): float(module._lr_scale) for module in model.modules() if hasattr(module, "_lr_scale")
+            for p in module.parameters()}
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimiser groups for ``model``: the decayed parameters with ``weight_decay``, then the exempt ones
-    (see the module docstring) with weight decay 0. Every parameter is in one group, frozen ones too (Adam
-    skips a parameter without a gradient; a method may unfreeze one later). An empty exempt group is left
-    out: a model with nothing exempt keeps the single group, ordered as ``parameters()``, that it had
-    before the groups existed. Each group carries its ``name`` ("decay", "no_decay"), kept by torch in
-    the optimiser's state dict."""
-    exempt_1d = _exempt_1d(model)
-    decay, no_decay = [], []
+    (see the module docstring) with weight decay 0, each split by learning-rate scale (1 first). Every
+    parameter is in one group, frozen ones too (Adam skips a parameter without a gradient; a method may
+    unfreeze one later). Empty groups are left out: a model with nothing exempt or scaled keeps the
+    single group, ordered as ``parameters()``, that it had before the groups existed. Each group carries
+    its ``name`` ("decay", "no_decay", "decay_lr_x0.01", ...) and ``lr_scale``, kept by torch in the
+    optimiser's state dict."""
+    exempt_1d, scales = _exempt_1d(model), _lr_scales(model)
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
-        if getattr(p, "_no_weight_decay", False) or id(p) in exempt_1d:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
-    return groups
+        exempt = getattr(p, "_no_weight_decay", False) or id(p) in exempt_1d
+        grouped.setdefault((exempt, scales.get(id(p), 1.0)), []).append(p)
+    return [{"name": ("no_decay" if exempt else "decay") + ("" if scale == 1.0 else f"_lr_x{scale:g}"),
+             "params": params, "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale}
+            for (exempt, scale), params in sorted(grouped.items(), key=lambda item: (item[0][0], item[0][1] != 1.0))]
 
 
 def adam(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -61,4 +67,5 @@ def adam(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
     vector math, whose last bit differs between Intel and AMD CPUs even with MKL's reproducibility
     branch pinned; the fused kernel uses the exactly rounded square-root instruction, the same on every
     x86-64 CPU (pathmamba/cpu_pins.py). On CUDA it is one kernel launch instead of one per tensor."""
-    return torch.optim.Adam(parameter_groups(model, weight_decay), lr=lr, fused=True)
+    groups = [{**group, "lr": lr * group["lr_scale"]} for group in parameter_groups(model, weight_decay)]
+    return torch.optim.Adam(groups, lr=lr, fused=True)

@@ -91,13 +91,16 @@ class SecondStage(Method, Protocol):
 @dataclass(frozen=True)
 class MethodSpec:
     """How to build one method and what supervision it trains with (``image`` labels, ``pixel`` masks of
-    val, or ``pseudo`` masks written by its first stage, ``stage1``)."""
+    val, or ``pseudo`` masks written by its first stage, ``stage1``). ``epochs_from``: builder keywords
+    whose values (numbers or lists of numbers) add up to the method's training epochs, for a method with a
+    schedule of its own (SC-CAM's CAM phase and rounds); the config check holds ``train.epochs`` to it."""
 
     target: str
     supervision: str = "image"
     summary: str = ""
     preset: dict[str, Any] = field(default_factory=dict)
     stage1: MethodSpec | None = None
+    epochs_from: tuple[str, ...] = ()
 
 
 _PATHMAMBA = "pathmamba.models.pathmamba:PathMamba"
@@ -125,6 +128,7 @@ METHODS: dict[str, MethodSpec] = {
     "sc-cam": MethodSpec(
         "baselines.cam.sccam:SCCAM",
         summary="CAM + k-means sub-category head, re-clustered in rounds (Chang et al., CVPR 2020)",
+        epochs_from=("cam_epochs", "round_epochs"),
     ),
     "c-cam": MethodSpec(
         "baselines.cam.ccam:CCAM",

@@ -49,7 +49,7 @@ from pathmamba.config import all_fetched_weights, fetched_weights, method_hparam
 from pathmamba.data.specs import DATASETS, get_dataset_spec
 from pathmamba.layout import BENCHMARK_ROOT, LOGS, run_path
 from pathmamba.plan import REAL_IMAGE_SIZE
-from pathmamba.registry import get_spec, two_stage_methods
+from pathmamba.registry import get_spec, method_names, two_stage_methods
 from pathmamba.runtime import atomic_write_text
 from pathmamba.settings import TrainSettings
 
@@ -63,13 +63,15 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 #: The file that marks a folder as a rehearsal's own.
 MARKER = ".pathmamba-rehearsal"
 #: The keys of the paper config an overlay may change (dotted; ``*`` is any one key; a key covers
-#: everything below it): where the data comes from, how many runs and epochs, the batch size (capped by
-#: the few generated images), and what a CPU-only machine cannot follow (device, fused scan, bf16).
+#: everything below it): where the data comes from, how many runs and epochs (a method's own schedule's
+#: epoch counts, ``MethodSpec.epochs_from``, included), the batch size (capped by the few generated
+#: images), and what a CPU-only machine cannot follow (device, fused scan, bf16).
 CHANGEABLE = (
     "run", "seeds", "threads_per_job", "datasets.*",
     "train.epochs", "train.batch_size", "train.device", "train.scan", "train.precision",
     "methods.*.train.epochs", "methods.*.train.batch_size",
     "methods.*.stage1.train.epochs", "methods.*.stage1.train.batch_size",
+    *(f"methods.{method}.hparams.{key}" for method in method_names() for key in get_spec(method).epochs_from),
 )
 #: Training settings the paper config leaves unset and the job resolves for its machine (data loader
 #: workers: threads - 1 on CUDA, 0 on the CPU); run.json records the resolved value.
@@ -329,6 +331,8 @@ def expected_record(paper: dict[str, Any], effective: dict[str, Any], method: st
     effective config's. A method trained on its first stage's pseudo masks records that stage's
     hparams as ``stage1_hparams``."""
     hparams = method_hparams(paper, method, stage)
+    schedule = get_spec(method, stage).epochs_from
+    hparams.update({key: value for key, value in method_hparams(effective, method, stage).items() if key in schedule})
     if stage is None and get_spec(method).supervision == "pseudo":
         hparams["stage1_hparams"] = method_hparams(paper, method, 1)
     paper_settings = asdict(TrainSettings(**train_settings(paper, method, stage)))

@@ -152,7 +152,7 @@ def test_sccam_predicts_over_its_scales_and_flips():
 
 def _sccam_after_one_clustering(**hparams) -> tuple[SCCAM, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = SCCAM(num_classes=4, subcategories=2, rounds=1, cluster_every=1, **TINY, **hparams)
+    model = SCCAM(num_classes=4, subcategories=2, cam_epochs=1, round_epochs=(1,), **TINY, **hparams)
     images = torch.randn(8, 3, 32, 32)
     labels = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]] * 4, dtype=torch.float32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
@@ -182,7 +182,7 @@ def test_sccam_labels_come_from_the_clustered_eval_mode_features(monkeypatch):
 
 def test_sccam_restarts_from_its_initial_weights_each_round():
     torch.manual_seed(0)
-    initial = SCCAM(num_classes=4, subcategories=2, rounds=1, cluster_every=1, restart_each_round=True, **TINY)
+    initial = SCCAM(num_classes=4, subcategories=2, cam_epochs=1, round_epochs=(1,), restart_each_round=True, **TINY)
     initial = {k: v.clone() for k, v in initial.state_dict().items()}
     model, _, _ = _sccam_after_one_clustering(restart_each_round=True)
     state = model.state_dict()

@@ -104,8 +104,8 @@ def test_a_class_with_fewer_images_than_subcategories_uses_only_its_clusters():
     assert targets[:, 1, 1:].sum() == 0  # never an empty cluster
 
 
-def test_reclustering_happens_rounds_times_every_cluster_every_epochs():
-    model = SCCAM(num_classes=4, subcategories=2, rounds=2, cluster_every=2, **TINY)
+def test_reclustering_happens_at_the_start_of_each_round_of_the_schedule():
+    model = SCCAM(num_classes=4, subcategories=2, cam_epochs=2, round_epochs=(2, 3), **TINY)
     images = torch.randn(8, 3, 32, 32)
     labels = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]] * 4, dtype=torch.float32)
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
@@ -114,6 +114,7 @@ def test_reclustering_happens_rounds_times_every_cluster_every_epochs():
         model.on_epoch_start(epoch, loader, CPU, "synthetic-luad")
         done.append(int(model.rounds_done))
     assert done == [0, 0, 1, 1, 2, 2, 2, 2]  # clustered at the start of epochs 3 and 5 only
+    assert model.final_epoch == 7 and [e for e in range(1, 9) if model.selectable_epoch(e, 7)] == [7]
 
     _, parts = model.loss(images[:4], labels[:4])
     assert set(parts) == {"parent", "subcategory"}
@@ -304,15 +305,15 @@ SETTINGS = TrainSettings(epochs=3, batch_size=6, lr=1e-3, device="cpu", workers=
 
 
 def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path):
-    hparams = dict(TINY, subcategories=2, rounds=2, cluster_every=1)
+    hparams = dict(TINY, subcategories=2, cam_epochs=1, round_epochs=(1, 2))
     settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 4})
     train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "run", tmp_path / "ckpt", seed=0,
           hparams=hparams, settings=settings)
     rows = _history(tmp_path / "run")
     assert [row["subcategory"] != "" for row in rows] == [False, True, True, True]
     model_file = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    # The model file is the best epoch on val; clusterings happened at the starts of epochs 2 and 3.
-    assert int(model_file["state_dict"]["rounds_done"]) == min(model_file["epoch"] - 1, 2)
+    # The model file is the schedule's final epoch; clusterings happened at the starts of epochs 2 and 3.
+    assert model_file["epoch"] == 4 and int(model_file["state_dict"]["rounds_done"]) == 2
 
     # Preempted after the first round (epoch 2): the checkpoint brings the clustering state back, and
     # the rerun ends with the same result as the uninterrupted run.

@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 from pathmamba.config import method_hparams
-from pathmamba.optim import parameter_groups
+from pathmamba.optim import adam, parameter_groups
 from pathmamba.registry import build_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,13 +30,14 @@ def paper_model(method="pathmamba"):
 def split(model, weight_decay=5e-4):
     """(names decayed, names not decayed), checking that each parameter is in exactly one group."""
     groups = parameter_groups(model, weight_decay)
-    assert [g["name"] for g in groups] == ["decay", "no_decay"]
-    assert [g["weight_decay"] for g in groups] == [weight_decay, 0.0]
+    names = [g["name"] for g in groups]
+    assert names in (["decay", "no_decay"], ["decay", "decay_lr_x0.01", "no_decay"])
+    assert [g["weight_decay"] for g in groups] == [weight_decay] * (len(groups) - 1) + [0.0]
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    group_of = {id(p): g["name"] for g in groups for p in g["params"]}
-    decay = {n for n, p in model.named_parameters() if group_of[id(p)] == "decay"}
-    no_decay = {n for n, p in model.named_parameters() if group_of[id(p)] == "no_decay"}
+    group_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    decay = {n for n, p in model.named_parameters() if group_of[id(p)] > 0}
+    no_decay = {n for n, p in model.named_parameters() if group_of[id(p)] == 0}
     return decay, no_decay, groups
 
 
@@ -79,6 +80,22 @@ def test_paper_size_pathmamba_groups():
     print("\npaper-size pathmamba parameter groups (tensors, scalars):", counts)
     flagged = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in SSM_FLAGGED]
     print("  of which flagged A_logs/Ds/dt_projs_bias:", (len(flagged), sum(p.numel() for p in flagged)))
+
+
+@pytest.mark.parametrize("method", ["pathmamba", "pathmamba-b-miml"])
+def test_miml_side_classifiers_train_at_a_hundredth_of_the_learning_rate(method):
+    """The authors' functions/train.py: decoder1-3 (models/mil.py's 1x1 side classifiers) at lr / 100."""
+    model = demo_model(method)
+    optimiser = adam(model, lr=1e-3, weight_decay=5e-4)
+    lr_of = {id(p): g["lr"] for g in optimiser.param_groups for p in g["params"]}
+    side = {n for n, _ in model.named_parameters() if n.startswith("miml.side_classifiers.")}
+    assert side and all(n.endswith((".weight", ".bias")) for n in side)
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(1e-5 if name in side else 1e-3), name
+
+
+def test_a_model_without_miml_has_no_scaled_group():
+    assert [g["name"] for g in parameter_groups(demo_model("pathmamba-b"), 5e-4)] == ["decay", "no_decay"]
 
 
 def test_baselines_keep_one_decayed_group_in_parameter_order():

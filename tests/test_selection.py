@@ -16,10 +16,12 @@ TINY = {"backbone": "resnet18", "width": 8}
 
 def test_selectable_epochs_default_to_all_and_sccam_declares_only_its_final_epoch():
     cam = build_method("cam", 4, **TINY)
-    sccam = build_method("sc-cam", 4, **TINY, rounds=3, cluster_every=25)
+    sccam = build_method("sc-cam", 4, **TINY, cam_epochs=15, round_epochs=[31, 41, 51])
     assert not isinstance(cam, SelectsEpochs) and isinstance(sccam, SelectsEpochs)
-    assert all(selectable_epoch(cam, epoch, 100) for epoch in range(1, 101))
-    assert [epoch for epoch in range(1, 101) if selectable_epoch(sccam, epoch, 100)] == [100]
+    assert all(selectable_epoch(cam, epoch, 138) for epoch in range(1, 139))
+    assert [epoch for epoch in range(1, 139) if selectable_epoch(sccam, epoch, 138)] == [138]
+    # The original's schedule: clusterings with the CAM of epoch 15, round 1's 31st and round 2's 41st epoch.
+    assert sccam.clustering_epochs == (16, 47, 88)
 
 
 class NeverSelectable(torch.nn.Module):
@@ -45,7 +47,7 @@ class FallingScores:
 
 
 @pytest.mark.parametrize(("method", "hparams", "kept"), [
-    ("cam", {}, 1), ("sc-cam", {"subcategories": 2, "cluster_every": 1}, 3)])
+    ("cam", {}, 1), ("sc-cam", {"subcategories": 2, "cam_epochs": 1, "round_epochs": [1, 1]}, 3)])
 def test_the_engine_keeps_the_best_selectable_epoch(method, hparams, kept, tmp_path, monkeypatch):
     root = tmp_path / "synthetic-luad"
     make_synthetic_dataset("synthetic-luad", root, n_train=16, n_val=4, n_test=4, size=32, seed=0)

@@ -3,8 +3,10 @@
 The images of each parent class are clustered (k-means on the classifier's pooled features) into
 ``subcategories`` sub-categories; a second 1x1 head over classes x sub-categories is trained jointly
 with the parent head (parent BCE + ``sub_weight`` x sub-category BCE), which pushes the features to
-separate the less discriminative parts of a class. Clustering is redone for ``rounds`` rounds, every
-``cluster_every`` epochs from epoch ``cluster_every + 1`` on. Masks come from the parent head, as CAM
+separate the less discriminative parts of a class. The schedule is the original's (``script.sh``): a
+plain CAM classifier for ``cam_epochs`` epochs, then one round per entry of ``round_epochs``, each
+starting with a clustering by the model of the end of the previous phase; the final model is the last
+epoch of the last round (:meth:`SCCAM.selectable_epoch`). Masks come from the parent head, as CAM
 (optionally over SC-CAM's inference scales and flips, ``scales`` / ``flip``).
 
 Sub-category labels (the original, github.com/Juliachang/SC-CAM: ``extract_feature.py`` then
@@ -43,15 +45,19 @@ class SCCAM(CAMClassifier):
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
                  output_stride: int = 8, width: int = 64, threshold: float = 0.5, subcategories: int = 10,
-                 rounds: int = 3, cluster_every: int = 1, sub_weight: float = 5.0, kmeans_seed: int = 0,
-                 restart_each_round: bool = False, scales: tuple[float, ...] = (1.0,), flip: bool = False):
+                 cam_epochs: int = 15, round_epochs: tuple[int, ...] = (31, 41, 51), sub_weight: float = 5.0,
+                 kmeans_seed: int = 0, restart_each_round: bool = False, scales: tuple[float, ...] = (1.0,),
+                 flip: bool = False):
         super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold, scales, flip)
-        if subcategories < 1 or rounds < 1 or cluster_every < 1:
-            raise ValueError(f"sc-cam: subcategories, rounds and cluster_every must be >= 1, got "
-                             f"{subcategories}, {rounds}, {cluster_every}")
+        round_epochs = tuple(int(length) for length in round_epochs)
+        if subcategories < 1 or cam_epochs < 1 or not round_epochs or min(round_epochs) < 1:
+            raise ValueError(f"sc-cam: subcategories and cam_epochs must be >= 1 and round_epochs one or more "
+                             f"values >= 1, got {subcategories}, {cam_epochs}, {list(round_epochs)}")
         channels = stage_channels(backbone, width=width)[-1]
         self.num_classes, self.subcategories = num_classes, subcategories
-        self.rounds, self.cluster_every = rounds, cluster_every
+        # Epochs (1-based) that start with a clustering: the first epoch of each round.
+        self.clustering_epochs = tuple(cam_epochs + 1 + sum(round_epochs[:i]) for i in range(len(round_epochs)))
+        self.final_epoch = cam_epochs + sum(round_epochs)
         self.sub_weight, self.kmeans_seed = sub_weight, kmeans_seed
         self.sub_classifier = nn.Conv2d(channels, num_classes * subcategories, kernel_size=1, bias=False)
         self.register_buffer("centroids", torch.zeros(num_classes, subcategories, channels))
@@ -68,14 +74,15 @@ class SCCAM(CAMClassifier):
                                 if self.restart_each_round else None)
 
     def selectable_epoch(self, epoch: int, epochs: int) -> bool:
-        """Model selection keeps the final epoch only (pathmamba.registry's ``SelectsEpochs``).
+        """Model selection keeps the last epoch of the last round only (pathmamba.registry's ``SelectsEpochs``).
 
         The original's final model is a fixed epoch of its last round, taken without looking at val
-        (``script.sh``: ``k10_R3_resnet_cls_ep50.pth``, the third round's ``train_cls.py``); here the last
-        round runs to the end of the schedule. The best val epoch over the whole run could be a plain CAM
-        from before the first clustering, or an earlier round's model, since every round restarts.
+        (``script.sh``: ``k10_R3_resnet_cls_ep50.pth``, the third round's ``train_cls.py``). The best val
+        epoch over the whole run could be a plain CAM from before the first clustering, or an earlier
+        round's model, since every round restarts. The config check makes ``epochs`` equal to
+        ``cam_epochs + sum(round_epochs)`` (pathmamba.config's schedule check).
         """
-        return epoch == epochs
+        return epoch == self.final_epoch
 
     def train(self, mode: bool = True):
         """The frozen extractor stays in eval mode, as the features it was clustered on."""
@@ -84,9 +91,9 @@ class SCCAM(CAMClassifier):
         return self
 
     def on_epoch_start(self, epoch: int, loader: DataLoader, device: torch.device, dataset: str) -> None:
-        """Re-cluster at the start of epochs cluster_every + 1, 2 * cluster_every + 1, ... (``rounds`` times)."""
-        due = epoch > 1 and (epoch - 1) % self.cluster_every == 0
-        if due and int(self.rounds_done) < self.rounds:
+        """Re-cluster at the start of each round (``clustering_epochs``), unless the round's clustering is
+        done already (``rounds_done``, saved with the weights: a resumed run does not redo it)."""
+        if epoch in self.clustering_epochs and int(self.rounds_done) <= self.clustering_epochs.index(epoch):
             features, labels = self.pooled_training_features(loader, device)
             self.cluster(features, labels)
             self.extractor.load_state_dict(self.features.state_dict())

@@ -8,7 +8,8 @@ strides 2 / 4 / 8 (their VGG16 trunk pools after each of its three stages). On t
 are the stem convolution (2), max-pool + layer1 (4) and layer2 (8). Their trunk itself (VGG16 with
 criss-cross attention, from SA-MIL) is not the paper's; the paper's ResNet-50 is kept. As docs/design.md
 §8.1 chooses, side maps have one channel per class (the paper's single-channel map is the per-class
-saliency max over them).
+saliency max over them). The authors train the side classifiers at lr / 100 (``functions/train.py``,
+parameter groups of their own); ``side_lr_scale`` sets that multiple (pathmamba/optim.py's ``_lr_scale``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class MIMLBranch(nn.Module):
 
     ``side_weights`` and ``side_strides`` have one entry per side output; the strides are increasing
     values of :data:`SEGMENT_STRIDES`, and the trunk runs only as far as the last of them.
+    ``side_lr_scale``: the side classifiers' learning rate as a multiple of the model's.
     """
 
     def __init__(
@@ -51,8 +53,11 @@ class MIMLBranch(nn.Module):
         side_weights: Sequence[float] = (0.2, 0.35, 0.45),
         width: int = 64,
         side_strides: Sequence[int] = (2, 4, 8),
+        side_lr_scale: float = 0.01,
     ):
         super().__init__()
+        if not side_lr_scale > 0:
+            raise ValueError(f"MIML: side_lr_scale={side_lr_scale!r}; expected a multiple > 0 of the learning rate")
         side_strides = tuple(int(s) for s in side_strides)
         if len(side_strides) != len(side_weights) or list(side_strides) != sorted(set(side_strides)) \
                 or not set(side_strides) <= set(SEGMENT_STRIDES):
@@ -65,6 +70,7 @@ class MIMLBranch(nn.Module):
         self.stages = nn.ModuleList(segments[:depth])
         self.side_at = tuple(SEGMENT_STRIDES.index(s) for s in side_strides)
         self.side_classifiers = nn.ModuleList(nn.Conv2d(channels[i], num_classes, 1) for i in self.side_at)
+        self.side_classifiers._lr_scale = float(side_lr_scale)
         self.side_weights = tuple(float(w) for w in side_weights)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

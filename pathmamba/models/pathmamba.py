@@ -124,6 +124,8 @@ class PathMamba(nn.Module):
         backbone_width: int = 64,
         side_weights: Sequence[float] = (0.2, 0.35, 0.45),
         side_strides: Sequence[int] = (2, 4, 8),
+        # the authors' functions/train.py: the side classifiers at lr / 100
+        side_lr_scale: float = 0.01,
         # prediction and loss
         gm_r: float = 4.0,
         xi: float = 0.5,
@@ -164,8 +166,8 @@ class PathMamba(nn.Module):
         self.dcl_miml_weights = tuple(float(w) for w in dcl_miml_weights)
         self.dcl_stage_weights = tuple(float(w) for w in dcl_stage_weights)
 
-        self.miml = (MIMLBranch(num_classes, backbone, pretrained, side_weights, backbone_width, side_strides)
-                     if use_miml else None)
+        self.miml = (MIMLBranch(num_classes, backbone, pretrained, side_weights, backbone_width, side_strides,
+                                side_lr_scale) if use_miml else None)
         self.encoder = CMBEncoder(
             dims,
             depths,
