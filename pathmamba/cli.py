@@ -1,4 +1,9 @@
-"""Command line: ``python -m pathmamba <command>``; usable with or without Snakemake."""
+"""Command line: ``python -m pathmamba <command>``; usable with or without Snakemake.
+
+Building the parser imports nothing heavy (no torch, pandas or snakemake): each command imports what it
+needs when it runs, so that ``--help``, ``plan`` and the like start in a fraction of a second
+(tests/test_cli_startup.py).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from pathmamba import __version__
-from pathmamba.runtime import InputError
+from pathmamba.settings import PRECISIONS, SCAN_IMPLEMENTATIONS
 
 
 def _json_object(text: str) -> dict:
@@ -50,7 +53,7 @@ def _add_make_demo_data(commands) -> None:
 def _add_train(commands) -> None:
     from pathmamba.data.specs import dataset_names
     from pathmamba.registry import method_names
-    from pathmamba.train import TrainSettings
+    from pathmamba.settings import TrainSettings
 
     defaults = TrainSettings()
     parser = commands.add_parser("train", help="train one method on one dataset with one seed")
@@ -89,9 +92,6 @@ def _add_pseudo_masks(commands) -> None:
 
 def _add_device_arguments(parser) -> None:
     """Where and how a trained model runs; scan and precision default to the model's training settings."""
-    from pathmamba.models.scan import SCAN_IMPLEMENTATIONS
-    from pathmamba.runtime import PRECISIONS
-
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (cuda without a GPU is an error)")
     parser.add_argument("--scan", choices=SCAN_IMPLEMENTATIONS, default=None,
                         help="selective scan implementation (default: the one the model was trained with)")
@@ -172,9 +172,6 @@ def _add_plan(commands) -> None:
 
 
 def _add_calibrate(commands) -> None:
-    from pathmamba.models.scan import SCAN_IMPLEMENTATIONS
-    from pathmamba.runtime import PRECISIONS
-
     parser = commands.add_parser("calibrate", help="measure each configured method's images/s and peak memory on "
                                                    "this device: the throughput file `plan` reads")
     parser.set_defaults(func=_calibrate)
@@ -231,9 +228,12 @@ def _add_figures(commands) -> None:
     parser.add_argument("--n-images", type=int, default=4, help="test images in the qualitative grid")
 
 
-def _add_compare(commands) -> None:
-    from pathmamba.compare import FAIL_ON
+#: What ``compare --fail-on`` can fail on (:func:`pathmamba.compare.failed`): a verdict ``differs``, or anything
+#: short of ``identical``.
+FAIL_ON = ("differs", "not-identical")
 
+
+def _add_compare(commands) -> None:
     parser = commands.add_parser("compare", help="do two results agree? Per dataset, method and metric: both means, "
                                                  "the difference, 95%% intervals and a verdict (identical, within "
                                                  "seed noise, differs)")
@@ -263,16 +263,15 @@ def _add_readme(commands) -> None:
 
 
 def _add_rehearse(commands) -> None:
-    from pathmamba.rehearsal import OVERLAY, PAPER_CONFIG
-
     parser = commands.add_parser("rehearse", help="run the paper config on generated data and random weights at "
                                                   "the paper's model sizes, in a folder of its own, and check "
                                                   "the run (docs/rehearsal.md)")
     parser.set_defaults(func=_rehearse)
     parser.add_argument("--folder", type=Path, default=Path("results/rehearsal"),
                         help="the rehearsal's folder: new, or one an earlier rehearsal created (it resumes)")
-    parser.add_argument("--paper", type=Path, default=PAPER_CONFIG, help="the paper config")
-    parser.add_argument("--overlay", type=Path, default=OVERLAY, help="the overlay with what this machine changes")
+    parser.add_argument("--paper", type=Path, default=None, help="the paper config; default config/config.yaml")
+    parser.add_argument("--overlay", type=Path, default=None,
+                        help="the overlay with what this machine changes; default config/rehearsal.yaml")
     parser.add_argument("--cores", type=_int_at_least(1), default=None, help="snakemake --cores; default all")
 
 
@@ -374,6 +373,8 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if getattr(args, "threads", None):
+        import torch  # only the commands with --threads run torch
+
         torch.set_num_threads(args.threads)
     if getattr(args, "validated", None):
         from pathmamba.data.validate import check_validated
@@ -424,6 +425,7 @@ def _validate_dataset(args) -> None:
 
 
 def _train(args) -> int | None:
+    from pathmamba.runtime import InputError
     from pathmamba.train import TrainingInterrupted, TrainSettings, train
 
     try:
@@ -479,7 +481,7 @@ def _fetch_weights(args) -> None:
 
 @contextmanager
 def _config_named(configfile: Path):
-    """A config problem as an :class:`InputError` that names ``configfile``."""
+    """A config problem as a :class:`pathmamba.config.ConfigError` that names ``configfile``."""
     from pathmamba.config import ConfigError, ConfigFileError
 
     try:
@@ -487,7 +489,7 @@ def _config_named(configfile: Path):
     except ConfigFileError:
         raise  # names the file already, with the line and column
     except (ConfigError, KeyError) as error:
-        raise InputError(f"{configfile}: {error.args[0]}") from None
+        raise ConfigError(f"{configfile}: {error.args[0]}") from None
 
 
 def _doctor(args) -> int:
@@ -576,9 +578,10 @@ def _readme(args) -> int:
 
 
 def _rehearse(args) -> int:
-    from pathmamba.rehearsal import RehearsalError, rehearse
+    from pathmamba.rehearsal import OVERLAY, PAPER_CONFIG, RehearsalError, rehearse
+    from pathmamba.runtime import InputError
 
     try:
-        return rehearse(args.folder, args.paper, args.overlay, args.cores)
+        return rehearse(args.folder, args.paper or PAPER_CONFIG, args.overlay or OVERLAY, args.cores)
     except RehearsalError as error:
         raise InputError(str(error)) from None

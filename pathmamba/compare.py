@@ -45,8 +45,6 @@ DIFFERS = "differs"
 UNDETERMINED = "undetermined"
 #: The verdicts, from the most to the least agreement (docs/comparing-runs.md).
 VERDICTS = (IDENTICAL, SEED_NOISE, IMAGE_NOISE, DIFFERS, UNDETERMINED)
-#: What ``--fail-on`` can fail on: a verdict ``differs``, or anything short of ``identical``.
-FAIL_ON = ("differs", "not-identical")
 
 #: Keys of run.json and test_metrics.json (dotted, :func:`pathmamba.results.flat_record`) that record the
 #: hardware: runs that differ only in these are one configuration. The configured device, the device and
@@ -546,7 +544,7 @@ VERDICT_NOTE = (f"Verdicts: {IDENTICAL}: every seed's test metrics are bitwise e
 
 
 def failed(comparison: Comparison, fail_on: str | None) -> bool:
-    """Whether ``--fail-on`` (:data:`FAIL_ON`) fails this comparison: a row that differs, or one short of
+    """Whether ``--fail-on`` (:data:`pathmamba.cli.FAIL_ON`) fails this comparison: a row that differs, or one short of
     identical (a cell on one side only counts too)."""
     verdicts = set(comparison.rows["verdict"])
     if fail_on == "differs":

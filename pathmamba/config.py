@@ -25,6 +25,8 @@ from pathmamba.registry import get_spec, method_names, two_stage_methods
 
 #: The largest seed: numpy's and torch's seeding take 32-bit unsigned integers.
 MAX_SEED = 2**32 - 1
+#: The workflow config's JSON schema: types, ranges and defaults.
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,32 @@ def load_config_mapping(path: Path) -> dict[str, Any]:
         raise ConfigFileError(f"{path}: {found}; expected a mapping of config keys (run, seeds, datasets, "
                               "methods, train, ...), config/README.md")
     return config
+
+
+def check_schema(config: dict[str, Any]) -> None:
+    """Check ``config`` against :data:`SCHEMA` and fill in the schema's defaults, in place, as the
+    Snakefile's ``snakemake.utils.validate`` does (a missing key of a mapping gets its default, then
+    everything is checked), but with jsonschema alone: ``plan``, ``doctor``, ``calibrate`` and ``rehearse``
+    run where Snakemake is not installed (a rule's conda environment). Raises :class:`ConfigError`
+    naming the key of every value the schema refuses."""
+    import jsonschema
+
+    schema = load_yaml(SCHEMA)
+    checker = jsonschema.validators.validator_for(schema)
+    check_properties = checker.VALIDATORS["properties"]
+
+    def fill_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for key, property_schema in properties.items():
+                if "default" in property_schema:
+                    instance.setdefault(key, property_schema["default"])
+        yield from check_properties(validator, properties, instance, subschema)
+
+    filling = jsonschema.validators.extend(checker, {"properties": fill_defaults})
+    errors = sorted(filling(schema).iter_errors(config), key=lambda error: list(map(str, error.absolute_path)))
+    if errors:
+        problems = [f"{'.'.join(map(str, error.absolute_path)) or '(top level)'}: {error.message}" for error in errors]
+        raise ConfigError(f"invalid config ({SCHEMA.relative_to(SCHEMA.parents[2])}):\n  " + "\n  ".join(problems))
 
 
 def check_config(config: dict[str, Any]) -> None:

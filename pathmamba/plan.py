@@ -35,6 +35,7 @@ from typing import Any
 from pathmamba.config import (
     WEIGHT_KEYS,
     ConfigError,
+    check_schema,
     grid_datasets,
     grid_methods,
     load_config_mapping,
@@ -45,7 +46,6 @@ from pathmamba.data.specs import get_dataset_spec
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 # A GPU job's fixed cost beyond the images: start-up, imports, data indexing, checkpoint writes.
 JOB_OVERHEAD_HOURS = 5 / 60
 # SLURM runtime limit = estimate x margin (first attempt); retries multiply it by the attempt number.
@@ -79,15 +79,10 @@ class Throughput:
 
 def load_workflow_config(path: Path) -> dict[str, Any]:
     """The config file at ``path`` checked against the workflow's schema, with its defaults filled in
-    (as Snakemake does), so that the plan sees the values the workflow runs with."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
+    (as Snakemake does), so that the plan sees the values the workflow runs with; without Snakemake
+    (:func:`pathmamba.config.check_schema`)."""
     config = load_config_mapping(path)
-    try:
-        validate(config, str(SCHEMA))
-    except WorkflowError as error:
-        raise ConfigError(str(error)) from None
+    check_schema(config)
     return config
 
 

@@ -45,7 +45,14 @@ from typing import Any
 
 import yaml
 
-from pathmamba.config import all_fetched_weights, fetched_weights, method_hparams, train_settings
+from pathmamba.config import (
+    ConfigError,
+    all_fetched_weights,
+    check_schema,
+    fetched_weights,
+    method_hparams,
+    train_settings,
+)
 from pathmamba.data.specs import DATASETS, get_dataset_spec
 from pathmamba.layout import BENCHMARK_ROOT, LOGS, run_path
 from pathmamba.plan import REAL_IMAGE_SIZE
@@ -59,7 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "config" / "config.yaml"
 OVERLAY = REPO / "config" / "rehearsal.yaml"
 SNAKEFILE = REPO / "workflow" / "Snakefile"
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 #: The file that marks a folder as a rehearsal's own.
 MARKER = ".pathmamba-rehearsal"
 #: The keys of the paper config an overlay may change (dotted; ``*`` is any one key; a key covers
@@ -156,9 +162,6 @@ def _relative_inside(value: str) -> bool:
 def check_effective_config(config: dict[str, Any], archives: dict[str, Any]) -> None:
     """Everything the rehearsal writes must land inside its folder, and nothing may be downloaded: raise
     :class:`RehearsalError` naming the key otherwise. Also checks the schema (with its defaults)."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
     problems = []
     for key in ("results_dir", "resources_dir"):
         if not _relative_inside(str(config.get(key, ""))):
@@ -180,8 +183,8 @@ def check_effective_config(config: dict[str, Any], archives: dict[str, Any]) -> 
     if problems:
         raise RehearsalError("overlay:\n  " + "\n  ".join(problems))
     try:
-        validate(copy.deepcopy(config), str(SCHEMA))
-    except WorkflowError as error:
+        check_schema(copy.deepcopy(config))
+    except ConfigError as error:
         raise RehearsalError(f"the effective config does not pass the workflow's schema: {error}") from None
 
 

@@ -26,6 +26,7 @@ import torch
 
 from pathmamba import __version__, cpu_pins
 from pathmamba.gpus import claimed_gpu, nvidia_driver
+from pathmamba.settings import PRECISIONS
 
 log = logging.getLogger("pathmamba.runtime")
 
@@ -107,10 +108,6 @@ def resolve_device(name: str = "auto") -> torch.device:
                            f"--settings), but {reason}. To run on the CPU, set train.device to 'cpu' (the demo "
                            "config does); `python -m pathmamba doctor` checks a machine before a run")
     return torch.device(name)
-
-
-#: The ``precision`` setting: bf16 autocast (``auto`` on CUDA) or float32 throughout (``auto`` on the CPU).
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -9,6 +9,11 @@ from dataclasses import dataclass, fields
 _ACCEPTED = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "int | None": (int, type(None))}
 
 
+#: The ``scan`` setting: which selective scan runs on CUDA tensors (pathmamba/models/scan.py, docs/scan.md).
+SCAN_IMPLEMENTATIONS = ("auto", "fused", "pytorch")
+#: The ``precision`` setting: bf16 autocast (``auto`` on CUDA) or float32 throughout (``auto`` on the CPU);
+#: resolved by pathmamba/runtime.py.
+PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "cosine")
 SELECTIONS = ("best", "last")
 

@@ -28,10 +28,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from pathmamba.settings import SCAN_IMPLEMENTATIONS
 
-#: The ``scan`` setting: which selective scan runs on CUDA tensors (docs/scan.md).
-SCAN_IMPLEMENTATIONS = ("auto", "fused", "pytorch")
+log = logging.getLogger(__name__)
 
 
 def _load_fused():
