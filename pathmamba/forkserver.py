@@ -5,9 +5,9 @@ Why: on a CPU the demo's jobs train for seconds, but a fresh ``python -m pathmam
 importing torch, the models and ``torch._dynamo`` (which every ``torch.optim`` optimizer imports) before
 its first step, and the demo starts 168 of them. A forked child starts with those imports done.
 
-How: for a local run whose config says ``forkserver: true``, the workflow starts a server
-(:func:`start_server`, from ``workflow/rules/common.smk``) and puts its socket's path in
-``PATHMAMBA_FORKSERVER``. ``python -m pathmamba`` then sends the server its arguments, working folder,
+How: for a local CPU run of one thread per job whose config says ``forkserver: true``, the workflow
+starts a server (:func:`start_for_jobs`, from ``workflow/rules/common.smk``; when it cannot, the run goes
+on without it) and puts its socket's path in ``PATHMAMBA_FORKSERVER``. ``python -m pathmamba`` then sends the server its arguments, working folder,
 environment and standard streams (their file descriptors, over the Unix socket); the server forks, and
 the child runs :func:`pathmamba.cli.main` as the process itself would have, writing to the caller's
 streams. The caller waits for the child's exit status and exits with it; SIGINT, SIGTERM and SIGHUP it
@@ -20,7 +20,9 @@ a change the server refuses and exits). Otherwise, or where the server cannot be
 why on stderr and runs in its own process as usual: the same result, a slower start.
 
 The server is single-threaded (a fork from a threaded process can deadlock the child on a lock another
-thread held) and never initialises CUDA, so that a child may. Imports nothing heavy itself: the caller
+thread held: hence one thread per job, for which torch starts no thread pool) and never initialises CUDA,
+so that a child may. It ends with the process that started it, however that ends, and removes its
+socket's folder. Imports nothing heavy itself: the caller
 side runs before torch is imported.
 """
 
@@ -290,16 +292,25 @@ def _fork(request: dict, fds: list[int], connection: socket.socket, inherited: l
     return _Child(pid, os.pidfd_open(pid), connection, request["argv"])
 
 
-def serve(socket_path: Path, idle_exit_s: float = 600.0) -> int:
-    """Answer calls at ``socket_path`` until SIGTERM/SIGINT/SIGHUP, the death of the process that started
-    it, a changed project source, or ``idle_exit_s`` without a call or a running child."""
+def serve(socket_path: Path, idle_exit_s: float = 600.0, parent: int | None = None, own_folder: bool = False) -> int:
+    """Answer calls at ``socket_path`` until SIGTERM/SIGINT/SIGHUP, the end of the process ``parent`` (by
+    default the one that started it; SIGKILL too), a changed project source, or ``idle_exit_s`` without
+    a call or a running child. Then the socket is removed, and with ``own_folder`` its folder (made for
+    this server by :func:`start_server`; only if empty), so that nothing is left however the run ended."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))  # bound before importing: callers wait in the backlog, not fall back
+    try:
+        listener.bind(str(socket_path))  # bound before importing: callers wait in the backlog, not fall back
+    except OSError:
+        listener.close()
+        if own_folder:
+            with contextlib.suppress(OSError):
+                socket_path.parent.rmdir()
+        raise
     listener.listen(64)
     stop_signal: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: stop_signal.append(signum))
-    parent = os.getppid()
+    parent = parent or os.getppid()
     # What a fresh process has before its imports, to compare calls with; what the imports then set in
     # the environment (torch sets some), to set again in each child over the caller's environment.
     identity, environment = _identity(), dict(os.environ)
@@ -315,6 +326,9 @@ def serve(socket_path: Path, idle_exit_s: float = 600.0) -> int:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
+        if own_folder:
+            with contextlib.suppress(OSError):
+                socket_path.parent.rmdir()
     return 0
 
 
@@ -450,19 +464,37 @@ def job_environment(threads: int, pythonpath_entry: str) -> dict[str, str]:
     return environment
 
 
+#: The longest path a Unix socket may have (Linux: 108 bytes with the terminating NUL).
+SOCKET_PATH_LIMIT = 107
+_FOLDER_PREFIX = "pathmamba-forkserver-"
+#: mkdtemp's folder name: the prefix and 8 random characters; then the socket's name.
+_SOCKET_SUFFIX_LENGTH = len(f"/{_FOLDER_PREFIX}12345678/socket")
+
+
+def socket_parent() -> str:
+    """Where the socket's folder is made: the temporary folder, or /tmp when the temporary folder's path
+    is too long for a Unix socket (a ``TMPDIR`` deep in a scratch file system)."""
+    temporary = tempfile.gettempdir()
+    if len(os.fsencode(temporary)) + _SOCKET_SUFFIX_LENGTH <= SOCKET_PATH_LIMIT:
+        return temporary
+    return "/tmp"
+
+
 def start_server(log_path: Path, environment: dict[str, str], idle_exit_s: float = 600.0) -> ServerHandle:
     """Start a server for jobs whose environment is ``environment`` (:func:`job_environment`), logging to
     ``log_path``; it answers once its imports are done (calls wait meanwhile). Its socket lies in a new
-    private temporary folder."""
+    private folder (:func:`socket_parent`), which the server removes when it ends, and it ends when this
+    process does, however this process ends. Raises OSError or RuntimeError when it cannot start."""
     python = shutil.which("python", path=environment.get("PATH"))
     if python is None:
         raise FileNotFoundError("no `python` on PATH, the interpreter the workflow's jobs run")
-    folder = Path(tempfile.mkdtemp(prefix="pathmamba-forkserver-"))
+    folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX, dir=socket_parent()))
     socket_path = folder / "socket"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [python, "-m", "pathmamba.forkserver", "--socket", str(socket_path), "--idle-exit", str(idle_exit_s)],
+            [python, "-m", "pathmamba.forkserver", "--socket", str(socket_path), "--idle-exit", str(idle_exit_s),
+             "--parent", str(os.getpid()), "--own-folder"],
             env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30.0  # it binds the socket before its imports: a fraction of a second
     while not socket_path.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -474,6 +506,16 @@ def start_server(log_path: Path, environment: dict[str, str], idle_exit_s: float
     return handle
 
 
+def start_for_jobs(log_path: Path, environment: dict[str, str], warn) -> ServerHandle | None:
+    """:func:`start_server` for a workflow run; when it cannot start, one line through ``warn`` and None:
+    the run goes on without it, each job starting its own process."""
+    try:
+        return start_server(log_path, environment)
+    except (OSError, RuntimeError) as error:
+        warn(f"fork server not started ({error}); each job starts its own process")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pathmamba.forkserver --socket PATH``: the server, as :func:`start_server` runs it."""
     import argparse
@@ -482,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, type=Path, help="the Unix socket to create and listen on")
     parser.add_argument("--idle-exit", type=float, default=600.0,
                         help="seconds without a call or a running child after which it exits")
+    parser.add_argument("--parent", type=int, default=None,
+                        help="exit when this process ends (default: the process that started this one)")
+    parser.add_argument("--own-folder", action="store_true",
+                        help="the socket's folder was made for this server: remove it (if empty) at exit")
     args = parser.parse_args(argv)
-    return serve(args.socket, args.idle_exit)
+    return serve(args.socket, args.idle_exit, args.parent, args.own_folder)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, file_bytes
 
-from pathmamba.forkserver import SOCKET_VARIABLE, job_environment, start_server
+from pathmamba.forkserver import (
+    SOCKET_PATH_LIMIT,
+    SOCKET_VARIABLE,
+    job_environment,
+    start_for_jobs,
+    start_server,
+)
 
 # The caller's side runs no torch: a forked call's own process stays small and starts in well under a
 # second, but the test asserts what it does, never how fast.
@@ -38,6 +45,12 @@ def server(tmp_path_factory):
     handle.stop()
     assert handle.process.returncode is not None
     assert not handle.folder.exists()
+
+
+def test_the_server_of_one_thread_jobs_has_one_thread_after_its_imports(server):
+    handle, log = server
+    wait_for(lambda: "ready in" in log.read_text())
+    assert os.listdir(f"/proc/{handle.process.pid}/task") == [str(handle.process.pid)]
 
 
 def call_env(handle, pythonpath_entry=REPO, **changes) -> dict:
@@ -170,6 +183,82 @@ def test_a_changed_project_source_stops_the_server(tmp_path, monkeypatch):
         handle.stop()
 
 
+def long_folder(tmp_path: Path) -> Path:
+    """A folder whose path is too long for a Unix socket in it (a TMPDIR deep in a scratch file system)."""
+    folder = tmp_path / ("a-long-scratch-folder-name-" * 5)
+    folder.mkdir()
+    assert len(str(folder / "pathmamba-forkserver-12345678" / "socket")) > SOCKET_PATH_LIMIT
+    return folder
+
+
+def test_a_long_tmpdir_puts_the_socket_under_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(long_folder(tmp_path)))
+    monkeypatch.setattr("tempfile.tempdir", None)  # looked up again from TMPDIR
+    handle = start_server(tmp_path / "server.log", call_env(None))
+    try:
+        assert handle.folder.parent == Path("/tmp") and handle.folder.name.startswith("pathmamba-forkserver-")
+        result = pathmamba(["--version"], call_env(handle))
+        assert result.returncode == 0 and "fork server not used" not in result.stderr, result.stderr
+    finally:
+        handle.stop()
+    assert not handle.folder.exists()
+
+
+def test_a_socket_path_too_long_fails_the_server_and_leaves_no_folder(tmp_path):
+    folder = long_folder(tmp_path) / "pathmamba-forkserver-12345678"
+    folder.mkdir()
+    result = subprocess.run([PYTHON, "-m", "pathmamba.forkserver", "--socket", str(folder / "socket"), "--own-folder"],
+                            env=call_env(None), capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and result.stderr.strip().endswith("OSError: AF_UNIX path too long")
+    assert not folder.exists()
+
+
+def test_a_server_that_cannot_start_leaves_the_run_to_go_on_with_one_warning(tmp_path):
+    warnings = []
+    no_python = call_env(None, PATH=str(tmp_path))
+    assert start_for_jobs(tmp_path / "server.log", no_python, warnings.append) is None
+    assert warnings == [("fork server not started (no `python` on PATH, the interpreter the workflow's jobs run); "
+                         "each job starts its own process")]
+
+
+# Starts a server as the workflow does, says its pid and socket, and waits to be killed.
+STARTER = """
+import os, sys, time
+from pathlib import Path
+from pathmamba.forkserver import start_server
+handle = start_server(Path(sys.argv[1]), dict(os.environ))
+print(handle.process.pid, handle.socket_path, flush=True)
+time.sleep(600)
+"""
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie that nobody reaped counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_sigkill_of_the_process_that_started_the_server_ends_it_its_child_and_its_folder(tmp_path):
+    """Snakemake killed with SIGKILL runs no clean-up: the server notices that its parent is gone, stops
+    its running children and removes its socket folder by itself."""
+    log = tmp_path / "server.log"
+    starter = subprocess.Popen([PYTHON, "-c", STARTER, str(log)], env=call_env(None), cwd=REPO, stdout=subprocess.PIPE,
+                               text=True)
+    pid, socket_path = starter.stdout.readline().split()
+    server = SimpleNamespace(process=SimpleNamespace(pid=int(pid)), socket_path=Path(socket_path))
+    caller, _checkpoints = start_long_training(server, tmp_path)
+    starter.kill()
+    starter.wait()
+    _out, err = caller.communicate(timeout=120)
+    assert caller.returncode == 128 + signal.SIGTERM, err  # the forked training stopped as on SIGTERM
+    assert "fork server not used" not in err
+    wait_for(lambda: ended(int(pid)))
+    assert "stopping: the process that started it ended; 1 children still running are stopped" in log.read_text()
+    assert not server.socket_path.parent.exists()
+
+
 @pytest.mark.e2e
 def test_a_workflow_run_with_the_server_gives_the_run_without_it(tmp_path, snakemake_bin, workflow_env):
     """Every job of a local run forks from the server, which is gone afterwards; models, scores and
@@ -206,3 +295,65 @@ def test_a_workflow_run_with_the_server_gives_the_run_without_it(tmp_path, snake
         with_server, without = (json.loads(p.read_text())["protocols"]
                                 for p in (path, runs[False] / path.relative_to(runs[True])))
         assert with_server == without
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """The command lines of the running processes that mention ``text`` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and not ended(int(proc.name)):
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                found.append(command)
+    return found
+
+
+def tiny_forkserver_config(**changes) -> dict:
+    from test_workflow import TINY
+
+    return {**TINY, "seeds": [0], "forkserver": True, "threads_per_job": 1,
+            "datasets": {"synthetic-luad": {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}}},
+            **changes}
+
+
+@pytest.mark.e2e
+def test_sigkill_of_snakemake_with_a_long_tmpdir_leaves_no_server_folder_or_process(tmp_path, snakemake_bin,
+                                                                                   workflow_env):
+    from test_workflow import TINY, snakemake_command
+
+    work = tmp_path / "work"
+    work.mkdir()
+    config = tiny_forkserver_config(train={**TINY["train"], "epochs": 1000})  # still training when killed
+    output = tmp_path / "snakemake.log"
+    with open(output, "w") as log:
+        snakemake = subprocess.Popen(snakemake_command(snakemake_bin, work, config),
+                                     env={**workflow_env, "TMPDIR": str(long_folder(tmp_path))}, stdout=log,
+                                     stderr=subprocess.STDOUT)
+    try:
+        started = wait_for(lambda: re.search(r"fork server for the jobs: pid (\d+), socket (\S+),", output.read_text()))
+        wait_for(lambda: list((work / "results" / "tiny" / "checkpoints").rglob("last.pt")))
+    finally:
+        snakemake.kill()
+        snakemake.wait()
+    server_pid, socket_path = int(started.group(1)), Path(started.group(2))
+    assert socket_path.parent.parent == Path("/tmp")
+    wait_for(lambda: ended(server_pid) and not processes_mentioning(str(work)))
+    assert not socket_path.parent.exists()
+    server_log = (work / "results" / "tiny" / "logs" / "forkserver.log").read_text()
+    assert "stopping: the process that started it ended; 1 children still running are stopped" in server_log
+    assert re.search(rf"child \d+ exit {128 + signal.SIGTERM} after .*: train", server_log)
+
+
+@pytest.mark.e2e
+def test_no_server_for_jobs_of_several_threads_saying_why(tmp_path, snakemake_bin, workflow_env):
+    from test_workflow import run_snakemake
+
+    result = run_snakemake(snakemake_bin, workflow_env, tmp_path, tiny_forkserver_config(threads_per_job=2),
+                           "--until", "validate_dataset")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "forkserver: true, but no fork server: threads_per_job is 2; the server is for jobs of one thread" in result.stderr
+    assert "fork server for the jobs" not in result.stderr
+    assert not (tmp_path / "results" / "tiny" / "logs" / "forkserver.log").exists()

@@ -220,44 +220,79 @@ def validation_option(wildcards, key):
     return entry.get("validate", {}).get(key, defaults[key])
 
 
-# `forkserver: true` (the demo): a local run's jobs fork from one process that imported torch and the
+# `forkserver: true` (the demo): a local CPU run's jobs fork from one process that imported torch and the
 # project once, instead of each importing them (pathmamba/forkserver.py). Not for cluster jobs (other
-# hosts) nor conda or container jobs (another Python): a job the server cannot run starts normally.
+# hosts) nor conda or container jobs (another Python): a job the server cannot run starts normally. Not
+# for GPU jobs (minutes each: nothing to gain) nor more than one thread per job (a process with threads
+# must not fork).
 FORKSERVER = []
 
 
-def forkserver_wanted():
-    deployment = workflow.deployment_settings.deployment_method
-    return (
-        bool(config["forkserver"])
-        and not workflow.executor_plugin.common_settings.non_local_exec
-        and not deployment
-    )
+def forkserver_off_reason():
+    """Why a run with `forkserver: true` starts no server, or None when it starts one."""
+    if workflow.executor_plugin.common_settings.non_local_exec:
+        return "jobs run on other hosts"
+    if workflow.deployment_settings.deployment_method:
+        return "jobs run in conda environments or containers, another Python"
+    if config["threads_per_job"] != 1:
+        return f"threads_per_job is {config['threads_per_job']}; the server is for jobs of one thread"
+    stages = [(method, None) for method in METHODS] + [(method, 1) for method in TWO_STAGE_METHODS]
+    devices = {train_settings(config, method, stage).get("device", "auto") for method, stage in stages}
+    if devices != {"cpu"}:
+        return f"jobs run on device {', '.join(sorted(devices))}; the server is for CPU jobs"
+    return None
+
+
+# The run lock of the results folder (pathmamba/locks.py), held from the start of the jobs to the end of
+# this process: a second Snakemake in another working folder whose config names the same results folder
+# is refused before it deletes anything. Snakemake's own lock covers only its working folder.
+RUN_LOCK = []
 
 
 onstart:
-    if forkserver_wanted():
-        from snakemake.logging import logger
-        from pathmamba.forkserver import SOCKET_VARIABLE, job_environment, start_server
+    from snakemake.logging import logger
+    from pathmamba.locks import RunFolderBusy, lock_run_folder
 
-        server = start_server(
-            Path(RESULTS) / layout.FORKSERVER_LOG, job_environment(config["threads_per_job"], REPO)
-        )
-        FORKSERVER.append(server)
-        os.environ[SOCKET_VARIABLE] = str(server.socket_path)
-        logger.info(
-            f"fork server for the jobs: pid {server.process.pid}, log {RESULTS}/{layout.FORKSERVER_LOG}"
-        )
+    try:
+        handle, taken_over = lock_run_folder(Path(RESULTS), Path.cwd())
+    except RunFolderBusy as error:
+        raise WorkflowError(str(error)) from None
+    RUN_LOCK.append(handle)
+    if taken_over:
+        logger.warning(taken_over)
+    if config["forkserver"]:
+        reason = forkserver_off_reason()
+        if reason:
+            logger.info(f"forkserver: true, but no fork server: {reason}")
+        else:
+            from pathmamba.forkserver import SOCKET_VARIABLE, job_environment, start_for_jobs
+
+            server = start_for_jobs(
+                Path(RESULTS) / layout.FORKSERVER_LOG, job_environment(1, REPO), logger.warning
+            )
+            if server is not None:
+                FORKSERVER.append(server)
+                os.environ[SOCKET_VARIABLE] = str(server.socket_path)
+                logger.info(
+                    f"fork server for the jobs: pid {server.process.pid}, socket {server.socket_path}, "
+                    f"log {RESULTS}/{layout.FORKSERVER_LOG}"
+                )
 
 
-def stop_forkserver():
+def end_of_run():
+    """Stop the fork server and release the run lock (if Snakemake is killed, the server notices and ends
+    by itself, and the kernel releases the lock)."""
+    from pathmamba.locks import release_run_folder
+
     for server in FORKSERVER:
         server.stop()
+    for handle in RUN_LOCK:
+        release_run_folder(handle)
 
 
 onsuccess:
-    stop_forkserver()
+    end_of_run()
 
 
 onerror:
-    stop_forkserver()
+    end_of_run()
