@@ -214,7 +214,7 @@ def scan_flops(model: torch.nn.Module, images: torch.Tensor) -> float:
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, DCMamba) and m.scan == "selective"
+        if isinstance(m, DCMamba) and m.mixer == "selective-scan"
     ]
     with torch.no_grad():
         model(images)

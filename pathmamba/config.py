@@ -200,6 +200,10 @@ def _stage_hparams(method: str, entry: dict[str, Any]):
 AT_LEAST_ONE = frozenset({"width", "backbone_width", "dims", "depths", "decoder_dim", "decoder_channels",
                           "encoder_depth", "patch_size", "d_state", "d_conv", "conv_kernel", "subcategories",
                           "cam_epochs", "round_epochs", "background_min_size"})
+#: Builder keywords renamed, old name -> new name, and why (a config with the old name is refused naming
+#: the new one).
+RENAMED_HPARAMS = {"scan": ("mixer", "PathMamba's token mixer, 'selective-scan' or 'conv', a registry preset; the "
+                             "training setting train.scan picks the selective scan's implementation")}
 #: What a scalar annotation accepts from YAML or JSON (a bool is no number there).
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
             "dict": (dict,)}
@@ -230,7 +234,10 @@ def keyword_problems(method: str, stage: int | None, hparams: dict[str, Any], pr
     keywords = builder_keywords(method, stage)
     problems = []
     for key, value in hparams.items():
-        if key not in keywords:
+        renamed, why = RENAMED_HPARAMS.get(key, (None, ""))
+        if key not in keywords and renamed in {**keywords, **get_spec(method, stage).preset}:
+            problems.append(f"{prefix}.{key}: was renamed {renamed!r} ({why})")
+        elif key not in keywords:
             nearest = difflib.get_close_matches(key, keywords, n=1)
             hint = f"did you mean {nearest[0]!r}? " if nearest else ""
             problems.append(f"{prefix}.{key}: {method} has no such keyword; {hint}its keywords: "

@@ -148,32 +148,32 @@ METHODS: dict[str, MethodSpec] = {
     "pathmamba-b": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline (Table 2 a): VMamba-style encoder + MLP head, plain selective scan",
-        preset={"use_miml": False, "use_contrast": False, "use_dcl": False, "scan": "selective"},
+        preset={"use_miml": False, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
     ),
     "pathmamba-b-miml": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML pixel-level branch (Table 2 b)",
-        preset={"use_miml": True, "use_contrast": False, "use_dcl": False, "scan": "selective"},
+        preset={"use_miml": True, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
     ),
     "pathmamba-b-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + Contrastive Mamba Block, contrast from its own class maps (Table 2 c)",
-        preset={"use_miml": False, "use_contrast": True, "use_dcl": False, "scan": "selective"},
+        preset={"use_miml": False, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
     ),
     "pathmamba-b-miml-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML + Contrastive Mamba Block (Table 2 d)",
-        preset={"use_miml": True, "use_contrast": True, "use_dcl": False, "scan": "selective"},
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
     ),
     "pathmamba": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba: MIML + Contrastive Mamba Block + Deep Contrast Supervised Loss (Fan et al., MICCAI 2024)",
-        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "scan": "selective"},
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "selective-scan"},
     ),
     "pathmamba-noscan": MethodSpec(
         _PATHMAMBA,
         summary="Control: full PathMamba with the selective scan replaced by a depthwise 7x7 convolution",
-        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "scan": "conv"},
+        preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "conv"},
     ),
 }
 

@@ -150,7 +150,7 @@ def test_predict_gates_absent_classes():
 
 
 def test_invalid_settings_name_the_key():
-    with pytest.raises(ValueError, match="scan="):
-        PathMamba(4, scan="mamba2", **TINY)
+    with pytest.raises(ValueError, match="mixer="):
+        PathMamba(4, mixer="mamba2", **TINY)
     with pytest.raises(ValueError, match="dcl_stage_weights"):
         PathMamba(4, dcl_stage_weights=(1.0,), **TINY)

@@ -76,13 +76,13 @@ def test_a_preset_key_in_config_hparams_is_refused_at_start_up_naming_method_and
     from pathmamba.doctor import FAIL, check_config_values
 
     config = {"methods": {"pathmamba-b": {"hparams": {"use_miml": True, "dims": [8, 8, 8, 8]}},
-                          "pathmamba-noscan": {"hparams": {"scan": "selective"}},
+                          "pathmamba-noscan": {"hparams": {"mixer": "selective-scan"}},
                           "cam": {"hparams": {"use_miml": True}}}}
     with pytest.raises(ConfigError) as error:
         check_config(config)
     message = str(error.value)
     assert "methods.pathmamba-b.hparams.use_miml" in message and "use_miml=False" in message
-    assert "methods.pathmamba-noscan.hparams.scan" in message
+    assert "methods.pathmamba-noscan.hparams.mixer" in message
     assert "dims" not in message  # not a preset key: a builder keyword
     # cam has no preset: its use_miml is a keyword its builder does not take, not a preset override
     assert "methods.cam.hparams.use_miml: cam has no such keyword; its keywords: backbone, " in message

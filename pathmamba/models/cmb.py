@@ -101,7 +101,7 @@ def contrast_map(
 class DCMamba(nn.Module):
     """Dual-granularity Comparative Mamba: VMamba's SS2D with the contrast modulation y <- y * (1 + C).
 
-    ``scan="selective"`` runs the 4-direction S6 scan; ``scan="conv"`` replaces it by a depthwise
+    ``mixer="selective-scan"`` runs the 4-direction S6 scan; ``mixer="conv"`` replaces it by a depthwise
     ``conv_kernel`` x ``conv_kernel`` convolution (the pathmamba-noscan control), keeping everything else.
     """
 
@@ -114,7 +114,7 @@ class DCMamba(nn.Module):
         ssm_ratio: float = 2.0,
         dt_rank: int | str = "auto",
         d_conv: int = 3,
-        scan: str = "selective",
+        mixer: str = "selective-scan",
         conv_kernel: int = 7,
         q: float = 0.2,
         eta: float = 0.5,
@@ -127,13 +127,13 @@ class DCMamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner)
-        if scan == "selective":
+        if mixer == "selective-scan":
             self._init_ssm(dt_min, dt_max)
-        elif scan == "conv":
+        elif mixer == "conv":
             self.spatial = nn.Conv2d(d_inner, d_inner, conv_kernel, padding=conv_kernel // 2, groups=d_inner)
         else:
-            raise ValueError(f"scan={scan!r}: choose 'selective' or 'conv'")
-        self.scan = scan
+            raise ValueError(f"mixer={mixer!r}: choose 'selective-scan' or 'conv'")
+        self.mixer = mixer
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
@@ -177,7 +177,7 @@ class DCMamba(nn.Module):
         """x (B, H, W, C), saliency (B, 1, H, W) or None (no modulation) -> (B, H, W, C)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        y = self._ss2d(x) if self.scan == "selective" else self.spatial(x)
+        y = self._ss2d(x) if self.mixer == "selective-scan" else self.spatial(x)
         y = self.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z)
         if saliency is not None:
             c = contrast_map(y.permute(0, 3, 1, 2), saliency, self.q, self.eta)

@@ -15,7 +15,7 @@ Shapes, for images (B, 3, H, W) and m classes (H, W multiples of 32 keep every g
 Without MIML, Yhat and the mask use Y'' alone. With ``use_contrast`` and no MIML (pathmamba-b-cmb) the
 saliency comes from the CMB's own class maps: a first pass of encoder + decoder without modulation,
 under no_grad, gives Y'' and M = max_c sigmoid(Y''); the second pass is modulated by it.
-``scan="conv"`` replaces the selective scan by a depthwise convolution (pathmamba-noscan).
+``mixer="conv"`` replaces the selective scan by a depthwise convolution (pathmamba-noscan).
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ class PathMamba(nn.Module):
     """PathMamba with every hyper-parameter of docs/design.md §5 as a keyword (paper values as defaults).
 
     Flags select the variant: ``use_miml`` (pixel-level MIML branch), ``use_contrast`` (contrast
-    modulation in DC-Mamba, Eq. 2), ``use_dcl`` (deep contrast supervision, Eq. 4), ``scan``
-    ("selective" S6 or "conv" depthwise control).
+    modulation in DC-Mamba, Eq. 2), ``use_dcl`` (deep contrast supervision, Eq. 4), ``mixer``
+    (the CMB's token mixer: "selective-scan" S6 or the "conv" depthwise control; the training setting
+    ``scan`` picks the selective scan's implementation, not this).
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class PathMamba(nn.Module):
         use_miml: bool = True,
         use_contrast: bool = True,
         use_dcl: bool = True,
-        scan: str = "selective",
+        mixer: str = "selective-scan",
         # CMB encoder
         dims: Sequence[int] = (96, 192, 384, 768),
         depths: Sequence[int] = (2, 2, 9, 2),
@@ -137,7 +138,7 @@ class PathMamba(nn.Module):
         super().__init__()
         dims, depths = tuple(int(d) for d in dims), tuple(int(d) for d in depths)
         _check("depths", len(depths) == len(dims) and min(depths) >= 1, depths, "one depth >= 1 per dim")
-        _check("scan", scan in ("selective", "conv"), scan, "'selective' or 'conv'")
+        _check("mixer", mixer in ("selective-scan", "conv"), mixer, "'selective-scan' or 'conv'")
         _check("q", 0 < q <= 0.5, q, "0 < q <= 0.5")
         _check("eta", 0 <= eta <= 1, eta, "0 <= eta <= 1")
         _check("xi", 0 <= xi <= 1, xi, "0 <= xi <= 1")
@@ -177,7 +178,7 @@ class PathMamba(nn.Module):
             ssm_ratio=ssm_ratio,
             dt_rank=dt_rank,
             d_conv=d_conv,
-            scan=scan,
+            mixer=mixer,
             conv_kernel=conv_kernel,
             q=q,
             eta=eta,
