@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pathmamba import __version__
+from pathmamba import __version__, layout
 from pathmamba.settings import PRECISIONS, SCAN_IMPLEMENTATIONS
 
 
@@ -177,7 +177,8 @@ def _add_calibrate(commands) -> None:
     parser.set_defaults(func=_calibrate)
     parser.add_argument("--configfile", required=True, type=Path, help="workflow config (YAML)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="throughput file (JSON) to write; default <resources_dir>/throughput-<device type>.json")
+                        help="throughput file (JSON) to write; default <resources_dir>/"
+                             + layout.THROUGHPUT.format(device_type="<device type>"))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto; default the config's train.device")
     parser.add_argument("--steps", type=_int_at_least(1), default=5, help="timed training steps and evaluation batches")
     parser.add_argument("--warmup-steps", type=_int_at_least(0), default=2, help="untimed steps before them")
@@ -214,8 +215,11 @@ def _add_tables(commands) -> None:
                                                 "statistics from whatever runs finished")
     parser.set_defaults(func=_tables)
     _add_grid_arguments(parser, several_run_dirs=True)
-    parser.add_argument("--n-resamples", type=int, default=10000, help="bootstrap resamples")
-    parser.add_argument("--bootstrap-seed", type=int, default=0)
+    # Unset: the config's `report` settings (config/README.md), else the schema's defaults.
+    parser.add_argument("--n-resamples", type=int, default=None, help="bootstrap resamples")
+    parser.add_argument("--bootstrap-seed", type=int, default=None)
+    parser.add_argument("--reference-method", default=None,
+                        help="the method the paired statistics compare with every other (report.reference_method)")
 
 
 def _add_figures(commands) -> None:
@@ -256,7 +260,8 @@ def _add_readme(commands) -> None:
     parser = commands.add_parser("readme", help="splice a markdown table into README.md between the "
                                                 "<!-- results:start --> and <!-- results:end --> markers")
     parser.set_defaults(func=_readme)
-    parser.add_argument("--table", required=True, type=Path, help="e.g. results/demo/tables/table1_comparison.md")
+    parser.add_argument("--table", required=True, type=Path,
+                        help=f"e.g. results/demo/{layout.TABLES}/{layout.table_file(layout.TABLE1, 'md')}")
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 with a diff when the README's results differ from the table")
@@ -533,10 +538,17 @@ def _selection(args):
 
 
 def _tables(args) -> None:
+    from pathmamba.config import report_settings
     from pathmamba.tables import write_tables
 
     selection = _selection(args)
-    write_tables(selection.run_dirs, selection.grid, args.paper, args.out_dir, args.n_resamples, args.bootstrap_seed)
+    with _config_named(args.configfile):
+        report = report_settings(args.configfile)
+    given = {"n_resamples": args.n_resamples, "bootstrap_seed": args.bootstrap_seed,
+             "reference_method": args.reference_method}
+    report.update({key: value for key, value in given.items() if value is not None})
+    write_tables(selection.run_dirs, selection.grid, args.paper, args.out_dir, report["n_resamples"],
+                 report["bootstrap_seed"], reference_method=report["reference_method"])
 
 
 def _figures(args) -> None:

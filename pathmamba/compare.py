@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pathmamba.data.specs import NUM_CLASSES
-from pathmamba.layout import RUN, TRIVIAL, TRIVIAL_RUN
+from pathmamba.layout import RUN, RUN_RECORD, TEST_METRICS, TRIVIAL, TRIVIAL_RUN
 from pathmamba.metrics import METRICS, confusion_columns
 from pathmamba.readme import RESULTS_END, RESULTS_START
 from pathmamba.render import METRIC_LABELS, MISSING, MIXED_MARK, markdown_grid
@@ -150,13 +150,14 @@ def read_run_folder(run_dir: Path, role: str) -> dict[tuple[str, str], list[Seed
     if not run_dir.is_dir():
         raise InputError(f"{role}: {run_dir} is not a folder; expected results/<run> holding runs/")
     patterns = [RUN.format(dataset="*", method="*", seed="*"), TRIVIAL_RUN.format(dataset="*")]
-    folders = sorted({path.parent for pattern in patterns for path in run_dir.glob(f"{pattern}/test_metrics.json")})
+    folders = sorted({path.parent for pattern in patterns for path in run_dir.glob(f"{pattern}/{TEST_METRICS}")})
     if not folders:
-        raise InputError(f"{role}: {run_dir} holds no finished run (runs/<dataset>/<method>/seed<N>/test_metrics.json)")
+        raise InputError(f"{role}: {run_dir} holds no finished run "
+                         f"({RUN.format(dataset='<dataset>', method='<method>', seed='<N>')}/{TEST_METRICS})")
     cells: dict[tuple[str, str], list[SeedRun]] = {}
     for folder in folders:
-        record = read_run_json(folder / "test_metrics.json")
-        trained = read_run_json(folder / "run.json") if (folder / "run.json").exists() else {}
+        record = read_run_json(folder / TEST_METRICS)
+        trained = read_run_json(folder / RUN_RECORD) if (folder / RUN_RECORD).exists() else {}
         configuration = {**flat_record(trained), **flat_record(record, EVALUATION)}
         cells.setdefault((record["dataset"], record["method"]), []).append(SeedRun(
             seed=record["seed"], path=folder,

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pathmamba.data.specs import dataset_names, get_dataset_spec
+from pathmamba.layout import WEIGHTS_FOLDER
 from pathmamba.registry import get_spec, method_names, two_stage_methods
 
 #: The largest seed: numpy's and torch's seeding take 32-bit unsigned integers.
@@ -84,9 +85,22 @@ def check_schema(config: dict[str, Any]) -> None:
     everything is checked), but with jsonschema alone: ``plan``, ``doctor``, ``calibrate`` and ``rehearse``
     run where Snakemake is not installed (a rule's conda environment). Raises :class:`ConfigError`
     naming the key of every value the schema refuses."""
+    _check_against(load_yaml(SCHEMA), config, "")
+
+
+def report_settings(configfile: Path | None) -> dict[str, Any]:
+    """The ``report`` block of the config file ``configfile`` (none: an empty one), checked against its part
+    of the schema, with the schema's defaults filled in."""
+    report = dict(load_config_mapping(configfile).get("report") or {}) if configfile else {}
+    schema = load_yaml(SCHEMA)
+    _check_against({"$schema": schema["$schema"], **schema["properties"]["report"]}, report, "report.")
+    return report
+
+
+def _check_against(schema: dict[str, Any], instance: Any, prefix: str) -> None:
+    """:func:`check_schema` of ``instance`` against ``schema``, its keys named after ``prefix``."""
     import jsonschema
 
-    schema = load_yaml(SCHEMA)
     checker = jsonschema.validators.validator_for(schema)
     check_properties = checker.VALIDATORS["properties"]
 
@@ -98,9 +112,10 @@ def check_schema(config: dict[str, Any]) -> None:
         yield from check_properties(validator, properties, instance, subschema)
 
     filling = jsonschema.validators.extend(checker, {"properties": fill_defaults})
-    errors = sorted(filling(schema).iter_errors(config), key=lambda error: list(map(str, error.absolute_path)))
+    errors = sorted(filling(schema).iter_errors(instance), key=lambda error: list(map(str, error.absolute_path)))
     if errors:
-        problems = [f"{'.'.join(map(str, error.absolute_path)) or '(top level)'}: {error.message}" for error in errors]
+        problems = [f"{prefix}{'.'.join(map(str, error.absolute_path))}: {error.message}" if error.absolute_path
+                    else f"{prefix.rstrip('.') or '(top level)'}: {error.message}" for error in errors]
         raise ConfigError(f"invalid config ({SCHEMA.relative_to(SCHEMA.parents[2])}):\n  " + "\n  ".join(problems))
 
 
@@ -116,6 +131,10 @@ def check_config(config: dict[str, Any]) -> None:
         else:
             problems += preset_overrides(method, entry)
             problems += hparams_problems(method, entry) or schedule_problems(config, method)
+    reference = config.get("report", {}).get("reference_method")
+    if reference is not None and reference not in method_names():
+        problems.append(f"report.reference_method: {reference!r} is not a registered method; registered methods: "
+                        f"{', '.join(method_names())}")
     for key in ("methods", "datasets"):
         for name in config.get("grid", {}).get(key, []):
             if name not in config.get(key, {}):
@@ -380,9 +399,10 @@ def method_hparams(config: dict[str, Any], method: str, stage: int | None = None
 
 
 def fetched_weights(config: dict[str, Any], method: str, stage: int | None = None) -> list[str]:
-    """The weights files under ``<resources_dir>/weights/`` that ``method``'s (``stage=1``: its first
-    stage's) hparams name (``pretrained``, ``segmenter_pretrained``): what the fetch_weights rule writes."""
-    prefix = f"{config['resources_dir']}/weights/"
+    """The weights files under ``<resources_dir>/weights/`` (:data:`pathmamba.layout.WEIGHTS_FOLDER`) that
+    ``method``'s (``stage=1``: its first stage's) hparams name (``pretrained``, ``segmenter_pretrained``): what
+    the fetch_weights rule writes."""
+    prefix = f"{config['resources_dir']}/{WEIGHTS_FOLDER}/"
     return [value for value in method_hparams(config, method, stage).values()
             if isinstance(value, str) and value.startswith(prefix)]
 

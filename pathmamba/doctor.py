@@ -31,7 +31,7 @@ from pathmamba.config import (
     without_weights_files,
 )
 from pathmamba.gpus import gpu_pool, nvidia_driver
-from pathmamba.layout import VALIDATION_REPORT
+from pathmamba.layout import VALIDATION_REPORT, configured_run_dir
 from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
 from pathmamba.registry import build_method, two_stage_methods
 from pathmamba.runtime import cuda_unavailable_reason
@@ -156,7 +156,7 @@ def check_datasets(config: dict[str, Any]) -> list[Check]:
     checks = []
     for name in grid_datasets(config):
         entry = config["datasets"][name]
-        report = Path(config["results_dir"]) / config["run"] / VALIDATION_REPORT.format(dataset=name)
+        report = configured_run_dir(config["results_dir"], config["run"]) / VALIDATION_REPORT.format(dataset=name)
         label = f"dataset {name}"
         if report.is_file():
             record = json.loads(report.read_text())

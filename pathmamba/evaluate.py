@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.layout import PER_IMAGE, TEST_METRICS, TRIVIAL
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.model_files import build_recorded_model, check_model_record, load_checked_weights
 from pathmamba.models.scan import select_scan
@@ -118,8 +119,8 @@ def save_palette_mask(mask: np.ndarray, palette: list[int], path: Path) -> None:
 def _write_results(out_dir: Path, meter: SegmentationMeter, record: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**record, "protocols": meter.summary()}
-    atomic_write_text(out_dir / "per_image.csv", csv_text(meter.per_image()))
-    atomic_write_json(out_dir / "test_metrics.json", record)
+    atomic_write_text(out_dir / PER_IMAGE, csv_text(meter.per_image()))
+    atomic_write_json(out_dir / TEST_METRICS, record)
     return record
 
 
@@ -186,7 +187,7 @@ def evaluate_trivial(dataset: str, data_root: Path, out_dir: Path) -> dict:
         choice = max(present, key=lambda c: frequency[c]) if present else int(frequency.argmax())
         prediction = np.full_like(truth, choice)
         meter.update(torch.from_numpy(prediction[None]), torch.from_numpy(truth[None]), [image_path.name])
-    record = {"method": "trivial", "dataset": spec.name, "seed": None, "classes": list(spec.classes),
+    record = {"method": TRIVIAL, "dataset": spec.name, "seed": None, "classes": list(spec.classes),
               "tta": False, "test_images": len(index.test),
               "description": "most frequent training class among each test image's true classes"}
     record = _write_results(Path(out_dir), meter, record)

@@ -23,6 +23,7 @@ import torch
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import load_model
+from pathmamba.layout import RUN_RECORD, TEST_METRICS
 from pathmamba.model_files import build_recorded_model, check_model_record
 from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
 from pathmamba.registry import get_spec
@@ -68,8 +69,8 @@ def model_card(checkpoint: dict[str, Any], model_path: Path) -> dict[str, Any]:
     ``run.json`` and ``test_metrics.json`` add the training environment and the test metrics)."""
     spec = get_dataset_spec(checkpoint["dataset"])
     method = get_spec(checkpoint["method"], checkpoint.get("stage"))
-    run = _json_beside(model_path.parent / "run.json")
-    metrics = _json_beside(model_path.parent / "test_metrics.json")
+    run = _json_beside(model_path.parent / RUN_RECORD)
+    metrics = _json_beside(model_path.parent / TEST_METRICS)
     size = checkpoint.get("input_size")
     return {
         "format": CARD_FORMAT,

@@ -43,6 +43,7 @@ from pathmamba.config import (
     train_settings,
 )
 from pathmamba.data.specs import get_dataset_spec
+from pathmamba.layout import THROUGHPUT
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
 
@@ -130,7 +131,7 @@ def default_throughput_path(config: dict[str, Any], device_type: str) -> Path:
     """``<resources_dir>/throughput-<device type>.json``: one file per device type, so that a CPU
     calibration (a laptop's demo run) never stands in for a GPU's, and beside the datasets and
     weights because it describes the hardware, not one run."""
-    return Path(config.get("resources_dir", "resources")) / f"throughput-{device_type}.json"
+    return Path(config.get("resources_dir", "resources")) / THROUGHPUT.format(device_type=device_type)
 
 
 def throughput_path(config: dict[str, Any]) -> Path:

@@ -2,8 +2,9 @@
 
 (a) :func:`qualitative_grid`     image, ground truth and each method's predicted mask overlaid on the H&E
                                  image (like the paper's Fig. 3)
-(b) :func:`class_heatmaps`       class activation heat maps of the CAM family and PathMamba's Y' (MIML)
-                                 and Y'' (CMB) on the same test images, from one seed's ``model.pt`` (CPU)
+(b) :func:`class_heatmaps`       the heat maps the registry names per method (the CAM family's class
+                                 activation maps or Grad-CAM, PathMamba's Y' and Y'') on the same test
+                                 images, from one seed's ``model.pt`` (CPU)
 (c) :func:`seed_spread`          mIoU of every seed per method and dataset, box + dots, the paper's value
                                  and the trivial reference marked
 (d) :func:`ablation_steps`       PathMamba's ablation (Table 2) as a step chart
@@ -39,10 +40,23 @@ from matplotlib.patches import Patch
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import overlay_mask
-from pathmamba.layout import TRIVIAL, benchmark_path, run_path
+from pathmamba.layout import (
+    BENCHMARK_FILES,
+    DATASET_FIGURES,
+    FIGURE_FORMATS,
+    HISTORY,
+    MASKS,
+    MODEL,
+    RUN_FIGURES,
+    RUN_RECORD,
+    TEST_METRICS,
+    TRIVIAL,
+    benchmark_path,
+    run_path,
+)
 from pathmamba.metrics import confusion_columns
+from pathmamba.registry import ablation_methods
 from pathmamba.results import Grid, finished_runs, load_metrics, load_per_class_iou, load_per_image
-from pathmamba.tables import ABLATION
 
 #: seaborn's colour-blind-safe palette without its grey, which the reference lines and steps use.
 PALETTE = [colour for i, colour in enumerate(sns.color_palette("colorblind")) if i != 7]
@@ -63,15 +77,13 @@ MASK_ALPHA = 0.5
 UNSCORED_GREY, UNSCORED_HATCH = 200, 4
 HEATMAP_CMAP = "viridis"
 HEATMAP_ALPHA = 0.6
-#: PathMamba methods whose Y' and Y'' the heat-map figure shows (the ablation variants would double it).
-HEATMAP_PATHMAMBA = ("pathmamba",)
 
 
 def save_figure(figure, stem: Path, tight: bool = True) -> list[Path]:
     """Write ``figure`` to ``stem``.png and ``stem``.pdf and close it; returns the two paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    paths = [stem.with_suffix(f".{extension}") for extension in FIGURE_FORMATS]
     for path in paths:
         tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
         figure.savefig(tmp, dpi=DPI, bbox_inches="tight" if tight else None)
@@ -154,7 +166,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     spec, test = _test_images(dataset, data_root, n_images)
     columns = []
     for method in methods:
-        found = [seed for seed in seeds if (run_path(run_dir, dataset, method, seed) / "masks").is_dir()]
+        found = [seed for seed in seeds if (run_path(run_dir, dataset, method, seed) / MASKS).is_dir()]
         columns.append((method, found[0] if found else None))
     width, height = grid_pixel_size(len(test), len(methods))
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -178,7 +190,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
         axes[row, 1].imshow(overlay_mask(image, truth, spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(image_label(image_path.stem), fontsize=5)
         for col, (method, seed) in enumerate(columns, start=2):
-            predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / "masks" / image_path.name
+            predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / MASKS / image_path.name
             if predicted is not None and predicted.exists():
                 overlay = overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA)
                 axes[row, col].imshow(mark_unscored(overlay, truth))
@@ -190,75 +202,39 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
 
 
 def _heatmap_columns(dataset: str, run_dir: Path, methods: list[str], seeds: list[int]) -> list[dict]:
-    """The heat-map columns: per CAM-family method (a model with ``class_maps``) one, its Grad-CAM for the
-    methods that segment from Grad-CAM (gradcam, histosegnet), else its class activation maps; per method
-    of :data:`HEATMAP_PATHMAMBA` its Y' (when it has the MIML branch) and Y''; each from the lowest seed
-    whose ``model.pt`` exists, loaded on the CPU."""
-    from baselines.cam.gradcam import GradCAMClassifier
-    from baselines.cam.histosegnet import HistoSegNet
+    """The heat-map columns: per method its registry entry's ``heatmaps`` (none: no column), each from the
+    lowest seed whose ``model.pt`` exists, loaded on the CPU. A column: method, seed, model, heatmap (the
+    :class:`pathmamba.registry.HeatMap`), maps (its function), title."""
     from pathmamba.evaluate import load_model
-    from pathmamba.models.pathmamba import PathMamba
-    from pathmamba.registry import METHODS
+    from pathmamba.registry import METHODS, load_target
 
     columns = []
     for method in methods:
-        spec = METHODS.get(method)
-        if spec is None or not (spec.target.startswith("baselines.cam.") or method in HEATMAP_PATHMAMBA):
+        heatmaps = METHODS[method].heatmaps if method in METHODS else ()
+        found = [seed for seed in sorted(seeds) if (run_path(run_dir, dataset, method, seed) / MODEL).exists()]
+        if not heatmaps or not found:
             continue
-        found = [seed for seed in sorted(seeds) if (run_path(run_dir, dataset, method, seed) / "model.pt").exists()]
-        if not found:
-            continue
-        _, model = load_model(run_path(run_dir, dataset, method, found[0]) / "model.pt")
+        _, model = load_model(run_path(run_dir, dataset, method, found[0]) / MODEL)
         model.eval()
-        if isinstance(model, PathMamba):
-            if model.miml is not None:
-                columns.append({"method": method, "seed": found[0], "model": model, "map": "y1",
-                                "title": f"{method} (seed {found[0]})\nY\u2032 (MIML fused map)"})
-            columns.append({"method": method, "seed": found[0], "model": model, "map": "y2",
-                            "title": f"{method} (seed {found[0]})\nY\u2033 (CMB map)"})
-        elif isinstance(model, (GradCAMClassifier, HistoSegNet)):
-            columns.append({"method": method, "seed": found[0], "model": model, "map": "gradcam",
-                            "title": f"{method} (seed {found[0]})\nGrad-CAM"})
-        elif hasattr(model, "class_maps"):
-            columns.append({"method": method, "seed": found[0], "model": model, "map": "cam",
-                            "title": f"{method} (seed {found[0]})\nclass activation map"})
+        columns += [{"method": method, "seed": found[0], "model": model, "heatmap": heatmap,
+                     "maps": load_target(heatmap.maps), "title": f"{method} (seed {found[0]})\n{heatmap.title}"}
+                    for heatmap in heatmaps]
     return columns
 
 
 def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float32 maps in [0, 1] of one heat-map column for one (H, W, 3) uint8 image: a CAM
-    family model's class activation maps, ReLU'd, resized to the image and divided by each class's
-    maximum (as its ``predict`` does), or its Grad-CAM as its ``predict`` computes it (gradcam: min-max
-    scaled per class, as pytorch-grad-cam does; histosegnet: divided by its maximum after resizing, as
-    hsn_v1); PathMamba's Y' (fused side probabilities) or sigmoid(Y'')."""
-    import torch
-    import torch.nn.functional as F
-
+    """(C, H, W) float32 maps in [0, 1] of one heat-map column (:func:`_heatmap_columns`) for one
+    (H, W, 3) uint8 image: the column's function of its model, e.g. a CAM-family model's class activation
+    maps scaled as its ``predict`` does, its Grad-CAM, PathMamba's Y' or sigmoid(Y'')."""
     from pathmamba.data.datasets import to_tensor
 
-    images = to_tensor(image)[None]
-    if column["map"] == "gradcam":
-        from baselines.cam.gradcam import grad_cam_maps
-        from baselines.cam.histosegnet import HistoSegNet, histosegnet_grad_cam
-
-        model = column["model"]
-        if isinstance(model, HistoSegNet):
-            return histosegnet_grad_cam(model, images)[0].float().numpy()
-        return grad_cam_maps(model, [model.features[-1]], images, model.num_classes)[0].float().numpy()
-    with torch.no_grad():
-        if column["map"] == "cam":
-            maps = F.relu(column["model"].class_maps(images).float())
-            maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-        else:
-            maps = column["model"].probability_maps(images)[column["map"]].float()
-    return maps[0].numpy()
+    return column["maps"](column["model"], to_tensor(image)[None])[0].float().numpy()
 
 
 def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
                    stem: Path, n_images: int = 4) -> list[Path]:
     """Rows: the qualitative grid's test images; columns: the image with its ground truth overlaid, then
-    one heat map per CAM-family method and PathMamba's Y' and Y'' (:func:`_heatmap_columns`), each over
+    the heat maps of each method that has them (:func:`_heatmap_columns`), each over
     the grey-scale image. Each row shows the map of the image's most frequent ground-truth class (named
     at the left), the same class in every column, on a common 0..1 colour scale."""
     spec, test = _test_images(dataset, data_root, n_images)
@@ -275,7 +251,7 @@ def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[s
     if not test:
         _nothing_to_show(axes[0, 0], f"no test images in {data_root}")
     if not columns:
-        _nothing_to_show(axes[0, 1], "no CAM-family or\nPathMamba model.pt")
+        _nothing_to_show(axes[0, 1], "no model.pt of a\nmethod with heat maps")
     heat = None
     for row, (image_path, mask_path) in enumerate(test):
         image, truth = read_image(image_path), read_mask(mask_path, spec)
@@ -291,9 +267,8 @@ def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[s
     if heat is not None:
         bar = figure.colorbar(heat, ax=axes.ravel().tolist(), orientation="horizontal", fraction=0.9 / (n_rows * 8),
                               pad=0.02, aspect=40, shrink=0.6)
-        bar.set_label("map of the row's class (CAM: ReLU, divided by its maximum; Grad-CAM: min-max scaled; "
-                      "Y\u2032, Y\u2033: sigmoid)",
-                      fontsize=6)
+        scalings = dict.fromkeys(column["heatmap"].scaling for column in columns)
+        bar.set_label(f"map of the row's class ({'; '.join(scalings)})", fontsize=6)
         bar.ax.tick_params(labelsize=6)
     return save_figure(figure, stem)
 
@@ -526,12 +501,12 @@ def load_histories(run_dir: Path, datasets: list[str], methods: list[str], seeds
         for method in methods:
             for seed in seeds:
                 folder = run_path(run_dir, dataset, method, seed)
-                if not (folder / "history.csv").exists():
+                if not (folder / HISTORY).exists():
                     continue
-                history = pd.read_csv(folder / "history.csv")
+                history = pd.read_csv(folder / HISTORY)
                 epochs = None
-                if (folder / "run.json").exists():
-                    epochs = json.loads((folder / "run.json").read_text()).get("settings", {}).get("epochs")
+                if (folder / RUN_RECORD).exists():
+                    epochs = json.loads((folder / RUN_RECORD).read_text()).get("settings", {}).get("epochs")
                 epochs = int(epochs or history["epoch"].max())
                 frames.append(history.assign(dataset=dataset, method=method, seed=seed, epochs=epochs))
     if not frames:
@@ -590,8 +565,8 @@ def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[
     return save_figure(figure, stem)
 
 
-#: The benchmark files of a run's training jobs (workflow/rules/train.smk); evaluate.tsv is the test's.
-TRAINING_BENCHMARKS = ("train_stage1.tsv", "pseudo_masks.tsv", "train.tsv")
+#: The benchmark files of a run's training jobs (workflow/rules/train.smk); not the evaluation's.
+TRAINING_BENCHMARKS = tuple(BENCHMARK_FILES[rule] for rule in ("train_stage1", "pseudo_masks", "train"))
 
 
 def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
@@ -603,11 +578,11 @@ def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seed
         for method in methods:
             for seed in seeds:
                 folder = benchmark_path(run_dir, dataset, method, seed)
-                if not (folder / "train.tsv").exists():
+                if not (folder / BENCHMARK_FILES["train"]).exists():
                     continue
                 bench = pd.concat([pd.read_csv(folder / name, sep="\t") for name in TRAINING_BENCHMARKS
                                    if (folder / name).exists()])
-                run_json = run_path(run_dir, dataset, method, seed) / "run.json"
+                run_json = run_path(run_dir, dataset, method, seed) / RUN_RECORD
                 device = "unknown"
                 if run_json.exists():
                     device = pd.read_json(run_json, typ="series")["environment"].get("device", "unknown")
@@ -655,28 +630,29 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
     out_dir = Path(out_dir)
     every = finished_runs(run_dir, Grid(datasets, methods, seeds))
     runs = every[every["method"] != TRIVIAL]
-    metrics = load_metrics([Path(path) / "test_metrics.json" for path in runs["path"]])
-    trivial = load_metrics([Path(path) / "test_metrics.json" for path in every.loc[every["method"] == TRIVIAL, "path"]])
-    per_class = load_per_class_iou([Path(path) / "test_metrics.json" for path in every["path"]])
+    metrics = load_metrics([Path(path) / TEST_METRICS for path in runs["path"]])
+    trivial = load_metrics([Path(path) / TEST_METRICS for path in every.loc[every["method"] == TRIVIAL, "path"]])
+    per_class = load_per_class_iou([Path(path) / TEST_METRICS for path in every["path"]])
     per_image = load_per_image(every)
     styles = method_styles(methods)
-    variants = [method for method in ABLATION if method in methods]
+    variants = [method for method in ablation_methods() if method in methods]
     labels = {method: values["label"].split(":")[0] + f": {method}"
               for method, values in paper["table2"].get("luad-histoseg", {}).items()}
     written = []
     for dataset in datasets:
-        written += qualitative_grid(dataset, data_roots[dataset], run_dir, methods, seeds,
-                                    out_dir / f"qualitative_{dataset}", n_images)
-        written += class_heatmaps(dataset, data_roots[dataset], run_dir, methods, seeds,
-                                  out_dir / f"heatmaps_{dataset}", n_images)
-        written += confusion_matrices(per_image, dataset, methods, out_dir / f"confusion_{dataset}")
-    written += seed_spread(metrics, paper["table1"], datasets, methods, out_dir / "miou_over_seeds",
-                           trivial=trivial, styles=styles)
-    written += ablation_steps(metrics, paper["table2"], datasets, variants, labels, out_dir / "ablation",
+        stems = {figure: out_dir / stem.format(dataset=dataset) for figure, stem in DATASET_FIGURES.items()}
+        written += qualitative_grid(dataset, data_roots[dataset], run_dir, methods, seeds, stems["qualitative"],
+                                    n_images)
+        written += class_heatmaps(dataset, data_roots[dataset], run_dir, methods, seeds, stems["heatmaps"], n_images)
+        written += confusion_matrices(per_image, dataset, methods, stems["confusion"])
+    stems = {figure: out_dir / stem for figure, stem in RUN_FIGURES.items()}
+    written += seed_spread(metrics, paper["table1"], datasets, methods, stems["seed_spread"], trivial=trivial,
+                           styles=styles)
+    written += ablation_steps(metrics, paper["table2"], datasets, variants, labels, stems["ablation"],
                               trivial=trivial, styles=styles)
-    written += per_class_chart(per_class, datasets, methods, out_dir / "per_class_iou", styles=styles)
+    written += per_class_chart(per_class, datasets, methods, stems["per_class"], styles=styles)
     written += training_curves(load_histories(run_dir, datasets, methods, seeds), datasets, methods,
-                               out_dir / "training_curves", styles=styles)
+                               stems["training_curves"], styles=styles)
     written += compute_cost(load_benchmarks(run_dir, datasets, methods, seeds), datasets, methods,
-                            out_dir / "compute_cost")
+                            stems["compute_cost"])
     return written

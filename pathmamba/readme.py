@@ -44,7 +44,8 @@ def unpinned_runs(run_dir: Path) -> list[str]:
     """The runs under ``run_dir`` (their ``run.json``) whose CPU pins did not hold, as paths relative to
     it; runs recorded before the pins were recorded count as unpinned."""
     found = []
-    for record_path in sorted(Path(run_dir).glob(f"{layout.RUN.format(dataset='*', method='*', seed='*')}/run.json")):
+    runs = layout.RUN.format(dataset="*", method="*", seed="*")
+    for record_path in sorted(Path(run_dir).glob(f"{runs}/{layout.RUN_RECORD}")):
         cpu = json.loads(record_path.read_text()).get("environment", {}).get("cpu") or {}
         if not cpu.get("pinned_isa"):
             found.append(str(record_path.parent.relative_to(run_dir)))

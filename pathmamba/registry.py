@@ -88,12 +88,48 @@ class SecondStage(Method, Protocol):
     def init_from_stage1(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
+#: The kinds of supervision a method trains with, as the tables' Supervision column names them: a method
+#: trained on its own first stage's pseudo masks has seen image labels only.
+SUPERVISION_KINDS = {"image": "weak (image labels)", "pseudo": "weak (image labels)", "pixel": "full (pixel masks)"}
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """A method's row in Table 2 (PathMamba's ablation) and in the ablation figure: rows are ordered by
+    ``position``; ``note`` is a footnote of Table 2 about this row (a control beyond the paper, a variant
+    that computes something differently)."""
+
+    position: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One column of the heat-map figure (pathmamba/plots.py) for a method's model: ``maps`` names the
+    function as ``"module:callable"``, called as ``maps(model, images) -> (B, C, H, W)`` float maps in
+    [0, 1] (images as the engine gives them); ``title`` names the map under the method's name, ``scaling``
+    says how it is brought to [0, 1] (the colour bar's legend)."""
+
+    maps: str
+    title: str
+    scaling: str
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """How to build one method and what supervision it trains with (``image`` labels, ``pixel`` masks of
-    val, or ``pseudo`` masks written by its first stage, ``stage1``). ``epochs_from``: builder keywords
-    whose values (numbers or lists of numbers) add up to the method's training epochs, for a method with a
-    schedule of its own (SC-CAM's CAM phase and rounds); the config check holds ``train.epochs`` to it."""
+    """How to build one method, what supervision it trains with, and how the tables and figures show it.
+
+    ``supervision``: ``image`` labels, ``pixel`` masks of val, or ``pseudo`` masks written by its first
+    stage, ``stage1`` (:data:`SUPERVISION_KINDS`). ``epochs_from``: builder keywords whose values (numbers
+    or lists of numbers) add up to the method's training epochs, for a method with a schedule of its own
+    (SC-CAM's CAM phase and rounds); the config check holds ``train.epochs`` to it.
+
+    For the tables (pathmamba/tables.py) and figures (pathmamba/plots.py): ``note``, a footnote that readers
+    of every table with this row must see (an approximation, another training set); ``reference``, set for
+    a Table 1 row beyond the paper, kept as a reference: what the row shows; ``baseline``, a comparison
+    method described against its original code in docs/baselines.md (Table 1 points there); ``ablation``,
+    its row of Table 2 (None: not in it); ``heatmaps``, its columns of the heat-map figure (none: not shown).
+    """
 
     target: str
     supervision: str = "image"
@@ -101,79 +137,123 @@ class MethodSpec:
     preset: dict[str, Any] = field(default_factory=dict)
     stage1: MethodSpec | None = None
     epochs_from: tuple[str, ...] = ()
+    note: str = ""
+    reference: str = ""
+    baseline: bool = False
+    ablation: AblationRow | None = None
+    heatmaps: tuple[HeatMap, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.supervision not in SUPERVISION_KINDS:
+            raise ValueError(f"{self.target}: supervision {self.supervision!r}; expected one of "
+                             f"{', '.join(SUPERVISION_KINDS)}")
 
 
 _PATHMAMBA = "pathmamba.models.pathmamba:PathMamba"
+#: The CAM family's class activation maps as their predictions scale them.
+_CAM_HEATMAP = HeatMap("baselines.cam.toolbox:class_activation_heatmaps", "class activation map",
+                       "CAM: ReLU, divided by its maximum")
 
 METHODS: dict[str, MethodSpec] = {
     "cam": MethodSpec(
         "baselines.cam.cam:CAMClassifier",
         summary="Class activation maps of a multi-label ResNet classifier (Zhou et al., CVPR 2016)",
+        reference="the class activation maps every CAM-family method builds on",
+        baseline=True,
+        heatmaps=(_CAM_HEATMAP,),
     ),
     "gradcam": MethodSpec(
         "baselines.cam.gradcam:GradCAMClassifier",
         summary="Grad-CAM (pytorch-grad-cam) of a multi-label ResNet classifier (Selvaraju et al., ICCV 2017)",
+        reference="with global average pooling and a linear classifier, Grad-CAM of the last layer equals CAM",
+        baseline=True,
+        heatmaps=(HeatMap("baselines.cam.gradcam:last_layer_grad_cam", "Grad-CAM", "Grad-CAM: min-max scaled"),),
     ),
     "histosegnet": MethodSpec(
         "baselines.cam.histosegnet:HistoSegNet",
         summary="Grad-CAM + white-background and 'other' maps + class subtraction + dense CRF "
                 "(Chan et al., ICCV 2019)",
+        baseline=True,
+        heatmaps=(HeatMap("baselines.cam.histosegnet:histosegnet_grad_cam", "Grad-CAM",
+                          "HistoSegNet's Grad-CAM: divided by its maximum"),),
     ),
     "unet": MethodSpec(
         "baselines.unet:UNet",
         supervision="pixel",
         summary="Fully supervised UNet (smp, ResNet-50 encoder), cross-entropy; trained on the val masks "
                 "(the only public pixel labels) with a fixed 80/20 split of val for model selection",
+        note="unet is fully supervised: pixel masks exist only for val/test, so it trains on the val masks (a "
+             "fixed 80/20 split of val for model selection).",
+        baseline=True,
     ),
     "sc-cam": MethodSpec(
         "baselines.cam.sccam:SCCAM",
         summary="CAM + k-means sub-category head, re-clustered in rounds (Chang et al., CVPR 2020)",
         epochs_from=("cam_epochs", "round_epochs"),
+        baseline=True,
+        heatmaps=(_CAM_HEATMAP,),
     ),
     "c-cam": MethodSpec(
         "baselines.cam.ccam:CCAM",
         summary="Causal CAM: category chain + anatomy chain with the tissue mask as prior (Chen et al., CVPR 2022)",
+        note="c-cam's anatomy prior is the tissue / white-background mask (an approximation).",
+        baseline=True,
+        heatmaps=(_CAM_HEATMAP,),
     ),
     "wsss-tissue": MethodSpec(
         "baselines.cam.wsss_tissue:WSSSTissue",
         supervision="pseudo",
         summary="DeepLabV3+ on multi-layer Grad-CAM pseudo masks of a classifier trained with progressive "
                 "dropout attention (Han et al., MedIA 2022)",
+        baseline=True,
         stage1=MethodSpec(
             "baselines.cam.wsss_tissue:WSSSTissueClassifier",
             summary="WSSS-Tissue stage 1: multi-label classifier with progressive dropout attention",
         ),
     ),
-    # PathMamba's ablation (paper Table 2) and a control: one class, flags in the preset.
+    # PathMamba's ablation (paper Table 2, rows a, b, c, d, f) and a control: one class, flags in the preset.
     "pathmamba-b": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline (Table 2 a): VMamba-style encoder + MLP head, plain selective scan",
         preset={"use_miml": False, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
+        ablation=AblationRow(1),
     ),
     "pathmamba-b-miml": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML pixel-level branch (Table 2 b)",
         preset={"use_miml": True, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
+        ablation=AblationRow(2),
     ),
     "pathmamba-b-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + Contrastive Mamba Block, contrast from its own class maps (Table 2 c)",
         preset={"use_miml": False, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
+        ablation=AblationRow(3, note="c (pathmamba-b-cmb) has no MIML branch to give the CMB its saliency map: it "
+                                     "runs its CMB network twice per image, a first pass without modulation (no "
+                                     "gradient) whose class maps give the saliency, then the modulated pass that "
+                                     "is trained and scored."),
     ),
     "pathmamba-b-miml-cmb": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba baseline + MIML + Contrastive Mamba Block (Table 2 d)",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
+        ablation=AblationRow(4),
     ),
     "pathmamba": MethodSpec(
         _PATHMAMBA,
         summary="PathMamba: MIML + Contrastive Mamba Block + Deep Contrast Supervised Loss (Fan et al., MICCAI 2024)",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "selective-scan"},
+        ablation=AblationRow(5),
+        # its variants' maps would double the figure
+        heatmaps=(HeatMap("pathmamba.models.pathmamba:miml_heatmaps", "Y\u2032 (MIML fused map)", "Y\u2032: sigmoid"),
+                  HeatMap("pathmamba.models.pathmamba:cmb_heatmaps", "Y\u2033 (CMB map)", "Y\u2033: sigmoid")),
     ),
     "pathmamba-noscan": MethodSpec(
         _PATHMAMBA,
         summary="Control: full PathMamba with the selective scan replaced by a depthwise 7x7 convolution",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "conv"},
+        ablation=AblationRow(6, note="pathmamba-noscan is a control beyond the paper (selective scan replaced by a "
+                                     "depthwise convolution)."),
     ),
 }
 
@@ -181,6 +261,18 @@ METHODS: dict[str, MethodSpec] = {
 def method_names() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(METHODS)
+
+
+def ablation_methods() -> list[str]:
+    """Names of the methods with a row in Table 2 (:class:`AblationRow`), in their rows' order."""
+    return sorted((name for name in METHODS if METHODS[name].ablation is not None),
+                  key=lambda name: METHODS[name].ablation.position)
+
+
+def load_target(target: str) -> Any:
+    """The object that ``target`` (``"module:callable"``) names, its module imported now."""
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def two_stage_methods() -> list[str]:
@@ -220,9 +312,7 @@ def build_method(name: str, num_classes: int, stage: int | None = None, **hparam
         # the preset is what makes this method this variant; an override would train another one under its name
         raise ValueError(f"method {name!r}: {', '.join(fixed)} fixed by its registry preset "
                          f"({', '.join(f'{k}={spec.preset[k]!r}' for k in fixed)}); hparams cannot override it")
-    module_name, _, attr = spec.target.partition(":")
-    builder = getattr(importlib.import_module(module_name), attr)
-    model = builder(num_classes=num_classes, **{**spec.preset, **hparams})
+    model = load_target(spec.target)(num_classes=num_classes, **{**spec.preset, **hparams})
     protocol = required_protocol(name, stage)
     if not isinstance(model, protocol):
         raise TypeError(f"{spec.target} built {type(model).__name__}, which does not follow the "

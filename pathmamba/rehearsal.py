@@ -54,7 +54,19 @@ from pathmamba.config import (
     train_settings,
 )
 from pathmamba.data.specs import DATASETS, get_dataset_spec
-from pathmamba.layout import BENCHMARK_ROOT, LOGS, run_path
+from pathmamba.layout import (
+    BENCHMARK_ROOT,
+    HISTORY,
+    LOGS,
+    REPORT,
+    RUN_RECORD,
+    STAGE1,
+    TEST_METRICS,
+    WEIGHTS,
+    configured_run_dir,
+    run_path,
+    weights_backbone,
+)
 from pathmamba.plan import REAL_IMAGE_SIZE
 from pathmamba.registry import get_spec, method_names, two_stage_methods
 from pathmamba.runtime import atomic_write_text
@@ -85,7 +97,7 @@ RESOLVED_AT_RUN_TIME = ("workers",)
 OVERLAY_BLOCKS = ("config", "archives", "snakemake")
 ARCHIVE_KEYS = {"n_train", "n_val", "n_test", "seed", "rgb_masks", "unpaired_test_image"}
 #: The training jobs' files, by job name (the benchmark file's stem): run.json's folder in the run.
-TRAINING_JOBS = {"train": "", "train_stage1": "stage1"}
+TRAINING_JOBS = {"train": "", "train_stage1": STAGE1}
 
 
 class RehearsalError(ValueError):
@@ -206,17 +218,16 @@ def claim_folder(folder: Path) -> Path:
 
 
 def weights_files(config: dict[str, Any]) -> dict[str, str]:
-    """{path: backbone} of every ``<resources_dir>/weights/<backbone>-imagenet.pth`` that a method (or its
-    first stage) names: the files the workflow's fetch_weights rule would download."""
+    """{path: backbone} of every ``<resources_dir>/`` :data:`pathmamba.layout.WEIGHTS` file that a method (or
+    its first stage) names: the files the workflow's fetch_weights rule would download."""
     from pathmamba.models.backbones import RESNETS
 
-    prefix = f"{config['resources_dir']}/weights/"
     files = {}
     for path in all_fetched_weights(config):
-        backbone = path[len(prefix):].removesuffix("-imagenet.pth")
+        backbone = weights_backbone(config["resources_dir"], path)
         if backbone not in RESNETS:
             raise RehearsalError(f"{path!r} (named by a method's hparams) is not a fetch_weights file "
-                                 f"(<resources_dir>/weights/<{'|'.join(RESNETS)}>-imagenet.pth)")
+                                 f"(<resources_dir>/{WEIGHTS.format(backbone='<' + '|'.join(RESNETS) + '>')})")
         files[path] = backbone
     return files
 
@@ -324,7 +335,7 @@ def parse_job_blocks(text: str) -> dict[str, tuple[str, int]]:
 
 
 def run_folder(config: dict[str, Any], folder: Path) -> Path:
-    return folder / config["results_dir"] / config["run"]
+    return folder / configured_run_dir(config["results_dir"], config["run"])
 
 
 def expected_record(paper: dict[str, Any], effective: dict[str, Any], method: str,
@@ -355,7 +366,7 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
             for seed in effective["seeds"]:
                 stages = [1, None] if method in two_stage_methods() else [None]
                 for stage in stages:
-                    path = run_path(run_dir, dataset, method, seed) / ("stage1" if stage else "") / "run.json"
+                    path = run_path(run_dir, dataset, method, seed) / (STAGE1 if stage else "") / RUN_RECORD
                     if not path.is_file():
                         problems.append(f"{path}: missing")
                         continue
@@ -411,25 +422,25 @@ class JobCost:
 def _images(run: Path, job: str) -> tuple[int | None, float | None]:
     """(images the job processed, training-loop seconds per image) from the run's files."""
     if job in TRAINING_JOBS:
-        record = json.loads((run / TRAINING_JOBS[job] / "run.json").read_text())
-        with open(run / TRAINING_JOBS[job] / "history.csv") as handle:
+        record = json.loads((run / TRAINING_JOBS[job] / RUN_RECORD).read_text())
+        with open(run / TRAINING_JOBS[job] / HISTORY) as handle:
             seconds = sum(float(row["seconds"]) for row in csv.DictReader(handle))
         images = record["train_images"] * record["settings"]["epochs"]
         return images, seconds / images
     if job == "pseudo_masks":
-        return json.loads((run / "stage1" / "run.json").read_text())["train_images"], None
+        return json.loads((run / STAGE1 / RUN_RECORD).read_text())["train_images"], None
     if job == "evaluate":
-        return json.loads((run / "test_metrics.json").read_text())["test_images"], None
+        return json.loads((run / TEST_METRICS).read_text())["test_images"], None
     return None, None
 
 
 def job_costs(effective: dict[str, Any], folder: Path, requests: dict[str, tuple[str, int]]) -> list[JobCost]:
     """Every job with a benchmark file of the grid, in the dry run's order of datasets, methods, jobs."""
-    results = f"{effective['results_dir']}/{effective['run']}"
+    results = configured_run_dir(effective["results_dir"], effective["run"])
     costs = []
     for benchmark, (rule, mem_mb) in sorted(requests.items()):
         path = folder / benchmark
-        parts = Path(benchmark).relative_to(f"{results}/{BENCHMARK_ROOT}").parts  # dataset, method, seedN, job.tsv
+        parts = Path(benchmark).relative_to(results / BENCHMARK_ROOT).parts  # dataset, method, seedN, job.tsv
         if not path.is_file() or len(parts) != 4:
             continue
         with open(path) as handle:
@@ -505,7 +516,7 @@ def rehearse(folder: Path, paper_path: Path = PAPER_CONFIG, overlay_path: Path =
     status = run_logged(snakemake_command(folder, config_path, "--cores", str(cores or os.cpu_count()),
                                           *(["--resources", *resources] if resources else [])), run_log)
     if status == 0:
-        report_path = f"{effective['results_dir']}/{effective['run']}/report.html"
+        report_path = str(configured_run_dir(effective["results_dir"], effective["run"]) / REPORT)
         status = run_logged(snakemake_command(folder, config_path, "--report", report_path), run_log)
     problems = check_runs(paper, effective, folder) + check_weights_loaded(effective, folder)
     if status != 0:

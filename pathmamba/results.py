@@ -15,7 +15,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pathmamba.layout import TRIVIAL, run_path
+from pathmamba.layout import (
+    DATASET,
+    HISTORY,
+    PER_IMAGE,
+    RUN_RECORD,
+    TEST_METRICS,
+    TRIVIAL,
+    configured_run_dir,
+    run_path,
+)
 from pathmamba.metrics import METRICS, confusion_columns
 from pathmamba.runtime import InputError
 
@@ -62,7 +71,7 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
 
     config = load_config_mapping(configfile) if configfile else {}
     resources = config.get("resources_dir", "resources")
-    roots = {name: entry.get("root", f"{resources}/datasets/{name}")
+    roots = {name: entry.get("root", str(Path(resources) / DATASET.format(dataset=name)))
              for name, entry in config.get("datasets", {}).items()}
     for item in data_roots:
         name, sep, folder = item.partition("=")
@@ -71,7 +80,7 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
         roots[name] = folder
     given = {"run-dir": run_dirs, "datasets": datasets, "methods": methods, "seeds": seeds}
     if not run_dirs and "run" in config:
-        run_dirs = [Path(config.get("results_dir", "results")) / config["run"]]
+        run_dirs = [configured_run_dir(config.get("results_dir", "results"), config["run"])]
     chosen = {"run-dir": [Path(folder) for folder in run_dirs or []],
               "datasets": datasets or (grid_datasets(config) if config else []),
               "methods": methods or (grid_methods(config) if config else []),
@@ -118,7 +127,7 @@ def _evaluated_runs(run_dirs: Path | Sequence[Path], grid: Grid):
     run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(folder) for folder in run_dirs]
     for dataset, method, seed in _grid_runs(grid):
         run = run_path(Path(), dataset, method, seed)
-        holding = [run_dir for run_dir in run_dirs if (run_dir / run / "test_metrics.json").exists()]
+        holding = [run_dir for run_dir in run_dirs if (run_dir / run / TEST_METRICS).exists()]
         if holding:
             yield dataset, method, seed, agreeing_copy(holding, run)
 
@@ -127,7 +136,7 @@ def diverged(run: Path) -> bool:
     """Whether the training of the run in folder ``run`` diverged: a nan or infinite loss in its
     ``history.csv``. The engine stops such a run without a model (:class:`pathmamba.train.TrainingDiverged`);
     this keeps one trained before it did out of every table."""
-    path = Path(run) / "history.csv"
+    path = Path(run) / HISTORY
     if not path.is_file():
         return False
     try:
@@ -162,9 +171,9 @@ def agreeing_copy(run_dirs: list[Path], run: Path) -> Path:
     """``run`` (a run's folder relative to a run folder) in the first of ``run_dirs``, once its results
     (the ``protocols`` of ``test_metrics.json``) are the same in every other: copies that disagree raise
     :class:`InputError` naming both run folders, the run and the first metric that differs."""
-    first = flat_record(read_run_json(run_dirs[0] / run / "test_metrics.json")["protocols"])
+    first = flat_record(read_run_json(run_dirs[0] / run / TEST_METRICS)["protocols"])
     for run_dir in run_dirs[1:]:
-        other = flat_record(read_run_json(run_dir / run / "test_metrics.json")["protocols"])
+        other = flat_record(read_run_json(run_dir / run / TEST_METRICS)["protocols"])
         differing = next((key for key in {**first, **other} if first.get(key) != other.get(key)), None)
         if differing is not None:
             raise InputError(f"{run} is in {run_dirs[0]} and in {run_dir} with different results: {differing} "
@@ -199,7 +208,7 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     """All ``per_image.csv`` rows of ``runs`` (from :func:`finished_runs`) with dataset, method, seed."""
     frames = []
     for run in runs.itertuples(index=False):
-        path = Path(run.path) / "per_image.csv"
+        path = Path(run.path) / PER_IMAGE
         try:
             frame = pd.read_csv(path)
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
@@ -254,7 +263,7 @@ def run_runtimes(runs: pd.DataFrame) -> dict[tuple[str, str], dict[int, dict[str
         if run.method == TRIVIAL:
             continue
         environments = []
-        for name in ("run.json", "test_metrics.json"):
+        for name in (RUN_RECORD, TEST_METRICS):
             path = Path(run.path) / name
             environments.append(read_run_json(path).get("environment", {}) if path.exists() else {})
         labels = {}

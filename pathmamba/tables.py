@@ -6,13 +6,14 @@ A partial grid gives a partial table: a cell with no finished seed shows "—", 
 finished seeds than configured is flagged in the table (``n/N``), never averaged silently. Values are
 mean ± std over seeds (ddof=1; 0 for one seed).
 
-Tables written by :func:`write_tables` into ``<out_dir>``:
+Tables written by :func:`write_tables` into ``<out_dir>`` (their names: :mod:`pathmamba.layout`):
 
 ``table1_comparison.{csv,md,html,tex}``  every configured method, with the paper's value and the difference
 ``table2_ablation.{csv,md,html,tex}``    PathMamba's variants (paper Table 2), on every dataset
 ``per_class_iou.{csv,md,html}``          per-class IoU of every method
 ``sensitivity_with_background.{csv,md,html}``  the 5-class protocol (background kept), for sensitivity only
-``statistics.{csv,md,html}``             PathMamba against every other method, paired over test images
+``statistics.{csv,md,html}``             the reference method (``report.reference_method``) against every
+                                         other method, paired over test images
 ``comparison.{csv,md}``                  the compact mean ± std table, one row per dataset and method
 """
 
@@ -24,9 +25,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from pathmamba.layout import TRIVIAL
+from pathmamba.config import report_settings
+from pathmamba.layout import (
+    COMPARISON_TABLE,
+    PER_CLASS_TABLE,
+    RUN_RECORD,
+    SENSITIVITY_TABLE,
+    STATISTICS_TABLE,
+    TABLE1,
+    TABLE2,
+    TEST_METRICS,
+    TRIVIAL,
+    table_file,
+)
 from pathmamba.metrics import METRICS
-from pathmamba.registry import get_spec
+from pathmamba.registry import SUPERVISION_KINDS, ablation_methods, get_spec, method_names
 from pathmamba.render import (
     INCONSISTENT_MARK,
     MISSING,
@@ -49,15 +62,9 @@ from pathmamba.results import (
     read_run_json,
     run_runtimes,
 )
-from pathmamba.runtime import atomic_write_text
+from pathmamba.runtime import InputError, atomic_write_text
 from pathmamba.stats import compare_split_level, compare_to_reference
 
-# A method trained on its own first stage's pseudo masks (wsss-tissue) has seen image labels only.
-SUPERVISION_LABELS = {"image": "weak (image labels)", "pseudo": "weak (image labels)", "pixel": "full (pixel masks)"}
-REFERENCE_METHOD = "pathmamba"
-# Paper Table 2's rows in order, then the control beyond the paper.
-ABLATION = ("pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb", "pathmamba-b-miml-cmb", "pathmamba",
-            "pathmamba-noscan")
 #: Half a unit of the paper's last digit: its values have three decimals.
 PAPER_ROUNDING = 0.0005
 INCONSISTENT_NOTE = (f"{INCONSISTENT_MARK} The paper's mDice and mIoU of this row cannot both come from one "
@@ -72,17 +79,8 @@ PROTOCOL_NOTES = {
                         "background kept as a fifth class; m-metrics are means over the four tissue "
                         "classes. Not comparable with the paper's numbers, which use the primary protocol."),
 }
-METHOD_NOTES = {
-    "unet": ("unet is fully supervised: pixel masks exist only for val/test, so it trains on the val "
-             "masks (a fixed 80/20 split of val for model selection)."),
-    "c-cam": "c-cam's anatomy prior is the tissue / white-background mask (an approximation).",
-    "trivial": ("trivial is a reference, not a method: per test image, the most frequent training class "
-                "among the image's TRUE classes (it is given the test image's class set)."),
-}
-
-
-#: Table 1 rows that the paper does not have: references for the CAM family.
-BEYOND_THE_PAPER = ("cam", "gradcam")
+TRIVIAL_NOTE = (f"{TRIVIAL} is a reference, not a method: per test image, the most frequent training class "
+                "among the image's TRUE classes (it is given the test image's class set).")
 BASELINES_NOTE = ("Baselines: each one's implementation, its differences from the original code with their "
                   "expected effect, and the training budget are in the repository's docs/baselines.md. The "
                   "CAM family's masks hold only classes the method's own image-level prediction keeps.")
@@ -140,8 +138,7 @@ def supervision_of(method: str) -> str:
     """The Supervision column: from the registry's ``MethodSpec.supervision``."""
     if method == TRIVIAL:
         return "reference (test classes)"
-    supervision = get_spec(method).supervision
-    return SUPERVISION_LABELS.get(supervision, supervision)
+    return SUPERVISION_KINDS[get_spec(method).supervision]
 
 
 def results_table(metrics: pd.DataFrame, methods: list[str], datasets: list[str], n_expected: int,
@@ -177,7 +174,7 @@ def results_table(metrics: pd.DataFrame, methods: list[str], datasets: list[str]
                              "paper_inconsistent": inconsistent})
     table = pd.DataFrame(rows, columns=["dataset", "method", "supervision", "metric", "mean", "std", "n_seeds",
                                         "n_expected", "status", "paper", "difference", "paper_inconsistent"])
-    weak = table["supervision"] == SUPERVISION_LABELS["image"]
+    weak = table["supervision"] == SUPERVISION_KINDS["image"]
     best = table[weak].groupby(["dataset", "metric"])["mean"].transform("max")
     table["best"] = False
     table.loc[weak, "best"] = table.loc[weak, "mean"].eq(best) & table.loc[weak, "mean"].notna()
@@ -190,27 +187,28 @@ def _footnotes(methods: list[str], protocol: str, paper_source: str | None, has_
              f"finished than configured; {MISSING}: no finished run. Bold: best weakly supervised mean per column.")]
     if has_paper:
         notes.append(f"paper: the value reported in {paper_source}; Δ = reproduced mean − paper value.")
-    beyond = [method for method in BEYOND_THE_PAPER if method in methods]
-    if beyond:
-        notes.append(f"Reference rows beyond the paper, whose Table 1 reports neither CAM nor Grad-CAM: "
-                     f"{' and '.join(beyond)}. With global average pooling and a linear classifier, Grad-CAM of "
-                     "the last layer equals CAM.")
-    notes += [METHOD_NOTES[method] for method in methods if method in METHOD_NOTES]
-    if any(method != TRIVIAL and get_spec(method).target.startswith("baselines.") for method in methods):
+    specs = {method: get_spec(method) for method in methods if method != TRIVIAL}
+    references = [f"{method} ({spec.reference})" for method, spec in specs.items() if spec.reference]
+    if references:
+        notes.append(f"Reference rows beyond the paper, whose Table 1 does not report them: {'; '.join(references)}.")
+    notes += [spec.note for spec in specs.values() if spec.note]
+    if TRIVIAL in methods:
+        notes.append(TRIVIAL_NOTE)
+    if any(spec.baseline for spec in specs.values()):
         notes.append(BASELINES_NOTE)
     return notes
 
 
 def per_class_table(runs: pd.DataFrame, methods: list[str], protocol: str = "ignore_background") -> pd.DataFrame:
     """Per-class IoU, mean ± std over seeds: dataset, method, class, IoU_mean, IoU_std, n_seeds."""
-    paths = [Path(path) / "test_metrics.json" for path in runs["path"]]
+    paths = [Path(path) / TEST_METRICS for path in runs["path"]]
     per_class = load_per_class_iou(paths, protocol)
     per_class = per_class[per_class["method"].isin(methods)]
     return summarise(per_class, values=("IoU",), keys=("dataset", "method", "class"))
 
 
 def statistics_table(runs: pd.DataFrame, datasets: list[str], methods: list[str], n_resamples: int,
-                     seed: int, reference: str = REFERENCE_METHOD) -> pd.DataFrame:
+                     seed: int, reference: str) -> pd.DataFrame:
     """Per dataset, ``reference`` against each other method: :func:`pathmamba.stats.compare_split_level`
     (Table 1's split-level mIoU) and :func:`pathmamba.stats.compare_to_reference` (per-image mIoU, seeds
     pooled), side by side; Holm corrections across the comparisons of each dataset. Empty when
@@ -253,27 +251,22 @@ def write_comparison(paths: list[Path], out_csv: Path, out_md: Path) -> pd.DataF
 
 
 def ablation_weights_notes(runs: pd.DataFrame, methods: list[str]) -> list[str]:
-    """Table 2's notes on what each variant starts from, read from its runs' ``run.json`` (hparams
-    ``pretrained``), and on the variant that computes its CMB network twice."""
+    """Table 2's note on what each variant starts from, read from its runs' ``run.json`` (hparams
+    ``pretrained``)."""
     starts: dict[str, set[str]] = {}
     for run in runs[runs["method"].isin(methods)].itertuples(index=False):
-        path = Path(run.path) / "run.json"
+        path = Path(run.path) / RUN_RECORD
         if not path.exists():  # evaluated without a training record (hand-made run folders)
             continue
         weights = read_run_json(path).get("hparams", {}).get("pretrained", "none")
         starts.setdefault(run.method, set()).add("random" if weights == "none" else Path(weights).name)
     pretrained = [f"{method} ({', '.join(sorted(starts[method] - {'random'}))})" for method in methods
                   if starts.get(method, {"random"}) != {"random"}]
-    notes = [("Initial weights: the CMB branch always trains from random weights (none are published); "
-              + (f"the MIML branch's ResNet starts from ImageNet weights in {', '.join(pretrained)}, so the "
-                 "a → b and c → d steps add MIML and ImageNet features together; config/ablation_scratch.yaml "
-                 "trains every variant from random weights to separate the two."
-                 if pretrained else "every variant of this run started from random weights."))]
-    if "pathmamba-b-cmb" in methods:
-        notes.append("c (pathmamba-b-cmb) has no MIML branch to give the CMB its saliency map: it runs its CMB "
-                     "network twice per image, a first pass without modulation (no gradient) whose class maps "
-                     "give the saliency, then the modulated pass that is trained and scored.")
-    return notes
+    return [("Initial weights: the CMB branch always trains from random weights (none are published); "
+             + (f"the MIML branch's ResNet starts from ImageNet weights in {', '.join(pretrained)}, so the "
+                "a → b and c → d steps add MIML and ImageNet features together; config/ablation_scratch.yaml "
+                "trains every variant from random weights to separate the two."
+                if pretrained else "every variant of this run started from random weights."))]
 
 
 def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str], latex: bool,
@@ -303,14 +296,21 @@ def diverged_note(run_dirs: Path | Sequence[Path], grid: Grid) -> list[str]:
 
 
 def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, out_dir: Path,
-                 n_resamples: int = 10000, bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
+                 n_resamples: int = 10000, bootstrap_seed: int = 0,
+                 reference_method: str | None = None) -> dict[str, pd.DataFrame]:
     """Write every table of the module docstring from what finished under the run folder ``run_dirs``, or
     several (:func:`pathmamba.results.finished_runs`: a run in two of them must have one result); returns
-    them."""
+    them. ``reference_method``: the registered method the paired statistics compare with every other (a
+    grid without it gets a statistics table that says so); None: the config schema's default
+    ``report.reference_method``."""
+    reference_method = reference_method or report_settings(None)["reference_method"]
+    if reference_method not in method_names():
+        raise InputError(f"reference method {reference_method!r}: not a registered method; registered methods: "
+                         f"{', '.join(method_names())}")
     out_dir = Path(out_dir)
     paper = load_paper_results(paper_path)
     runs = finished_runs(run_dirs, grid)
-    paths = [Path(path) / "test_metrics.json" for path in runs["path"]]
+    paths = [Path(path) / TEST_METRICS for path in runs["path"]]
     n_expected = len(grid.seeds)
     rows = [*grid.methods, TRIVIAL]
     source = paper.get("source", str(paper_path))
@@ -318,40 +318,42 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
     # previous tables intact.
     primary = load_metrics(paths)
     tables = {"per_class": per_class_table(runs, rows),
-              "statistics": statistics_table(runs, grid.datasets, rows, n_resamples, bootstrap_seed)}
+              "statistics": statistics_table(runs, grid.datasets, rows, n_resamples, bootstrap_seed,
+                                             reference_method)}
     with_background = load_metrics(paths, "with_background")
 
     tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
     has_paper = tables["table1"]["paper"].notna().any()
-    _write_results(tables["table1"], out_dir / "table1_comparison", "Table 1: comparison on the test split",
+    _write_results(tables["table1"], out_dir / TABLE1, "Table 1: comparison on the test split",
                    _footnotes(rows, "ignore_background", source, has_paper) + diverged_note(run_dirs, grid),
                    latex=True, runs=runs)
 
-    ablation = [method for method in ABLATION if method in grid.methods]
+    ablation = [method for method in ablation_methods() if method in grid.methods]
     tables["table2"] = results_table(primary, ablation, grid.datasets, n_expected, paper["table2"])
     notes = _footnotes(ablation, "ignore_background", source, tables["table2"]["paper"].notna().any())
-    notes.append("Rows in the paper's order a, b, c, d, f (B = baseline); pathmamba-noscan is a control beyond "
-                 "the paper (selective scan replaced by a depthwise convolution). The paper reports the "
-                 "ablation on LUAD-HistoSeg only.")
+    notes.append("Rows in the order of the paper's Table 2 (B = baseline), which reports the ablation on "
+                 "LUAD-HistoSeg only.")
+    notes += [get_spec(method).ablation.note for method in ablation if get_spec(method).ablation.note]
     notes += ablation_weights_notes(runs, ablation)
     labels = {method: entry["label"] for method, entry in paper["table2"].get("luad-histoseg", {}).items()}
-    _write_results(tables["table2"], out_dir / "table2_ablation", "Table 2: ablation of PathMamba's components",
+    _write_results(tables["table2"], out_dir / TABLE2, "Table 2: ablation of PathMamba's components",
                    notes, latex=True, labels=labels, runs=runs)
 
-    atomic_write_text(out_dir / "per_class_iou.csv", tables["per_class"].to_csv(index=False, float_format="%.6f"))
-    write_markdown(out_dir / "per_class_iou.md",
+    atomic_write_text(out_dir / table_file(PER_CLASS_TABLE, "csv"), tables["per_class"].to_csv(index=False, float_format="%.6f"))
+    write_markdown(out_dir / table_file(PER_CLASS_TABLE, "md"),
                    markdown_per_class(tables["per_class"], grid.datasets, rows, PROTOCOL_NOTES["ignore_background"]),
                    "Per-class IoU")
 
     tables["sensitivity"] = results_table(with_background, rows, grid.datasets, n_expected)
-    _write_results(tables["sensitivity"], out_dir / "sensitivity_with_background",
+    _write_results(tables["sensitivity"], out_dir / SENSITIVITY_TABLE,
                    "Sensitivity: 5-class protocol (background kept)",
                    _footnotes(rows, "with_background", None, False), latex=False)
 
-    atomic_write_text(out_dir / "statistics.csv", tables["statistics"].to_csv(index=False, float_format="%.6g"))
-    write_markdown(out_dir / "statistics.md",
-                   markdown_statistics(tables["statistics"], REFERENCE_METHOD, n_resamples, bootstrap_seed),
+    atomic_write_text(out_dir / table_file(STATISTICS_TABLE, "csv"), tables["statistics"].to_csv(index=False, float_format="%.6g"))
+    write_markdown(out_dir / table_file(STATISTICS_TABLE, "md"),
+                   markdown_statistics(tables["statistics"], reference_method, n_resamples, bootstrap_seed),
                    "Paired statistics")
 
-    tables["comparison"] = write_comparison(paths, out_dir / "comparison.csv", out_dir / "comparison.md")
+    tables["comparison"] = write_comparison(paths, out_dir / table_file(COMPARISON_TABLE, "csv"),
+                                            out_dir / table_file(COMPARISON_TABLE, "md"))
     return tables

@@ -51,6 +51,7 @@ from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoM
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import predict_split
+from pathmamba.layout import HISTORY, MODEL, RUN_RECORD
 from pathmamba.locks import lock_holder, try_lock
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import adam
@@ -566,9 +567,9 @@ def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoi
     metadata = plain_data({**{key: record[key] for key in ("method", "stage", "hparams", "dataset", "seed",
                                                           "settings")},
                            "epoch": best["epoch"], "val_mIoU": best["val_mIoU"], "input_size": input_size})
-    atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / "model.pt")
-    atomic_write_text(out_dir / "history.csv", csv_text(progress.history))
-    atomic_write_json(out_dir / "run.json", record)
+    atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / MODEL)
+    atomic_write_text(out_dir / HISTORY, csv_text(progress.history))
+    atomic_write_json(out_dir / RUN_RECORD, record)
     _remove_checkpoints(checkpoint_dir)
 
 

@@ -32,7 +32,7 @@ from pathmamba.plots import (
     with_progress,
     write_figures,
 )
-from pathmamba.registry import build_method, method_names
+from pathmamba.registry import build_method, get_spec, load_target, method_names
 from pathmamba.results import Grid, finished_runs, load_paper_results, load_per_image
 
 DATASET = "synthetic-luad"
@@ -144,7 +144,8 @@ def test_histosegnet_heat_map_is_its_own_grad_cam():
     torch.manual_seed(0)
     model = build_method("histosegnet", 4, backbone="resnet18", width=8).eval()
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    heat = class_heatmap({"map": "gradcam", "model": model}, image)
+    heatmap = get_spec("histosegnet").heatmaps[0]
+    heat = class_heatmap({"maps": load_target(heatmap.maps), "model": model}, image)
     np.testing.assert_array_equal(heat, histosegnet_grad_cam(model, to_tensor(image)[None])[0].numpy())
 
 
@@ -165,8 +166,9 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
     write_run(run_dir, DATASET, "pathmamba", 0, scores_of(0.5))  # finished run without model.pt: skipped
 
     columns = plots._heatmap_columns(DATASET, run_dir, ["unet", "cam", "pathmamba"], [0, 1, 2])
-    assert [(c["method"], c["seed"], c["map"]) for c in columns] == [
-        ("cam", 2, "cam"), ("pathmamba", 1, "y1"), ("pathmamba", 1, "y2")]
+    assert [(c["method"], c["seed"], c["heatmap"].title) for c in columns] == [
+        ("cam", 2, "class activation map"), ("pathmamba", 1, "Y\u2032 (MIML fused map)"),
+        ("pathmamba", 1, "Y\u2033 (CMB map)")]
     image = read_image(index_dataset(data_root, get_dataset_spec(DATASET)).test[0][0])
     maps = [class_heatmap(column, image) for column in columns]
     for heat in maps:
@@ -180,7 +182,10 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
         seed2_y1 = pathmamba.eval()(x)["y1"][0].numpy()
         cam_maps = torch.relu(cam.eval().class_maps(x))
     assert not np.allclose(maps[1], seed2_y1, atol=1e-4)  # another seed's weights: the right model was loaded
-    assert cam_maps.shape[1] == 4
+    # CAM: ReLU'd, resized to the image, divided by each class's maximum, as the CAM family's predict does
+    expected = torch.nn.functional.interpolate(cam_maps, size=(32, 32), mode="bilinear", align_corners=False)
+    expected = expected / expected.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    np.testing.assert_allclose(maps[0], expected[0].numpy(), atol=1e-5)
 
     paths = plots.class_heatmaps(DATASET, data_root, run_dir, ["cam", "pathmamba"], [0, 1, 2],
                                  tmp_path / "figures" / "heatmaps", n_images=2)
@@ -188,6 +193,7 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
     axes = captured["heatmaps"].axes
     titles = [axis.get_title() for axis in axes[:4]]
     assert titles[0] == "image + ground truth" and "Y\u2032" in titles[2] and "Y\u2033" in titles[3]
+    assert "CAM: ReLU, divided by its maximum; Y\u2032: sigmoid; Y\u2033: sigmoid" in captured["heatmaps"].axes[-1].get_xlabel()
     assert "class:" in axes[0].get_ylabel()
 
 

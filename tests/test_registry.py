@@ -1,5 +1,7 @@
 """The registry: its factory, and the method contract (pathmamba/registry.py's protocols) for every entry."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -94,3 +96,48 @@ def test_a_preset_key_in_config_hparams_is_refused_at_start_up_naming_method_and
 def test_build_method_refuses_to_override_a_preset_key():
     with pytest.raises(ValueError, match="use_dcl"):
         build_method("pathmamba-b-miml", num_classes=4, use_dcl=True)
+
+
+# How the tables and figures show each method comes from its entry (MethodSpec's reporting fields).
+
+
+def test_table2_rows_are_the_ablation_entries_in_their_positions():
+    positions = [get_spec(name).ablation.position for name in registry.ablation_methods()]
+    assert positions == sorted(set(positions))  # one row per position
+    assert registry.ablation_methods()[0] == "pathmamba-b" and "cam" not in registry.ablation_methods()
+
+
+def test_a_supervision_the_tables_cannot_name_is_refused_naming_the_builder():
+    with pytest.raises(ValueError, match=r"baselines.my:Method: supervision 'points'; expected one of image, pseudo"):
+        MethodSpec("baselines.my:Method", supervision="points")
+
+
+HEATMAPS = [(name, heatmap) for name in method_names() for heatmap in get_spec(name).heatmaps]
+
+
+@pytest.mark.parametrize(("name", "heatmap"), HEATMAPS, ids=[f"{name}-{h.title}" for name, h in HEATMAPS])
+def test_every_heat_map_of_the_registry_gives_class_maps_in_zero_one(name, heatmap):
+    torch.manual_seed(0)
+    model = build_method(name, num_classes=4, **demo_hparams(name, None)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    maps = registry.load_target(heatmap.maps)(model, images)
+    assert maps.shape == (2, 4, 32, 32) and maps.dtype == torch.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert not any(parameter.grad is not None for parameter in model.parameters())  # nothing left behind
+
+
+#: Method names that also name something else in the package: the package itself (loggers, the program).
+NOT_ONLY_METHODS = {"pathmamba"}
+
+
+def test_no_module_but_the_registry_names_a_method():
+    """Tables, figures, plans and rules read what they need from the registry: a method's name spelled
+    as a string anywhere else in pathmamba/ or workflow/ would be a list that adding a method must edit."""
+    names = [name for name in method_names() if name not in NOT_ONLY_METHODS]
+    alternatives = "|".join(map(re.escape, names))
+    spelled = re.compile(rf"""["']({alternatives})["']""")
+    files = [*sorted((REPO / "pathmamba").rglob("*.py")), *sorted((REPO / "workflow").rglob("*.smk")),
+             REPO / "workflow" / "Snakefile"]
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in files if path.name != "registry.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
+    assert not found, "\n".join(found)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, cli_error
 
+from pathmamba import registry
 from pathmamba.cli import main
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.metrics import METRICS, confusion_columns
@@ -212,10 +213,52 @@ def test_tables_command_reads_the_configfile(partial_run, tmp_path):
     run_dir, _ = partial_run
     config = tmp_path / "config.yaml"
     config.write_text(f"run: r\nresults_dir: {run_dir.parent}\nseeds: [0, 1, 2]\n"
-                      "datasets: {luad-histoseg: {root: x}}\nmethods: {cam: {}, pathmamba: {}}\n")
-    assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t"), "--n-resamples", "50"]) == 0
+                      "datasets: {luad-histoseg: {root: x}}\nmethods: {cam: {}, pathmamba: {}}\n"
+                      "report: {reference_method: cam, n_resamples: 100}\n")
+    assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t")]) == 0
     table = pd.read_csv(tmp_path / "t" / "table1_comparison.csv")
     assert list(dict.fromkeys(table["method"])) == ["cam", "pathmamba", "trivial"]
+    statistics = (tmp_path / "t" / "statistics.md").read_text()
+    assert "Paired statistics: cam against each other method" in statistics and "100 resamples" in statistics
+    # the command line wins over the config
+    assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t"),
+                 "--reference-method", "pathmamba"]) == 0
+    assert "Paired statistics: pathmamba against" in (tmp_path / "t" / "statistics.md").read_text()
+
+
+def test_a_reference_method_that_is_not_registered_is_refused_before_anything_is_written(partial_run, tmp_path,
+                                                                                          capsys):
+    run_dir, grid = partial_run
+    message = cli_error(["tables", "--run-dir", str(run_dir), "--datasets", *grid.datasets, "--methods", *grid.methods,
+                         "--seeds", "0", "1", "2", "--reference-method", "path-mamba", "--out-dir",
+                         str(tmp_path / "t")], capsys)
+    assert "reference method 'path-mamba': not a registered method" in message and "pathmamba-noscan" in message
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_new_methods_footnotes_rows_and_reference_come_from_its_registry_entry(partial_run, tmp_path,
+                                                                                 monkeypatch):
+    """Adding a method adds a registry entry, nothing in the tables: its footnote, its reference row, its Table 2
+    row (by position) and Table 2 note follow from the entry, and it can be the statistics' reference."""
+    run_dir, _ = partial_run
+    monkeypatch.setitem(registry.METHODS, "my-variant", registry.MethodSpec(
+        "pathmamba.models.pathmamba:PathMamba", note="my-variant trains on half the data.",
+        reference="a control the paper lacks", ablation=registry.AblationRow(0, note="my-variant comes first.")))
+    for seed in (0, 1, 2):
+        write_run(run_dir, "luad-histoseg", "my-variant", seed, scores_of(0.4),
+                  per_image={f"i{i}.png": 0.4 for i in range(4)})
+    grid = Grid(["luad-histoseg"], ["pathmamba", "my-variant", "cam"], [0, 1, 2])
+    tables = write_tables(run_dir, grid, PAPER, tmp_path / "t", n_resamples=20, reference_method="my-variant")
+    table1, table2, statistics = ((tmp_path / "t" / name).read_text()
+                                  for name in ("table1_comparison.md", "table2_ablation.md", "statistics.md"))
+    assert "my-variant trains on half the data." in table1 and "my-variant trains on half the data." in table2
+    assert "Reference rows beyond the paper, whose Table 1 does not report them: my-variant (a control" in table1
+    assert list(dict.fromkeys(tables["table2"]["method"])) == ["my-variant", "pathmamba"]
+    assert "my-variant comes first." in table2 and "my-variant comes first." not in table1
+    assert "docs/baselines.md" in table1 and "docs/baselines.md" not in table2  # cam is a baseline, no variant is
+    assert set(tables["statistics"]["reference"]) == {"my-variant"}
+    assert set(tables["statistics"]["other"]) == {"pathmamba", "cam", "trivial"}
+    assert "Paired statistics: my-variant against each other method" in statistics
 
 
 @pytest.mark.parametrize(("name", "damage"), [("test_metrics.json", '{"dataset": "luad-his'),
@@ -408,7 +451,8 @@ def test_table1_marks_reference_rows_and_points_to_the_baselines_document(partia
     write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
     table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
     table2 = (tmp_path / "tables" / "table2_ablation.md").read_text()
-    assert "Reference rows beyond the paper, whose Table 1 reports neither CAM nor Grad-CAM: cam." in table1
+    assert ("Reference rows beyond the paper, whose Table 1 does not report them: cam (the class activation maps "
+            "every CAM-family method builds on).") in table1
     assert "docs/baselines.md" in table1
     assert "Reference rows" not in table2 and "docs/baselines.md" not in table2
 

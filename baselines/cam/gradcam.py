@@ -51,6 +51,13 @@ def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torc
     return torch.from_numpy(np.stack(maps, axis=1)).to(images.device)
 
 
+def last_layer_grad_cam(model: CAMClassifier, images: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of every class at the classifier's last ResNet layer, before any gating (what
+    :meth:`GradCAMClassifier.predict` gates; the registry's heat-map column): (B, 3, H, W) -> (B, C, H, W)
+    in [0, 1]."""
+    return grad_cam_maps(model, [model.features[-1]], images, model.num_classes)
+
+
 class GradCAMClassifier(CAMClassifier):
     """A :class:`CAMClassifier` (same keywords, single scale only) whose ``predict`` gives gated Grad-CAM
     maps of its last ResNet layer instead of class activation maps.
@@ -71,5 +78,4 @@ class GradCAMClassifier(CAMClassifier):
         self.eval()
         with torch.no_grad():
             probabilities = torch.sigmoid(self(images.float()))
-        maps = grad_cam_maps(self, [self.features[-1]], images, self.num_classes)
-        return gate_classes(maps, probabilities, self.threshold)
+        return gate_classes(last_layer_grad_cam(self, images), probabilities, self.threshold)

@@ -38,6 +38,15 @@ def multiscale_flip_maps(class_maps: Callable[[torch.Tensor], torch.Tensor], ima
     return total
 
 
+def class_activation_heatmaps(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The heat maps of a model with ``class_maps`` (the CAM family; the registry's heat-map column): its
+    class activation maps ReLU'd, resized to the images and divided by each class's maximum, as the CAM
+    family's ``predict`` scales them. (B, 3, H, W) -> (B, C, H, W) float32 in [0, 1]."""
+    with torch.no_grad():
+        maps = multiscale_flip_maps(model.class_maps, images)
+    return maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def kept_classes(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
     """The classes an image-level prediction keeps: probability >= ``threshold``, and always the most
     probable class, so every image gets a prediction. probabilities (B, C) -> (B, C) bool."""

@@ -262,3 +262,18 @@ class PathMamba(nn.Module):
         out = self(images)
         gated = (self.image_probs(out) < self.gate).float()
         return self.pixel_probs(out) - gated[:, :, None, None]
+
+
+# The heat-map columns of PathMamba in the figures (the registry's ``heatmaps``).
+
+
+def miml_heatmaps(model: PathMamba, images: torch.Tensor) -> torch.Tensor:
+    """Y' of ``model``: the MIML branch's fused side probabilities, (B, m, H, W) in [0, 1]."""
+    with torch.no_grad():
+        return model.probability_maps(images)["y1"].float()
+
+
+def cmb_heatmaps(model: PathMamba, images: torch.Tensor) -> torch.Tensor:
+    """sigmoid(Y'') of ``model``: the CMB branch's class probabilities, (B, m, H, W) in [0, 1]."""
+    with torch.no_grad():
+        return model.probability_maps(images)["y2"].float()

@@ -12,61 +12,76 @@ PAPER_RESULTS = f"{REPO}/config/paper_results.yaml"
 REPORT_SETTINGS = config["report"]
 TABLES = f"{RESULTS}/{layout.TABLES}"
 FIGURES = f"{RESULTS}/{layout.FIGURES}"
+REPORT_LOG_DIR = f"{RESULTS}/{layout.REPORT_LOGS}"
+
+
+def table(stem, extension):
+    """A table file of the run (its name: pathmamba/layout.py)."""
+    return f"{TABLES}/{layout.table_file(stem, extension)}"
+
+
+def figure(stem, extension=layout.FIGURE_FORMATS[0]):
+    """A figure file of the run (its stem: pathmamba/layout.py)."""
+    return f"{FIGURES}/{stem}.{extension}"
+
+
+def dataset_figure(name, dataset):
+    return figure(layout.DATASET_FIGURES[name].format(dataset=dataset))
 
 
 rule tables:
     input:
-        trivial=expand(f"{TRIVIAL_RUN_DIR}/test_metrics.json", dataset=DATASETS),
-        runs=run_files("test_metrics.json"),
-        per_image=run_files("per_image.csv"),
+        trivial=expand(f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
+        runs=run_files(layout.TEST_METRICS),
+        per_image=run_files(layout.PER_IMAGE),
         paper=PAPER_RESULTS,
     output:
-        table1_csv=f"{TABLES}/table1_comparison.csv",
+        table1_csv=table(layout.TABLE1, "csv"),
         table1_html=report(
-            f"{TABLES}/table1_comparison.html",
+            table(layout.TABLE1, "html"),
             caption="../report/table1.rst",
             category="Tables",
             labels={"table": "Table 1: comparison"},
         ),
-        table1_md=f"{TABLES}/table1_comparison.md",
-        table1_tex=f"{TABLES}/table1_comparison.tex",
-        table2_csv=f"{TABLES}/table2_ablation.csv",
+        table1_md=table(layout.TABLE1, "md"),
+        table1_tex=table(layout.TABLE1, "tex"),
+        table2_csv=table(layout.TABLE2, "csv"),
         table2_html=report(
-            f"{TABLES}/table2_ablation.html",
+            table(layout.TABLE2, "html"),
             caption="../report/table2.rst",
             category="Tables",
             labels={"table": "Table 2: ablation"},
         ),
-        table2_md=f"{TABLES}/table2_ablation.md",
-        table2_tex=f"{TABLES}/table2_ablation.tex",
-        per_class_csv=f"{TABLES}/per_class_iou.csv",
+        table2_md=table(layout.TABLE2, "md"),
+        table2_tex=table(layout.TABLE2, "tex"),
+        per_class_csv=table(layout.PER_CLASS_TABLE, "csv"),
         per_class_html=report(
-            f"{TABLES}/per_class_iou.html",
+            table(layout.PER_CLASS_TABLE, "html"),
             caption="../report/per_class.rst",
             category="Tables",
             labels={"table": "Per-class IoU"},
         ),
-        per_class_md=f"{TABLES}/per_class_iou.md",
-        sensitivity_csv=f"{TABLES}/sensitivity_with_background.csv",
+        per_class_md=table(layout.PER_CLASS_TABLE, "md"),
+        sensitivity_csv=table(layout.SENSITIVITY_TABLE, "csv"),
         sensitivity_html=report(
-            f"{TABLES}/sensitivity_with_background.html",
+            table(layout.SENSITIVITY_TABLE, "html"),
             caption="../report/sensitivity.rst",
             category="Tables",
             labels={"table": "Sensitivity: 5-class protocol"},
         ),
-        sensitivity_md=f"{TABLES}/sensitivity_with_background.md",
-        statistics_csv=f"{TABLES}/statistics.csv",
+        sensitivity_md=table(layout.SENSITIVITY_TABLE, "md"),
+        statistics_csv=table(layout.STATISTICS_TABLE, "csv"),
         statistics_html=report(
-            f"{TABLES}/statistics.html",
+            table(layout.STATISTICS_TABLE, "html"),
             caption="../report/statistics.rst",
             category="Tables",
             labels={"table": "Paired statistics"},
         ),
-        statistics_md=f"{TABLES}/statistics.md",
-        csv=f"{TABLES}/comparison.csv",
-        md=f"{TABLES}/comparison.md",
+        statistics_md=table(layout.STATISTICS_TABLE, "md"),
+        csv=table(layout.COMPARISON_TABLE, "csv"),
+        md=table(layout.COMPARISON_TABLE, "md"),
     log:
-        f"{RESULTS}/{layout.REPORT_LOGS}/tables.log",
+        job_log("tables", REPORT_LOG_DIR),
     conda:
         "../envs/pathmamba.yaml"
     resources:
@@ -80,38 +95,39 @@ rule tables:
         seeds=SEEDS,
         n_resamples=REPORT_SETTINGS["n_resamples"],
         bootstrap_seed=REPORT_SETTINGS["bootstrap_seed"],
+        reference_method=REPORT_SETTINGS["reference_method"],
     shell:
         "python -m pathmamba tables --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
         " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
         " --n-resamples {params.n_resamples:q} --bootstrap-seed {params.bootstrap_seed:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --reference-method {params.reference_method:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule figures:
     input:
-        histories=run_files("history.csv"),
+        histories=run_files(layout.HISTORY),
         # The compute-cost figure reads them; two-stage methods have two more jobs.
-        benchmarks=run_files("train.tsv", BENCHMARK_DIR),
+        benchmarks=run_files(layout.BENCHMARK_FILES["train"], BENCHMARK_DIR),
         first_stage_benchmarks=expand(
             f"{BENCHMARK_DIR}/{{name}}",
             dataset=DATASETS,
             method=TWO_STAGE_METHODS,
             seed=SEEDS,
-            name=["train_stage1.tsv", "pseudo_masks.tsv"],
+            name=[layout.BENCHMARK_FILES[job] for job in ("train_stage1", "pseudo_masks")],
         ),
-        runs=run_files("test_metrics.json"),
+        runs=run_files(layout.TEST_METRICS),
         # The confusion matrices sum their per-image cells; the trivial reference is drawn too.
-        per_image=run_files("per_image.csv"),
-        trivial=expand(f"{TRIVIAL_RUN_DIR}/test_metrics.json", dataset=DATASETS),
-        masks=run_files("masks"),
+        per_image=run_files(layout.PER_IMAGE),
+        trivial=expand(f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
+        masks=run_files(layout.MASKS),
         # The heat maps run the lowest seed's models on the CPU for the few images shown.
-        models=expand(f"{RUN_DIR}/model.pt", dataset=DATASETS, method=METHODS, seed=min(SEEDS)),
+        models=expand(f"{RUN_DIR}/{layout.MODEL}", dataset=DATASETS, method=METHODS, seed=min(SEEDS)),
         data=[dataset_root(SimpleNamespace(dataset=dataset)) for dataset in DATASETS],
         paper=PAPER_RESULTS,
     output:
         *[
             report(
-                f"{FIGURES}/qualitative_{dataset}.png",
+                dataset_figure("qualitative", dataset),
                 caption="../report/qualitative.rst",
                 category="Figures",
                 labels={"figure": f"Qualitative: {dataset}"},
@@ -120,7 +136,7 @@ rule figures:
         ],
         *[
             report(
-                f"{FIGURES}/heatmaps_{dataset}.png",
+                dataset_figure("heatmaps", dataset),
                 caption="../report/heatmaps.rst",
                 category="Figures",
                 labels={"figure": f"Heat maps: {dataset}"},
@@ -129,7 +145,7 @@ rule figures:
         ],
         *[
             report(
-                f"{FIGURES}/confusion_{dataset}.png",
+                dataset_figure("confusion", dataset),
                 caption="../report/confusion.rst",
                 category="Figures",
                 labels={"figure": f"Confusion matrices: {dataset}"},
@@ -137,50 +153,38 @@ rule figures:
             for dataset in DATASETS
         ],
         report(
-            f"{FIGURES}/miou_over_seeds.png",
+            figure(layout.RUN_FIGURES["seed_spread"]),
             caption="../report/seed_spread.rst",
             category="Figures",
             labels={"figure": "mIoU over seeds"},
         ),
         report(
-            f"{FIGURES}/ablation.png",
+            figure(layout.RUN_FIGURES["ablation"]),
             caption="../report/ablation.rst",
             category="Figures",
             labels={"figure": "Ablation (Table 2)"},
         ),
         report(
-            f"{FIGURES}/per_class_iou.png",
+            figure(layout.RUN_FIGURES["per_class"]),
             caption="../report/per_class_chart.rst",
             category="Figures",
             labels={"figure": "Per-class IoU"},
         ),
         report(
-            f"{FIGURES}/training_curves.png",
+            figure(layout.RUN_FIGURES["training_curves"]),
             caption="../report/training_curves.rst",
             category="Figures",
             labels={"figure": "Training curves"},
         ),
         report(
-            f"{FIGURES}/compute_cost.png",
+            figure(layout.RUN_FIGURES["compute_cost"]),
             caption="../report/compute_cost.rst",
             category="Figures",
             labels={"figure": "Compute cost"},
         ),
-        expand(
-            f"{FIGURES}/{{name}}.pdf",
-            name=[
-                *[f"qualitative_{d}" for d in DATASETS],
-                *[f"heatmaps_{d}" for d in DATASETS],
-                *[f"confusion_{d}" for d in DATASETS],
-                "miou_over_seeds",
-                "ablation",
-                "per_class_iou",
-                "training_curves",
-                "compute_cost",
-            ],
-        ),
+        [figure(stem, "pdf") for stem in layout.figure_stems(DATASETS)],
     log:
-        f"{RESULTS}/{layout.REPORT_LOGS}/figures.log",
+        job_log("figures", REPORT_LOG_DIR),
     conda:
         "../envs/pathmamba.yaml"
     resources:

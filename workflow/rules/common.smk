@@ -92,7 +92,7 @@ PATH_PROBLEMS = [problem for key, path in config_paths() if (problem := path_pro
 if PATH_PROBLEMS:
     raise WorkflowError("invalid config:\n  " + "\n  ".join(PATH_PROBLEMS))
 
-RESULTS = f"{config['results_dir']}/{config['run']}"
+RESULTS = str(layout.configured_run_dir(config["results_dir"], config["run"]))
 RESOURCES = config["resources_dir"]
 DATASETS = grid_datasets(config)
 METHODS = grid_methods(config)
@@ -107,8 +107,22 @@ BENCHMARK_DIR = f"{RESULTS}/{layout.BENCHMARKS}"
 # training images, then the method itself trained on them; three jobs, so a change to a later step
 # does not redo the earlier ones.
 TWO_STAGE_METHODS = [method for method in METHODS if method in two_stage_methods()]
-STAGE1_MODEL = f"{RUN_DIR}/stage1/model.pt"
-PSEUDO_MASKS = f"{RUN_DIR}/pseudo_masks"
+STAGE1_DIR = f"{RUN_DIR}/{layout.STAGE1}"
+STAGE1_MODEL = f"{STAGE1_DIR}/{layout.MODEL}"
+PSEUDO_MASKS = f"{RUN_DIR}/{layout.PSEUDO_MASKS}"
+# <resources_dir>/: datasets, downloads, checksums and weights, shared by every run.
+DATASET_DIR = f"{RESOURCES}/{layout.DATASET}"
+
+
+def job_log(job, folder=LOG_DIR):
+    """The log of a job of rule ``job`` in ``folder`` (a run's logs by default)."""
+    return f"{folder}/{layout.JOB_LOG.format(job=job)}"
+
+
+def benchmark_file(job):
+    """The Snakemake benchmark file of a run's job of rule ``job``."""
+    return f"{BENCHMARK_DIR}/{layout.BENCHMARK_FILES[job]}"
+
 
 # GPUs of a local run (pathmamba/gpus.py): the `gpu` resource gets one unit per GPU of the pool, so that
 # no more GPU jobs than GPUs run at once, and the jobs (which inherit this process's environment) learn
@@ -139,7 +153,7 @@ def dataset_root(wildcards):
     entry = config["datasets"][wildcards.dataset]
     if "root" in entry:
         return entry["root"]
-    return f"{RESOURCES}/datasets/{wildcards.dataset}"
+    return DATASET_DIR.format(dataset=wildcards.dataset)
 
 
 # Every training job waits for its dataset's validation report, so none starts on invalid data.
@@ -202,7 +216,7 @@ def prepare_sources(wildcards):
     entry = config["datasets"][wildcards.dataset]
     if "archive" in entry:
         return dataset_archives(entry)
-    return f"{RESOURCES}/downloads/{wildcards.dataset}.json"
+    return f"{RESOURCES}/{layout.DOWNLOAD_RECORD}".format(dataset=wildcards.dataset)
 
 
 def source_arguments(wildcards, input):

@@ -1,6 +1,6 @@
 rule make_demo_data:
     output:
-        directory(f"{RESOURCES}/datasets/{{dataset}}"),
+        directory(DATASET_DIR),
     log:
         f"{RESULTS}/{layout.DATASET_LOGS}.log",
     wildcard_constraints:
@@ -24,7 +24,7 @@ rule make_demo_data:
 # a failed or interrupted job.
 rule download_dataset:
     output:
-        f"{RESOURCES}/downloads/{{dataset}}.json",
+        f"{RESOURCES}/{layout.DOWNLOAD_RECORD}",
     log:
         f"{RESULTS}/{layout.DATASET_LOGS}.download.log",
     wildcard_constraints:
@@ -33,7 +33,7 @@ rule download_dataset:
     conda:
         "../envs/pathmamba.yaml"
     params:
-        folder=f"{RESOURCES}/downloads/{{dataset}}",
+        folder=f"{RESOURCES}/{layout.DOWNLOADS}",
         # `--url <url>`, or nothing for the Google Drive folder (a list, for `:q`).
         url=lambda wildcards: (
             ["--url", config["datasets"][wildcards.dataset]["url"]]
@@ -51,7 +51,7 @@ rule prepare_dataset:
     input:
         prepare_sources,
     output:
-        directory(f"{RESOURCES}/datasets/{{dataset}}"),
+        directory(DATASET_DIR),
     log:
         f"{RESULTS}/{layout.DATASET_LOGS}.prepare.log",
     wildcard_constraints:
@@ -62,7 +62,7 @@ rule prepare_dataset:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
-        lock=f"{RESOURCES}/checksums/{{dataset}}.json",
+        lock=f"{RESOURCES}/{layout.CHECKSUMS}",
         sources=source_arguments,
     shell:
         "python -m pathmamba prepare-dataset --dataset {wildcards.dataset:q} --out {output:q}"

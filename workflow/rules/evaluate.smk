@@ -1,18 +1,18 @@
 rule evaluate:
     input:
-        model=f"{RUN_DIR}/model.pt",
+        model=f"{RUN_DIR}/{layout.MODEL}",
         data=dataset_root,
         # The data must be the files that were validated (its fingerprint), not only a folder of that name.
         validated=VALIDATION_REPORT,
     output:
-        metrics=f"{RUN_DIR}/test_metrics.json",
-        per_image=f"{RUN_DIR}/per_image.csv",
-        masks=directory(f"{RUN_DIR}/masks"),
+        metrics=f"{RUN_DIR}/{layout.TEST_METRICS}",
+        per_image=f"{RUN_DIR}/{layout.PER_IMAGE}",
+        masks=directory(f"{RUN_DIR}/{layout.MASKS}"),
     log:
-        f"{LOG_DIR}/evaluate.log",
+        job_log("evaluate"),
     # Time and peak memory (max_rss) against the mem_mb request; not part of the training cost figure.
     benchmark:
-        f"{BENCHMARK_DIR}/evaluate.tsv"
+        benchmark_file("evaluate")
     conda:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
@@ -39,8 +39,8 @@ rule evaluate_trivial:
         data=dataset_root,
         validated=VALIDATION_REPORT,
     output:
-        metrics=f"{TRIVIAL_RUN_DIR}/test_metrics.json",
-        per_image=f"{TRIVIAL_RUN_DIR}/per_image.csv",
+        metrics=f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}",
+        per_image=f"{TRIVIAL_RUN_DIR}/{layout.PER_IMAGE}",
     log:
         f"{RESULTS}/{layout.TRIVIAL_LOG}",
     conda:

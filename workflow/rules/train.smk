@@ -5,13 +5,13 @@ rule train:
         validated=VALIDATION_REPORT,
         weights=pretrained_weights,
     output:
-        model=f"{RUN_DIR}/model.pt",
-        history=f"{RUN_DIR}/history.csv",
-        run=f"{RUN_DIR}/run.json",
+        model=f"{RUN_DIR}/{layout.MODEL}",
+        history=f"{RUN_DIR}/{layout.HISTORY}",
+        run=f"{RUN_DIR}/{layout.RUN_RECORD}",
     log:
-        f"{LOG_DIR}/train.log",
+        job_log("train"),
     benchmark:
-        f"{BENCHMARK_DIR}/train.tsv"
+        benchmark_file("train")
     conda:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
@@ -45,12 +45,12 @@ use rule train as train_stage1 with:
         weights=lambda wildcards: pretrained_weights(wildcards, stage=1),
     output:
         model=STAGE1_MODEL,
-        history=f"{RUN_DIR}/stage1/history.csv",
-        run=f"{RUN_DIR}/stage1/run.json",
+        history=f"{STAGE1_DIR}/{layout.HISTORY}",
+        run=f"{STAGE1_DIR}/{layout.RUN_RECORD}",
     log:
-        f"{LOG_DIR}/train_stage1.log",
+        job_log("train_stage1"),
     benchmark:
-        f"{BENCHMARK_DIR}/train_stage1.tsv"
+        benchmark_file("train_stage1")
     wildcard_constraints:
         method=any_of(TWO_STAGE_METHODS),
     resources:
@@ -63,7 +63,7 @@ use rule train as train_stage1 with:
         hparams=lambda wildcards: as_json(method_hparams(config, wildcards.method, stage=1)),
         settings=lambda wildcards: as_json(train_settings(config, wildcards.method, stage=1)),
         stage=["--stage", "1"],
-        checkpoint_dir=f"{CHECKPOINT_DIR}/stage1",
+        checkpoint_dir=f"{CHECKPOINT_DIR}/{layout.STAGE1}",
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
 
 
@@ -77,9 +77,9 @@ rule pseudo_masks:
     output:
         directory(PSEUDO_MASKS),
     log:
-        f"{LOG_DIR}/pseudo_masks.log",
+        job_log("pseudo_masks"),
     benchmark:
-        f"{BENCHMARK_DIR}/pseudo_masks.tsv"
+        benchmark_file("pseudo_masks")
     wildcard_constraints:
         method=any_of(TWO_STAGE_METHODS),
     conda:

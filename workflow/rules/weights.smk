@@ -9,9 +9,9 @@ localrules:
 
 rule fetch_weights:
     output:
-        f"{RESOURCES}/weights/{{backbone}}-imagenet.pth",
+        f"{RESOURCES}/{layout.WEIGHTS}",
     log:
-        f"{RESOURCES}/weights/{{backbone}}-imagenet.log",
+        f"{RESOURCES}/{layout.WEIGHTS_LOG}",
     wildcard_constraints:
         backbone="resnet18|resnet34|resnet50|resnet101",
     conda:
