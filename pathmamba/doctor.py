@@ -12,6 +12,7 @@ import importlib.util
 import json
 import platform
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +34,7 @@ from pathmamba.config import (
 from pathmamba.gpus import gpu_pool, nvidia_driver
 from pathmamba.layout import VALIDATION_REPORT, configured_run_dir
 from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
+from pathmamba.plan import gpu_jobs, runtime_minutes
 from pathmamba.registry import build_method, two_stage_methods
 from pathmamba.runtime import cuda_unavailable_reason
 
@@ -48,6 +50,8 @@ FUSED_TOLERANCE = 1e-2
 CHECKPOINT_MODEL_SIZES = 7
 #: Bytes of one pseudo-mask PNG (a 224 px palette image; measured on the synthetic data: 0.5-1.5 kB).
 PSEUDO_MASK_BYTES = 2048
+#: Attempts of a job under workflow/profiles/slurm (`retries: 2`), each asking a longer time limit.
+SLURM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,74 @@ def check_slurm_plugin() -> Check:
     return Check("SLURM executor plugin", NOT_APPLICABLE, "not installed; no sbatch here (not a SLURM host)")
 
 
+def slurm_minutes(limit: str) -> float | None:
+    """Minutes of a SLURM time limit as sinfo prints it (`minutes`, `minutes:seconds`,
+    `hours:minutes:seconds`, `days-hours[:minutes[:seconds]]`); None for `infinite`."""
+    if limit.lower() in ("infinite", "unlimited"):
+        return None
+    days, dash, clock = limit.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if dash or len(parts) == 3:
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:
+        hours, (minutes, seconds) = 0, [*parts, 0][:2]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def partition_time_limits() -> tuple[dict[str, float | None], str | None]:
+    """({partition: its time limit in minutes, None if unlimited}, the default partition) from sinfo."""
+    listed = subprocess.run(["sinfo", "--noheader", "--format=%P %l"], capture_output=True, text=True, check=True,
+                            timeout=60).stdout
+    limits, default = {}, None
+    for line in listed.splitlines():
+        name, limit = line.split()
+        if name.endswith("*"):
+            name = default = name.removesuffix("*")
+        limits[name] = slurm_minutes(limit)
+    return limits, default
+
+
+def check_slurm_time_limits(config: dict[str, Any]) -> Check:
+    """The GPU jobs' estimates and the time limits their attempts ask for, against the time limit of the
+    GPU partition (`slurm.gpu_partition`, else the cluster's default): SLURM refuses or holds for ever a
+    job asking more than its partition allows."""
+    name = "SLURM time limits"
+    if shutil.which("sinfo") is None:
+        return Check(name, NOT_APPLICABLE, "no sinfo here (not a SLURM host)")
+    try:
+        limits, default = partition_time_limits()
+    except (OSError, subprocess.SubprocessError) as error:
+        return Check(name, FAIL, f"sinfo failed: {getattr(error, 'stderr', None) or error}")
+    partition = config["slurm"]["gpu_partition"] or default
+    if partition not in limits:
+        return Check(name, FAIL, f"GPU partition {partition!r} (slurm.gpu_partition, else the default) is not "
+                                 f"one that sinfo lists: {', '.join(limits)}; set slurm.gpu_partition")
+    try:
+        jobs = gpu_jobs(config)
+    except ConfigError as error:
+        return Check(name, FAIL, str(error).replace("\n", " "))
+    if not jobs:
+        return Check(name, NOT_APPLICABLE, "the grid has no GPU jobs")
+    cap = config["slurm"]["max_runtime_hours"]
+    longest = max(jobs, key=lambda job: job.gpu_hours)
+    asked = [runtime_minutes(longest.gpu_hours, attempt, cap) for attempt in range(1, SLURM_ATTEMPTS + 1)]
+    limit = limits[partition]
+    detail = (f"partition {partition}: {'no limit' if limit is None else f'{limit / 60:g} h'}; longest job "
+              f"{longest.rule} {longest.dataset} {longest.method}: estimate {longest.gpu_hours:.1f} h, time limits "
+              f"{' / '.join(f'{minutes / 60:.1f}' for minutes in asked)} h at attempts 1-{SLURM_ATTEMPTS} "
+              f"(slurm.max_runtime_hours {cap:g})")
+    if limit is None:
+        return Check(name, OK, detail)
+    over = [job for job in jobs if job.gpu_hours * 60 > limit]
+    if over:
+        return Check(name, FAIL, f"{len(over)} of {len(jobs)} GPU jobs are estimated above the partition's limit; "
+                                 f"{detail}. Use a partition with a longer limit (slurm.gpu_partition)")
+    if max(asked) > limit:
+        return Check(name, FAIL, f"{detail}: above the partition's limit; set slurm.max_runtime_hours to at most "
+                                 f"{limit / 60:g}")
+    return Check(name, OK, detail)
+
+
 def check_config_values(config: dict[str, Any]) -> Check:
     """The Snakefile's start-up check (:func:`pathmamba.config.check_config`): FAIL with its problems."""
     try:
@@ -236,8 +308,11 @@ def run_checks(config: dict[str, Any]) -> list[Check]:
     disk = (check_disk(config) if config_check.status == OK
             else Check("free disk", NOT_APPLICABLE, "not sized: the models are built from a valid config only "
                                                      "(see the config row)"))
+    time_limits = (check_slurm_time_limits(config) if config_check.status == OK
+                   else Check("SLURM time limits", NOT_APPLICABLE, "not estimated: the config does not pass its "
+                                                                   "check (see the config row)"))
     return [config_check, check_python(), check_torch(), *check_gpus(config), check_fused_scan(config),
-            check_weights(config), *check_datasets(config), disk, check_slurm_plugin()]
+            check_weights(config), *check_datasets(config), disk, check_slurm_plugin(), time_limits]
 
 
 def format_checks(checks: list[Check]) -> str:

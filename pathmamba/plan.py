@@ -49,7 +49,8 @@ from pathmamba.settings import TrainSettings
 
 # A GPU job's fixed cost beyond the images: start-up, imports, data indexing, checkpoint writes.
 JOB_OVERHEAD_HOURS = 5 / 60
-# SLURM runtime limit = estimate x margin (first attempt); retries multiply it by the attempt number.
+# SLURM runtime limit = estimate x margin (first attempt); retries multiply it by the attempt number, up
+# to the config's `slurm.max_runtime_hours` (clusters refuse a job above their partition's time limit).
 RUNTIME_MARGIN = 1.5
 #: Patch side of the real datasets when the config does not say otherwise (``validate.image_size``).
 REAL_IMAGE_SIZE = 224
@@ -273,9 +274,10 @@ def pseudo_masks_gpu_hours(config: dict[str, Any], dataset: str, method: str) ->
     return training / speed.pseudo_masks_images_per_s / 3600 + JOB_OVERHEAD_HOURS
 
 
-def runtime_minutes(gpu_hours: float, attempt: int) -> int:
-    """SLURM time limit in minutes for a job estimated at ``gpu_hours``, growing with the attempt."""
-    return math.ceil(gpu_hours * 60 * RUNTIME_MARGIN) * attempt
+def runtime_minutes(gpu_hours: float, attempt: int, max_hours: float) -> int:
+    """SLURM time limit in minutes for a job estimated at ``gpu_hours``, growing with the attempt, at most
+    ``max_hours`` (a training job cut off there resumes from its checkpoint in its next attempt)."""
+    return min(math.ceil(gpu_hours * 60 * RUNTIME_MARGIN) * attempt, math.floor(max_hours * 60))
 
 
 def gpu_jobs(config: dict[str, Any]) -> list[GpuJob]:

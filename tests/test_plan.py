@@ -64,9 +64,11 @@ def test_grid_has_a_train_and_an_evaluate_job_per_dataset_method_seed():
         for method in CONFIG["methods"] for seed in CONFIG["seeds"]}
 
 
-def test_runtime_limit_has_a_margin_and_grows_with_attempts():
-    assert runtime_minutes(1.0, attempt=1) == 90
-    assert runtime_minutes(1.0, attempt=3) == 270
+def test_runtime_limit_has_a_margin_and_grows_with_attempts_up_to_the_maximum():
+    assert runtime_minutes(1.0, attempt=1, max_hours=24) == 90
+    assert runtime_minutes(1.0, attempt=3, max_hours=24) == 270
+    assert runtime_minutes(10.0, attempt=2, max_hours=24) == 24 * 60  # 30 h asked, cut to the maximum
+    assert runtime_minutes(1.0, attempt=3, max_hours=2.5) == 150
 
 
 def test_missing_throughput_names_the_key():

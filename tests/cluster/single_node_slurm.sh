@@ -99,6 +99,10 @@ MinJobAge=600
 GresTypes=gpu
 NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} Gres=gpu:fake:${FAKE_GPUS} State=UNKNOWN
 PartitionName=${PARTITION} Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP
+# Two more partitions on the same node, with time limits: the config's slurm.gpu_partition and
+# slurm.cpu_partition send jobs to them, and doctor reads their limits.
+PartitionName=gpu Nodes=${NODE} MaxTime=1-00:00:00 State=UP
+PartitionName=cpu Nodes=${NODE} MaxTime=04:00:00 State=UP
 CONF
   # slurmd drops a GPU GRES without File= and the node goes INVAL, so every fake GPU gets a character
   # device with /dev/null's numbers. /dev is recreated at boot: make them on every start.
@@ -143,7 +147,7 @@ start() {
   pid_alive "$RUN_DIR/slurmd.pid" || /usr/sbin/slurmd
   wait_for_node
   timeout -k 5 60 srun -N1 -n1 -t 1 true
-  log "ready: node $NODE, partition $PARTITION, GPUs gpu:fake:$FAKE_GPUS"
+  log "ready: node $NODE, partitions $PARTITION (default), gpu, cpu; GPUs gpu:fake:$FAKE_GPUS"
 }
 
 case "${1:-}" in

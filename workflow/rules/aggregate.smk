@@ -85,6 +85,7 @@ rule tables:
     conda:
         "../envs/pathmamba.yaml"
     resources:
+        **slurm_resources("cpu"),
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
@@ -188,6 +189,7 @@ rule figures:
     conda:
         "../envs/pathmamba.yaml"
     resources:
+        **slurm_resources("cpu"),
         # with the heat maps' models of every CAM-family method and PathMamba loaded at once
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,

@@ -126,7 +126,7 @@ def benchmark_file(job):
 
 # GPUs of a local run (pathmamba/gpus.py): the `gpu` resource gets one unit per GPU of the pool, so that
 # no more GPU jobs than GPUs run at once, and the jobs (which inherit this process's environment) learn
-# the pool, from which each claims a GPU of its own. `--resources gpu=N` (given by the SLURM profiles,
+# the pool, from which each claims a GPU of its own. `--resources gpu=N` (given by the SLURM profile,
 # where SLURM assigns the GPUs) turns this off, as does a pool of no GPUs (GPU jobs are not limited
 # then: with `device: auto` they run on the CPU, with `device: cuda` each fails at its start).
 if workflow.is_main_process and "gpu" not in workflow.global_resources:
@@ -191,8 +191,29 @@ def job_device(wildcards, stage=None):
 
 
 def gpu_units(wildcards, stage=None):
-    """The job's units of the `gpu` resource: one unless its device is the CPU."""
-    return 0 if job_device(wildcards, stage) == "cpu" else 1
+    """The job's units of the `gpu` resource: one unless its device is the CPU or SLURM is asked for the
+    GPU as a generic resource (`slurm.gpu_gres`: the executor plugin refuses a job asking both ways)."""
+    return 0 if job_device(wildcards, stage) == "cpu" or config["slurm"]["gpu_gres"] else 1
+
+
+def slurm_resources(kind, stage=None):
+    """The SLURM-only resources that the config's `slurm` block gives the rules of a kind, "gpu" or "cpu"
+    (its partition and, for GPU jobs not on the CPU, `slurm.gpu_gres`). Unset keys are left out, so that a
+    profile's default-resources apply; a profile's set-resources win over these."""
+    resources = {}
+    if config["slurm"][f"{kind}_partition"]:
+        resources["slurm_partition"] = config["slurm"][f"{kind}_partition"]
+    if kind == "gpu" and config["slurm"]["gpu_gres"]:
+        resources["gres"] = lambda wildcards: (
+            "" if job_device(wildcards, stage) == "cpu" else config["slurm"]["gpu_gres"]
+        )
+    return resources
+
+
+def gpu_runtime_minutes(gpu_hours, attempt):
+    """A GPU job's SLURM time limit: its estimate with a margin, growing with the attempt, at most
+    `slurm.max_runtime_hours`."""
+    return runtime_minutes(gpu_hours, attempt, config["slurm"]["max_runtime_hours"])
 
 
 def as_json(value):

@@ -8,6 +8,7 @@ rule make_demo_data:
     conda:
         "../envs/pathmamba.yaml"
     resources:
+        **slurm_resources("cpu"),
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
@@ -59,6 +60,7 @@ rule prepare_dataset:
     conda:
         "../envs/pathmamba.yaml"
     resources:
+        **slurm_resources("cpu"),
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
@@ -81,6 +83,7 @@ rule validate_dataset:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     resources:
+        **slurm_resources("cpu"),
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 60 * attempt,
     params:

@@ -17,9 +17,10 @@ rule evaluate:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     resources:
+        **slurm_resources("gpu"),
         gpu=gpu_units,
         mem_mb=lambda wildcards, attempt: 6000 * attempt,
-        runtime=lambda wildcards, attempt: runtime_minutes(
+        runtime=lambda wildcards, attempt: gpu_runtime_minutes(
             evaluate_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
     params:
@@ -46,6 +47,7 @@ rule evaluate_trivial:
     conda:
         "../envs/pathmamba.yaml"
     resources:
+        **slurm_resources("cpu"),
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:

@@ -15,12 +15,14 @@ rule train:
     conda:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
-    # `gpu`: one GPU per job at a time on a workstation (common.smk); on SLURM the profiles ask for it.
-    # Memory and time (cluster only) grow with each `--retries` attempt; time is sized from the plan.
+    # `gpu`: one GPU per job at a time on a workstation (common.smk); on SLURM the executor plugin asks
+    # for it (`--gpus`, or `--gres` with `slurm.gpu_gres`). Memory and time (cluster only) grow with each
+    # `--retries` attempt; time is sized from the plan, at most `slurm.max_runtime_hours`.
     resources:
+        **slurm_resources("gpu"),
         gpu=gpu_units,
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
-        runtime=lambda wildcards, attempt: runtime_minutes(
+        runtime=lambda wildcards, attempt: gpu_runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
     params:
@@ -54,9 +56,10 @@ use rule train as train_stage1 with:
     wildcard_constraints:
         method=any_of(TWO_STAGE_METHODS),
     resources:
+        **slurm_resources("gpu", stage=1),
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 10000 * attempt,
-        runtime=lambda wildcards, attempt: runtime_minutes(
+        runtime=lambda wildcards, attempt: gpu_runtime_minutes(
             train_gpu_hours(config, wildcards.dataset, wildcards.method, stage=1), attempt
         ),
     params:
@@ -86,9 +89,10 @@ rule pseudo_masks:
         "../envs/pathmamba.yaml"
     threads: config["threads_per_job"]
     resources:
+        **slurm_resources("gpu", stage=1),
         gpu=lambda wildcards: gpu_units(wildcards, stage=1),
         mem_mb=lambda wildcards, attempt: 6000 * attempt,
-        runtime=lambda wildcards, attempt: runtime_minutes(
+        runtime=lambda wildcards, attempt: gpu_runtime_minutes(
             pseudo_masks_gpu_hours(config, wildcards.dataset, wildcards.method), attempt
         ),
     params:
