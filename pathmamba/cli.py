@@ -38,6 +38,24 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: a device setting's form (``auto``, ``cpu``, ``cuda``, ``cuda:N``); whether this
+    machine has it is checked where the device is resolved."""
+    index = text.removeprefix("cuda:")
+    if text in ("auto", "cpu", "cuda") or (index != text and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; expected auto, cpu, cuda or cuda:N")
+
+
+def _method(text: str) -> str:
+    """An argparse type: a registered method's name."""
+    from pathmamba.registry import method_names
+
+    if text not in method_names():
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; registered methods: {', '.join(method_names())}")
+    return text
+
+
 def _add_make_demo_data(commands) -> None:
     parser = commands.add_parser("make-demo-data", help="write a synthetic dataset in a published layout")
     parser.set_defaults(func=_make_demo_data)
@@ -92,7 +110,8 @@ def _add_pseudo_masks(commands) -> None:
 
 def _add_device_arguments(parser) -> None:
     """Where and how a trained model runs; scan and precision default to the model's training settings."""
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (cuda without a GPU is an error)")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="auto, cpu or cuda[:N] (cuda without a GPU is an error)")
     parser.add_argument("--scan", choices=SCAN_IMPLEMENTATIONS, default=None,
                         help="selective scan implementation (default: the one the model was trained with)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -179,10 +198,11 @@ def _add_calibrate(commands) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="throughput file (JSON) to write; default <resources_dir>/"
                              + layout.THROUGHPUT.format(device_type="<device type>"))
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto; default the config's train.device")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu, cuda, cuda:N or auto; default the config's train.device")
     parser.add_argument("--steps", type=_int_at_least(1), default=5, help="timed training steps and evaluation batches")
     parser.add_argument("--warmup-steps", type=_int_at_least(0), default=2, help="untimed steps before them")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every configured method")
+    parser.add_argument("--methods", nargs="+", type=_method, default=None, help="default: every configured method")
     parser.add_argument("--random-init", action="store_true",
                         help="build the models with every weights file (pretrained, segmenter_pretrained) set to "
                              "none: speed does not depend on the weights' values")
@@ -203,7 +223,7 @@ def _add_grid_arguments(parser, several_run_dirs: bool = False) -> None:
     else:
         parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
     parser.add_argument("--datasets", nargs="+", default=None)
-    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", type=_method, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
     parser.add_argument("--paper", type=Path, default=Path(__file__).resolve().parents[1] / "config" / "paper_results.yaml",
                         help="the paper's reported values (config/paper_results.yaml)")
@@ -353,25 +373,73 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, DownloadFailed
     from pathmamba.data.readers import DatasetLayoutError, LabelError, MaskError
     from pathmamba.data.validate import DatasetInvalid
-    from pathmamba.runtime import FileSafetyError, InputError
+    from pathmamba.runtime import DeviceUnavailable, DiskFull, FileSafetyError, InputError
     from pathmamba.train import TrainingDiverged
 
     return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
-            ArchiveError, ChecksumMismatch, DownloadFailed, TrainingDiverged, FileNotFoundError,
-            NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+            ArchiveError, ChecksumMismatch, DownloadFailed, TrainingDiverged, DeviceUnavailable, DiskFull,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised where the command is, so that its clean-up (``finally``) runs and
+    removes its temporary folders, as on Ctrl-C. ``train`` notes SIGTERM itself while it trains."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def _stopping_cleanly():
+    """SIGTERM and SIGHUP raise :class:`Terminated` (main thread only) while the command runs; a SIGINT
+    raises KeyboardInterrupt already."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An expected error ends it with its message on stderr and exit status 2, without a
     traceback (``--debug`` keeps the traceback); anything else is a bug and keeps its traceback."""
+    import signal
+
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with _stopping_cleanly():
+            return _main(args)
     except expected_errors() as error:
         if args.debug:
             raise
         print(f"pathmamba {args.command}: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT) from None
+    except OSError as error:
+        from pathmamba.runtime import NO_ROOM, disk_full
+
+        # A full disk met by a writer other than this tool's own (PIL, zipfile, ...): named all the same, by
+        # the file if the error has it (a write to an open file does not), else by the command's output.
+        written = error.filename or getattr(args, "out", None) or getattr(args, "out_dir", None)
+        if args.debug or error.errno not in NO_ROOM or not written:
+            raise
+        print(f"pathmamba {args.command}: {disk_full(Path(written), None)}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT) from None
+    except (Terminated, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        print(f"pathmamba {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -27,7 +27,14 @@ from pathmamba.layout import RUN_RECORD, TEST_METRICS
 from pathmamba.model_files import build_recorded_model, check_model_record
 from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
 from pathmamba.registry import get_spec
-from pathmamba.runtime import InputError, atomic_write_json, environment_record
+from pathmamba.runtime import (
+    NO_ROOM,
+    InputError,
+    atomic_write_json,
+    disk_full,
+    environment_record,
+    normalised_path,
+)
 
 log = logging.getLogger("pathmamba.export")
 
@@ -105,15 +112,22 @@ def model_card(checkpoint: dict[str, Any], model_path: Path) -> dict[str, Any]:
 def export_model(model_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write the export folder of the trained ``model_path`` (a ``model.pt``) to ``out_dir``; returns
     the card. An existing ``out_dir`` is replaced only if it is empty or an export of this tool."""
-    model_path, out_dir = Path(model_path), Path(out_dir)
+    model_path, out_dir = Path(model_path), normalised_path(out_dir)
     check_replaceable(out_dir, listed_in(CARD), "an export folder")  # before any work
     checkpoint, model = load_model(model_path)
     card = model_card(checkpoint, model_path)
     building = new_sibling(out_dir, "building")
     try:
         # save_model, not save_file: it stores tensors that share memory (tied weights) once.
-        safetensors.torch.save_model(model, str(building / WEIGHTS), metadata={"format": "pt"},
-                                     force_contiguous=True)
+        try:
+            safetensors.torch.save_model(model, str(building / WEIGHTS), metadata={"format": "pt"},
+                                         force_contiguous=True)
+        except safetensors.SafetensorError as error:
+            if not any(f"(os error {code})" in str(error) for code in NO_ROOM):
+                raise
+            (building / WEIGHTS).unlink(missing_ok=True)
+            needed = sum(tensor.nbytes for tensor in model.state_dict().values())
+            raise disk_full(out_dir / WEIGHTS, needed, about=True) from None
         # safetensors creates the file private (0600); exports are shared: an ordinary file's permissions.
         umask = os.umask(0)
         os.umask(umask)

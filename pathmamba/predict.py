@@ -39,6 +39,7 @@ from pathmamba.runtime import (
     atomic_write_text,
     autocast,
     csv_text,
+    normalised_path,
 )
 
 log = logging.getLogger("pathmamba.predict")
@@ -242,7 +243,7 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
     returns the rows of ``classes.csv``. ``tile_size``: square tiles of that side instead of the model's
     training size (which models trained before it was recorded need). ``scan``, ``precision``: see
     :func:`pathmamba.evaluate.inference_setup`."""
-    out_dir = Path(out_dir)
+    out_dir = normalised_path(out_dir)
     check_replaceable(out_dir, listed_in(RECORD), WHAT)  # before any work
     paths = input_images(source)
     sizes = [image_size(path) for path in paths]  # every input readable, before the model loads

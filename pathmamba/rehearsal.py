@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,7 @@ from pathmamba.layout import (
 )
 from pathmamba.plan import REAL_IMAGE_SIZE
 from pathmamba.registry import get_spec, method_names, two_stage_methods
-from pathmamba.runtime import atomic_write_text
+from pathmamba.runtime import atomic_write_text, normalised_path
 from pathmamba.settings import TrainSettings
 
 log = logging.getLogger("pathmamba.rehearsal")
@@ -205,7 +206,7 @@ def check_effective_config(config: dict[str, Any], archives: dict[str, Any]) -> 
 
 def claim_folder(folder: Path) -> Path:
     """Create ``folder`` and mark it as a rehearsal's, or reuse one so marked; refuse any other folder."""
-    folder = Path(folder).absolute()
+    folder = normalised_path(Path(folder).absolute())  # `new/..` is this folder: nothing to create
     if folder.exists():
         if not (folder / MARKER).is_file():
             raise RehearsalError(f"{folder} exists and was not created by a rehearsal (no {MARKER} in it); "
@@ -303,9 +304,13 @@ def run_logged(command: list[str], log_path: Path) -> int:
     with open(log_path, "a") as log_file, subprocess.Popen(command, stdout=subprocess.PIPE,
                                                            stderr=subprocess.STDOUT, text=True,
                                                            env=_workflow_env()) as process:
-        for line in process.stdout:
-            sys.stderr.write(line)
-            log_file.write(line)
+        try:
+            for line in process.stdout:
+                sys.stderr.write(line)
+                log_file.write(line)
+        except BaseException:  # the rehearsal stopped (SIGTERM, Ctrl-C): Snakemake cancels its running jobs on
+            process.send_signal(signal.SIGINT)  # SIGINT, and ends (on SIGTERM it would wait for them)
+            raise
     return process.returncode
 
 

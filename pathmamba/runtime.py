@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -96,18 +98,27 @@ def cuda_unavailable_reason() -> str | None:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device of the ``device`` setting. ``auto`` is CUDA when available, else the CPU with a
-    warning that says why; ``cuda`` without a usable GPU is an error naming the setting to change."""
+    warning that says why; ``cuda`` without a usable GPU, or ``cuda:N`` beyond this machine's GPUs, is a
+    :class:`DeviceUnavailable` naming the setting to change."""
     reason = cuda_unavailable_reason()
     if name == "auto":
         if reason is None:
             return torch.device("cuda")
         log.warning("device 'auto' runs on the CPU: %s", reason)
         return torch.device("cpu")
+    if name.startswith("cuda") and reason is None and ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        reason = f"this machine has {torch.cuda.device_count()} GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
     if name.startswith("cuda") and reason is not None:
-        raise RuntimeError(f"device {name!r} requested (train.device in the workflow config, or `device` in "
-                           f"--settings), but {reason}. To run on the CPU, set train.device to 'cpu' (the demo "
-                           "config does); `python -m pathmamba doctor` checks a machine before a run")
+        raise DeviceUnavailable(f"device {name!r} requested (train.device in the workflow config, `device` in "
+                                f"--settings, or --device), but {reason}. To run on the CPU, set train.device to "
+                                "'cpu' (the demo config does); `python -m pathmamba doctor` checks a machine "
+                                "before a run")
     return torch.device(name)
+
+
+class DeviceUnavailable(RuntimeError):
+    """A device setting this machine cannot follow (``cuda`` without a usable GPU); the message names the
+    setting. The CLI prints it without a traceback."""
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -129,9 +140,41 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+class DiskFull(OSError):
+    """No space left (or the disk quota reached) writing a file; the message names the file, the bytes it
+    needed and the bytes free. The CLI prints it without a traceback."""
+
+
+#: The errors of a write that found no room: the device full, or the user's quota used up.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: Path, needed: int | None, about: bool = False) -> DiskFull:
+    """The :class:`DiskFull` of writing ``needed`` bytes (``about``: an estimate; None: unknown) to ``path``."""
+    folder = next(folder for folder in Path(path).absolute().parents if folder.exists())
+    free = shutil.disk_usage(folder).free
+    need = f"{'about ' if about else ''}{needed} bytes to write" if needed is not None else "more bytes to write"
+    return DiskFull(f"{path}: disk full: {need}, {free} bytes free in {folder}; free some space there (or "
+                    "give another folder) and run again")
+
+
+def _write_bytes(path: Path, data: bytes, sync: bool) -> None:
+    """``data`` into the new file ``path``; with ``sync``, on disk before this returns."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        if sync:
+            os.fsync(handle.fileno())
+
+
 def _temporary_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        if error.errno in NO_ROOM:
+            raise disk_full(path, None) from None
+        raise
     os.close(handle)
     # mkstemp creates the file private (0600); results are shared on clusters, so give the renamed file
     # the permissions an ordinary write would have (0666 minus the umask).
@@ -142,16 +185,26 @@ def _temporary_sibling(path: Path) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file. A full
+    disk is a :class:`DiskFull` naming the file and the bytes needed and free."""
+    # Serialised in memory first: torch's file writer ignores a failed write and then fails with an
+    # "enforce fail ... unexpected pos" that names neither the file nor the cause.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    # On disk before the rename: a crash of the machine must not leave an empty checkpoint.
+    _atomic_write_bytes(Path(path), buffer.getbuffer(), sync=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
     tmp = _temporary_sibling(path)
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            # On disk before the rename: a crash of the machine must not leave an empty checkpoint.
-            os.fsync(handle.fileno())
+        _write_bytes(tmp, data, sync)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno in NO_ROOM:
+            tmp.unlink(missing_ok=True)  # its room counts as free: the file needs it all
+            raise disk_full(path, len(data)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -164,6 +217,14 @@ def csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def normalised_path(path: Path) -> Path:
+    """``path`` with ``..`` resolved as the file system resolves it (symbolic links first), so that a
+    command checks and creates the folder the path names: ``new/..`` is the current folder, not a folder
+    ``new`` to create with ``..`` inside. Paths without ``..`` are kept as given."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if ".." in path.parts else path
 
 
 class InputError(ValueError):
@@ -224,13 +285,9 @@ def _load_failure(error: Exception) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``text`` (UTF-8) into ``path`` through a temporary file beside it: never a half-written file. A full
+    disk is a :class:`DiskFull` naming the file and the bytes needed and free."""
+    _atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -360,7 +417,12 @@ def download_file(url: str, path: Path, sha256_prefix: str | None = None) -> Non
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     handle.write(chunk)
-        except urllib.error.URLError as error:
+        except OSError as error:
+            if error.errno in NO_ROOM:
+                tmp.unlink(missing_ok=True)
+                raise disk_full(path, None) from None
+            if not isinstance(error, urllib.error.URLError):
+                raise
             raise OSError(f"cannot download {url} to {path}: {error.reason}; without network, fetch the "
                           f"file elsewhere and give its file:// URL") from None
         if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):

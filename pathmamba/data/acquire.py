@@ -261,11 +261,13 @@ def write_lock(lock: Path, dataset: str, sums: dict[str, str]) -> None:
 def check_archives(archives: list[Path], into: Path) -> None:
     """Refuse, before anything is extracted, archives that overlap or expand too much.
 
-    Two members at the same path (in two parts, or twice in one) would silently overwrite each other;
-    a member expanding more than ``MAX_RATIO`` times, or a total beyond ``MAX_EXTRACTED_BYTES`` or the
-    free space of ``into``, is a zip bomb or the wrong file. Raises :class:`ArchiveError` naming them.
+    Two members extracted to the same path (in two parts, or twice in one; also names that differ only in
+    what zipfile drops, such as ``a//b`` and ``a/b``) would silently overwrite each other; a member with an
+    absolute path or a ``..`` part would be extracted elsewhere than it says; a member expanding more than
+    ``MAX_RATIO`` times, or a total beyond ``MAX_EXTRACTED_BYTES`` or the free space of ``into``, is a zip
+    bomb or the wrong file. Raises :class:`ArchiveError` naming the member and its part.
     """
-    owners: dict[str, Path] = {}
+    owners: dict[str, tuple[str, Path]] = {}  # by the path it is extracted to: the member's name, its part
     total = 0
     for archive in archives:
         try:
@@ -274,12 +276,19 @@ def check_archives(archives: list[Path], into: Path) -> None:
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
             raise ArchiveError(f"{archive}: not a readable zip archive ({error}); download it again") from None
         for info in members:
-            if info.filename in owners:
-                where = (f"twice in {archive}" if owners[info.filename] == archive
-                         else f"in both {owners[info.filename]} and {archive}")
-                raise ArchiveError(f"{info.filename}: {where}; the parts of a dataset must not overlap (one "
-                                   "part given twice, or parts of two different downloads?)")
-            owners[info.filename] = archive
+            if info.filename.startswith("/") or ".." in info.filename.split("/"):
+                raise ArchiveError(f"{archive}: member {info.filename!r} has an absolute path or a '..' part; a "
+                                   "dataset archive holds relative paths only (a hand-made or tampered archive?); "
+                                   "nothing extracted")
+            extracted = _extracted_path(info.filename)
+            if extracted in owners:
+                first, owner = owners[extracted]
+                where = f"twice in {archive}" if owner == archive else f"in both {owner} and {archive}"
+                if first != info.filename:
+                    where += f" (as {first!r} and {info.filename!r}, both extracted to {extracted})"
+                raise ArchiveError(f"{extracted}: {where}; the parts of a dataset must not overlap (one "
+                                   "part given twice, or parts of two different downloads?); nothing extracted")
+            owners[extracted] = (info.filename, archive)
             if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 raise ArchiveError(f"{archive}: member {info.filename} expands from {info.compress_size} to "
                                    f"{info.file_size} bytes, more than {MAX_RATIO} times; refused as a zip bomb, "
@@ -290,6 +299,12 @@ def check_archives(archives: list[Path], into: Path) -> None:
         limit = "the limit" if total > MAX_EXTRACTED_BYTES else f"the free space of {into}"
         raise ArchiveError(f"{', '.join(map(str, archives))}: {total} bytes to extract, more than {limit} "
                            f"({min(MAX_EXTRACTED_BYTES, free)} bytes); nothing extracted")
+
+
+def _extracted_path(member: str) -> str:
+    """Where ``zipfile.extractall`` writes ``member``, relative to its target: the name without empty,
+    ``.`` and ``..`` parts (what zipfile drops)."""
+    return "/".join(part for part in member.split("/") if part not in ("", ".", ".."))
 
 
 def _extract(archive: Path, into: Path) -> None:
@@ -428,9 +443,12 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
             for number, archive in enumerate(sources, 1):
                 log.info("%s: extracting %s (%d of %d)", spec.name, archive, number, len(sources))
                 _extract(archive, extracted)
-            tolerated = normalise(extracted, spec, building, move=True)
             # Name the archives, not the temporary folder they were extracted to.
             archives = " + ".join(source.name for source in sources)
+            try:
+                tolerated = normalise(extracted, spec, building, move=True)
+            except DatasetLayoutError as error:
+                raise DatasetLayoutError(str(error).replace(str(extracted), f"{archives} (extracted)")) from None
             tolerated = [note.replace(str(extracted), archives) for note in tolerated]
         manifest = {"dataset": spec.name, "origin": origin or {"archives": [str(s) for s in sources]},
                     "sha256": sums, **dataset_statistics(building, spec), "tolerated": tolerated}
