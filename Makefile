@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # Rules call `python -m pathmamba`: the virtualenv's python must come first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo readme readme-check report test test-fast lint rehearse
+.PHONY: install kernels demo readme readme-check report test test-fast lint rehearse
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# mamba-ssm's fused selective-scan CUDA extension, compiled for this machine's GPUs (or ARCH=9.0; JOBS=N
+# compile jobs, default sized to the memory) and installed into the virtualenv: docs/environment.md.
+# ARCH and JOBS reach pathmamba.kernels through its environment, not through the shell's command line.
+kernels: export PATHMAMBA_KERNEL_ARCH = $(ARCH)
+kernels: export PATHMAMBA_KERNEL_JOBS = $(JOBS)
+kernels: install
+	$(BIN)/python -m pathmamba.kernels
 
 demo: install
 	$(BIN)/snakemake --cores all --configfile config/demo.yaml
