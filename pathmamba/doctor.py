@@ -134,7 +134,7 @@ def check_fused_scan(config: dict[str, Any]) -> Check:
         return Check("fused selective scan", NOT_APPLICABLE, "the config sets scan 'pytorch'")
     reason = fused_scan_unavailable_reason()
     if reason is not None:
-        return Check("fused selective scan", FAIL, f"{reason}; install the `mamba` extra (docs/environment.md) or "
+        return Check("fused selective scan", FAIL, f"{reason}; build it with `make kernels` (docs/environment.md) or "
                                                    "set train.scan to 'pytorch' (much slower)")
     errors = compare_fused_with_fallback(torch.device("cuda"))
     worst = max(errors.values())
