@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.segmenters import smp_network
-from pathmamba.data.specs import IGNORE_INDEX
 
 
 class UNet(nn.Module):
@@ -33,6 +32,7 @@ class UNet(nn.Module):
         if len(decoder_channels) != encoder_depth:
             raise ValueError(f"unet: decoder_channels needs one entry per encoder stage ({encoder_depth}), "
                              f"got {list(decoder_channels)}")
+        self.num_classes = num_classes
         self.net = smp_network(smp.Unet, encoder, pretrained, "unet", encoder_depth=encoder_depth,
                                decoder_channels=tuple(decoder_channels), classes=num_classes,
                                **dict(encoder_kwargs or {}))
@@ -41,12 +41,12 @@ class UNet(nn.Module):
         return self.net(images)
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy over pixels; targets (B, H, W) int64, ``IGNORE_INDEX`` (white background) ignored."""
+        """Cross-entropy over pixels; targets (B, H, W) int64, the background (index ``num_classes``) ignored."""
         # Summed, then divided by the scored pixels (at least one), so an all-background batch gives 0,
         # not the NaN of a mean over no pixels. Logits in float32: under bf16 autocast the log-softmax
         # and the sum over pixels would otherwise round to bf16's 8 significant bits.
-        summed = F.cross_entropy(self(images).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
+        summed = F.cross_entropy(self(images).float(), targets, ignore_index=self.num_classes, reduction="sum")
+        loss = summed / (targets != self.num_classes).sum().clamp_min(1)
         return loss, {"ce": float(loss.detach())}
 
     @torch.no_grad()

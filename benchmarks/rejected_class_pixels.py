@@ -28,7 +28,7 @@ from baselines.cam.toolbox import gate_classes, kept_classes
 from baselines.cam.wsss_tissue import WSSSTissue
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset
-from pathmamba.data.specs import IGNORE_INDEX, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.evaluate import load_model
 
 CAM_FAMILY = ("cam", "gradcam", "histosegnet", "sc-cam", "c-cam", "wsss-tissue")
@@ -59,7 +59,7 @@ def count_model(model: torch.nn.Module, loader: DataLoader) -> dict[str, int]:
         predicted = scores.float().argmax(1)
         kept = kept_by_the_model(model, images)
         rejected = ~kept.gather(1, predicted.flatten(1)).view_as(predicted)
-        scored = masks != IGNORE_INDEX
+        scored = masks != model.num_classes  # the background index, after the tissue classes
         counts["scored"] += int(scored.sum())
         counts["rejected"] += int((rejected & scored).sum())
         counts["lost"] += int((lost & scored).sum())

@@ -36,13 +36,14 @@ from pathmamba.config import (
     WEIGHT_KEYS,
     ConfigError,
     check_methods,
+    configured_dataset_spec,
     grid_datasets,
     grid_methods,
     method_hparams,
     train_settings,
     without_weights_files,
 )
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
+from pathmamba.data.specs import DatasetSpec
 from pathmamba.evaluate import predict_split
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import adam
@@ -114,32 +115,34 @@ def _seconds(device: torch.device, run) -> float:
     return time.perf_counter() - started
 
 
-def _random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds: int) -> torch.Tensor:
+def _random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds: int,
+                    num_classes: int) -> torch.Tensor:
     """Training targets as the engine's datasets batch them: multi-hot labels (image), a mask with
-    ignored pixels (pixel), or one such mask per pseudo-mask kind (pseudo)."""
+    ignored pixels (pixel; the index ``num_classes``), or one such mask per pseudo-mask kind (pseudo)."""
     if supervision == "image":
-        return torch.randint(0, 2, (n, NUM_CLASSES)).float()
+        return torch.randint(0, 2, (n, num_classes)).float()
     side = (image_size, image_size)
     shape = (n, *side) if supervision == "pixel" else (n, pseudo_mask_kinds, *side)
-    return torch.randint(0, IGNORE_INDEX + 1, shape)
+    return torch.randint(0, num_classes + 1, shape)
 
 
 def _random_loaders(supervision: str, batches: int, batch_size: int, image_size: int,
-                    pseudo_mask_kinds: int) -> dict[str, DataLoader]:
+                    pseudo_mask_kinds: int, num_classes: int) -> dict[str, DataLoader]:
     """``batches`` batches of random images for training (with targets), evaluation (with masks and
     indices, as ``predict_split`` reads them) and pseudo masks (with multi-hot labels)."""
     n = batches * batch_size
     images = torch.randn(n, 3, image_size, image_size)
-    masks = torch.randint(0, IGNORE_INDEX + 1, (n, image_size, image_size))
-    labels = torch.randint(0, 2, (n, NUM_CLASSES)).float()
-    targets = _random_targets(supervision, n, image_size, pseudo_mask_kinds)
+    masks = torch.randint(0, num_classes + 1, (n, image_size, image_size))
+    labels = torch.randint(0, 2, (n, num_classes)).float()
+    targets = _random_targets(supervision, n, image_size, pseudo_mask_kinds, num_classes)
     datasets = {"train": TensorDataset(images, targets),
                 "eval": TensorDataset(images, masks, torch.arange(n)),
                 "pseudo_masks": TensorDataset(images, labels)}
     return {name: DataLoader(dataset, batch_size=batch_size) for name, dataset in datasets.items()}
 
 
-def _pseudo_mask_pass(model, loader: DataLoader, device: torch.device, dataset: str, precision: str) -> None:
+def _pseudo_mask_pass(model, loader: DataLoader, device: torch.device, dataset: DatasetSpec,
+                      precision: str) -> None:
     """What ``pathmamba.pseudo_masks.write_pseudo_masks`` computes per batch, without the PNG writes."""
     for images, labels in loader:
         with autocast(device, precision):
@@ -149,14 +152,14 @@ def _pseudo_mask_pass(model, loader: DataLoader, device: torch.device, dataset: 
 
 
 def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image_size: int,
-            device: torch.device, dataset: str, steps: int, warmup_steps: int, stage: int | None = None,
+            device: torch.device, dataset: DatasetSpec, steps: int, warmup_steps: int, stage: int | None = None,
             stage1_hparams: dict[str, Any] | None = None, pseudo_mask_kinds: int = 0) -> dict[str, Any]:
     """Images per second of ``method`` (``stage=1``: its first stage) built with ``hparams``: training
     and evaluation, and for a first stage its pseudo masks; peak memory; ``steps`` timed batches each.
 
     A method trained on pseudo masks is built on its first stage's keywords ``stage1_hparams`` and
-    trained on ``pseudo_mask_kinds`` masks per image. ``dataset`` names the dataset for the models'
-    per-dataset choices (WSSS-Tissue's white background).
+    trained on ``pseudo_mask_kinds`` masks per image. ``dataset``: the dataset's spec, for its number of
+    classes and the models' per-dataset choices (WSSS-Tissue's white background).
     """
     supervision = get_spec(method, stage).supervision
     # The scan, precision and memory layout that training with these settings runs (pathmamba.train.train).
@@ -167,24 +170,26 @@ def measure(method: str, hparams: dict[str, Any], settings: TrainSettings, image
     memory.start()
     seed_everything(0, settings.deterministic)
     build_hparams = {**hparams, "stage1_hparams": stage1_hparams} if stage1_hparams is not None else hparams
-    model = build_method(method, num_classes=NUM_CLASSES, stage=stage, **build_hparams).to(device)
+    model = build_method(method, num_classes=dataset.num_classes, stage=stage, **build_hparams).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimiser = adam(model, settings.lr, settings.weight_decay)
-    warmup = _random_loaders(supervision, warmup_steps, settings.batch_size, image_size, pseudo_mask_kinds)
-    timed = _random_loaders(supervision, steps, settings.batch_size, image_size, pseudo_mask_kinds)
+    warmup = _random_loaders(supervision, warmup_steps, settings.batch_size, image_size, pseudo_mask_kinds,
+                             dataset.num_classes)
+    timed = _random_loaders(supervision, steps, settings.batch_size, image_size, pseudo_mask_kinds,
+                            dataset.num_classes)
     if isinstance(model, EpochAware):
         # The per-epoch state of the last epoch (SC-CAM's clusters, WSSS-Tissue's dropout threshold), so
         # that the steps cost what most of a run's steps cost.
         for epoch in range(1, settings.epochs + 1):
-            model.on_epoch_start(epoch, timed["train"], device, dataset)
+            model.on_epoch_start(epoch, timed["train"], device, dataset.name)
 
     def train_epoch(loader: DataLoader) -> None:
         _train_epoch(model, optimiser, loader, device, settings.epochs, settings.epochs, channels_last,
                      precision)
 
     def evaluate(loader: DataLoader) -> None:
-        predict_split(model, loader, device, channels_last=channels_last, precision=precision)
+        predict_split(model, loader, device, dataset.num_classes, channels_last=channels_last, precision=precision)
 
     if warmup_steps:
         train_epoch(warmup["train"])
@@ -274,7 +279,8 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     # libraries) would otherwise count as the peak memory of the first method built from each.
     for method, stage in hparams:
         importlib.import_module(get_spec(method, stage).target.partition(":")[0])
-    common = {"image_size": image_size, "device": torch_device, "dataset": dataset, "steps": steps,
+    common = {"image_size": image_size, "device": torch_device, "dataset": configured_dataset_spec(config, dataset),
+              "steps": steps,
               "warmup_steps": warmup_steps}
     measured: dict[str, dict[str, Any]] = {}
     for method in methods:

@@ -56,10 +56,40 @@ def _method(text: str) -> str:
     return text
 
 
+def _dataset(text: str) -> str:
+    """An argparse type: a shipped dataset's name or a dataset description file's path, checked."""
+    from pathmamba.data.specs import DescriptionError, get_dataset_spec
+
+    try:
+        get_dataset_spec(text)
+    except (KeyError, DescriptionError) as error:
+        raise argparse.ArgumentTypeError(error.args[0]) from None
+    return text
+
+
+def _dataset_name(text: str) -> str:
+    """An argparse type: a dataset's name as results carry it (a user's dataset has no shipped description
+    to look up by name; tables and figures read the description its results recorded)."""
+    from pathmamba.data.specs import NAME_PATTERN
+
+    if not NAME_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset name; expected lower-case letters, digits, "
+                                         "'.', '_' or '-'")
+    return text
+
+
+def _add_dataset_argument(parser) -> None:
+    from pathmamba.data.specs import dataset_names
+
+    parser.add_argument("--dataset", required=True, type=_dataset,
+                        help=f"a shipped dataset ({', '.join(dataset_names())}) or the path of a dataset "
+                             "description file (docs/adding-a-dataset.md)")
+
+
 def _add_make_demo_data(commands) -> None:
-    parser = commands.add_parser("make-demo-data", help="write a synthetic dataset in a published layout")
+    parser = commands.add_parser("make-demo-data", help="write a synthetic dataset in the layout its description says")
     parser.set_defaults(func=_make_demo_data)
-    parser.add_argument("--dataset", required=True, choices=["synthetic-luad", "synthetic-bcss"])
+    _add_dataset_argument(parser)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--n-val", type=int, default=40)
@@ -69,7 +99,6 @@ def _add_make_demo_data(commands) -> None:
 
 
 def _add_train(commands) -> None:
-    from pathmamba.data.specs import dataset_names
     from pathmamba.registry import method_names
     from pathmamba.settings import TrainSettings
 
@@ -77,7 +106,7 @@ def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train one method on one dataset with one seed")
     parser.set_defaults(func=_train)
     parser.add_argument("--method", required=True, choices=method_names())
-    parser.add_argument("--dataset", required=True, choices=dataset_names())
+    _add_dataset_argument(parser)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for model.pt, history.csv, run.json")
     parser.add_argument("--checkpoint-dir", required=True, type=Path,
@@ -167,11 +196,9 @@ def _add_export(commands) -> None:
 
 
 def _add_trivial(commands) -> None:
-    from pathmamba.data.specs import dataset_names
-
     parser = commands.add_parser("evaluate-trivial", help="score the trivial one-class-per-image reference")
     parser.set_defaults(func=_evaluate_trivial)
-    parser.add_argument("--dataset", required=True, choices=dataset_names())
+    _add_dataset_argument(parser)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     _add_validated_argument(parser)
@@ -310,18 +337,16 @@ def _add_fetch_weights(commands) -> None:
 
 
 def _add_dataset_commands(commands) -> None:
-    from pathmamba.data.specs import dataset_names
-
     parser = commands.add_parser("download-dataset", help="download a real dataset's published files (resumable)")
     parser.set_defaults(func=_download_dataset)
-    parser.add_argument("--dataset", required=True, choices=["luad-histoseg", "bcss-wsss"])
+    _add_dataset_argument(parser)
     parser.add_argument("--folder", required=True, type=Path, help="download folder (kept: partial files resume)")
     parser.add_argument("--record", required=True, type=Path, help="JSON file listing the downloaded files")
     parser.add_argument("--url", default="", help="one archive at this URL instead of the Google Drive folder")
 
     parser = commands.add_parser("prepare-dataset", help="verify checksums, extract and normalise a dataset")
     parser.set_defaults(func=_prepare_dataset)
-    parser.add_argument("--dataset", required=True, choices=dataset_names())
+    _add_dataset_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="the canonical dataset folder to create")
     parser.add_argument("--lock", required=True, type=Path,
                         help="lock file of the sources' SHA-256 sums: checked if present, else written")
@@ -331,7 +356,7 @@ def _add_dataset_commands(commands) -> None:
 
     parser = commands.add_parser("validate-dataset", help="check every file of a dataset; fail with a summary")
     parser.set_defaults(func=_validate_dataset)
-    parser.add_argument("--dataset", required=True, choices=dataset_names())
+    _add_dataset_argument(parser)
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="validation report (JSON), written when valid")
     parser.add_argument("--image-size", type=int, default=224, help="expected patch side in pixels")

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.layout import RUN, RUN_RECORD, TEST_METRICS, TRIVIAL, TRIVIAL_RUN
-from pathmamba.metrics import METRICS, confusion_columns
+from pathmamba.metrics import METRICS, confusion_classes, confusion_columns
 from pathmamba.readme import RESULTS_END, RESULTS_START
 from pathmamba.render import METRIC_LABELS, MISSING, MIXED_MARK, markdown_grid
 from pathmamba.results import flat_record, hardware_label, load_paper_results, load_per_image, read_run_json
@@ -330,8 +329,9 @@ def paired_images(a: pd.DataFrame, b: pd.DataFrame) -> tuple[list[str], str]:
 
 def _true_pixels(frame: pd.DataFrame, images: list[str]) -> np.ndarray:
     """Scored pixels of each true class in each of ``images`` (rows of the per-image confusion matrices)."""
-    matrices = frame.set_index("image").loc[images, confusion_columns()].to_numpy(dtype=np.float64)
-    return matrices.reshape(len(images), NUM_CLASSES, NUM_CLASSES).sum(-1)
+    classes = confusion_classes(frame)
+    matrices = frame.set_index("image").loc[images, confusion_columns(classes)].to_numpy(dtype=np.float64)
+    return matrices.reshape(len(images), classes, classes).sum(-1)
 
 
 def _by_seed(per_image: pd.DataFrame, images: list[str]) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pathmamba.data.specs import dataset_names, get_dataset_spec
+from pathmamba.data.specs import DatasetSpec, DescriptionError, dataset_names, get_dataset_spec
 from pathmamba.layout import WEIGHTS_FOLDER
 from pathmamba.registry import get_spec, method_names, two_stage_methods
 
@@ -140,13 +140,22 @@ def check_config(config: dict[str, Any]) -> None:
             if name not in config.get(key, {}):
                 problems.append(f"grid.{key}: {name!r} is not configured under {key}: ({', '.join(config.get(key, {}))})")
     for name, entry in config.get("datasets", {}).items():
-        if name not in dataset_names():
-            problems.append(f"datasets.{name}: unknown dataset; known datasets: {', '.join(dataset_names())}")
+        if "description" not in entry and name not in dataset_names():
+            problems.append(f"datasets.{name}: unknown dataset; shipped datasets: {', '.join(dataset_names())}; "
+                            "give a user's dataset its description file as 'description' (docs/adding-a-dataset.md)")
             continue
-        spec = get_dataset_spec(name)
+        try:
+            spec = configured_dataset_spec(config, name)
+        except DescriptionError as error:
+            problems.append(f"datasets.{name}.description: {error}")
+            continue
+        if spec.name != name:
+            problems.append(f"datasets.{name}.description: {entry['description']!r} describes {spec.name!r}; "
+                            f"expected its 'name' to be {name!r}, the key it is configured under")
+            continue
         if "synthetic" in entry and not spec.synthetic:
-            problems.append(f"datasets.{name}.synthetic: only synthetic datasets are generated "
-                            f"(synthetic-luad, synthetic-bcss); give 'root' for {name}")
+            problems.append(f"datasets.{name}.synthetic: only synthetic datasets are generated (their "
+                            f"description has a 'synthetic' entry); give 'root' for {name}")
         if "root" in entry and not Path(entry["root"]).is_dir():
             problems.append(f"datasets.{name}.root: {entry['root']!r} is not a directory; expected the "
                             "extracted dataset folder holding training/, val/ and test/")
@@ -358,6 +367,13 @@ def _class_arguments(module: str, name: str) -> dict[str, tuple[str, ast.expr | 
 def grid_methods(config: dict[str, Any]) -> list[str]:
     """The methods a run trains: ``grid.methods`` when given, else every configured method."""
     return list(config.get("grid", {}).get("methods") or config["methods"])
+
+
+def configured_dataset_spec(config: dict[str, Any], name: str) -> DatasetSpec:
+    """The spec of the configured dataset ``name``: from its ``description`` file when the config gives
+    one (a user's dataset), else the shipped description of that name."""
+    entry = config.get("datasets", {}).get(name, {})
+    return get_dataset_spec(entry.get("description", name))
 
 
 def grid_datasets(config: dict[str, Any]) -> list[str]:

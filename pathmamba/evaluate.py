@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from pathmamba.data.datasets import ImageMaskDataset
 from pathmamba.data.readers import index_dataset, read_mask
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec, recorded_spec
 from pathmamba.layout import PER_IMAGE, TEST_METRICS, TRIVIAL
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.model_files import build_recorded_model, check_model_record, load_checked_weights
@@ -42,10 +42,10 @@ def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = False,
+def predict_split(model, loader: DataLoader, device: torch.device, num_classes: int, tta: bool = False,
                   names: list[str] | None = None, on_batch=None, channels_last: bool = False,
                   precision: str = "fp32") -> SegmentationMeter:
-    """Predict every batch of (image, mask, index) and accumulate the metrics.
+    """Predict every batch of (image, mask, index) and accumulate the metrics of ``num_classes`` classes.
 
     ``channels_last``: feed batches in the NHWC layout (for a model converted to it, on CUDA).
     ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`).
@@ -53,7 +53,7 @@ def predict_split(model, loader: DataLoader, device: torch.device, tta: bool = F
     ``on_batch(indices, predicted_masks)`` is called per batch (e.g. to save masks).
     """
     model.eval()
-    meter = SegmentationMeter(NUM_CLASSES)
+    meter = SegmentationMeter(num_classes)
     for images, masks, indices in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -97,16 +97,17 @@ def inference_setup(checkpoint: dict, device: str, scan: str | None, precision: 
 
 
 def colour_mask(mask: np.ndarray, palette) -> np.ndarray:
-    """(H, W) class indices 0..4 -> (H, W, 3) uint8 RGB in the dataset's palette."""
+    """(H, W) class indices 0..K (K background) -> (H, W, 3) uint8 RGB in the dataset's palette."""
     return np.asarray(palette, dtype=np.uint8)[mask]
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray, palette, alpha: float) -> np.ndarray:
     """(H, W, 3) uint8: the tissue classes' colours of ``mask`` blended over ``image`` with opacity
-    ``alpha``; background pixels (index 4, not scored) keep the image's own pixels."""
+    ``alpha``; background pixels (index K, the palette's last colour; not scored) keep the image's own
+    pixels."""
     colours = colour_mask(mask, palette).astype(np.float32)
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    tissue = (mask < NUM_CLASSES)[..., None]
+    tissue = (mask < len(palette) - 1)[..., None]
     return np.rint(np.where(tissue, blended, image)).astype(np.uint8)
 
 
@@ -131,13 +132,13 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
 
     Writes ``test_metrics.json`` (both protocols, per-class values), ``per_image.csv`` and, into
     ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
-    name: each the method's own prediction, 0..3 at every pixel (the ground truth's background is
+    name: each the method's own prediction, a class 0..K-1 at every pixel (the ground truth's background is
     applied only when scoring; the figures mark it, pathmamba/plots.py). ``scan`` and
     ``precision``: see :func:`inference_setup`.
     """
     checkpoint, model = load_model(model_path)
     torch_device, precision, environment = inference_setup(checkpoint, device, scan, precision)
-    spec = get_dataset_spec(checkpoint["dataset"])
+    spec = recorded_spec(checkpoint)
     index = index_dataset(Path(data_root), spec)
     model.to(torch_device)
     channels_last = torch_device.type == "cuda"  # NHWC: the layout tensor-core convolutions prefer
@@ -157,10 +158,10 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
 
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
-    meter = predict_split(model, loader, torch_device, tta=tta, names=names, on_batch=save_masks,
+    meter = predict_split(model, loader, torch_device, spec.num_classes, tta=tta, names=names, on_batch=save_masks,
                           channels_last=channels_last, precision=precision)
     record = {"method": checkpoint["method"], "dataset": spec.name, "seed": checkpoint["seed"],
-              "classes": list(spec.classes), "best_epoch": checkpoint["epoch"],
+              "classes": list(spec.classes), "dataset_description": spec.description, "best_epoch": checkpoint["epoch"],
               "best_val_mIoU": checkpoint["val_mIoU"], "tta": tta, "test_images": len(names),
               "environment": environment}
     result = _write_results(Path(out_dir), meter, record)
@@ -180,14 +181,15 @@ def evaluate_trivial(dataset: str, data_root: Path, out_dir: Path) -> dict:
     spec = get_dataset_spec(dataset)
     index = index_dataset(Path(data_root), spec)
     frequency = np.array([label for _, label in index.train], dtype=np.float64).sum(0)
-    meter = SegmentationMeter(NUM_CLASSES)
+    meter = SegmentationMeter(spec.num_classes)
     for image_path, mask_path in index.test:
         truth = read_mask(mask_path, spec)
-        present = [c for c in range(NUM_CLASSES) if (truth == c).any()]
+        present = [c for c in range(spec.num_classes) if (truth == c).any()]
         choice = max(present, key=lambda c: frequency[c]) if present else int(frequency.argmax())
         prediction = np.full_like(truth, choice)
         meter.update(torch.from_numpy(prediction[None]), torch.from_numpy(truth[None]), [image_path.name])
     record = {"method": TRIVIAL, "dataset": spec.name, "seed": None, "classes": list(spec.classes),
+              "dataset_description": spec.description,
               "tta": False, "test_images": len(index.test),
               "description": "most frequent training class among each test image's true classes"}
     record = _write_results(Path(out_dir), meter, record)

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import recorded_spec
 from pathmamba.evaluate import load_model
 from pathmamba.layout import RUN_RECORD, TEST_METRICS
 from pathmamba.model_files import build_recorded_model, check_model_record
@@ -74,7 +74,7 @@ def _provenance(environment: dict | None, keys: tuple[str, ...]) -> dict | None:
 def model_card(checkpoint: dict[str, Any], model_path: Path) -> dict[str, Any]:
     """The model card of the ``model.pt`` record ``checkpoint`` read from ``model_path`` (its folder's
     ``run.json`` and ``test_metrics.json`` add the training environment and the test metrics)."""
-    spec = get_dataset_spec(checkpoint["dataset"])
+    spec = recorded_spec(checkpoint)
     method = get_spec(checkpoint["method"], checkpoint.get("stage"))
     run = _json_beside(model_path.parent / RUN_RECORD)
     metrics = _json_beside(model_path.parent / TEST_METRICS)
@@ -96,7 +96,7 @@ def model_card(checkpoint: dict[str, Any], model_path: Path) -> dict[str, Any]:
         "input": {"size": {"height": size[0], "width": size[1]} if size else None, "channels": "RGB",
                   "normalisation": "uint8 / 255, then (x - mean) / std per channel",
                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "output": f"predict(images (B, 3, H, W)) -> scores (B, {NUM_CLASSES}, H, W), larger is more likely; "
+        "output": f"predict(images (B, 3, H, W)) -> scores (B, {spec.num_classes}, H, W), larger is more likely; "
                   "the mask is their argmax over the classes",
         "seed": checkpoint["seed"],
         "best_epoch": checkpoint["epoch"],

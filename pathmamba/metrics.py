@@ -3,13 +3,13 @@
 Two protocols, both written out and labelled:
 
 ``ignore_background`` (primary; WSSS-Tissue, mmseg ``ignore_index``)
-    A 4x4 confusion matrix over the whole split; pixels whose ground truth is 4 (white background)
-    are ignored.
+    A KxK confusion matrix over the whole split (K tissue classes, 4 in the published datasets); pixels
+    whose ground truth is K (the background) are ignored.
 ``with_background`` (sensitivity only; TPRO, PBIP)
-    A 5x5 matrix with background kept as a fifth class; means over the four tissue classes only.
+    A (K+1)x(K+1) matrix with background kept as a class of its own; means over the K tissue classes only.
 
 Per class: IoU = TP/(TP+FP+FN), Dice = 2TP/(2TP+FP+FN), precision = TP/(TP+FP), recall = TP/(TP+FN);
-the m-metrics are nan-means over the four tissue classes (a class with an empty denominator is nan).
+the m-metrics are nan-means over the tissue classes (a class with an empty denominator is nan).
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
-
 PROTOCOLS = ("ignore_background", "with_background")
 METRICS = ("mDice", "mIoU", "mPrecision", "mRecall")
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES,
-                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None) -> torch.Tensor:
     """Confusion matrix (num_classes, num_classes), rows = ground truth, columns = prediction.
 
     pred, target: integer tensors of the same shape. Pixels whose target equals ``ignore_index`` are
@@ -43,8 +41,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int 
     return counts.reshape(num_classes, num_classes).to(torch.float64)
 
 
-def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES,
-                        ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int | None) -> torch.Tensor:
     """Per-image confusion matrices (B, num_classes, num_classes) of a batch (B, H, W), one bincount."""
     batch = pred.shape[0]
     pred = pred.reshape(batch, -1).long()
@@ -57,8 +55,9 @@ def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: i
     return counts.reshape(batch, num_classes, num_classes).to(torch.float64)
 
 
-def scores_from_confusion(confusion: np.ndarray | torch.Tensor, num_tissue: int = NUM_CLASSES) -> dict:
-    """Per-class IoU, Dice, precision, recall and their means over the first ``num_tissue`` classes.
+def scores_from_confusion(confusion: np.ndarray | torch.Tensor, num_tissue: int | None = None) -> dict:
+    """Per-class IoU, Dice, precision, recall and their means over the first ``num_tissue`` classes (None:
+    all classes of the matrix).
 
     Returns ``{"mIoU": float, ..., "per_class": {"IoU": [..], "Dice": [..], ...}}``; nan where a
     denominator is zero (a class absent from both prediction and ground truth).
@@ -82,21 +81,28 @@ def scores_from_confusion(confusion: np.ndarray | torch.Tensor, num_tissue: int 
     return result
 
 
-def confusion_columns(num_classes: int = NUM_CLASSES) -> list[str]:
+def confusion_columns(num_classes: int) -> list[str]:
     """Column names of a per-image confusion matrix flattened row-major: ``cm_t{truth}_p{prediction}``."""
     return [f"cm_t{truth}_p{pred}" for truth in range(num_classes) for pred in range(num_classes)]
+
+
+def confusion_classes(frame) -> int:
+    """The number of classes of the per-image confusion columns of ``frame`` (a DataFrame of one dataset's
+    per_image.csv rows, or several datasets', where columns only another dataset has are empty)."""
+    return sum(1 for column in frame.columns
+               if str(column).startswith("cm_t0_p") and frame[column].notna().all())
 
 
 class SegmentationMeter:
     """Accumulates both protocols' confusion matrices and per-image scores over a split.
 
-    ``update(pred, target, names)`` with pred, target (B, H, W) integer tensors (pred in 0..3, target in
-    0..4). ``summary()`` gives both protocols; ``per_image()`` a row per image (primary protocol): its
+    ``update(pred, target, names)`` with pred, target (B, H, W) integer tensors (pred in 0..K-1, target in
+    0..K, K the background). ``summary() gives both protocols; ``per_image()`` a row per image (primary protocol): its
     scores, scored pixels and confusion matrix (:func:`confusion_columns`), from which a resampled
     split's confusion matrix is summed (:func:`pathmamba.stats.compare_split_level`).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.confusion = {
             "ignore_background": torch.zeros(num_classes, num_classes, dtype=torch.float64),
@@ -106,7 +112,7 @@ class SegmentationMeter:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, names: list[str] | None = None) -> None:
         pred, target = pred.cpu(), target.cpu()
-        per_image = per_image_confusion(pred, target, self.num_classes, IGNORE_INDEX)
+        per_image = per_image_confusion(pred, target, self.num_classes, ignore_index=self.num_classes)
         self.confusion["ignore_background"] += per_image.sum(0)
         self.confusion["with_background"] += confusion_matrix(pred, target, self.num_classes + 1, None)
         for i, cm in enumerate(per_image):

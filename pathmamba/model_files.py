@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pathmamba.config import keyword_problems, without_weights_files
-from pathmamba.data.specs import NUM_CLASSES, dataset_names
+from pathmamba.data.specs import DescriptionError, dataset_names, recorded_spec
 from pathmamba.registry import build_method, get_spec, method_names
 from pathmamba.runtime import InputError
 
@@ -31,9 +31,13 @@ def check_model_record(record: Any, path: Path, keys: tuple[str, ...] = MODEL_KE
     if method not in method_names() or stage not in (None, 1) or (stage == 1 and get_spec(method).stage1 is None):
         raise InputError(f"{path}: method {method!r} stage {stage!r} is not a registered method; registered "
                          f"methods: {', '.join(method_names())}")
-    if record["dataset"] not in dataset_names():
+    try:
+        recorded_spec(record)
+    except KeyError:
         raise InputError(f"{path}: dataset {record['dataset']!r} is unknown; known datasets: "
-                         f"{', '.join(dataset_names())}")
+                         f"{', '.join(dataset_names())} (and the file carries no description of it)") from None
+    except DescriptionError as error:
+        raise InputError(f"{path}: the dataset description it carries is not valid: {error}") from None
     if not isinstance(record["hparams"], dict):
         raise InputError(f"{path}: hparams {record['hparams']!r}; expected a mapping of the builder's keywords")
     preset = get_spec(method, stage).preset
@@ -54,7 +58,7 @@ def build_recorded_model(record: dict[str, Any], path: Path) -> torch.nn.Module:
     """The model of the checked ``record`` (:func:`check_model_record`), built on the CPU without the
     weights files its hparams name (the file's weights replace them all)."""
     try:
-        return build_method(record["method"], num_classes=NUM_CLASSES, stage=record.get("stage"),
+        return build_method(record["method"], num_classes=recorded_spec(record).num_classes, stage=record.get("stage"),
                             **without_weights_files(record["hparams"]))
     except (TypeError, ValueError) as error:
         raise InputError(f"{path}: its hparams do not build a {record['method']} model ({error})") from None

@@ -36,13 +36,14 @@ from pathmamba.config import (
     WEIGHT_KEYS,
     ConfigError,
     check_schema,
+    configured_dataset_spec,
     grid_datasets,
     grid_methods,
     load_config_mapping,
     method_hparams,
     train_settings,
 )
-from pathmamba.data.specs import get_dataset_spec
+from pathmamba.data.readers import split_counts
 from pathmamba.layout import THROUGHPUT
 from pathmamba.registry import get_spec, two_stage_methods
 from pathmamba.settings import TrainSettings
@@ -89,12 +90,15 @@ def load_workflow_config(path: Path) -> dict[str, Any]:
 
 
 def dataset_counts(config: dict[str, Any], dataset: str) -> dict[str, int]:
-    """Images per split of ``dataset``: the configured synthetic sizes, else the published counts."""
+    """Images per split of ``dataset``: the configured synthetic sizes, else the published counts, else
+    (a user's dataset) the files in its configured folder."""
     entry = config["datasets"][dataset]
     if "synthetic" in entry:
         sizes = entry["synthetic"]
         return {"training": sizes["n_train"], "val": sizes["n_val"], "test": sizes["n_test"]}
-    counts = get_dataset_spec(dataset).counts
+    counts = configured_dataset_spec(config, dataset).counts
+    if counts is None and "root" in entry:
+        counts = split_counts(Path(entry["root"]), configured_dataset_spec(config, dataset))
     if counts is None:
         raise ConfigError(f"datasets.{dataset}: no published image counts to plan with; "
                           "give a 'synthetic' block or use a dataset with known counts")

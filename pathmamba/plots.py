@@ -38,7 +38,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from pathmamba.data.readers import index_dataset, read_image, read_mask
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
 from pathmamba.evaluate import overlay_mask
 from pathmamba.layout import (
     BENCHMARK_FILES,
@@ -54,9 +53,16 @@ from pathmamba.layout import (
     benchmark_path,
     run_path,
 )
-from pathmamba.metrics import confusion_columns
+from pathmamba.metrics import confusion_classes, confusion_columns
 from pathmamba.registry import ablation_methods
-from pathmamba.results import Grid, finished_runs, load_metrics, load_per_class_iou, load_per_image
+from pathmamba.results import (
+    Grid,
+    finished_runs,
+    load_metrics,
+    load_per_class_iou,
+    load_per_image,
+    recorded_dataset_spec,
+)
 
 #: seaborn's colour-blind-safe palette without its grey, which the reference lines and steps use.
 PALETTE = [colour for i, colour in enumerate(sns.color_palette("colorblind")) if i != 7]
@@ -133,8 +139,8 @@ def image_label(stem: str, width: int = 26) -> str:
     return f"{stem[:half]}\n{stem[half:]}"
 
 
-def _test_images(dataset: str, data_root: Path, n_images: int):
-    spec = get_dataset_spec(dataset)
+def _test_images(dataset: str, data_root: Path, n_images: int, run_dir: Path):
+    spec = recorded_dataset_spec(run_dir, dataset)
     return spec, sorted(index_dataset(Path(data_root), spec).test, key=lambda pair: pair[0].name)[:n_images]
 
 
@@ -144,11 +150,12 @@ def _class_legend(figure, spec, background: str = "background (not scored)") -> 
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=6, frameon=False)
 
 
-def mark_unscored(overlay: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def mark_unscored(overlay: np.ndarray, truth: np.ndarray, background: int) -> np.ndarray:
     """(H, W, 3) uint8 ``overlay`` of a predicted mask with the pixels that are not scored (ground truth
-    4, white background) greyed and hatched; the prediction itself, saved raw, is left as it is."""
+    ``background``, the index after the tissue classes) greyed and hatched; the prediction itself, saved
+    raw, is left as it is."""
     h, w = truth.shape
-    unscored = truth >= NUM_CLASSES
+    unscored = truth >= background
     hatch = (np.add.outer(np.arange(h), np.arange(w)) % UNSCORED_HATCH) == 0
     grey = np.where(hatch, UNSCORED_GREY // 2, UNSCORED_GREY)[..., None]
     washed = np.rint(0.3 * overlay.astype(np.float32) + 0.7 * grey).astype(np.uint8)
@@ -163,7 +170,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     (opacity :data:`MASK_ALPHA`), with a legend. The ground truth's background is left uncoloured; over
     a prediction (saved raw, every pixel a class) the pixels it covers, not scored, are greyed and
     hatched (:func:`mark_unscored`). The PNG has exactly :func:`grid_pixel_size` pixels."""
-    spec, test = _test_images(dataset, data_root, n_images)
+    spec, test = _test_images(dataset, data_root, n_images, run_dir)
     columns = []
     for method in methods:
         found = [seed for seed in seeds if (run_path(run_dir, dataset, method, seed) / MASKS).is_dir()]
@@ -193,7 +200,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
             predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / MASKS / image_path.name
             if predicted is not None and predicted.exists():
                 overlay = overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA)
-                axes[row, col].imshow(mark_unscored(overlay, truth))
+                axes[row, col].imshow(mark_unscored(overlay, truth, spec.background))
             else:
                 _nothing_to_show(axes[row, col], "not run" if seed is None else "mask not saved")
     _class_legend(figure, spec, "background (not scored: uncoloured in the ground truth, hatched grey "
@@ -237,7 +244,7 @@ def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[s
     the heat maps of each method that has them (:func:`_heatmap_columns`), each over
     the grey-scale image. Each row shows the map of the image's most frequent ground-truth class (named
     at the left), the same class in every column, on a common 0..1 colour scale."""
-    spec, test = _test_images(dataset, data_root, n_images)
+    spec, test = _test_images(dataset, data_root, n_images, run_dir)
     columns = _heatmap_columns(dataset, run_dir, methods, seeds)
     n_rows, n_cols = max(len(test), 1), 1 + max(len(columns), 1)
     figure = plt.figure(figsize=(0.35 + GRID_CELL_INCHES * n_cols, 0.85 + GRID_CELL_INCHES * n_rows), dpi=DPI)
@@ -255,7 +262,7 @@ def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[s
     heat = None
     for row, (image_path, mask_path) in enumerate(test):
         image, truth = read_image(image_path), read_mask(mask_path, spec)
-        counts = np.bincount(truth[truth < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
+        counts = np.bincount(truth[truth < spec.num_classes].ravel(), minlength=spec.num_classes)
         shown = int(counts.argmax())
         axes[row, 0].imshow(overlay_mask(image, truth, spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(f"{image_label(image_path.stem)}\nclass: {spec.classes[shown]}", fontsize=5)
@@ -394,11 +401,13 @@ def per_class_chart(per_class: pd.DataFrame, datasets: list[str], methods: list[
     seeds, in the method's colour and marker; the trivial reference as a grey dashed segment across the
     class. per_class: rows of :func:`pathmamba.results.load_per_class_iou` (the trivial's seed None)."""
     styles = styles or method_styles(methods)
-    width = max(6.0, 1.2 + 0.11 * len(methods) * NUM_CLASSES)
+    classes_of = {dataset: list(pd.unique(per_class.loc[per_class["dataset"] == dataset, "class"]))
+                  for dataset in datasets}  # in each dataset's own order (the records')
+    width = max(6.0, 1.2 + 0.11 * len(methods) * max((len(classes) for classes in classes_of.values()), default=1))
     figure, axes = plt.subplots(len(datasets), 1, figsize=(width, 2.6 * len(datasets)), squeeze=False)
     spacing = 0.8 / max(len(methods), 1)
     for axis, dataset in zip(axes[:, 0], datasets, strict=True):
-        classes = list(get_dataset_spec(dataset).classes)
+        classes = classes_of[dataset]
         frame = per_class[per_class["dataset"] == dataset]
         if frame.empty:
             _nothing_to_show(axis, "no finished runs")
@@ -440,21 +449,23 @@ def per_class_chart(per_class: pd.DataFrame, datasets: list[str], methods: list[
 
 
 def normalised_confusion(per_image: pd.DataFrame, dataset: str, method: str) -> np.ndarray:
-    """(4, 4) confusion matrix of ``method`` on ``dataset`` (rows: truth, columns: prediction), summed over
+    """(K, K) confusion matrix of ``method`` on ``dataset`` (rows: truth, columns: prediction), summed over
     the test images and seeds of ``per_image`` (:func:`pathmamba.results.load_per_image`) and divided by
     each row's sum, so a row holds where that class's pixels went; nan for a class with no pixel."""
     rows = per_image[(per_image["dataset"] == dataset) & (per_image["method"] == method)]
-    counts = rows[confusion_columns()].to_numpy(float).sum(axis=0).reshape(NUM_CLASSES, NUM_CLASSES)
+    classes = confusion_classes(rows)
+    counts = rows[confusion_columns(classes)].to_numpy(float).sum(axis=0).reshape(classes, classes)
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, counts / totals, np.nan)
 
 
-def confusion_matrices(per_image: pd.DataFrame, dataset: str, methods: list[str], stem: Path,
+def confusion_matrices(per_image: pd.DataFrame, dataset: str, classes: list[str], methods: list[str], stem: Path,
                        columns: int = 5) -> list[Path]:
     """Small multiples, one panel per method of ``methods`` that finished (and the trivial reference when
-    it did): :func:`normalised_confusion` with the dataset's class names, each cell's share written in it."""
-    classes = list(get_dataset_spec(dataset).classes)
+    it did): :func:`normalised_confusion` with the dataset's class names ``classes``, each cell's share
+    written in it."""
+    n_classes = len(classes)
     frame = per_image[per_image["dataset"] == dataset]
     shown = [m for m in [*methods, TRIVIAL] if (frame["method"] == m).any()]
     n_cols = min(columns, max(len(shown), 1))
@@ -468,16 +479,16 @@ def confusion_matrices(per_image: pd.DataFrame, dataset: str, methods: list[str]
         method = shown[i]
         matrix = normalised_confusion(frame, dataset, method)
         image = axis.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0, vmax=1)
-        for t in range(NUM_CLASSES):
-            for p in range(NUM_CLASSES):
+        for t in range(n_classes):
+            for p in range(n_classes):
                 value = matrix[t, p]
                 axis.text(p, t, "—" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=6,
                           color="white" if np.isfinite(value) and value > 0.6 else "black")
         seeds = frame.loc[frame["method"] == method, "seed"].dropna().nunique()
         axis.set_title(method if method == TRIVIAL else f"{method} ({seeds} seed{'s' * (seeds != 1)})", fontsize=7)
-        axis.set_xticks(range(NUM_CLASSES), classes if i + n_cols >= len(shown) else [""] * NUM_CLASSES,
+        axis.set_xticks(range(n_classes), classes if i + n_cols >= len(shown) else [""] * n_classes,
                         fontsize=6, rotation=45, ha="right", rotation_mode="anchor")
-        axis.set_yticks(range(NUM_CLASSES), classes if i % n_cols == 0 else [""] * NUM_CLASSES, fontsize=6)
+        axis.set_yticks(range(n_classes), classes if i % n_cols == 0 else [""] * n_classes, fontsize=6)
         if i + n_cols >= len(shown):
             axis.set_xlabel("predicted", fontsize=7)
         if i % n_cols == 0:
@@ -637,14 +648,15 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
     styles = method_styles(methods)
     variants = [method for method in ablation_methods() if method in methods]
     labels = {method: values["label"].split(":")[0] + f": {method}"
-              for method, values in paper["table2"].get("luad-histoseg", {}).items()}
+              for reported in paper["table2"].values() for method, values in reported.items()}
     written = []
     for dataset in datasets:
         stems = {figure: out_dir / stem.format(dataset=dataset) for figure, stem in DATASET_FIGURES.items()}
         written += qualitative_grid(dataset, data_roots[dataset], run_dir, methods, seeds, stems["qualitative"],
                                     n_images)
         written += class_heatmaps(dataset, data_roots[dataset], run_dir, methods, seeds, stems["heatmaps"], n_images)
-        written += confusion_matrices(per_image, dataset, methods, stems["confusion"])
+        classes = list(recorded_dataset_spec(run_dir, dataset).classes)
+        written += confusion_matrices(per_image, dataset, classes, methods, stems["confusion"])
     stems = {figure: out_dir / stem for figure, stem in RUN_FIGURES.items()}
     written += seed_spread(metrics, paper["table1"], datasets, methods, stems["seed_spread"], trivial=trivial,
                            styles=styles)

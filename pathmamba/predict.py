@@ -8,7 +8,7 @@ any common bit depth are read as the 8-bit RGB they stand for (16-bit gray scale
 with transparent pixels or of another mode is refused naming the file and mode (:func:`read_input_image`).
 
 The output folder holds, per input image ``<stem>.<ext>``: ``masks/<stem>.png`` (palette PNG in the
-dataset's colours, class indices 0..3), ``overlays/<stem>.png`` (the mask's colours over the image);
+dataset's colours, class indices 0..K-1), ``overlays/<stem>.png`` (the mask's colours over the image);
 ``classes.csv`` (one row per image: size, tiles, and per class the share of the image's pixels predicted
 as that class) and ``predict.json`` (the model, the settings, the files). The registry's protocol gives
 pixel scores only, whose scale differs between methods, so the image-level value is the class's share
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from pathmamba.data.datasets import to_tensor
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import recorded_spec
 from pathmamba.evaluate import inference_setup, load_model, overlay_mask, save_palette_mask
 from pathmamba.export import CARD, load_export
 from pathmamba.outputs import check_replaceable, listed_in, new_sibling, put_in_place
@@ -114,12 +114,12 @@ class _Canvas:
     height: int  # the input's size, before padding
     width: int
     tiles: list[tuple[int, int]]
-    scores: torch.Tensor = field(init=False)  # (C, H_pad, W_pad) float32, weighted sum of tile scores
+    # (C, H_pad, W_pad) float32, weighted sum of tile scores; C the model's classes, set by the first tile
+    scores: torch.Tensor | None = field(init=False, default=None)
     weight: torch.Tensor = field(init=False)  # (H_pad, W_pad) float32, sum of tile weights
     pending: int = field(init=False)
 
     def __post_init__(self):
-        self.scores = torch.zeros(NUM_CLASSES, *self.image.shape[:2])
         self.weight = torch.zeros(self.image.shape[:2])
         self.pending = len(self.tiles)
 
@@ -210,6 +210,8 @@ def segment(model: torch.nn.Module, paths: list[Path], tile: tuple[int, int], de
         with autocast(device, precision):
             scores = model.predict(images.to(device)).float().cpu()
         for (canvas, y, x), tile_scores in zip(batch, scores, strict=True):
+            if canvas.scores is None:
+                canvas.scores = torch.zeros(tile_scores.shape[0], *canvas.image.shape[:2])
             canvas.scores[:, y:y + tile[0], x:x + tile[1]] += tile_scores * window
             canvas.weight[y:y + tile[0], x:x + tile[1]] += window
             canvas.pending -= 1
@@ -253,7 +255,7 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
         raise InputError(f"--model {model_path}: it does not record its training image size (trained before "
                          "that was recorded); give --tile-size, e.g. 224 for the published datasets")
     tile = (int(size[0]), int(size[1]))
-    spec = get_dataset_spec(record["dataset"])
+    spec = recorded_spec(record)
     torch_device, precision, environment = inference_setup(record, device, scan, precision)
     model.to(torch_device)
     tiles = sum(len(tile_grid(height, width, tile, default_overlap(tile))) for height, width in sizes)
@@ -274,7 +276,7 @@ def predict(model_path: Path, source: Path, out_dir: Path, device: str = "auto",
             image = canvas.image[:canvas.height, :canvas.width]
             Image.fromarray(overlay_mask(image, mask, spec.palette, OVERLAY_ALPHA)).save(building / "overlays" / name)
             files += [f"masks/{name}", f"overlays/{name}"]
-            shares = np.bincount(mask.ravel(), minlength=NUM_CLASSES) / mask.size
+            shares = np.bincount(mask.ravel(), minlength=spec.num_classes) / mask.size
             rows.append({"image": canvas.path.name, "width": canvas.width, "height": canvas.height,
                          "tiles": len(canvas.tiles), "mask": f"masks/{name}",
                          **{f"share_{c}": round(float(s), 6) for c, s in zip(spec.classes, shares, strict=True)}})

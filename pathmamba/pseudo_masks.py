@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from pathmamba.data.acquire import sha256
 from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
-from pathmamba.data.specs import get_dataset_spec
+from pathmamba.data.specs import recorded_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
 from pathmamba.outputs import check_replaceable, new_sibling, put_in_place
 from pathmamba.runtime import ProgressLog, atomic_write_json, autocast
@@ -71,7 +71,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         raise ValueError(f"{model_path}: a model of {checkpoint['method']!r} (stage {checkpoint.get('stage')}); "
                          "expected the model file of a first stage (trained with `train --stage 1`)")
     torch_device, precision, environment = inference_setup(checkpoint, device, scan, precision)
-    spec = get_dataset_spec(checkpoint["dataset"])
+    spec = recorded_spec(checkpoint)
     index = index_dataset(Path(data_root), spec)
     model.to(torch_device).eval()
     kinds = list(model.pseudo_mask_names)
@@ -87,7 +87,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         done = 0
         for images, labels in loader:
             with autocast(torch_device, precision):
-                masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec.name)
+                masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec)
             for kind, kind_masks in zip(kinds, masks, strict=True):
                 for offset, mask in enumerate(kind_masks.cpu().numpy()):
                     save_palette_mask(mask, spec.flat_palette, building / kind / names[done + offset])

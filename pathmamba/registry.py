@@ -9,7 +9,7 @@ Every builder is called as ``builder(num_classes=..., **preset, **hparams)`` and
 
 ``loss(images, targets) -> (loss, parts)``
     images (B, 3, H, W) float, normalised; targets (B, C) float multi-hot for ``supervision="image"``,
-    or (B, H, W) int64 with ``IGNORE_INDEX`` (4) for ``supervision="pixel"``; ``parts`` is a dict of
+    or (B, H, W) int64 with the background index C ignored for ``supervision="pixel"``; ``parts`` is a dict of
     floats logged per epoch.
 ``predict(images) -> scores``
     (B, C, H, W) float class scores, larger is more likely; the mask is ``scores.argmax(1)``.
@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # the registry itself never imports torch (see above)
     import torch
     from torch.utils.data import DataLoader
+
+    from pathmamba.data.specs import DatasetSpec
 
 
 @runtime_checkable
@@ -78,7 +80,7 @@ class FirstStage(Method, Protocol):
 
     pseudo_mask_names: tuple[str, ...]
 
-    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]: ...
+    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: DatasetSpec) -> list[torch.Tensor]: ...
 
 
 @runtime_checkable

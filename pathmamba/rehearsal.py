@@ -54,7 +54,7 @@ from pathmamba.config import (
     method_hparams,
     train_settings,
 )
-from pathmamba.data.specs import DATASETS, get_dataset_spec
+from pathmamba.data.specs import dataset_names, get_dataset_spec
 from pathmamba.layout import (
     BENCHMARK_ROOT,
     HISTORY,
@@ -250,7 +250,8 @@ def write_archive(archive: Path, dataset: str, n_train: int, n_val: int, n_test:
     from pathmamba.data.synthetic import make_synthetic_dataset, published_copy, zip_folder
 
     spec = get_dataset_spec(dataset)
-    twin = next(other.name for other in DATASETS.values() if other.synthetic and other.layout == spec.layout)
+    twin = next(name for name in dataset_names()
+                if (other := get_dataset_spec(name)).synthetic and other.synthetic.imitates == spec.name)
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
     # A fresh folder of this call's own (a pid-named one may be a leftover of another process): the

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from pathmamba.data.specs import get_dataset_spec
 from pathmamba.metrics import METRICS
 from pathmamba.runtime import atomic_write_text
 
@@ -134,13 +133,13 @@ def latex_results(table: pd.DataFrame, caption: str, notes: list[str] = ()) -> s
     return "\n".join(lines) + "\n"
 
 
-def markdown_per_class(table: pd.DataFrame, datasets: list[str], methods: list[str], protocol_note: str) -> str:
-    """One markdown table per dataset: rows methods, columns the dataset's classes (IoU mean ± std); the
-    protocol's note below."""
+def markdown_per_class(table: pd.DataFrame, classes_of: dict[str, list[str]], methods: list[str],
+                       protocol_note: str) -> str:
+    """One markdown table per dataset of ``classes_of`` (``{dataset: its classes}``): rows methods, columns
+    the dataset's classes (IoU mean ± std); the protocol's note below."""
     parts = ["## Per-class IoU\n"]
     indexed = table.set_index(["dataset", "method", "class"])
-    for dataset in datasets:
-        classes = list(get_dataset_spec(dataset).classes)
+    for dataset, classes in classes_of.items():
         lines = []
         for method in methods:
             cells = [method]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pathmamba.data.specs import DatasetSpec, get_dataset_spec, recorded_spec
 from pathmamba.layout import (
     DATASET,
     HISTORY,
@@ -25,7 +26,7 @@ from pathmamba.layout import (
     configured_run_dir,
     run_path,
 )
-from pathmamba.metrics import METRICS, confusion_columns
+from pathmamba.metrics import METRICS, confusion_classes, confusion_columns
 from pathmamba.runtime import InputError
 
 #: What to do about a damaged run file.
@@ -193,6 +194,19 @@ def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.D
     return pd.DataFrame(rows, columns=["dataset", "method", "seed", *METRICS])
 
 
+def recorded_dataset_spec(run_dirs: Path | Sequence[Path], dataset: str) -> DatasetSpec:
+    """``dataset``'s spec as its results recorded it: the description in its trivial reference's
+    test_metrics.json in the first of ``run_dirs`` that has one (a user's dataset has no shipped
+    description to look up by name), else the shipped dataset of that name."""
+    for run_dir in [run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs:
+        path = run_path(run_dir, dataset, TRIVIAL, None) / TEST_METRICS
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("dataset_description"):
+                return recorded_spec(record)
+    return get_dataset_spec(dataset)
+
+
 def load_per_class_iou(paths: list[Path], protocol: str = "ignore_background") -> pd.DataFrame:
     """One row per run and tissue class: dataset, method, seed, class (the dataset's name), IoU."""
     rows = []
@@ -213,7 +227,7 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
             frame = pd.read_csv(path)
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
             raise InputError(f"{path}: not a readable CSV file ({error}); {RERUN}") from None
-        lacking = [column for column in confusion_columns() if column not in frame]
+        lacking = [column for column in confusion_columns(max(confusion_classes(frame), 1)) if column not in frame]
         if lacking:
             raise ValueError(f"{path}: no per-image confusion matrix ({lacking[0]}, ...), which the split-level "
                              "statistics need; it was written by an older evaluate: run it again "

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from pathmamba.data.specs import NUM_CLASSES
-from pathmamba.metrics import confusion_columns
+from pathmamba.metrics import confusion_classes, confusion_columns
 
 BOOTSTRAP_CHUNK = 1000
 
@@ -140,9 +139,9 @@ SCORE_TERMS = {
 }
 
 
-def mean_score(confusion, metric: str = "mIoU", num_tissue: int = NUM_CLASSES) -> np.ndarray:
+def mean_score(confusion, metric: str = "mIoU", num_tissue: int | None = None) -> np.ndarray:
     """The m-metric ``metric`` (mIoU, mDice, mPrecision, mRecall) of confusion matrices (..., C, C) (rows
-    truth, columns prediction): the mean over the first ``num_tissue`` classes of the per-class score,
+    truth, columns prediction): the mean over the first ``num_tissue`` classes (None: all C) of the per-class score,
     skipping classes with an empty denominator, as :func:`pathmamba.metrics.scores_from_confusion`; nan
     where no class has one. Shape (...)."""
     cm = np.asarray(confusion, dtype=np.float64)
@@ -273,10 +272,11 @@ def confusions_by_seed(per_image: pd.DataFrame, method: str, images: list[str]) 
     """Per-image confusion matrices of ``method``'s seeds on ``images``: (seeds, len(images), C, C).
 
     per_image: rows with columns method, seed, image and :func:`pathmamba.metrics.confusion_columns`."""
-    columns = confusion_columns()
+    classes = confusion_classes(per_image)
+    columns = confusion_columns(classes)
     rows = per_image[per_image["method"] == method]
     return np.stack([frame.set_index("image").loc[images, columns].to_numpy(dtype=np.float64)
-                     .reshape(len(images), NUM_CLASSES, NUM_CLASSES)
+                     .reshape(len(images), classes, classes)
                      for _, frame in rows.groupby("seed", dropna=False, sort=True)])
 
 

@@ -60,6 +60,7 @@ from pathmamba.results import (
     load_per_class_iou,
     load_per_image,
     read_run_json,
+    recorded_dataset_spec,
     run_runtimes,
 )
 from pathmamba.runtime import InputError, atomic_write_text
@@ -72,11 +73,11 @@ INCONSISTENT_NOTE = (f"{INCONSISTENT_MARK} The paper's mDice and mIoU of this ro
                      "function below the identity, so mDice / (2 − mDice) ≤ mIoU ≤ mDice for the means "
                      "over classes (checked allowing for the paper's rounding to three decimals).")
 PROTOCOL_NOTES = {
-    "ignore_background": ("Test split, primary protocol: one 4x4 confusion matrix over the whole split, "
-                          "pixels of white background (mask value 4) ignored; m-metrics are means over "
-                          "the four tissue classes."),
-    "with_background": ("Test split, SENSITIVITY protocol (TPRO, PBIP): a 5x5 confusion matrix with white "
-                        "background kept as a fifth class; m-metrics are means over the four tissue "
+    "ignore_background": ("Test split, primary protocol: one KxK confusion matrix over the whole split (K the "
+                          "dataset's tissue classes, 4 in the published datasets), pixels of the background "
+                          "(mask value K) ignored; m-metrics are means over the K tissue classes."),
+    "with_background": ("Test split, SENSITIVITY protocol (TPRO, PBIP): a (K+1)x(K+1) confusion matrix with the "
+                        "background kept as a class of its own; m-metrics are means over the K tissue "
                         "classes. Not comparable with the paper's numbers, which use the primary protocol."),
 }
 TRIVIAL_NOTE = (f"{TRIVIAL} is a reference, not a method: per test image, the most frequent training class "
@@ -240,7 +241,7 @@ def write_comparison(paths: list[Path], out_csv: Path, out_md: Path) -> pd.DataF
     """Aggregate ``paths`` (test_metrics.json files) into the compact ``out_csv`` and ``out_md``."""
     summary = summarise(load_metrics(paths))
     atomic_write_text(out_csv, summary.to_csv(index=False, float_format="%.6f"))
-    note = ("Test split, primary protocol (pixels of white background, mask value 4, ignored); "
+    note = ("Test split, primary protocol (pixels of the background, mask value K after the K tissue classes, ignored); "
             "mean ± std over seeds. `trivial` predicts, per test image, the most frequent training "
             "class among the image's true classes.\n\n")
     lines = [[row.dataset, row.method,
@@ -335,13 +336,15 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
                  "LUAD-HistoSeg only.")
     notes += [get_spec(method).ablation.note for method in ablation if get_spec(method).ablation.note]
     notes += ablation_weights_notes(runs, ablation)
-    labels = {method: entry["label"] for method, entry in paper["table2"].get("luad-histoseg", {}).items()}
+    labels = {method: entry["label"] for reported in paper["table2"].values() for method, entry in reported.items()}
     _write_results(tables["table2"], out_dir / TABLE2, "Table 2: ablation of PathMamba's components",
                    notes, latex=True, labels=labels, runs=runs)
 
     atomic_write_text(out_dir / table_file(PER_CLASS_TABLE, "csv"), tables["per_class"].to_csv(index=False, float_format="%.6f"))
     write_markdown(out_dir / table_file(PER_CLASS_TABLE, "md"),
-                   markdown_per_class(tables["per_class"], grid.datasets, rows, PROTOCOL_NOTES["ignore_background"]),
+                   markdown_per_class(tables["per_class"], {dataset: list(recorded_dataset_spec(run_dirs, dataset).classes)
+                                                            for dataset in grid.datasets},
+                                      rows, PROTOCOL_NOTES["ignore_background"]),
                    "Per-class IoU")
 
     tables["sensitivity"] = results_table(with_background, rows, grid.datasets, n_expected)

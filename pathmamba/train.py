@@ -49,7 +49,7 @@ from pathmamba import __version__
 from pathmamba.data.acquire import sha256
 from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoMaskDataset
 from pathmamba.data.readers import index_dataset
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import DatasetSpec, get_dataset_spec
 from pathmamba.evaluate import predict_split
 from pathmamba.layout import HISTORY, MODEL, RUN_RECORD
 from pathmamba.locks import lock_holder, try_lock
@@ -390,6 +390,8 @@ class _Run:
     environment: dict
     #: What a checkpoint must match to be resumed (method, data, seed, hparams, settings, optimiser groups).
     fingerprint: dict
+    #: The dataset's tissue classes (the model's outputs; the background is the index after them).
+    num_classes: int
 
 
 @dataclass
@@ -408,14 +410,17 @@ def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint
     """:func:`train`, with the checkpoint folder locked: build, resume, fit, write."""
     started = time.time()
     checkpoint_dir = Path(checkpoint_dir)
-    run = _build(method, dataset, data_root, seed, dict(hparams or {}), settings or TrainSettings(), stage,
+    spec = get_dataset_spec(dataset)  # a shipped dataset's name or a description file's path
+    dataset = spec.name
+    run = _build(method, spec, data_root, seed, dict(hparams or {}), settings or TrainSettings(), stage,
                  stage1_model, pseudo_masks)
     progress = _resume(run, checkpoint_dir)
     resumed_after_epoch = progress.start_epoch - 1
     _fit(run, progress, checkpoint_dir, seed, dataset)
     record = {
         "pathmamba_version": __version__,
-        "method": method, "stage": stage, "dataset": dataset, "seed": seed, "supervision": run.supervision,
+        "method": method, "stage": stage, "dataset": dataset, "dataset_description": spec.description,
+        "seed": seed, "supervision": run.supervision,
         "hparams": run.hparams, "stage1_model": stage1_model, "pseudo_masks": pseudo_masks,
         "settings": asdict(run.settings), "data_root": str(data_root),
         "checkpoint_dir": str(checkpoint_dir), "resumed_after_epoch": resumed_after_epoch,
@@ -429,7 +434,7 @@ def _train(method: str, dataset: str, data_root: Path, out_dir: Path, checkpoint
     return record
 
 
-def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[str, Any],
+def _build(method: str, spec: DatasetSpec, data_root: Path, seed: int, hparams: dict[str, Any],
            settings: TrainSettings, stage: int | None, stage1_model: Path | None,
            pseudo_masks: Path | None) -> _Run:
     """Device, data, model, optimiser and the run's fingerprint; a setting this machine cannot follow or
@@ -440,7 +445,7 @@ def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[
     precision = resolve_precision(settings.precision, device)
     environment = environment_record(device, scan, precision)
     log.info("%s", describe_environment(environment))
-    spec = get_dataset_spec(dataset)
+    dataset = spec.name
     supervision = get_spec(method, stage).supervision
     stage1 = None
     if supervision == "pseudo":
@@ -454,7 +459,7 @@ def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[
         settings = replace(settings, workers=default_workers(device, torch.get_num_threads()))
     channels_last = settings.channels_last and device.type == "cuda"
     seed_everything(seed, settings.deterministic)
-    model = build_method(method, num_classes=NUM_CLASSES, stage=stage, **hparams)
+    model = build_method(method, num_classes=spec.num_classes, stage=stage, **hparams)
     if stage1 is not None:
         model.init_from_stage1(stage1["state_dict"])
     model = model.to(device)
@@ -473,7 +478,7 @@ def _build(method: str, dataset: str, data_root: Path, seed: int, hparams: dict[
                    "optimiser_groups": [[group["weight_decay"], len(group["params"])]
                                         for group in optimiser.param_groups]}
     return _Run(model, optimiser, train_loader, select_loader, seeded, order, device, precision, channels_last,
-                settings, hparams, supervision, environment, fingerprint)
+                settings, hparams, supervision, environment, fingerprint, spec.num_classes)
 
 
 def _resume(run: _Run, checkpoint_dir: Path) -> _Progress:
@@ -509,7 +514,8 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                                    run.channels_last, run.precision, between_steps=sigterm.check,
                                    lr_factor_at=lambda step, first=(epoch - 1) * steps, total=epochs * steps:
                                    lr_factor(run.settings.lr_schedule, first + step, total))
-                meter = predict_split(run.model, run.select_loader, run.device, channels_last=run.channels_last,
+                meter = predict_split(run.model, run.select_loader, run.device, run.num_classes,
+                                      channels_last=run.channels_last,
                                       precision=run.precision)
                 scores = meter.summary()["ignore_background"]
                 row.update(val_mIoU=scores["mIoU"], val_mDice=scores["mDice"])
@@ -564,8 +570,8 @@ def _write(run: _Run, progress: _Progress, record: dict, out_dir: Path, checkpoi
     # The training images' (height, width): what `predict` tiles larger images into.
     input_size = list(run.train_loader.dataset[0][0].shape[-2:])
     # Tensors and plain data only: model.pt loads with weights_only=True (pathmamba.runtime.load_torch_file).
-    metadata = plain_data({**{key: record[key] for key in ("method", "stage", "hparams", "dataset", "seed",
-                                                          "settings")},
+    metadata = plain_data({**{key: record[key] for key in ("method", "stage", "hparams", "dataset",
+                                                          "dataset_description", "seed", "settings")},
                            "epoch": best["epoch"], "val_mIoU": best["val_mIoU"], "input_size": input_size})
     atomic_torch_save({**metadata, "state_dict": best_weights}, out_dir / MODEL)
     atomic_write_text(out_dir / HISTORY, csv_text(progress.history))

@@ -11,6 +11,10 @@ import pytest
 import pathmamba  # noqa: F401  (sets the CPU pins before any test imports torch or numpy: pathmamba/cpu_pins.py)
 
 REPO = Path(__file__).resolve().parents[1]
+#: The tissue classes of the published datasets and the demo's; their background is the mask index after
+#: them, ignored by the metrics and the losses (pathmamba/data/specs.py: any dataset's is its class count).
+NUM_CLASSES = 4
+IGNORE_INDEX = NUM_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error
+from conftest import NUM_CLASSES, cli_error
 from PIL import Image
 
 from pathmamba.cli import main as cli_main
 from pathmamba.data import acquire
 from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, DownloadFailed, prepare_dataset
 from pathmamba.data.readers import MaskError, read_mask
-from pathmamba.data.specs import NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset, zip_folder
 from pathmamba.data.validate import check_validated, dataset_fingerprint, validate_dataset
 from pathmamba.registry import build_method
@@ -263,7 +263,7 @@ def test_training_on_another_datasets_files_is_refused_naming_a_file(canonical, 
                          "--hparams", json.dumps(TINY_CAM), "--settings", json.dumps({"device": "cpu"})], capsys)
     first = min((canonical / "training").glob("*.png"))
     assert message == (f"pathmamba train: {first}: label not written as synthetic-bcss writes it, like "
-                       "'...+0[1101].png'; is this file from another dataset?")
+                       "'...+0[1001].png'; is this file from another dataset?")
     assert not (tmp_path / "run").exists() and not (tmp_path / "checkpoints").exists()
 
 

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, cli_error
+from conftest import NUM_CLASSES, REPO, cli_error
 from PIL import Image
 
 from pathmamba import train as train_module
 from pathmamba.cli import main as cli_main
 from pathmamba.config import ConfigError, check_config, hparams_problems
-from pathmamba.data.specs import NUM_CLASSES
 from pathmamba.doctor import missing_gpu_indices
 from pathmamba.predict import predict, read_input_image
 from pathmamba.registry import build_method

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import yaml
-from conftest import train_like_the_workflow
+from conftest import IGNORE_INDEX, NUM_CLASSES, train_like_the_workflow
 
 from baselines.cam.classifier import MultiLabelResNet
 from baselines.cam.crf import CRFSettings, build_crf, dense_crf
@@ -19,7 +19,7 @@ from baselines.cam.histosegnet import background_map, subtract_other_classes, to
 from baselines.unet import UNet
 from pathmamba.data.datasets import ImageMaskDataset, to_tensor
 from pathmamba.data.readers import index_dataset
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import load_model
 from pathmamba.registry import get_spec, method_names

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import train_like_the_workflow, train_preempted_after
+from conftest import IGNORE_INDEX, train_like_the_workflow, train_preempted_after
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,7 +25,7 @@ from baselines.cam.wsss_tissue import (
 )
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDataset
 from pathmamba.data.readers import index_dataset
-from pathmamba.data.specs import IGNORE_INDEX, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import load_model
 from pathmamba.train import TrainSettings, train
@@ -238,13 +238,14 @@ def test_pseudo_masks_ignore_background_only_where_asked():
     assert torch.equal(with_background[..., 8:], plain[..., 8:])
 
 
-def test_white_background_channel_only_on_luad():
+def test_white_background_channel_only_on_white_glass_datasets():
     torch.manual_seed(0)
     model = WSSSTissueClassifier(num_classes=4, **TINY).eval()
     images, labels = half_white_images(size=32), torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]])
     for dataset, expect_white in [("synthetic-luad", True), ("luad-histoseg", True),
                                   ("synthetic-bcss", False), ("bcss-wsss", False)]:
-        masks = model.pseudo_masks(images, labels, dataset)
+        assert get_dataset_spec(dataset).white_glass is expect_white
+        masks = model.pseudo_masks(images, labels, get_dataset_spec(dataset))
         assert len(masks) == len(model.pseudo_mask_names) == 3
         for mask in masks:
             assert bool((mask[..., :16] == IGNORE_INDEX).all()) is expect_white
@@ -337,7 +338,7 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     index = index_dataset(tiny_luad, get_dataset_spec("synthetic-luad"))
     (image_path, label), = index.train[:1]
     image, target = ImageLabelDataset(index.train[:1])[0]
-    expected = stage1.eval().pseudo_masks(image[None], target[None], "synthetic-luad")
+    expected = stage1.eval().pseudo_masks(image[None], target[None], get_dataset_spec("synthetic-luad"))
     for kind, mask in zip(manifest["masks"], expected, strict=True):
         written = Image.open(tmp_path / "pseudo_masks" / kind / image_path.name)
         assert written.mode == "P"

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import IGNORE_INDEX, NUM_CLASSES
 from torch.utils.data import DataLoader, TensorDataset
 
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.registry import build_method, get_spec, method_names, two_stage_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def model_and_targets(method: str, stage: int | None, inputs: torch.Tensor) -> t
         stage1 = build_method(method, NUM_CLASSES, stage=1, **stage1_hparams).eval()
         model = build_method(method, NUM_CLASSES, stage1_hparams=stage1_hparams, **demo_hparams(method, None))
         model.init_from_stage1(stage1.state_dict())
-        targets = torch.stack(stage1.pseudo_masks(inputs, LABELS, DATASET), dim=1)
+        targets = torch.stack(stage1.pseudo_masks(inputs, LABELS, get_dataset_spec(DATASET)), dim=1)
     elif supervision == "pixel":
         model = build_method(method, NUM_CLASSES, **demo_hparams(method, None))
         targets = torch.randint(0, NUM_CLASSES + 1, (len(inputs), *inputs.shape[-2:]),

@@ -77,7 +77,7 @@ def write_run(run_dir: Path, method: str, seed: int | None, matrices: np.ndarray
         (folder / "run.json").write_text(json.dumps(run))
     (folder / "test_metrics.json").write_text(json.dumps(record))
     rows = [{"image": f"img{i:02d}.png", **{metric: scores_from_confusion(matrix)[metric] for metric in METRICS},
-             "pixels": int(matrix.sum()), **dict(zip(confusion_columns(), matrix.reshape(-1).tolist(), strict=True))}
+             "pixels": int(matrix.sum()), **dict(zip(confusion_columns(4), matrix.reshape(-1).tolist(), strict=True))}
             for i, matrix in enumerate(matrices)]
     pd.DataFrame(rows).to_csv(folder / "per_image.csv", index=False)
     return folder

@@ -29,8 +29,8 @@ def test_confusion_matches_sklearn_with_ignore(seed):
     pred, target = random_batch(seed)
     keep = target.numpy().ravel() != 4
     expected = sk_confusion(target.numpy().ravel()[keep], pred.numpy().ravel()[keep], labels=range(4))
-    np.testing.assert_array_equal(confusion_matrix(pred, target).numpy(), expected)
-    np.testing.assert_array_equal(per_image_confusion(pred, target).sum(0).numpy(), expected)
+    np.testing.assert_array_equal(confusion_matrix(pred, target, 4, ignore_index=4).numpy(), expected)
+    np.testing.assert_array_equal(per_image_confusion(pred, target, 4, ignore_index=4).sum(0).numpy(), expected)
 
 
 @pytest.mark.parametrize("absent", [(), (2,), (1, 3)])
@@ -40,7 +40,7 @@ def test_scores_match_sklearn_including_absent_classes(absent):
     keep = y_true != 4
     y_true, y_pred = y_true[keep], y_pred[keep]
     present = [c for c in range(4) if c not in absent]
-    scores = scores_from_confusion(confusion_matrix(pred, target))
+    scores = scores_from_confusion(confusion_matrix(pred, target, 4, ignore_index=4))
     iou = jaccard_score(y_true, y_pred, labels=present, average=None)
     precision = precision_score(y_true, y_pred, labels=present, average=None, zero_division=np.nan)
     recall = recall_score(y_true, y_pred, labels=present, average=None)
@@ -57,7 +57,7 @@ def test_scores_match_sklearn_including_absent_classes(absent):
 def test_hand_built_masks_both_protocols():
     target = torch.tensor([[[0, 0, 1, 4], [2, 2, 3, 4]]])
     pred = torch.tensor([[[0, 1, 1, 0], [2, 2, 3, 3]]])
-    meter = SegmentationMeter()
+    meter = SegmentationMeter(4)
     meter.update(pred, target, ["a.png"])
     primary = meter.summary()["ignore_background"]
     # class 0: TP 1, FN 1 -> IoU 1/2; class 1: TP 1, FP 1 -> 1/2; classes 2, 3: perfect.
@@ -70,8 +70,19 @@ def test_hand_built_masks_both_protocols():
     assert len(secondary["confusion"]) == 5
 
 
+def test_three_classes_ignore_index_3_as_background():
+    target = torch.tensor([[[0, 0, 1, 3], [2, 2, 3, 3]]])
+    pred = torch.tensor([[[0, 1, 1, 0], [2, 2, 2, 1]]])
+    meter = SegmentationMeter(3)
+    meter.update(pred, target, ["a.png"])
+    primary = meter.summary()["ignore_background"]
+    assert primary["per_class"]["IoU"] == [0.5, 0.5, 1.0] and primary["mIoU"] == pytest.approx(2 / 3)
+    assert len(primary["confusion"]) == 3 and len(meter.summary()["with_background"]["confusion"]) == 4
+    assert {"cm_t2_p2", "pixels"} <= set(meter.per_image()[0]) and "cm_t3_p3" not in meter.per_image()[0]
+
+
 def test_all_ignored_image_gives_nan_row_and_no_counts():
-    meter = SegmentationMeter()
+    meter = SegmentationMeter(4)
     meter.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 4), ["white.png"])
     row = meter.per_image()[0]
     assert row["pixels"] == 0 and np.isnan(row["mIoU"])
@@ -80,7 +91,7 @@ def test_all_ignored_image_gives_nan_row_and_no_counts():
 
 def test_meter_accumulates_over_batches_like_one_batch():
     pred, target = random_batch(3, batch=4)
-    whole, parts = SegmentationMeter(), SegmentationMeter()
+    whole, parts = SegmentationMeter(4), SegmentationMeter(4)
     whole.update(pred, target)
     parts.update(pred[:1], target[:1])
     parts.update(pred[1:], target[1:])
@@ -90,4 +101,4 @@ def test_meter_accumulates_over_batches_like_one_batch():
 
 def test_out_of_range_prediction_is_an_error():
     with pytest.raises(ValueError, match=r"0\.\.3"):
-        confusion_matrix(torch.tensor([5]), torch.tensor([0]))
+        confusion_matrix(torch.tensor([5]), torch.tensor([0]), 4, ignore_index=4)

@@ -209,7 +209,7 @@ def test_primary_protocol_is_wsss_tissues_scores():
     iou = diag / (hist.sum(1) + hist.sum(0) - np.diag(hist))[:4]
     recall = diag / hist.sum(1)[:4]
     dice = 2 * diag / (hist.sum(1) + hist.sum(0))[:4]
-    meter = SegmentationMeter()
+    meter = SegmentationMeter(4)
     meter.update(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack(truths)))
     ours = meter.summary()["ignore_background"]
     assert ours["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-12)

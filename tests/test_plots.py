@@ -130,7 +130,7 @@ def test_unscored_background_is_greyed_and_hatched_over_a_raw_prediction():
     truth = np.zeros((8, 8), int)
     truth[:, 4:] = 4
     overlay = overlay_mask(image, predicted, spec.palette, alpha=0.5)
-    marked = mark_unscored(overlay, truth)
+    marked = mark_unscored(overlay, truth, spec.background)
     assert (marked[:, :4] == overlay[:, :4]).all()  # scored pixels: the prediction as saved
     unscored = marked[:, 4:].reshape(-1, 3).astype(int)
     assert (np.ptp(unscored, axis=1) < np.ptp(overlay[0, 0].astype(int))).all()  # washed towards grey
@@ -200,8 +200,8 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
 def write_confusion(run_dir, method, seed, cells: dict):
     folder = write_run(run_dir, DATASET, method, seed, scores_of(0.5))
     row = {"image": "a.png", "mDice": 0.5, "mIoU": 0.5, "mPrecision": 0.5, "mRecall": 0.5, "pixels": 1,
-           **dict.fromkeys(confusion_columns(), 0), **cells}
-    pd.DataFrame([row, {**row, "image": "b.png", **dict.fromkeys(confusion_columns(), 0)}]).to_csv(
+           **dict.fromkeys(confusion_columns(4), 0), **cells}
+    pd.DataFrame([row, {**row, "image": "b.png", **dict.fromkeys(confusion_columns(4), 0)}]).to_csv(
         folder / "per_image.csv", index=False)
 
 
@@ -216,7 +216,8 @@ def test_confusion_matrix_sums_images_and_seeds_and_normalises_rows(tmp_path, ca
     assert np.allclose(matrix[:2], [[0.8, 0.1, 0.1, 0.0], [0.0, 1.0, 0.0, 0.0]])
     assert np.isnan(matrix[2:]).all()  # no pixel of those classes
 
-    plots.confusion_matrices(per_image, DATASET, ["cam", "pathmamba"], tmp_path / "figures" / "confusion")
+    plots.confusion_matrices(per_image, DATASET, list(get_dataset_spec(DATASET).classes), ["cam", "pathmamba"],
+                             tmp_path / "figures" / "confusion")
     panels = [axis for axis in captured["confusion"].axes if axis.images and axis.get_title()]
     assert [axis.get_title() for axis in panels] == ["cam (2 seeds)", "trivial"]  # pathmamba never ran
     for axis in panels:

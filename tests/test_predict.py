@@ -18,7 +18,7 @@ from PIL import Image
 
 from pathmamba.cli import main as cli_main
 from pathmamba.data.datasets import to_tensor
-from pathmamba.data.specs import LUAD_PALETTE
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import evaluate
 from pathmamba.export import CARD, WEIGHTS, export_model, load_export
@@ -113,7 +113,7 @@ def test_every_method_predicts_a_folder_with_a_large_image(method, images, tmp_p
         size = (row["height"], row["width"])
         with Image.open(tmp_path / "out" / "masks" / f"{Path(row['image']).stem}.png") as mask:
             assert mask.mode == "P" and mask.size[::-1] == size
-            assert mask.getpalette()[:15] == [v for rgb in LUAD_PALETTE for v in rgb]
+            assert mask.getpalette()[:15] == [v for rgb in get_dataset_spec("luad-histoseg").palette for v in rgb]
             assert np.asarray(mask).max() <= 3
         with Image.open(tmp_path / "out" / "overlays" / f"{Path(row['image']).stem}.png") as overlay:
             assert overlay.mode == "RGB" and overlay.size[::-1] == size

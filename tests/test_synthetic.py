@@ -1,17 +1,19 @@
-"""Synthetic demo datasets: published layout and names, P-mode masks, labels, determinism, atomicity."""
+"""Synthetic demo datasets: published layout and names, P-mode masks, labels, determinism (the same
+pixels as before datasets became description files), atomicity."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import file_bytes
+from conftest import IGNORE_INDEX, file_bytes
 from PIL import Image
 
 from pathmamba.data import synthetic
-from pathmamba.data.specs import IGNORE_INDEX, get_dataset_spec
+from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import generate_patches, label_from_mask, make_synthetic_dataset
 
 SIZE = 48
@@ -76,14 +78,14 @@ def test_images_are_rgb_and_masks_p_mode_with_the_palette(datasets, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_labels_are_the_classes_present_and_files_hold_the_generated_patches(datasets, name):
     root, spec = datasets[name], get_dataset_spec(name)
-    for stem, image, mask in generate_patches(name, "training", COUNTS["training"], SIZE, seed=0):
+    for stem, image, mask in generate_patches(spec, "training", COUNTS["training"], SIZE, seed=0):
         present = set(np.unique(mask).tolist()) - {IGNORE_INDEX}
-        label = label_from_mask(mask)
+        label = label_from_mask(mask, spec.num_classes)
         assert label == tuple(int(c in present) for c in range(4))
         assert sum(label) >= 1
         path = root / "training" / spec.train_filename(stem, label)
         np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
-    for stem, image, mask in generate_patches(name, "val", COUNTS["val"], SIZE, seed=0):
+    for stem, image, mask in generate_patches(spec, "val", COUNTS["val"], SIZE, seed=0):
         np.testing.assert_array_equal(np.asarray(Image.open(root / "val" / "mask" / f"{stem}.png")), mask)
         np.testing.assert_array_equal(np.asarray(Image.open(root / "val" / "img" / f"{stem}.png")), image)
 
@@ -93,15 +95,15 @@ def test_label_from_mask_ignores_background_and_tiny_regions():
     mask[:5] = 2  # 50%
     mask[9, :3] = 0  # 3%: counts
     mask[9, 3:5] = 1  # 2%: too small
-    assert label_from_mask(mask) == (1, 0, 1, 0)
+    assert label_from_mask(mask, 4) == (1, 0, 1, 0)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 6])
 def test_every_class_occurs_in_every_split_however_small(n):
     for split in ("training", "val", "test"):
         classes = set()
-        for _, _, mask in generate_patches("synthetic-bcss", split, n, 32, seed=3):
-            classes |= {c for c, v in enumerate(label_from_mask(mask)) if v}
+        for _, _, mask in generate_patches(get_dataset_spec("synthetic-bcss"), split, n, 32, seed=3):
+            classes |= {c for c, v in enumerate(label_from_mask(mask, 4)) if v}
         assert classes == {0, 1, 2, 3}
 
 
@@ -113,10 +115,29 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, data
     assert sorted(other.values()) != sorted(again.values())
 
 
+#: The pixels (names, modes, palettes, decoded values) of small demo datasets as the generator wrote them
+#: before the datasets became description files (commit 9ae03d2): the demo's data, and so its numbers, did
+#: not change with them. Decoded pixels, not file bytes: PNG compression may differ between zlib builds.
+DEMO_PIXELS = {"synthetic-luad": "a59349f6c5abfee56949970d5183dac289bafe0eace140bd6444be2739867ccb",
+               "synthetic-bcss": "f0b8408bb624adf2fede19f54a746dd91205277de64fb8fcedcf16e8bee67aa3"}
+
+
+@pytest.mark.parametrize("name, seed", [("synthetic-luad", 0), ("synthetic-bcss", 1)])
+def test_the_demo_datasets_are_the_pixels_they_always_were(tmp_path, name, seed):
+    root = tmp_path / "data"
+    make_synthetic_dataset(name, root, n_train=12, n_val=4, n_test=4, size=48, seed=seed)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        with Image.open(path) as image:
+            digest.update(f"{path.relative_to(root).as_posix()}\0{image.mode}\0{image.getpalette()}\0".encode())
+            digest.update(np.asarray(image).tobytes())
+    assert digest.hexdigest() == DEMO_PIXELS[name]
+
+
 def test_class_textures_differ_in_colour_and_background_is_near_white():
     spec = get_dataset_spec("synthetic-luad")  # TE, NEC, LYM, TAS
     pixels: dict[int, list[np.ndarray]] = {c: [] for c in range(5)}
-    for _, image, mask in generate_patches(spec.name, "val", 40, 64, seed=0):
+    for _, image, mask in generate_patches(spec, "val", 40, 64, seed=0):
         for c in range(5):
             pixels[c].append(image[mask == c].astype(float))
     mean = {c: np.concatenate(p).mean(axis=0) for c, p in pixels.items()}
@@ -145,7 +166,7 @@ def test_bad_arguments_are_refused(tmp_path):
         make_synthetic_dataset("synthetic-luad", tmp_path / "a", 2, 0, 2, size=32)
     with pytest.raises(ValueError, match="at least 32 px"):
         make_synthetic_dataset("synthetic-luad", tmp_path / "b", 2, 2, 2, size=16)
-    with pytest.raises(ValueError, match="real dataset"):
+    with pytest.raises(ValueError, match="real dataset; expected a description with a 'synthetic' entry"):
         make_synthetic_dataset("luad-histoseg", tmp_path / "c", 2, 2, 2, size=32)
     with pytest.raises(KeyError, match="synthetic-bcss"):
         make_synthetic_dataset("synthetic-foo", tmp_path / "d", 2, 2, 2, size=32)

@@ -40,7 +40,7 @@ def write_run(run_dir: Path, dataset: str, method: str, seed, scores: dict, per_
     (folder / "test_metrics.json").write_text(json.dumps(record))
     per_image = per_image or {"a.png": scores["mIoU"]}
     # Every image a perfect 100-pixel class-0 matrix: only the per-image view's numbers are set here.
-    perfect = dict.fromkeys(confusion_columns(), 0) | {"cm_t0_p0": 100}
+    perfect = dict.fromkeys(confusion_columns(4), 0) | {"cm_t0_p0": 100}
     rows = [{"image": name, "mDice": v, "mIoU": v, "mPrecision": v, "mRecall": v, "pixels": 100, **perfect}
             for name, v in per_image.items()]
     pd.DataFrame(rows).to_csv(folder / "per_image.csv", index=False)
@@ -354,7 +354,7 @@ def write_evaluated_run(run_dir: Path, dataset: str, method: str, seed: int, tru
     agree as in a real run. truth, prediction: (N, H, W) integer tensors (truth 4 = background)."""
     from pathmamba.metrics import SegmentationMeter
 
-    meter = SegmentationMeter()
+    meter = SegmentationMeter(4)
     meter.update(prediction, truth, [f"img{i}.png" for i in range(len(truth))])
     folder = run_dir / "runs" / dataset / method / f"seed{seed}"
     folder.mkdir(parents=True)
@@ -394,7 +394,7 @@ def test_split_level_statistics_give_table1s_difference_with_an_interval(tmp_pat
 def test_per_image_files_without_confusion_matrices_are_refused_by_name(partial_run, tmp_path):
     run_dir, grid = partial_run
     old = run_dir / "runs" / "luad-histoseg" / "cam" / "seed0" / "per_image.csv"
-    pd.read_csv(old).drop(columns=confusion_columns()).to_csv(old, index=False)
+    pd.read_csv(old).drop(columns=confusion_columns(4)).to_csv(old, index=False)
     with pytest.raises(ValueError, match=re.escape(str(old)) + ".*run it again"):
         write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=10)
 

@@ -13,8 +13,8 @@ Pseudo masks (written once, by ``python -m pathmamba pseudo-masks``, a workflow 
 ``2_generate_PM.py``, ``tool/infer_fun.py: create_pseudo_mask``, ``tool/gradcam.py``): for every training
 image, Grad-CAM of the stage-1 classifier at three depths (layer4, layer3, layer2) without ReLU, resized
 to the image, min-max normalised over all classes together, restricted to the image's labels; on the
-datasets in ``white_background_datasets`` (LUAD in the original) background from a gray threshold
-(``gen_bg_mask``) is set to the ignored index.
+datasets whose description says their background is white glass (``background.white_glass``: LUAD in the
+original) background from a gray threshold (``gen_bg_mask``) is set to the ignored index.
 
 Stage 2 (:class:`WSSSTissue`, the method of the tables; ``3_train_stage2.py``): a DeepLabV3+
 (segmentation-models-pytorch) trained on the three pseudo masks with the cross-entropy weighted
@@ -38,7 +38,7 @@ from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import MultiLabelResNet, image_logits
 from baselines.cam.toolbox import gate_classes, gray_background_mask
 from baselines.segmenters import smp_network
-from pathmamba.data.specs import IGNORE_INDEX
+from pathmamba.data.specs import DatasetSpec
 
 #: The classifier layers whose Grad-CAM gives a pseudo mask, deepest first (the order of the loss weights).
 PSEUDO_MASK_LAYERS = ("layer4", "layer3", "layer2")
@@ -100,7 +100,8 @@ def pseudo_mask(maps: torch.Tensor, targets: torch.Tensor, size: tuple[int, int]
     """A pseudo mask from one layer's class maps (``create_pseudo_mask`` in ``tool/infer_fun.py``).
 
     maps (B, C, h, w) signed Grad-CAMs, targets (B, C) multi-hot, background (B, 1, H, W) {0, 1} or None
-    -> (B, H, W) int64 in 0..C-1, and ``IGNORE_INDEX`` on background when ``background`` is given.
+    -> (B, H, W) int64 in 0..C-1, and C (the ignored background index) on background when ``background``
+    is given.
     The maps are resized to ``size`` and min-max normalised over all classes of an image together (one
     range, so the classes keep their relative strength), then the argmax is taken over the image's labels.
     """
@@ -112,7 +113,7 @@ def pseudo_mask(maps: torch.Tensor, targets: torch.Tensor, size: tuple[int, int]
     scores = torch.where(targets[:, :, None, None] > 0, scores, torch.full_like(scores, -1.0))
     mask = scores.argmax(dim=1)
     if background is not None:
-        mask = mask.masked_fill(background[:, 0] > 0, IGNORE_INDEX)
+        mask = mask.masked_fill(background[:, 0] > 0, targets.shape[1])
     return mask
 
 
@@ -129,8 +130,7 @@ class WSSSTissueClassifier(CAMClassifier):
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
                  output_stride: int = 8, width: int = 64, threshold: float = 0.5, feature_dropout: float = 0.5,
                  pda_start_epoch: int = 4, gamma_decay: float = 0.98, gamma_floor: float = 0.65,
-                 background_level: float = 200.0, background_min_size: int = 50,
-                 white_background_datasets: tuple[str, ...] = ("luad-histoseg", "synthetic-luad")):
+                 background_level: float = 200.0, background_min_size: int = 50):
         super().__init__(num_classes, backbone, pretrained, output_stride, width, threshold)
         if not 0 <= feature_dropout < 1 or pda_start_epoch < 1:
             raise ValueError(f"wsss-tissue: feature_dropout must be in [0, 1) and pda_start_epoch >= 1, got "
@@ -139,7 +139,6 @@ class WSSSTissueClassifier(CAMClassifier):
         self.pda_start_epoch = pda_start_epoch
         self.gamma_schedule = {"decay": gamma_decay, "floor": gamma_floor}
         self.background = {"level": background_level, "min_size": background_min_size}
-        self.white_background_datasets = tuple(white_background_datasets)
         self.register_buffer("gamma", torch.ones(()))
         self.register_buffer("pda", torch.zeros((), dtype=torch.bool))
 
@@ -157,12 +156,11 @@ class WSSSTissueClassifier(CAMClassifier):
         loss = F.binary_cross_entropy_with_logits(image_logits(self.classifier(features)), targets)
         return loss, {"gamma": float(self.gamma), "pda": float(self.pda), "bce": float(loss.detach())}
 
-    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: str) -> list[torch.Tensor]:
+    def pseudo_masks(self, images: torch.Tensor, targets: torch.Tensor, dataset: DatasetSpec) -> list[torch.Tensor]:
         """One pseudo mask (B, H, W) int64 per layer of :data:`PSEUDO_MASK_LAYERS`; background ignored
-        on the datasets in ``white_background_datasets``."""
+        on the datasets whose background is white glass."""
         maps, _ = gradcam_per_layer(self, images)
-        background = (gray_background_mask(images, **self.background)
-                      if dataset in self.white_background_datasets else None)
+        background = gray_background_mask(images, **self.background) if dataset.white_glass else None
         return [pseudo_mask(layer_maps, targets, images.shape[-2:], background) for layer_maps in maps]
 
 
@@ -191,6 +189,7 @@ class WSSSTissue(nn.Module):
                                      classes=num_classes, decoder_channels=decoder_channels)
         self.pseudo_mask_weights = tuple(pseudo_mask_weights)
         self.gate_threshold = gate_threshold
+        self.num_classes = num_classes
 
     def init_from_stage1(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load the trained stage-1 classifier's weights (``state_dict`` of its model file)."""
@@ -205,7 +204,7 @@ class WSSSTissue(nn.Module):
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy of DeepLabV3+ against the three pseudo masks, weighted 0.6 / 0.2 / 0.2."""
         logits = self.segmenter(images).float()  # softmax and cross-entropy in float32 under bf16 autocast
-        terms = [F.cross_entropy(logits, targets[:, k], ignore_index=IGNORE_INDEX)
+        terms = [F.cross_entropy(logits, targets[:, k], ignore_index=self.num_classes)
                  for k in range(len(PSEUDO_MASK_LAYERS))]
         loss = sum(weight * term for weight, term in zip(self.pseudo_mask_weights, terms, strict=True))
         return loss, {f"ce_{name}": float(term.detach()) for name, term in zip(PSEUDO_MASK_LAYERS, terms, strict=True)}

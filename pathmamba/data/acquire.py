@@ -12,7 +12,8 @@ partial file is never used; a later call resumes it with an HTTP range request, 
 when the server cannot resume; a ``.zip`` that is not a zip archive (an HTML error page) is removed and
 fetched again. :func:`prepare_dataset` refuses archives whose members overlap or expand beyond the
 extraction limits before anything is extracted, extracts them (zip CRCs checked), moves
-the files into the canonical layout ``<out>/training/*.png, <out>/{val,test}/{img,mask}/*.png`` (the
+the files into the canonical layout of the dataset's description (the published datasets':
+``<out>/training/*.png, <out>/{val,test}/{img,mask}/*.png``, and the label table if it has one; the
 variants of :mod:`pathmamba.data.readers` tolerated, RGB masks and masks in another palette rewritten as
 P-mode PNGs in the dataset's palette, unpaired val/test images left out) and writes
 ``<out>/manifest.json``. The SHA-256 of every archive is
@@ -38,20 +39,20 @@ import numpy as np
 from PIL import Image
 
 from pathmamba.data.readers import (
-    EXPECTED_LAYOUT,
     RGB_MODES,
-    TRAIN_FOLDERS,
     DatasetLayoutError,
     LabelError,
     MaskError,
+    expected_layout,
     in_dataset_palette,
     list_pngs,
     paired_items,
-    parse_label,
     read_mask,
     split_root,
+    training_folder,
+    training_labels,
 )
-from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
+from pathmamba.data.specs import DatasetSpec
 from pathmamba.runtime import InputError, ProgressLog, atomic_write_json, format_duration
 
 log = logging.getLogger("pathmamba.data")
@@ -347,30 +348,34 @@ def normalise(tree: Path, spec: DatasetSpec, out: Path, move: bool) -> list[str]
     Training file names are not parsed here: bad names are validation's to report, all at once.
     """
     tolerated: list[str] = []
-    root = split_root(Path(tree), tolerated)
-    training = next((root / name for name in TRAIN_FOLDERS if (root / name).is_dir()), None)
+    root = split_root(Path(tree), spec, tolerated)
+    training = training_folder(root, spec, tolerated)
     if training is None:
-        raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
-    if training.name != "training":
-        tolerated.append(f"training images are in {training.name}/ instead of training/")
-    (out / "training").mkdir(parents=True)
+        raise DatasetLayoutError(f"{root / spec.folders['training']}: no training folder; expected "
+                                 f"{expected_layout(spec)}")
+    folders = spec.folders
+    (out / folders["training"]).mkdir(parents=True)
     pairs = {split: paired_items(root, split, spec, tolerated) for split in ("val", "test")}
     training_files = list_pngs(training)
     progress = ProgressLog(log, f"{spec.name}: files laid out", len(training_files) + sum(map(len, pairs.values())))
     for path in training_files:
-        _place(path, out / "training" / path.name, move)
+        _place(path, out / folders["training"] / path.name, move)
         progress.update()
+    if spec.labels.kind == "table" and (root / spec.labels.table).is_file():
+        (out / spec.labels.table).parent.mkdir(parents=True, exist_ok=True)
+        _place(root / spec.labels.table, out / spec.labels.table, move)
     for split in ("val", "test"):
-        (out / split / "img").mkdir(parents=True)
-        (out / split / "mask").mkdir()
+        images, masks = out / folders[split] / folders["images"], out / folders[split] / folders["masks"]
+        images.mkdir(parents=True)
+        masks.mkdir()
         for image, mask in pairs[split]:
             progress.update()
-            _place(image, out / split / "img" / image.name, move)
+            _place(image, images / image.name, move)
             with Image.open(mask) as opened:
                 # RGB masks and palettes in another order are rewritten: the canonical copy's index is its class.
                 rewrite = opened.mode in RGB_MODES or (opened.mode == "P" and not in_dataset_palette(opened, spec))
-            if not (rewrite and _write_palette_mask(mask, out / split / "mask" / mask.name, spec)):
-                _place(mask, out / split / "mask" / mask.name, move)
+            if not (rewrite and _write_palette_mask(mask, masks / mask.name, spec)):
+                _place(mask, masks / mask.name, move)
     return tolerated
 
 
@@ -380,25 +385,32 @@ def dataset_statistics(out: Path, spec: DatasetSpec) -> dict:
     Unreadable names and masks are skipped here (validation reports them).
     """
     names = [*spec.classes, "background"]
-    training = list_pngs(out / "training")
+    folders = spec.folders
+    training = list_pngs(out / folders["training"])
     positives = np.zeros(len(spec.classes), dtype=np.int64)
-    for path in training:
-        try:
-            positives += parse_label(path, spec)
-        except LabelError:
-            continue
+    try:
+        labels = training_labels(out, training, spec)
+    except LabelError:  # one unreadable label: counted one by one (validation reports them all)
+        labels = []
+        for path in training:
+            try:
+                labels += training_labels(out, [path], spec)
+            except LabelError:
+                continue
+    for _, label in labels:
+        positives += label
     stats = {
         "counts": {"training": len(training)},
         "label_frequency": {c: int(n) for c, n in zip(spec.classes, positives, strict=True)},
         "pixel_frequency": {},
     }
     for split in ("val", "test"):
-        masks = list_pngs(out / split / "mask")
+        masks = list_pngs(out / folders[split] / folders["masks"])
         stats["counts"][split] = len(masks)
-        pixels = np.zeros(IGNORE_INDEX + 1, dtype=np.int64)
+        pixels = np.zeros(spec.background + 1, dtype=np.int64)
         for path in masks:
             try:
-                pixels += np.bincount(read_mask(path, spec).ravel(), minlength=IGNORE_INDEX + 1)
+                pixels += np.bincount(read_mask(path, spec).ravel(), minlength=spec.background + 1)
             except (MaskError, OSError, SyntaxError, ValueError):
                 continue
         total = max(int(pixels.sum()), 1)

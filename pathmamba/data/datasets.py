@@ -63,8 +63,8 @@ def random_dihedral(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 class ImageLabelDataset(Dataset):
     """Training images with image-level labels.
 
-    ``items``: (image path, label) pairs, label 4 ints 0/1. ``__getitem__`` returns
-    (image (3, H, W) float32 normalised, label (4,) float32 multi-hot).
+    ``items``: (image path, label) pairs, label K ints 0/1 (K the dataset's classes). ``__getitem__`` returns
+    (image (3, H, W) float32 normalised, label (K,) float32 multi-hot).
     """
 
     def __init__(self, items: list[tuple[Path, tuple[int, ...]]], augment: bool = False):
@@ -87,7 +87,7 @@ class ImageMaskDataset(Dataset):
     """Images with pixel masks (val/test).
 
     ``items``: (image path, mask path) pairs. ``__getitem__`` returns (image (3, H, W) float32
-    normalised, mask (H, W) int64 with 0..3 tissue and 4 ignored background, the item's index).
+    normalised, mask (H, W) int64 with 0..K-1 tissue and K the ignored background, the item's index).
     """
 
     def __init__(self, items: list[tuple[Path, Path]], spec: DatasetSpec, augment: bool = False):
@@ -123,7 +123,7 @@ class PseudoMaskDataset(Dataset):
 
     ``folder`` holds one sub-folder per mask kind (listed in its ``manifest.json`` under ``masks``), each
     with a P-mode PNG per training image under the image's file name. ``__getitem__`` returns (image
-    (3, H, W) float32 normalised, masks (K, H, W) int64 with 0..3 and 4 ignored), one dihedral
+    (3, H, W) float32 normalised, masks (K, H, W) int64 with the classes and the ignored background index), one dihedral
     augmentation applied to all of them alike.
     """
 

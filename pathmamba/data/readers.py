@@ -1,13 +1,15 @@
-"""Readers of the published dataset formats, shared by the real and the synthetic datasets.
+"""Readers of the datasets' files, shared by the real and the synthetic datasets.
 
-Layout (docs/design.md §3.2): ``<root>/training/*.png`` with the image-level label in the file name,
-``<root>/{val,test}/img/*.png`` with masks of the same name in ``<root>/{val,test}/mask/``.
+Layout (docs/design.md §3.2), folder names from the dataset's description (:mod:`pathmamba.data.specs`),
+here the published datasets': ``<root>/training/*.png`` with the image-level label in the file name or in
+a CSV table, ``<root>/{val,test}/img/*.png`` with masks of the same name in ``<root>/{val,test}/mask/``.
 ``index_dataset`` tolerates the variants seen in the wild and records each one it met in
 ``DatasetIndex.tolerated``.
 """
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pathmamba.data.specs import IGNORE_INDEX, DatasetSpec
+from pathmamba.data.specs import DatasetSpec
 
-EXPECTED_LAYOUT = "<root>/training/*.png, <root>/{val,test}/{img,mask}/*.png"
-TRAIN_FOLDERS = ("training", "train")
-LABEL_EXAMPLE = {"luad": "'[1 0 0 1]'", "bcss": "'[1101]'"}
-#: The label part of a training file name as each dataset writes it.
-LABEL_FORMS = {"luad": (re.compile(r"\[[01]( [01]){3}\]\.png$"), "'...-[1 0 0 1].png'"),
-               "bcss": (re.compile(r"\[[01]{4}\]\.png$"), "'...+0[1101].png'")}
+#: A training folder named ``train`` is accepted for one named ``training`` (seen in copies in the wild).
+TRAIN_ALIASES = {"training": "train"}
 RGB_MODES = ("RGB", "RGBA")
+#: The column of a label table holding the training image's file name.
+TABLE_IMAGE_COLUMN = "image"
 
 
 class LabelError(ValueError):
@@ -35,14 +35,14 @@ class DatasetLayoutError(ValueError):
 
 
 class MaskError(ValueError):
-    """A mask file cannot be read as class indices 0..4."""
+    """A mask file cannot be read as class indices (0..K-1 tissue, K background)."""
 
 
 @dataclass
 class DatasetIndex:
     """The files of one dataset, sorted by file name.
 
-    ``train``: (image, label) pairs, label a tuple of 4 ints 0/1 in the spec's class order.
+    ``train``: (image, label) pairs, label a tuple of K ints 0/1 in the spec's class order.
     ``val`` / ``test``: (image, mask) pairs. ``root``: the folder that holds the splits (after
     descending into a nested top folder). ``tolerated``: one human-readable note per deviation from
     the published layout that was accepted.
@@ -54,6 +54,25 @@ class DatasetIndex:
     val: list[tuple[Path, Path]] = field(default_factory=list)
     test: list[tuple[Path, Path]] = field(default_factory=list)
     tolerated: list[str] = field(default_factory=list)
+
+
+def expected_layout(spec: DatasetSpec) -> str:
+    """The folder layout of ``spec``'s dataset, for error messages."""
+    folders = spec.folders
+    labels = (f", labels in <root>/{spec.labels.table}" if spec.labels.kind == "table" else "")
+    return (f"<root>/{folders['training']}/*.png{labels}, <root>/{{{folders['val']},{folders['test']}}}/"
+            f"{{{folders['images']},{folders['masks']}}}/*.png")
+
+
+def training_folders(spec: DatasetSpec) -> tuple[str, ...]:
+    """The names a training folder may have: the description's, and its tolerated alias."""
+    name = spec.folders["training"]
+    return (name, TRAIN_ALIASES[name]) if name in TRAIN_ALIASES else (name,)
+
+
+def label_example(spec: DatasetSpec) -> str:
+    """A training file name as ``spec``'s dataset writes it (for messages)."""
+    return spec.train_filename("...", tuple(int(i in (0, spec.num_classes - 1)) for i in range(spec.num_classes)))
 
 
 def parse_label(path: Path | str, spec: DatasetSpec) -> tuple[int, ...]:
@@ -71,7 +90,7 @@ def parse_label(path: Path | str, spec: DatasetSpec) -> tuple[int, ...]:
         found = "no '[...]'" if digits is None else f"{digits!r}"
         raise LabelError(
             f"{path}: cannot read the image-level label (found {found}); expected {n} digits of 0/1 "
-            f"between the last '[' and ']', like {LABEL_EXAMPLE[spec.layout]}"
+            f"between the last '[' and ']', like {label_example(spec)!r}"
         )
     return tuple(int(d) for d in digits)
 
@@ -79,10 +98,46 @@ def parse_label(path: Path | str, spec: DatasetSpec) -> tuple[int, ...]:
 def check_label_form(path: Path, spec: DatasetSpec) -> None:
     """Raise ``LabelError`` naming the file if its label is not written as ``spec``'s dataset writes it:
     another dataset's files (the labels of both read alike, but the classes differ)."""
-    form, example = LABEL_FORMS[spec.layout]
+    separator = re.escape(spec.labels.separator)
+    form = re.compile(rf"\[[01]({separator}[01]){{{spec.num_classes - 1}}}\]\.png$")
     if not form.search(path.name):
-        raise LabelError(f"{path}: label not written as {spec.name} writes it, like {example}; is this file "
-                         "from another dataset?")
+        raise LabelError(f"{path}: label not written as {spec.name} writes it, like {label_example(spec)!r}; is "
+                         "this file from another dataset?")
+
+
+def read_label_table(root: Path, spec: DatasetSpec) -> dict[str, tuple[int, ...]]:
+    """Image-level labels by training file name from the dataset's CSV table (``labels.table``).
+
+    The header is ``image`` and one column per class, named as the class (any order); every value 0 or
+    1. A missing table, column or value, or an image listed twice, raises ``LabelError`` naming the
+    table and the row.
+    """
+    path = Path(root) / spec.labels.table
+    if not path.is_file():
+        raise LabelError(f"{path}: label table not found; expected a CSV file with the columns "
+                         f"{TABLE_IMAGE_COLUMN},{','.join(spec.classes)}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    header = [column.strip() for column in rows[0]] if rows else []
+    expected = {TABLE_IMAGE_COLUMN, *spec.classes}
+    if set(header) != expected or len(header) != len(expected):
+        raise LabelError(f"{path}: header {','.join(header) or '(empty file)'}; expected the columns "
+                         f"{TABLE_IMAGE_COLUMN},{','.join(spec.classes)} (any order, each once)")
+    image_column = header.index(TABLE_IMAGE_COLUMN)
+    class_columns = [header.index(name) for name in spec.classes]
+    labels: dict[str, tuple[int, ...]] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        values = [row[i].strip() if i < len(row) else "" for i in class_columns]
+        image = row[image_column].strip() if image_column < len(row) else ""
+        if len(row) != len(header) or not image or set(values) - {"0", "1"}:
+            raise LabelError(f"{path}: line {number} {','.join(row)!r}; expected an image file name and "
+                             f"0 or 1 for each of {', '.join(spec.classes)}")
+        if image in labels:
+            raise LabelError(f"{path}: line {number}: {image} is listed twice; expected one row per image")
+        labels[image] = tuple(int(v) for v in values)
+    return labels
 
 
 def read_image(path: Path | str) -> np.ndarray:
@@ -92,12 +147,12 @@ def read_image(path: Path | str) -> np.ndarray:
 
 
 def read_mask(path: Path | str, spec: DatasetSpec) -> np.ndarray:
-    """(H, W) uint8 class indices 0..4 (4 = white background) of a mask file.
+    """(H, W) uint8 class indices of a mask file: 0..K-1 the classes, K (``spec.background``) background.
 
     L-mode masks hold the indices directly. P-mode masks are read through their own palette: each index
     used becomes its colour, and the colour the class of ``spec.palette`` (a mask re-saved with another
     order of the same colours reads the same). RGB(A) masks are mapped through ``spec.palette`` too.
-    A colour outside the palette, an index above 4 or another image mode raises ``MaskError``.
+    A colour outside the palette, an index above K or another image mode raises ``MaskError``.
     """
     with Image.open(path) as image:
         if image.mode == "P":
@@ -109,10 +164,11 @@ def read_mask(path: Path | str, spec: DatasetSpec) -> np.ndarray:
         else:
             raise MaskError(
                 f"{path}: mask in image mode {image.mode}; expected a P-mode or RGB PNG in the {spec.name} "
-                f"palette or an L-mode PNG of class indices 0..{IGNORE_INDEX}"
+                f"palette or an L-mode PNG of class indices 0..{spec.background}"
             )
-    if mask.max(initial=0) > IGNORE_INDEX:
-        raise MaskError(f"{path}: mask value {mask.max()}; expected class indices 0..{IGNORE_INDEX}")
+    if mask.max(initial=0) > spec.background:
+        raise MaskError(f"{path}: mask value {mask.max()}; expected class indices 0..{spec.background} "
+                        f"({spec.background}: background)")
     return mask
 
 
@@ -165,10 +221,10 @@ def list_pngs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
 
 
-def split_root(root: Path, tolerated: list[str]) -> Path:
+def split_root(root: Path, spec: DatasetSpec, tolerated: list[str]) -> Path:
     """The folder holding the splits: ``root``, or the folder nested under it (unzip artefact)."""
     start = root
-    while not any((root / name).is_dir() for name in TRAIN_FOLDERS):
+    while not any((root / name).is_dir() for name in training_folders(spec)):
         # Hidden folders and __MACOSX (zip artefacts) do not count as a second top folder.
         subfolders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
         if len(subfolders) != 1:
@@ -179,31 +235,55 @@ def split_root(root: Path, tolerated: list[str]) -> Path:
     return root
 
 
-def _training_items(
-    root: Path, spec: DatasetSpec, tolerated: list[str]
-) -> list[tuple[Path, tuple[int, ...]]]:
-    """(image, label) pairs of the training split, from ``training/`` or its alias ``train/``."""
-    folder = root / "training"
-    if not folder.is_dir():
-        folder = root / "train"
-        if not folder.is_dir():
-            raise DatasetLayoutError(f"{root / 'training'}: no training folder; expected {EXPECTED_LAYOUT}")
-        tolerated.append(f"training images are in {folder.name}/ instead of training/")
-    files = list_pngs(folder)
-    if not files:
-        raise DatasetLayoutError(f"{folder}: no *.png training images; expected {EXPECTED_LAYOUT}")
+def training_folder(root: Path, spec: DatasetSpec, tolerated: list[str]) -> Path | None:
+    """The training folder under ``root`` (the description's, or its tolerated alias, noted); None if
+    there is none."""
+    for name in training_folders(spec):
+        if (root / name).is_dir():
+            if name != spec.folders["training"]:
+                tolerated.append(f"training images are in {name}/ instead of {spec.folders['training']}/")
+            return root / name
+    return None
+
+
+def training_labels(root: Path, files: list[Path], spec: DatasetSpec) -> list[tuple[Path, tuple[int, ...]]]:
+    """(image, label) pairs of the training images ``files``: each label read from its file name, or
+    from the dataset's label table. A file without a label, or with one not in the dataset's form,
+    raises ``LabelError`` naming it."""
+    if spec.labels.kind == "table":
+        table = read_label_table(root, spec)
+        unlabelled = [path for path in files if path.name not in table]
+        if unlabelled:
+            raise LabelError(f"{unlabelled[0]}: no row in the label table {root / spec.labels.table} "
+                             f"({len(unlabelled)} of {len(files)} training images have none)")
+        return [(path, table[path.name]) for path in files]
     items = [(path, parse_label(path, spec)) for path in files]
     for path in files:
         check_label_form(path, spec)
     return items
 
 
+def _training_items(
+    root: Path, spec: DatasetSpec, tolerated: list[str]
+) -> list[tuple[Path, tuple[int, ...]]]:
+    """(image, label) pairs of the training split."""
+    folder = training_folder(root, spec, tolerated)
+    if folder is None:
+        raise DatasetLayoutError(f"{root / spec.folders['training']}: no training folder; expected "
+                                 f"{expected_layout(spec)}")
+    files = list_pngs(folder)
+    if not files:
+        raise DatasetLayoutError(f"{folder}: no *.png training images; expected {expected_layout(spec)}")
+    return training_labels(root, files, spec)
+
+
 def paired_items(root: Path, split: str, spec: DatasetSpec, tolerated: list[str]) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs of a val/test split, matched by file name."""
-    image_folder, mask_folder = root / split / "img", root / split / "mask"
+    """(image, mask) pairs of a val/test split (``"val"`` or ``"test"``), matched by file name."""
+    split_folder = root / spec.folders[split]
+    image_folder, mask_folder = split_folder / spec.folders["images"], split_folder / spec.folders["masks"]
     for folder in (image_folder, mask_folder):
         if not folder.is_dir():
-            raise DatasetLayoutError(f"{folder}: missing folder; expected {EXPECTED_LAYOUT}")
+            raise DatasetLayoutError(f"{folder}: missing folder; expected {expected_layout(spec)}")
     images = {p.name: p for p in list_pngs(image_folder)}
     masks = {p.name: p for p in list_pngs(mask_folder)}
     pairs = [(images[name], masks[name]) for name in sorted(images.keys() & masks.keys())]
@@ -213,7 +293,7 @@ def paired_items(root: Path, split: str, spec: DatasetSpec, tolerated: list[str]
         tolerated.append(f"{split}: mask {name} has no image in {image_folder}; ignored")
     if not pairs:
         raise DatasetLayoutError(
-            f"{root / split}: no image with a mask of the same name; expected {EXPECTED_LAYOUT}"
+            f"{split_folder}: no image with a mask of the same name; expected {expected_layout(spec)}"
         )
     # Opening a PNG reads its header only (palette included), so checking every mask stays cheap.
     rgb = foreign = 0
@@ -232,18 +312,27 @@ def paired_items(root: Path, split: str, spec: DatasetSpec, tolerated: list[str]
     return pairs
 
 
+def split_counts(root: Path, spec: DatasetSpec) -> dict[str, int]:
+    """Images per split of the dataset folder ``root``, counted without reading a file (for planning)."""
+    root = split_root(Path(root), spec, [])
+    training = training_folder(root, spec, [])
+    return {"training": len(list_pngs(training)) if training else 0,
+            **{split: len(list_pngs(root / spec.folders[split] / spec.folders["images"])) for split in ("val", "test")}}
+
+
 def index_dataset(root: Path | str, spec: DatasetSpec) -> DatasetIndex:
     """Index a dataset folder in the published layout; raises ``DatasetLayoutError`` if it is not one.
 
     Tolerated and noted: a nested top folder, ``train/`` for ``training/``, val/test images without
-    a mask (skipped), RGB masks and masks in another palette. A bad training file name, or one written in
-    another dataset's form (another dataset's folder), raises ``LabelError``.
+    a mask (skipped), RGB masks and masks in another palette. A bad training file name, one written in
+    another dataset's form (another dataset's folder), or a training image missing from the label table
+    raises ``LabelError``.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetLayoutError(f"{root}: dataset folder not found; expected {EXPECTED_LAYOUT}")
+        raise DatasetLayoutError(f"{root}: dataset folder not found; expected {expected_layout(spec)}")
     tolerated: list[str] = []
-    root = split_root(root, tolerated)
+    root = split_root(root, spec, tolerated)
     train = _training_items(root, spec, tolerated)
     val = paired_items(root, "val", spec, tolerated)
     test = paired_items(root, "test", spec, tolerated)

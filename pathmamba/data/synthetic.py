@@ -1,4 +1,5 @@
-"""Synthetic H&E-like demo datasets in the published layouts (docs/design.md §3.5).
+"""Synthetic H&E-like datasets in the layout of their descriptions (docs/design.md §3.5): the demo's two,
+in the published datasets' layouts, and any description with a ``synthetic`` entry.
 
 Each patch is a random partition of the image into one region per chosen tissue class (1-3 classes),
 plus sometimes a white-background region. Every tissue class has its own procedural texture, drawn
@@ -11,12 +12,15 @@ texture:
     lymphocytes (LYM)             dense small round very dark nuclei
     stroma (TAS / STR)            wavy bright-pink fibres with a few thin spindle nuclei
 
-Training images carry the set of classes covering at least ``MIN_FRACTION`` of the pixels in their
-file name; val/test images get P-mode masks (indices 0..3 tissue, 4 white background).
+Each class of a description is drawn with the texture its ``synthetic.textures`` names. Training images
+carry the set of classes covering at least ``MIN_FRACTION`` of the pixels in their file name or in the
+label table; val/test images get P-mode masks (indices 0..K-1 tissue, K white background).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import zipfile
@@ -27,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pathmamba.data.specs import IGNORE_INDEX, NUM_CLASSES, DatasetSpec, get_dataset_spec
+from pathmamba.data.readers import TABLE_IMAGE_COLUMN
+from pathmamba.data.specs import SPLITS, DatasetSpec, get_dataset_spec
 
-SPLITS = ("training", "val", "test")
 # A tissue class is in an image-level label when it covers at least this share of the pixels.
 MIN_FRACTION = 0.03
 # Each region of a partition must cover at least this share, so that every drawn class is comfortably
@@ -40,8 +44,6 @@ BACKGROUND_PROBABILITY = 0.3
 CLASSES_PER_PATCH = (0.35, 0.40, 0.25)
 # How often each tissue is drawn: tumour and stroma dominate both real training sets.
 TISSUE_WEIGHT = {"tumour": 0.40, "stroma": 0.30, "lymphocyte": 0.18, "necrosis": 0.12}
-TISSUE_OF_CLASS = {"TE": "tumour", "TUM": "tumour", "NEC": "necrosis", "LYM": "lymphocyte",
-                   "TAS": "stroma", "STR": "stroma"}
 # Optical density of unit H and E concentration in (R, G, B): Macenko et al.'s reference stain vectors.
 H_STAIN = np.array([0.5626, 0.7201, 0.4062], dtype=np.float32)
 E_STAIN = np.array([0.2159, 0.8012, 0.5581], dtype=np.float32)
@@ -166,13 +168,14 @@ TEXTURES = {"tumour": _tumour, "necrosis": _necrosis, "lymphocyte": _lymphocyte,
 
 
 def _choose_classes(rng: np.random.Generator, spec: DatasetSpec, forced: tuple[int, ...]) -> list[int]:
-    """Sorted tissue classes of one patch: ``forced`` plus random ones, 1-3 in all (more if forced)."""
-    count = int(rng.choice(len(CLASSES_PER_PATCH), p=CLASSES_PER_PATCH)) + 1
+    """Sorted tissue classes of one patch: ``forced`` plus random ones, 1-3 in all (more if forced; at
+    most all of the dataset's classes)."""
+    count = min(int(rng.choice(len(CLASSES_PER_PATCH), p=CLASSES_PER_PATCH)) + 1, spec.num_classes)
     missing = count - len(forced)
     if missing <= 0:
         return sorted(forced)
-    rest = [c for c in range(NUM_CLASSES) if c not in forced]
-    weights = np.array([TISSUE_WEIGHT[TISSUE_OF_CLASS[spec.classes[c]]] for c in rest])
+    rest = [c for c in range(spec.num_classes) if c not in forced]
+    weights = np.array([TISSUE_WEIGHT[spec.synthetic.textures[c]] for c in rest])
     extra = rng.choice(rest, size=missing, replace=False, p=weights / weights.sum())
     return sorted(set(forced) | {int(c) for c in extra})
 
@@ -194,23 +197,23 @@ def _partition(rng: np.random.Generator, size: int, regions: int) -> np.ndarray:
 def make_patch(
     rng: np.random.Generator, spec: DatasetSpec, size: int, forced: tuple[int, ...] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic patch: image (size, size, 3) uint8 RGB and mask (size, size) uint8 in 0..4.
+    """One synthetic patch: image (size, size, 3) uint8 RGB and mask (size, size) uint8 in 0..K (K background).
 
     ``forced`` tissue classes are always drawn (used to make every class occur in every split).
     """
     classes = _choose_classes(rng, spec, forced)
     if rng.random() < BACKGROUND_PROBABILITY:
-        classes.append(IGNORE_INDEX)
+        classes.append(spec.background)
     mask = np.array(classes, dtype=np.uint8)[_partition(rng, size, len(classes))]
 
     # Glass: almost no stain, so background is near-white after the noise below.
     hema = np.full((size, size), 0.01, dtype=np.float32)
     eosin = np.full((size, size), 0.03, dtype=np.float32)
     for c in classes:
-        if c == IGNORE_INDEX:
+        if c == spec.background:
             continue
         region = mask == c
-        h, e = TEXTURES[TISSUE_OF_CLASS[spec.classes[c]]](rng, size)
+        h, e = TEXTURES[spec.synthetic.textures[c]](rng, size)
         hema[region] = h[region]
         eosin[region] = e[region]
 
@@ -223,16 +226,16 @@ def make_patch(
     return image, mask
 
 
-def label_from_mask(mask: np.ndarray, min_fraction: float = MIN_FRACTION) -> tuple[int, ...]:
-    """Image-level label (4 of 0/1) of a mask (H, W): tissue classes covering >= ``min_fraction``."""
-    shares = np.bincount(mask.ravel(), minlength=IGNORE_INDEX + 1)[:NUM_CLASSES] / mask.size
+def label_from_mask(mask: np.ndarray, num_classes: int, min_fraction: float = MIN_FRACTION) -> tuple[int, ...]:
+    """Image-level label (``num_classes`` of 0/1) of a mask (H, W): tissue classes covering >= ``min_fraction``."""
+    shares = np.bincount(mask.ravel(), minlength=num_classes + 1)[:num_classes] / mask.size
     return tuple(int(share >= min_fraction) for share in shares)
 
 
 def _stem(rng: np.random.Generator, spec: DatasetSpec, slides: list[str]) -> str:
-    """A file stem in the style of the real dataset, on one of ``slides``."""
+    """A file stem in the description's style, on one of ``slides``."""
     slide = slides[int(rng.integers(len(slides)))]
-    if spec.layout == "luad":
+    if spec.synthetic.stems == "patient-x-y":
         x, y = rng.integers(0, 3000, 2) * 20
         return f"{slide}-{x}-{y}"
     x, y = rng.integers(5000, 90000, 2)
@@ -240,8 +243,8 @@ def _stem(rng: np.random.Generator, spec: DatasetSpec, slides: list[str]) -> str
 
 
 def _slides(rng: np.random.Generator, spec: DatasetSpec, count: int = 12) -> list[str]:
-    """Slide ids in the real style: LUAD patient numbers, BCSS TCGA diagnostic-slide barcodes."""
-    if spec.layout == "luad":
+    """Slide ids in the description's style: LUAD patient numbers, BCSS TCGA diagnostic-slide barcodes."""
+    if spec.synthetic.stems == "patient-x-y":
         return [str(n) for n in rng.integers(1_000_000, 1_100_000, count)]
     alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
     return [f"TCGA-{''.join(rng.choice(alphabet, 2))}-{''.join(rng.choice(alphabet, 4))}-DX1"
@@ -249,14 +252,13 @@ def _slides(rng: np.random.Generator, spec: DatasetSpec, count: int = 12) -> lis
 
 
 def generate_patches(
-    name: str, split: str, n: int, size: int = REFERENCE_SIZE, seed: int = 0
+    spec: DatasetSpec, split: str, n: int, size: int = REFERENCE_SIZE, seed: int = 0
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """The ``n`` patches of one split as (unique file stem, image (size, size, 3) uint8, mask (size, size)).
 
-    Deterministic in (name, split, n, size, seed). Image i < 4 is forced to contain the classes
+    Deterministic in (description, split, n, size, seed). Image i < K is forced to contain the classes
     c with c % n == i, so every class occurs in every split, however small.
     """
-    spec = get_dataset_spec(name)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     slides = _slides(rng, spec)
     seen: set[str] = set()
@@ -265,40 +267,55 @@ def generate_patches(
         while stem in seen:
             stem = _stem(rng, spec, slides)
         seen.add(stem)
-        forced = tuple(c for c in range(NUM_CLASSES) if c % n == i)
+        forced = tuple(c for c in range(spec.num_classes) if c % n == i)
         image, mask = make_patch(rng, spec, size, forced)
         yield stem, image, mask
 
 
 def _write_split(root: Path, spec: DatasetSpec, split: str, n: int, size: int, seed: int) -> None:
+    folder = root / spec.folders[split]
     if split == "training":
-        (root / split).mkdir()
+        folder.mkdir()
+        table = []
     else:
-        (root / split / "img").mkdir(parents=True)
-        (root / split / "mask").mkdir()
-    for stem, image, mask in generate_patches(spec.name, split, n, size, seed):
+        (folder / spec.folders["images"]).mkdir(parents=True)
+        (folder / spec.folders["masks"]).mkdir()
+    for stem, image, mask in generate_patches(spec, split, n, size, seed):
         if split == "training":
-            Image.fromarray(image).save(root / split / spec.train_filename(stem, label_from_mask(mask)))
+            label = label_from_mask(mask, spec.num_classes)
+            name = spec.train_filename(stem, label)
+            Image.fromarray(image).save(folder / name)
+            table.append([name, *label])
             continue
-        Image.fromarray(image).save(root / split / "img" / f"{stem}.png")
+        Image.fromarray(image).save(folder / spec.folders["images"] / f"{stem}.png")
         indexed = Image.fromarray(mask)
         indexed.putpalette(spec.flat_palette)  # turns the L image into a P-mode one, as published
-        indexed.save(root / split / "mask" / f"{stem}.png")
+        indexed.save(folder / spec.folders["masks"] / f"{stem}.png")
+    if split == "training" and spec.labels.kind == "table":
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([[TABLE_IMAGE_COLUMN, *spec.classes], *table])
+        (root / spec.labels.table).parent.mkdir(parents=True, exist_ok=True)
+        (root / spec.labels.table).write_text(text.getvalue(), encoding="utf-8")
 
 
 def make_synthetic_dataset(
-    name: str, out: Path, n_train: int, n_val: int, n_test: int, size: int = REFERENCE_SIZE, seed: int = 0
+    dataset: str | Path, out: Path, n_train: int, n_val: int, n_test: int, size: int = REFERENCE_SIZE,
+    seed: int = 0
 ) -> dict[str, int]:
-    """Write synthetic dataset ``name`` (``synthetic-luad`` or ``synthetic-bcss``) to the folder ``out``.
+    """Write the synthetic dataset ``dataset`` (a shipped name or a description file's path; its
+    description has a ``synthetic`` entry) to the folder ``out``.
 
-    Layout exactly as published: ``out/training/*.png`` (label in the file name), ``out/val/img``,
-    ``out/val/mask``, ``out/test/img``, ``out/test/mask`` (P-mode masks named like their images).
-    The dataset is built in a temporary sibling folder and renamed to ``out`` at the end, so ``out``
-    is either complete or absent. Returns the number of files per split.
+    Laid out as its description says; the demo's two exactly as the published datasets:
+    ``out/training/*.png`` (label in the file name), ``out/val/img``, ``out/val/mask``, ``out/test/img``,
+    ``out/test/mask`` (P-mode masks named like their images). The dataset is built in a temporary
+    sibling folder and renamed to ``out`` at the end, so ``out`` is either complete or absent. Returns the
+    number of files per split.
     """
-    spec = get_dataset_spec(name)
+    spec = get_dataset_spec(dataset)
+    name = spec.name
     if not spec.synthetic:
-        raise ValueError(f"{name!r} is a real dataset; expected synthetic-luad or synthetic-bcss")
+        raise ValueError(f"{name!r} is a real dataset; expected a description with a 'synthetic' entry, like "
+                         "synthetic-luad's")
     counts = {"training": n_train, "val": n_val, "test": n_test}
     for split, n in counts.items():
         if n < 1:
@@ -334,15 +351,17 @@ def published_copy(canonical: Path, outer: Path, spec: DatasetSpec, train_folder
     instead of P mode; with ``unpaired_test_image``, one more test image without a mask, named after the
     first test image (``...-unpaired.png``, the first one mirrored).
     """
+    folders = spec.folders
     inner = Path(shutil.copytree(canonical, Path(outer) / Path(outer).name))
-    if train_folder != "training":
-        (inner / "training").rename(inner / train_folder)
-    masks = sorted((inner / "val" / "mask").glob("*.png")) + sorted((inner / "test" / "mask").glob("*.png"))
+    if train_folder != folders["training"]:
+        (inner / folders["training"]).rename(inner / train_folder)
+    masks = [mask for split in ("val", "test")
+             for mask in sorted((inner / folders[split] / folders["masks"]).glob("*.png"))]
     for mask in masks[:rgb_masks]:
         indices = np.asarray(Image.open(mask))
         Image.fromarray(np.array(spec.palette, dtype=np.uint8)[indices]).save(mask)
     if unpaired_test_image:
-        first = min((inner / "test" / "img").glob("*.png"))
+        first = min((inner / folders["test"] / folders["images"]).glob("*.png"))
         mirrored = np.asarray(Image.open(first))[:, ::-1]
         Image.fromarray(np.ascontiguousarray(mirrored)).save(first.with_name(f"{first.stem}-unpaired.png"))
     return Path(outer)

@@ -6,10 +6,11 @@ Checks, each problem recorded with the path of its file:
   :func:`pathmamba.data.readers.index_dataset` tolerates are noted, not failed);
 - counts per split: exactly the published ones for a real dataset (``spec.counts``); a difference is a
   problem, or only a warning with ``counts="warn"``;
-- training file names: a label readable by :func:`~pathmamba.data.readers.parse_label`, written in the
-  dataset's own form (``[1 0 0 1]`` for LUAD, ``[1101]`` for BCSS), with at least one positive class;
+- training labels: in a file name, readable by :func:`~pathmamba.data.readers.parse_label` and written in
+  the dataset's own form (``[1 0 0 1]`` for LUAD, ``[1101]`` for BCSS); in a label table, one valid row
+  per training image and no row without its image; each label with at least one positive class;
 - every image decodes completely, is RGB and ``image_size`` x ``image_size`` px;
-- every mask decodes to class indices 0..4 (:func:`~pathmamba.data.readers.read_mask`) and has the size
+- every mask decodes to class indices 0..K (:func:`~pathmamba.data.readers.read_mask`) and has the size
   of its image.
 
 Files are decoded in a thread pool (PIL releases the GIL while decoding).
@@ -29,7 +30,6 @@ from PIL import Image, UnidentifiedImageError
 
 from pathmamba.data.readers import (
     RGB_MODES,
-    TRAIN_FOLDERS,
     DatasetIndex,
     DatasetLayoutError,
     LabelError,
@@ -39,10 +39,12 @@ from pathmamba.data.readers import (
     list_pngs,
     paired_items,
     parse_label,
+    read_label_table,
     read_mask,
     split_root,
+    training_folder,
 )
-from pathmamba.data.specs import DatasetSpec, get_dataset_spec
+from pathmamba.data.specs import DatasetSpec, DescriptionError, recorded_spec
 from pathmamba.runtime import InputError, ProgressLog, atomic_write_json
 
 log = logging.getLogger("pathmamba.data")
@@ -77,6 +79,7 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tolerated: list[str] = field(default_factory=list)
+    dataset_description: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -172,17 +175,47 @@ def check_training_name(path: Path, spec: DatasetSpec) -> list[Problem]:
         check_label_form(path, spec)
     except LabelError as error:
         return [_problem_from(error, path, "label form")]
+    return _positive(path, label)
+
+
+def _positive(path: Path, label: tuple[int, ...]) -> list[Problem]:
     if not any(label):
         return [Problem(str(path), "no positive label", f"label {list(label)} has no tissue class; "
                         "expected at least one 1 per training image")]
     return []
 
 
-def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
-    folder = next((root / name for name in TRAIN_FOLDERS if (root / name).is_dir()), None)
+def check_label_table(root: Path, training: list[Path], spec: DatasetSpec) -> list[Problem]:
+    """Problems of a label table: unreadable, a training image without a row, a row without its image,
+    a label without a positive class."""
+    table = root / spec.labels.table
+    try:
+        labels = read_label_table(root, spec)
+    except LabelError as error:
+        return [_problem_from(error, table, "label table")]
+    problems = []
+    for path in training:
+        if path.name not in labels:
+            problems.append(Problem(str(path), "label", f"no row in the label table {table}"))
+        else:
+            problems += _positive(path, labels[path.name])
+    names = {path.name for path in training}
+    problems += [Problem(str(table), "label table", f"row for {name}, which is not among the training images")
+                 for name in sorted(labels.keys() - names)]
+    return problems
+
+
+def label_files(root: Path, spec: DatasetSpec) -> list[Path]:
+    """The label table of ``spec``'s dataset at ``root`` when it has one (a file every job reads)."""
+    table = root / spec.labels.table if spec.labels.kind == "table" else None
+    return [table] if table is not None and table.is_file() else []
+
+
+def _training_files(root: Path, spec: DatasetSpec, problems: list[Problem], tolerated: list[str]) -> list[Path]:
+    folder = training_folder(root, spec, tolerated)
     if folder is None:
-        problems.append(Problem(str(root / "training"), "layout", "missing training folder; expected "
-                                "<root>/training/*.png"))
+        problems.append(Problem(str(root / spec.folders["training"]), "layout", "missing training folder; "
+                                f"expected <root>/{spec.folders['training']}/*.png"))
         return []
     files = list_pngs(folder)
     if not files:
@@ -192,7 +225,7 @@ def _training_files(root: Path, problems: list[Problem]) -> list[Path]:
 
 def _pairs(root: Path, split: str, spec: DatasetSpec, problems: list[Problem],
            tolerated: list[str]) -> list[tuple[Path, Path]]:
-    image_folder = root / split / "img"
+    image_folder = root / spec.folders[split] / spec.folders["images"]
     if image_folder.is_dir() and not list_pngs(image_folder):
         problems.append(Problem(str(image_folder), "layout", "empty split folder: no *.png images"))
         return []
@@ -214,17 +247,21 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
     if counts not in COUNT_POLICIES:
         raise ValueError(f"counts={counts!r}; expected one of {COUNT_POLICIES}")
     root = Path(root)
-    report = ValidationReport(spec.name, str(root), image_size, {}, spec.counts)
+    report = ValidationReport(spec.name, str(root), image_size, {}, spec.counts,
+                              dataset_description=spec.description)
     if not root.is_dir():
         report.problems.append(Problem(str(root), "layout", "dataset folder not found"))
         return report
-    root = split_root(root, report.tolerated)
-    training = _training_files(root, report.problems)
+    root = split_root(root, spec, report.tolerated)
+    training = _training_files(root, spec, report.problems, report.tolerated)
     pairs = {split: _pairs(root, split, spec, report.problems, report.tolerated) for split in ("val", "test")}
     report.counts = {"training": len(training), **{split: len(items) for split, items in pairs.items()}}
 
-    for path in training:
-        report.problems += check_training_name(path, spec)
+    if spec.labels.kind == "table":
+        report.problems += check_label_table(root, training, spec)
+    else:
+        for path in training:
+            report.problems += check_training_name(path, spec)
     progress = ProgressLog(log, f"{spec.name}: images checked", len(training) + sum(map(len, pairs.values())))
     decoded = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -238,8 +275,8 @@ def validate_dataset(root: Path, spec: DatasetSpec, image_size: int = 224, count
     for problems in decoded:
         report.problems += problems
     report.checked_files = len(training) + 2 * sum(len(items) for items in pairs.values())
-    report.fingerprint = dataset_fingerprint(root, training + [path for items in pairs.values()
-                                                               for pair in items for path in pair])
+    report.fingerprint = dataset_fingerprint(root, training + label_files(root, spec)
+                                             + [path for items in pairs.values() for pair in items for path in pair])
 
     for split, expected in (spec.counts or {}).items():
         found = report.counts[split]
@@ -268,9 +305,9 @@ def dataset_fingerprint(root: Path, files: list[Path]) -> str:
 
 
 def index_files(index: DatasetIndex) -> list[Path]:
-    """Every file of an index: training images, val/test images and masks."""
-    return [path for path, _ in index.train] + [path for split in (index.val, index.test)
-                                                for pair in split for path in pair]
+    """Every file of an index: training images (and the label table), val/test images and masks."""
+    return ([path for path, _ in index.train] + label_files(index.root, index.spec)
+            + [path for split in (index.val, index.test) for pair in split for path in pair])
 
 
 def validate_and_write(root: Path, spec: DatasetSpec, out: Path, image_size: int = 224, counts: str = "error",
@@ -291,8 +328,8 @@ def check_validated(report_path: Path, data_root: Path) -> None:
     two versions of a dataset."""
     try:
         report = json.loads(Path(report_path).read_text())
-        spec, validated = get_dataset_spec(report["dataset"]), report["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        spec, validated = recorded_spec(report), report["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError, DescriptionError) as error:
         raise InputError(f"{report_path}: not a validation report of this version ({error!r}); delete it to "
                          "validate the dataset again") from None
     index = index_dataset(data_root, spec)

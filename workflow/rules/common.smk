@@ -62,6 +62,8 @@ def config_paths():
     yield "results_dir", config["results_dir"]
     yield "resources_dir", config["resources_dir"]
     for name, entry in config["datasets"].items():
+        if "description" in entry:
+            yield f"datasets.{name}.description", entry["description"]
         if "root" in entry:
             yield f"datasets.{name}.root", entry["root"]
         for archive in dataset_archives(entry):
@@ -154,6 +156,18 @@ def dataset_root(wildcards):
     if "root" in entry:
         return entry["root"]
     return DATASET_DIR.format(dataset=wildcards.dataset)
+
+
+def dataset_argument(wildcards):
+    """What the commands' --dataset takes: a user's dataset's description file, else the shipped name."""
+    return config["datasets"][wildcards.dataset].get("description", wildcards.dataset)
+
+
+def dataset_description(wildcards):
+    """A user's dataset's description file, as an input of the jobs that read it first (none for a
+    shipped dataset): an edited description validates (and so trains and evaluates) again."""
+    entry = config["datasets"][wildcards.dataset]
+    return [entry["description"]] if "description" in entry else []
 
 
 # Every training job waits for its dataset's validation report, so none starts on invalid data.

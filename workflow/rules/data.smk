@@ -1,4 +1,6 @@
 rule make_demo_data:
+    input:
+        dataset_description,
     output:
         directory(DATASET_DIR),
     log:
@@ -13,8 +15,9 @@ rule make_demo_data:
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         synthetic=lambda wildcards: config["datasets"][wildcards.dataset]["synthetic"],
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba make-demo-data --dataset {wildcards.dataset:q} --out {output:q}"
+        "python -m pathmamba make-demo-data --dataset {params.dataset:q} --out {output:q}"
         " --n-train {params.synthetic[n_train]:q} --n-val {params.synthetic[n_val]:q}"
         " --n-test {params.synthetic[n_test]:q} --size {params.synthetic[size]:q}"
         " --seed {params.synthetic[seed]:q} > {log:q} 2>&1"
@@ -41,8 +44,9 @@ rule download_dataset:
             if "url" in config["datasets"][wildcards.dataset]
             else []
         ),
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba download-dataset --dataset {wildcards.dataset:q} --folder {params.folder:q}"
+        "python -m pathmamba download-dataset --dataset {params.dataset:q} --folder {params.folder:q}"
         " --record {output:q} {params.url:q} > {log:q} 2>&1"
 
 
@@ -66,8 +70,9 @@ rule prepare_dataset:
     params:
         lock=f"{RESOURCES}/{layout.CHECKSUMS}",
         sources=source_arguments,
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba prepare-dataset --dataset {wildcards.dataset:q} --out {output:q}"
+        "python -m pathmamba prepare-dataset --dataset {params.dataset:q} --out {output:q}"
         " --lock {params.lock:q} {params.sources:q} > {log:q} 2>&1"
 
 
@@ -75,6 +80,7 @@ rule prepare_dataset:
 rule validate_dataset:
     input:
         data=dataset_root,
+        description=dataset_description,
     output:
         VALIDATION_REPORT,
     log:
@@ -89,7 +95,8 @@ rule validate_dataset:
     params:
         image_size=lambda wildcards: validation_option(wildcards, "image_size"),
         counts=lambda wildcards: validation_option(wildcards, "counts"),
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba validate-dataset --dataset {wildcards.dataset:q} --data-root {input.data:q}"
+        "python -m pathmamba validate-dataset --dataset {params.dataset:q} --data-root {input.data:q}"
         " --out {output:q} --image-size {params.image_size:q} --counts {params.counts:q} --workers {threads:q}"
         " > {log:q} 2>&1"

@@ -52,6 +52,7 @@ rule evaluate_trivial:
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba evaluate-trivial --dataset {wildcards.dataset:q} --data-root {input.data:q}"
+        "python -m pathmamba evaluate-trivial --dataset {params.dataset:q} --data-root {input.data:q}"
         " --validated {input.validated:q} --out {params.out_dir:q} > {log:q} 2>&1"

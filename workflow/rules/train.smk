@@ -31,8 +31,9 @@ rule train:
         stage=first_stage_options,
         checkpoint_dir=CHECKPOINT_DIR,
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        dataset=dataset_argument,
     shell:
-        "python -m pathmamba train --method {wildcards.method:q} --dataset {wildcards.dataset:q}"
+        "python -m pathmamba train --method {wildcards.method:q} --dataset {params.dataset:q}"
         " --data-root {input.data:q} --validated {input.validated:q} --seed {wildcards.seed:q}"
         " --out {params.out_dir:q} --checkpoint-dir {params.checkpoint_dir:q} --hparams {params.hparams:q}"
         " --settings {params.settings:q} {params.stage:q} --threads {threads:q} > {log:q} 2>&1"
@@ -68,6 +69,7 @@ use rule train as train_stage1 with:
         stage=["--stage", "1"],
         checkpoint_dir=f"{CHECKPOINT_DIR}/{layout.STAGE1}",
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        dataset=dataset_argument,
 
 
 # The first stage's pseudo masks of every training image, written once (palette PNGs, one folder per
