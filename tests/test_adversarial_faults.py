@@ -96,6 +96,25 @@ def test_export_stopped_leaves_no_building_folder(tmp_path):
     assert list(work.iterdir()) == []
 
 
+def test_pseudo_masks_stopped_leaves_no_building_folder(canonical, tmp_path):
+    from pathmamba.data.synthetic import make_synthetic_dataset
+    from pathmamba.settings import TrainSettings
+    from pathmamba.train import train
+
+    settings = TrainSettings(epochs=1, batch_size=4, device="cpu", workers=0)
+    train("wsss-tissue", "synthetic-luad", canonical, tmp_path / "stage1", tmp_path / "checkpoints", 0,
+          {"backbone": "resnet18", "width": 8, "pretrained": "none"}, settings, stage=1)
+    many = tmp_path / "many"  # thousands of training images: seconds of work
+    make_synthetic_dataset("synthetic-luad", many, n_train=3000, n_val=3, n_test=3, size=32, seed=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    process, err = start(["pseudo-masks", "--model", str(tmp_path / "stage1" / "model.pt"), "--data-root", str(many),
+                          "--out", str(work / "pseudo masks"), "--device", "cpu", "--threads", "1"], tmp_path)
+    stop_when(process, lambda: hidden(work), signal.SIGTERM)
+    assert_stopped(process, err, "pseudo-masks", signal.SIGTERM)
+    assert list(work.iterdir()) == []
+
+
 def test_make_demo_data_stopped_leaves_no_building_folder(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
