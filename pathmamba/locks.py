@@ -5,6 +5,7 @@ import."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -90,12 +91,13 @@ def _why_released(holder: dict) -> str:
     return f"pid {holder.get('pid')} is not running: it was killed or crashed"
 
 
-def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int, str | None]:
+def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int | None, str | None]:
     """Lock the results folder ``folder`` (``<results_dir>/<run>``, created if absent) for this process,
     recording it, ``working_folder`` and the time in :data:`RUN_LOCK`. Returns the open descriptor, which
     holds the lock until :func:`release_run_folder` or the process's end (SIGKILL too: the kernel
-    releases it), and a note when a holder that ended without releasing it was taken over. Raises
-    :class:`RunFolderBusy` naming the holder when another process holds it. Deletes nothing."""
+    releases it), and a note when a holder that ended without releasing it was taken over; (None, why)
+    on a file system without locks. Raises :class:`RunFolderBusy` naming the holder when another process
+    holds it. Deletes nothing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RUN_LOCK
@@ -110,6 +112,12 @@ def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int, str | None
             f"{folder} is in use by another Snakemake run ({described}; lock {path}); two runs writing one "
             "results folder delete each other's files. Wait for it to end, stop it, or give this run another "
             "`run` or `results_dir` in the config") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        os.close(handle)
+        return None, (f"{path}: this file system has no locks ({error.strerror}); nothing stops a second "
+                      "Snakemake from another working folder writing into this results folder meanwhile")
     previous = _read_holder(handle)
     os.ftruncate(handle, 0)
     os.pwrite(handle, (json.dumps(_holder_record(Path(working_folder))) + "\n").encode(), 0)

@@ -303,12 +303,13 @@ onstart:
     from pathmamba.locks import RunFolderBusy, lock_run_folder
 
     try:
-        handle, taken_over = lock_run_folder(Path(RESULTS), Path.cwd())
+        handle, note = lock_run_folder(Path(RESULTS), Path.cwd())
     except RunFolderBusy as error:
         raise WorkflowError(str(error)) from None
-    RUN_LOCK.append(handle)
-    if taken_over:
-        logger.warning(taken_over)
+    if handle is not None:
+        RUN_LOCK.append(handle)
+    if note:
+        logger.warning(note)
     if config["forkserver"]:
         reason = forkserver_off_reason()
         if reason:
