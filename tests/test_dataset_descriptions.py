@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import REPO
 from PIL import Image
 
+from baselines.cam.wsss_tissue import WSSSTissueClassifier
+from baselines.unet import UNet
 from pathmamba.config import ConfigError, check_config
 from pathmamba.data.readers import LabelError, index_dataset, read_mask
 from pathmamba.data.specs import DescriptionError, dataset_names, get_dataset_spec, load_description
@@ -178,6 +181,22 @@ def test_two_classes_are_enough(tmp_path):
     assert all(len(label) == 2 and any(label) for _, label in index.train)
     assert all(path.name.endswith(("[10].png", "[01].png", "[11].png")) for path, _ in index.train)
     assert validate_dataset(tmp_path / "data", spec, image_size=32).ok
+
+
+def test_three_class_models_score_three_classes_and_ignore_index_3():
+    spec = get_dataset_spec(str(THREE))
+    torch.manual_seed(0)
+    stage1 = WSSSTissueClassifier(num_classes=3, backbone="resnet18", width=8).eval()
+    images = torch.ones(2, 3, 32, 32) * 2.2  # white glass after ImageNet normalisation
+    images[..., 16:] = -0.5  # dark tissue on the right half
+    masks = stage1.pseudo_masks(images, torch.tensor([[1.0, 0, 1], [0, 1, 0]]), spec)
+    for mask in masks:
+        assert bool((mask[..., :16] == spec.background).all()) and int(mask[..., 16:].max()) <= 2
+    unet = UNet(num_classes=3, encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+    targets = torch.full((2, 32, 32), spec.background)
+    targets[:, :4, :4] = 1
+    loss, _ = unet.loss(torch.randn(2, 3, 32, 32), targets)  # index 3 ignored, not a class out of range
+    assert torch.isfinite(loss) and unet.predict(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
 THREE_CLASS_RUN = {
