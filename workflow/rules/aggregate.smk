@@ -10,23 +10,7 @@ report: "../report/workflow.rst"
 
 PAPER_RESULTS = f"{REPO}/config/paper_results.yaml"
 REPORT_SETTINGS = config["report"]
-TABLES = f"{RESULTS}/{layout.TABLES}"
-FIGURES = f"{RESULTS}/{layout.FIGURES}"
 REPORT_LOG_DIR = f"{RESULTS}/{layout.REPORT_LOGS}"
-
-
-def table(stem, extension):
-    """A table file of the run (its name: pathmamba/layout.py)."""
-    return f"{TABLES}/{layout.table_file(stem, extension)}"
-
-
-def figure(stem, extension=layout.FIGURE_FORMATS[0]):
-    """A figure file of the run (its stem: pathmamba/layout.py)."""
-    return f"{FIGURES}/{stem}.{extension}"
-
-
-def dataset_figure(name, dataset):
-    return figure(layout.DATASET_FIGURES[name].format(dataset=dataset))
 
 
 rule tables:

@@ -346,3 +346,23 @@ onsuccess:
 
 onerror:
     end_of_run()
+
+
+# --- tables and figures of the run (aggregate.smk) --------------------------------------------------
+
+TABLES = f"{RESULTS}/{layout.TABLES}"
+FIGURES = f"{RESULTS}/{layout.FIGURES}"
+
+
+def table(stem, extension):
+    """A table file of the run (its name: pathmamba/layout.py)."""
+    return f"{TABLES}/{layout.table_file(stem, extension)}"
+
+
+def figure(stem, extension=layout.FIGURE_FORMATS[0]):
+    """A figure file of the run (its stem: pathmamba/layout.py)."""
+    return f"{FIGURES}/{stem}.{extension}"
+
+
+def dataset_figure(name, dataset):
+    return figure(layout.DATASET_FIGURES[name].format(dataset=dataset))
