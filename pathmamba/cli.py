@@ -249,7 +249,7 @@ def _add_grid_arguments(parser, several_run_dirs: bool = False) -> None:
                                  "a run in two of them must have the same results in both")
     else:
         parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
-    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--datasets", nargs="+", type=_dataset_name, default=None)
     parser.add_argument("--methods", nargs="+", type=_method, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
     parser.add_argument("--paper", type=Path, default=Path(__file__).resolve().parents[1] / "config" / "paper_results.yaml",
