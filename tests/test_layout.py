@@ -90,8 +90,8 @@ def smk_pattern(names: set[str]) -> re.Pattern:
 
 
 #: Layout names that a module uses for something else: predict writes a folder of its own that has a masks/
-#: too; the dataset descriptions shipped with the package are in its data/datasets/.
-OTHER_MEANINGS = {"pathmamba/predict.py": {"masks"}, "pathmamba/data/specs.py": {"datasets"}}
+#: too.
+OTHER_MEANINGS = {"pathmamba/predict.py": {"masks"}}
 
 
 def test_no_results_or_resources_path_is_built_outside_the_layout_module():
