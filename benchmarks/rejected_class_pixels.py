@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from baselines.cam.histosegnet import HistoSegNet
 from baselines.cam.toolbox import gate_classes, kept_classes
 from baselines.cam.wsss_tissue import WSSSTissue
-from pathmamba.data.datasets import ImageMaskDataset
+from pathmamba.data.datasets import ImageMaskDataset, normalised_batch
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.evaluate import load_model
@@ -48,6 +48,7 @@ def count_model(model: torch.nn.Module, loader: DataLoader) -> dict[str, int]:
     counts = {"scored": 0, "rejected": 0, "lost": 0}
     model.eval()
     for images, masks, _ in loader:
+        images = normalised_batch(images, torch.device("cpu"))
         if isinstance(model, HistoSegNet):
             marginals, probabilities = model.crf_marginals(images)
             scores = gate_classes(marginals[:, : model.num_classes], probabilities, model.threshold)

@@ -23,6 +23,7 @@ import gc
 import importlib
 import json
 import logging
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -43,8 +44,10 @@ from pathmamba.config import (
     train_settings,
     without_weights_files,
 )
+from pathmamba.data.datasets import normalised_batch
 from pathmamba.data.specs import DatasetSpec
 from pathmamba.evaluate import predict_split
+from pathmamba.gpus import gpu_pool, threads_per_job
 from pathmamba.models.scan import select_scan
 from pathmamba.optim import adam
 from pathmamba.plan import dataset_image_size, default_throughput_path, load_workflow_config
@@ -128,10 +131,11 @@ def _random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds
 
 def _random_loaders(supervision: str, batches: int, batch_size: int, image_size: int,
                     pseudo_mask_kinds: int, num_classes: int) -> dict[str, DataLoader]:
-    """``batches`` batches of random images for training (with targets), evaluation (with masks and
-    indices, as ``predict_split`` reads them) and pseudo masks (with multi-hot labels)."""
+    """``batches`` batches of random uint8 images, as the datasets give them, for training (with
+    targets), evaluation (with masks and indices, as ``predict_split`` reads them) and pseudo masks (with
+    multi-hot labels)."""
     n = batches * batch_size
-    images = torch.randn(n, 3, image_size, image_size)
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8)
     masks = torch.randint(0, num_classes + 1, (n, image_size, image_size))
     labels = torch.randint(0, 2, (n, num_classes)).float()
     targets = _random_targets(supervision, n, image_size, pseudo_mask_kinds, num_classes)
@@ -146,7 +150,7 @@ def _pseudo_mask_pass(model, loader: DataLoader, device: torch.device, dataset: 
     """What ``pathmamba.pseudo_masks.write_pseudo_masks`` computes per batch, without the PNG writes."""
     for images, labels in loader:
         with autocast(device, precision):
-            masks = model.pseudo_masks(images.to(device), labels.to(device), dataset)
+            masks = model.pseudo_masks(normalised_batch(images, device), labels.to(device), dataset)
         for kind_masks in masks:
             kind_masks.cpu()
 
@@ -244,7 +248,8 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
               scan: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """The throughput record of ``methods`` (default: every configured one) of ``config`` on ``device``
     (default: the config's ``train.device``), ``steps`` timed batches each after ``warmup_steps``, with
-    ``threads`` torch threads (default: the config's ``threads_per_job``, what its jobs get).
+    ``threads`` torch threads (default: the config's ``threads_per_job``, what its jobs get; ``auto``
+    resolved for this machine's cores and GPUs, :func:`pathmamba.gpus.threads_per_job`).
     ``scan`` and ``precision`` replace the config's training settings of that name (a config that
     trains with the fused CUDA scan calibrated on a CPU, say).
 
@@ -261,7 +266,9 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
     check_methods(config, methods)  # before any model is built: a typo is not a traceback
     dataset = max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
     image_size = dataset_image_size(config, dataset)
-    torch.set_num_threads(threads or config.get("threads_per_job", torch.get_num_threads()))
+    configured = config.get("threads_per_job", torch.get_num_threads())
+    torch.set_num_threads(threads or threads_per_job(configured, os.cpu_count() or 1,
+                                                     len(gpu_pool(config.get("gpus", "auto")))))
     torch_device = resolve_device(device or config["train"].get("device", TrainSettings.device))
     # Every weights file, scan and precision checked before the first (slow) measurement.
     stages = {method: ([1] if method in two_stage_methods() else []) + [None] for method in methods}

@@ -215,6 +215,10 @@ def _add_plan(commands) -> None:
     parser.set_defaults(func=_plan)
     parser.add_argument("--configfile", required=True, type=Path,
                         help="workflow config (YAML) with a 'throughput' block")
+    parser.add_argument("--floor", action="store_true",
+                        help="per method, FLOPs and bytes per image counted from the built model and the grid's "
+                             "GPU-hours at the floor of the config's floor.gpu beside the estimate (counts what "
+                             "floor.costs_file lacks first: minutes on a CPU)")
 
 
 def _add_calibrate(commands) -> None:
@@ -607,7 +611,17 @@ def _plan(args) -> None:
     with _config_named(args.configfile):
         config = load_workflow_config(args.configfile)
         check_methods(config, grid_methods(config))
-        print(format_plan(gpu_jobs(config)))
+        if args.floor:
+            from pathmamba.costs import update_costs
+            from pathmamba.plan import format_floor
+
+            counted = update_costs(config)
+            if counted:
+                logging.getLogger("pathmamba").info("counted %s into %s", ", ".join(counted),
+                                                    config["floor"]["costs_file"])
+            print(format_floor(config))
+        else:
+            print(format_plan(gpu_jobs(config)))
 
 
 def _calibrate(args) -> None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pathmamba.data.datasets import ImageMaskDataset
+from pathmamba.data.datasets import ImageMaskDataset, default_workers, normalised_batch
 from pathmamba.data.readers import index_dataset, read_mask
 from pathmamba.data.specs import get_dataset_spec, recorded_spec
 from pathmamba.layout import PER_IMAGE, TEST_METRICS, TRIVIAL
@@ -45,7 +45,7 @@ def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
 def predict_split(model, loader: DataLoader, device: torch.device, num_classes: int, tta: bool = False,
                   names: list[str] | None = None, on_batch=None, channels_last: bool = False,
                   precision: str = "fp32") -> SegmentationMeter:
-    """Predict every batch of (image, mask, index) and accumulate the metrics of ``num_classes`` classes.
+    """Predict every batch of (uint8 image, mask, index) and accumulate the metrics of ``num_classes`` classes.
 
     ``channels_last``: feed batches in the NHWC layout (for a model converted to it, on CUDA).
     ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`).
@@ -55,9 +55,7 @@ def predict_split(model, loader: DataLoader, device: torch.device, num_classes: 
     model.eval()
     meter = SegmentationMeter(num_classes)
     for images, masks, indices in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalised_batch(images, device, channels_last)
         with autocast(device, precision):
             scores = flip_averaged_scores(model, images) if tta else model.predict(images)
         predicted = scores.float().argmax(1).cpu()
@@ -127,13 +125,14 @@ def _write_results(out_dir: Path, meter: SegmentationMeter, record: dict) -> dic
 
 def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path | None = None,
              n_masks: int = 4, tta: bool = False, device: str = "auto", batch_size: int = 16,
-             workers: int = 0, scan: str | None = None, precision: str | None = None) -> dict:
+             workers: int | None = None, scan: str | None = None, precision: str | None = None) -> dict:
     """Evaluate a trained ``model.pt`` once on the test split of its dataset.
 
     Writes ``test_metrics.json`` (both protocols, per-class values), ``per_image.csv`` and, into
     ``masks_dir``, palette PNGs of the predicted masks of the first ``n_masks`` test images by file
     name: each the method's own prediction, a class 0..K-1 at every pixel (the ground truth's background is
-    applied only when scoring; the figures mark it, pathmamba/plots.py). ``scan`` and
+    applied only when scoring; the figures mark it, pathmamba/plots.py). ``workers``: loader processes,
+    default as training's (:func:`pathmamba.data.datasets.default_workers`). ``scan`` and
     ``precision``: see :func:`inference_setup`.
     """
     checkpoint, model = load_model(model_path)
@@ -145,6 +144,8 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
     if channels_last:
         model.to(memory_format=torch.channels_last)
     names = [image.name for image, _ in index.test]
+    if workers is None:
+        workers = default_workers(torch_device, torch.get_num_threads())
     loader = DataLoader(ImageMaskDataset(index.test, spec), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=torch_device.type == "cuda")
 

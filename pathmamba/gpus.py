@@ -74,6 +74,15 @@ def gpu_pool(configured: int | str = "auto") -> list[str]:
     return visible[:count] if len(visible) >= count else [str(index) for index in range(count)]
 
 
+def threads_per_job(configured: int | str, cores: int, gpus: int) -> int:
+    """CPU threads of each job: ``configured`` when it is a number. ``auto``: the ``cores`` less one (kept
+    for Snakemake and the system), split evenly between the ``gpus``, so that every GPU runs a job at
+    once: ``(cores - 1) // gpus``, at least 1. Without GPUs, ``cores - 1``: jobs then run one at a time."""
+    if configured != "auto":
+        return int(configured)
+    return max(1, (cores - 1) // max(gpus, 1))
+
+
 def default_lock_dir() -> Path:
     """The host's slot locks of this user: in the temporary folder, which is local to the machine."""
     return Path(tempfile.gettempdir()) / f"pathmamba-gpu-slots-{os.getuid()}"

@@ -17,10 +17,11 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from pathmamba.data.acquire import sha256
-from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset
+from pathmamba.data.datasets import PSEUDO_MASK_MANIFEST, ImageLabelDataset, default_workers, normalised_batch
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import recorded_spec
 from pathmamba.evaluate import inference_setup, load_model, save_palette_mask
@@ -59,10 +60,11 @@ def not_ours(folder: Path) -> str | None:
 
 
 def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device: str = "auto",
-                       batch_size: int = 16, workers: int = 0, scan: str | None = None,
+                       batch_size: int = 16, workers: int | None = None, scan: str | None = None,
                        precision: str | None = None) -> dict:
     """Write the pseudo masks of the stage-1 model in ``model_path`` for every training image of its
-    dataset into ``out_dir``; returns the manifest. ``scan``, ``precision``: see
+    dataset into ``out_dir``; returns the manifest. ``workers``: loader processes, default as training's
+    (:func:`pathmamba.data.datasets.default_workers`). ``scan``, ``precision``: see
     :func:`pathmamba.evaluate.inference_setup`."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, not_ours, WHAT)  # before any work
@@ -80,6 +82,8 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
     try:
         for kind in kinds:
             (building / kind).mkdir()
+        if workers is None:
+            workers = default_workers(torch_device, torch.get_num_threads())
         loader = DataLoader(ImageLabelDataset(index.train), batch_size=batch_size, shuffle=False,
                             num_workers=workers, pin_memory=torch_device.type == "cuda")
         names = [image.name for image, _ in index.train]
@@ -87,7 +91,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         done = 0
         for images, labels in loader:
             with autocast(torch_device, precision):
-                masks = model.pseudo_masks(images.to(torch_device), labels.to(torch_device), spec)
+                masks = model.pseudo_masks(normalised_batch(images, torch_device), labels.to(torch_device), spec)
             for kind, kind_masks in zip(kinds, masks, strict=True):
                 for offset, mask in enumerate(kind_masks.cpu().numpy()):
                     save_palette_mask(mask, spec.flat_palette, building / kind / names[done + offset])

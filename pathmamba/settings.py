@@ -34,7 +34,7 @@ class TrainSettings:
     100 epochs).
 
     ``workers``: data loader processes; None derives them from the CPU threads given to the job (see
-    :func:`pathmamba.train.default_workers`). ``channels_last``: on CUDA, model and batches in the NHWC
+    :func:`pathmamba.data.datasets.default_workers`). ``channels_last``: on CUDA, model and batches in the NHWC
     memory layout that tensor-core convolutions prefer; ignored on the CPU. ``deterministic``: deterministic
     algorithms and no cuDNN autotuning (bitwise-repeatable GPU runs, slower). ``device``: ``cuda``
     without a usable GPU is an error, ``auto`` falls back to the CPU with a warning. ``scan``: the

@@ -47,7 +47,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from pathmamba import __version__
 from pathmamba.data.acquire import sha256
-from pathmamba.data.datasets import ImageLabelDataset, ImageMaskDataset, PseudoMaskDataset
+from pathmamba.data.datasets import (
+    ImageLabelDataset,
+    ImageMaskDataset,
+    PseudoMaskDataset,
+    default_workers,
+    normalised_batch,
+)
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import DatasetSpec, get_dataset_spec
 from pathmamba.evaluate import predict_split
@@ -102,13 +108,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became nan or infinite: the run has no result and writes none."""
 
 
-def default_workers(device: torch.device, threads: int) -> int:
-    """Loader workers for a job given ``threads`` CPU threads: on CUDA all but one thread decode
-    images while the GPU computes; on the CPU none, because the model's own compute needs every core
-    (measured with benchmarks/training_throughput.py)."""
-    return max(0, threads - 1) if device.type == "cuda" else 0
-
-
 def split_for_pixel_supervision(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
     """A fixed seeded split of ``n`` val images into (train, select) index lists."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(PIXEL_SPLIT_SEED)).tolist()
@@ -121,15 +120,21 @@ class EpochSeeded(Dataset):
     only on (seed, e, i): the same in the main process or any loader worker, and after a resume.
 
     The wrapped dataset draws from torch's global CPU generator; it is reseeded per item inside
-    ``fork_rng``, so the main process's own random stream is left as it was.
+    ``fork_rng``, so the main process's own random stream is left as it was. The epoch lives in shared
+    memory, so that loader workers kept from one epoch to the next (persistent) read the current one.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Takes effect in workers because they are started afresh each epoch (not persistent)."""
-        self.epoch = epoch
+        """Before the epoch's loader iterator is made: workers read it when the iterator sends them indices."""
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -149,7 +154,8 @@ def _loaders(index, spec, supervision: str, settings: TrainSettings, seed: int, 
              pin: bool, pseudo_masks: Path | None) -> tuple[DataLoader, DataLoader, EpochSeeded, torch.Generator]:
     """(train loader, model-selection loader, the epoch-seeded train set, the data-order generator).
 
-    Workers are not persistent: a fresh start per epoch is what lets ``set_epoch`` reach them.
+    Workers are persistent: started once, not every epoch (``set_epoch`` reaches them through shared
+    memory). Batches hold uint8 images, normalised on the device (:func:`normalised_batch`).
     """
     val = ImageMaskDataset(index.val, spec)
     if supervision == "image":
@@ -165,7 +171,8 @@ def _loaders(index, spec, supervision: str, settings: TrainSettings, seed: int, 
     seeded = EpochSeeded(train_set, seed)
     order = torch.Generator()
     # The loader draws its workers' base seed from its own generator, not from the global one.
-    common = {"num_workers": workers, "pin_memory": pin, "worker_init_fn": _worker_init if workers else None}
+    common = {"num_workers": workers, "pin_memory": pin, "worker_init_fn": _worker_init if workers else None,
+              "persistent_workers": workers > 0}
     train_loader = DataLoader(seeded, batch_size=settings.batch_size, sampler=RandomSampler(seeded, generator=order),
                               drop_last=False, generator=torch.Generator().manual_seed(seed), **common)
     select_loader = DataLoader(select_set, batch_size=settings.batch_size, shuffle=False, **common)
@@ -607,9 +614,7 @@ def _train_epoch(model, optimiser, loader, device, epoch: int, epochs: int, chan
     # a short one adds nothing to its epoch line.
     every, logged = max(1, steps // 10), started
     for step, batch in enumerate(loader, 1):
-        images = batch[0].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalised_batch(batch[0], device, channels_last)
         targets = batch[1].to(device, non_blocking=True)
         with autocast(device, precision):
             loss, parts = model.loss(images, targets)

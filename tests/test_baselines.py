@@ -17,7 +17,7 @@ from baselines.cam.crf import CRFSettings, build_crf, dense_crf
 from baselines.cam.gradcam import grad_cam_maps
 from baselines.cam.histosegnet import background_map, subtract_other_classes, to_rgb255
 from baselines.unet import UNet
-from pathmamba.data.datasets import ImageMaskDataset, to_tensor
+from pathmamba.data.datasets import ImageMaskDataset, normalised_batch, to_tensor
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
@@ -65,7 +65,7 @@ def test_every_method_trains_and_predicts_masks(method, data_root, tmp_path):
     model.eval()
     index = index_dataset(data_root, get_dataset_spec(DATASET))
     test = ImageMaskDataset(index.test, get_dataset_spec(DATASET))
-    images = torch.stack([test[i][0] for i in range(N_TEST)])
+    images = normalised_batch(torch.stack([test[i][0] for i in range(N_TEST)]), torch.device("cpu"))
     with torch.no_grad():  # as the engine predicts
         scores = model.predict(images)
     assert scores.shape == (N_TEST, NUM_CLASSES, 64, 64)

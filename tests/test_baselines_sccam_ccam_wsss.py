@@ -23,7 +23,7 @@ from baselines.cam.wsss_tissue import (
     dropout_gamma,
     pseudo_mask,
 )
-from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDataset
+from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDataset, normalised_batch
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
@@ -338,7 +338,8 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
     index = index_dataset(tiny_luad, get_dataset_spec("synthetic-luad"))
     (image_path, label), = index.train[:1]
     image, target = ImageLabelDataset(index.train[:1])[0]
-    expected = stage1.eval().pseudo_masks(image[None], target[None], get_dataset_spec("synthetic-luad"))
+    expected = stage1.eval().pseudo_masks(normalised_batch(image[None], torch.device("cpu")), target[None],
+                                          get_dataset_spec("synthetic-luad"))
     for kind, mask in zip(manifest["masks"], expected, strict=True):
         written = Image.open(tmp_path / "pseudo_masks" / kind / image_path.name)
         assert written.mode == "P"

@@ -1,4 +1,5 @@
-"""Torch datasets: tensor shapes and types, normalisation, aligned and reproducible augmentation."""
+"""Torch datasets: tensor shapes and types (uint8 images), normalisation of batches, aligned and
+reproducible augmentation, the epoch reaching persistent loader workers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathmamba.data.datasets import (
     IMAGENET_STD,
     ImageLabelDataset,
     ImageMaskDataset,
+    normalised_batch,
     random_dihedral,
     to_tensor,
 )
@@ -56,9 +58,9 @@ def test_image_label_dataset_items(index):
     assert len(dataset) == 4
     for i, (path, label) in enumerate(index.train):
         image, target = dataset[i]
-        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
         assert target.dtype == torch.float32 and target.tolist() == list(label)
-        np.testing.assert_array_equal(_denormalise(image), np.asarray(Image.open(path)))
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.asarray(Image.open(path)))
 
 
 def test_image_mask_dataset_items(index):
@@ -66,11 +68,22 @@ def test_image_mask_dataset_items(index):
     assert len(dataset) == 3
     for i, (image_path, mask_path) in enumerate(index.val):
         image, mask, item = dataset[i]
-        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
         assert mask.shape == (SIZE, SIZE) and mask.dtype == torch.int64
         assert item == i
         np.testing.assert_array_equal(mask.numpy(), read_mask(mask_path, SPEC))
-        np.testing.assert_array_equal(_denormalise(image), np.asarray(Image.open(image_path)))
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.asarray(Image.open(image_path)))
+
+
+def test_a_normalised_batch_is_bitwise_the_images_normalised_one_by_one(index):
+    """What the datasets gave before (each image normalised by itself, float32) is what a uint8 batch
+    normalised at once gives now: no trained number moves."""
+    images = torch.stack([ImageLabelDataset(index.train)[i][0] for i in range(4)])
+    one_by_one = torch.stack([to_tensor(image.permute(1, 2, 0).numpy()) for image in images])
+    batch = normalised_batch(images, torch.device("cpu"))
+    assert batch.dtype == torch.float32 and torch.equal(batch, one_by_one)
+    nhwc = normalised_batch(images, torch.device("cpu"), channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, one_by_one)
 
 
 def test_a_mask_of_another_size_is_an_error_naming_both_files(tmp_path):
@@ -101,7 +114,7 @@ def test_augmentation_keeps_image_and_mask_aligned_and_covers_all_eight_symmetri
     for _ in range(64):
         image, mask, _ = dataset[0]
         assert mask.is_contiguous() and image.is_contiguous()
-        np.testing.assert_array_equal(_denormalise(image)[..., 0] // 50, mask.numpy())
+        np.testing.assert_array_equal(image[0].numpy() // 50, mask.numpy())
         seen.add(mask.numpy().tobytes())
     expected = set()
     for k in range(4):
@@ -129,3 +142,27 @@ def test_random_dihedral_applies_one_transform_to_all_tensors():
     for _ in range(16):
         x, y = random_dihedral(a, a[0].long())
         assert torch.equal(x[0].long(), y)
+
+
+def test_persistent_workers_see_each_epoch_and_draw_what_the_main_process_draws(index):
+    """The epoch reaches workers that stay up across epochs (shared memory), so each image's
+    augmentation is a function of (seed, epoch, image) with any number of workers."""
+    from torch.utils.data import DataLoader
+
+    from pathmamba.train import EpochSeeded
+
+    def epochs(workers: int) -> list[list[torch.Tensor]]:
+        seeded = EpochSeeded(ImageLabelDataset(index.train, augment=True), seed=0)
+        loader = DataLoader(seeded, batch_size=2, num_workers=workers, persistent_workers=workers > 0)
+        drawn = []
+        for epoch in (1, 2, 3):
+            seeded.set_epoch(epoch)
+            drawn.append([image for images, _ in loader for image in images])
+        if workers:
+            assert loader._iterator is not None and loader._iterator._persistent_workers  # kept, not restarted
+        return drawn
+
+    in_main, in_workers = epochs(0), epochs(2)
+    for main_epoch, worker_epoch in zip(in_main, in_workers, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(main_epoch, worker_epoch, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(in_workers[0], in_workers[1], strict=True))

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from test_workflow import TINY, run_snakemake
 
-from pathmamba.gpus import claim_workflow_gpu, gpu_pool, visible_gpus
+from pathmamba.gpus import claim_workflow_gpu, gpu_pool, threads_per_job, visible_gpus
 
 # Claims a slot of the pool in argv[1] (locks in argv[2]), prints its id, holds it until stdin closes.
 HOLDER = """
@@ -55,6 +55,13 @@ def test_pool_is_the_visible_gpus_or_the_configured_count(monkeypatch):
     assert gpu_pool(2) == ["0", "1"]  # a pretend pool, as the workflow test below uses
     with pytest.raises(ValueError, match="gpus: -1 is invalid"):
         gpu_pool(-1)
+
+
+@pytest.mark.parametrize("cores, gpus, expected", [(8, 4, 1), (16, 4, 3), (32, 4, 7), (17, 4, 4), (4, 8, 1),
+                                                   (2, 0, 1), (16, 0, 15)])
+def test_auto_threads_keep_one_core_and_split_the_rest_between_the_gpus(cores, gpus, expected):
+    assert threads_per_job("auto", cores, gpus) == expected
+    assert threads_per_job(8, cores, gpus) == 8  # a number is kept as it is
 
 
 def test_slots_are_exclusive_and_a_killed_holder_frees_its_slot(tmp_path):
@@ -128,3 +135,43 @@ def test_six_gpu_jobs_on_two_pretend_gpus_run_two_at_a_time_on_different_gpus(tm
         most_at_once = max(most_at_once, len(running))
         assert len(running) == len(set(running)), f"two jobs on one GPU at once: {jobs}"
     assert most_at_once == 2, jobs
+
+
+@pytest.mark.parametrize("cores, threads", [("8", 1), ("32", 7)])
+def test_auto_threads_reach_the_jobs_commands(tmp_path, snakemake_bin, workflow_env, cores, threads):
+    config = {**tiny_gpu_config(1), "gpus": 4, "threads_per_job": "auto"}
+    result = run_snakemake(snakemake_bin, workflow_env, tmp_path, config, "--cores", cores, "--dry-run",
+                           "--printshellcmds")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line for line in (result.stdout + result.stderr).splitlines() if "python -m pathmamba train" in line]
+    assert commands and all(f"--threads {threads} " in command for command in commands), commands
+
+
+def test_auto_threads_are_refused_for_a_cluster_run_before_any_job(tmp_path, snakemake_bin, workflow_env):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    config = {**tiny_gpu_config(1), "threads_per_job": "auto"}
+    result = run_snakemake(snakemake_bin, workflow_env, tmp_path, config, "--executor", "slurm", "--jobs", "1")
+    assert result.returncode != 0
+    assert "threads_per_job: auto" in result.stderr and "a cluster run needs a number" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".snakemake", "config.yaml"]  # nothing ran
+
+
+@pytest.mark.e2e
+def test_auto_threads_give_each_of_four_pretend_gpus_a_job_on_eight_cores(tmp_path, snakemake_bin, workflow_env):
+    """With `threads_per_job: 8`, eight cores ran one GPU job at a time; auto gives each (8 - 1) // 4 = 1
+    thread, so the four GPUs run four jobs at once."""
+    config = {**tiny_gpu_config(4), "gpus": 4, "threads_per_job": "auto"}
+    env = {**workflow_env, "PATHMAMBA_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    targets = [f"results/tiny/runs/synthetic-luad/cam/seed{seed}/run.json" for seed in config["seeds"]]
+    result = run_snakemake(snakemake_bin, env, tmp_path, config, "--cores", "8", *targets)
+    assert result.returncode == 0, result.stderr[-4000:]
+    jobs = []
+    for target in targets:
+        record = json.loads((tmp_path / target).read_text())
+        assert record["environment"]["threads"] == 1
+        slot = record["environment"]["gpu_slot"]
+        jobs.append((slot["claimed_at"], (tmp_path / target).stat().st_mtime, slot["gpu"]))
+    most_at_once = max(sum(begin <= start < end for begin, end, _ in jobs) for start, _, _ in jobs)
+    assert most_at_once == 4, jobs
+    assert len({gpu for _, _, gpu in jobs}) == 4

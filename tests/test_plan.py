@@ -15,12 +15,16 @@ from pathmamba.config import ConfigError
 from pathmamba.plan import (
     JOB_OVERHEAD_HOURS,
     evaluate_gpu_hours,
+    floor_throughput,
+    format_floor,
     format_plan,
     gpu_jobs,
     method_throughput,
     runtime_minutes,
+    seconds_per_image,
     train_gpu_hours,
 )
+from pathmamba.registry import two_stage_methods
 
 CONFIG = {
     "run": "plan",
@@ -221,3 +225,123 @@ def test_plan_does_not_import_torch():
     # The Snakefile imports the plan at start-up, which must stay fast.
     code = "import sys, pathmamba.plan; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --- the floor: counted work per image, GPU peaks, derived throughput (pathmamba/plan.py, costs.py) ---
+
+GPU = {"bf16_tflops": 100, "fp32_tflops": 10, "hbm_gb_s": 1000, "exp_tera_per_s": 1, "source": "test sheet"}
+WORK = {"flops": 2e9, "bytes": 1e9, "scan_exps": 0, "scan_flops": 0, "scan_bytes": 0}
+# cam's image: 2 GFLOPs at 100 TFLOP/s = 20 us, 1 GB at 1000 GB/s = 1 ms: memory-bound, 1 ms per image
+# (training adds Adam's 28 bytes x 2,000,000 parameters / batch 16 = 3.5 MB: 1.0035 ms).
+COSTS = {"methods": {"cam": {"parameters": 2_000_000, "image_size": 32, "hparams": {},
+                             "train": WORK, "eval": {**WORK, "bytes": 0.5e9}}}}
+
+
+def floor_config(costs_file: Path, **throughput) -> dict:
+    return {**CONFIG, "methods": {"cam": {}}, "throughput": {"default": {"train_images_per_s": 10,
+                                                                         "eval_images_per_s": 20}, **throughput},
+            "floor": {"gpu": "test-gpu", "efficiency": {"cnn": 0.5, "mamba": 0.25}, "costs_file": str(costs_file),
+                      "gpus": {"test-gpu": GPU}}}
+
+
+def test_estimate_is_the_counted_floor_divided_by_the_family_efficiency(tmp_path):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(COSTS))
+    config = floor_config(costs)
+    floor = floor_throughput(config, "synthetic-luad", "cam")
+    assert floor.train_images_per_s == pytest.approx(1 / 1.0035e-3)
+    assert floor.eval_images_per_s == pytest.approx(1 / 0.5e-3)
+    speed = method_throughput(config, "synthetic-luad", "cam")
+    assert speed.train_images_per_s == pytest.approx(0.5 / 1.0035e-3)
+    assert speed.eval_images_per_s == pytest.approx(0.5 / 0.5e-3)
+    assert speed.source == "derived (test-gpu floor x 0.5)"
+    # Counted at another image size (luad-histoseg is 224 px): not derived, the default entry instead.
+    assert method_throughput(config, "luad-histoseg", "cam").source == "assumed (config)"
+    # The SLURM time limits follow: 3 epochs x (100 / train + 20 / eval images per second).
+    assert train_gpu_hours(config, "synthetic-luad", "cam") == pytest.approx(
+        3 * (100 / speed.train_images_per_s + 20 / speed.eval_images_per_s) / 3600 + JOB_OVERHEAD_HOURS)
+
+
+def test_the_scan_adds_its_own_kernel_time():
+    scan = {**WORK, "scan_exps": 3e9, "scan_flops": 1e9, "scan_bytes": 0.0}
+    # exps at 1 T/s: 3 ms, more than its FLOPs at 10 TFLOP/s (0.1 ms) or its bytes
+    assert seconds_per_image(scan, GPU) == pytest.approx(1e-3 + 3e-3)
+    assert seconds_per_image(WORK, GPU, extra_bytes=1e9) == pytest.approx(2e-3)
+
+
+def test_a_throughput_above_the_floor_is_refused_naming_the_key(tmp_path):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(COSTS))
+    config = floor_config(costs, cam={"train_images_per_s": 5000, "eval_images_per_s": 100})
+    with pytest.raises(ConfigError, match=r"throughput\.cam\.train_images_per_s: 5000 images per second is above "
+                                          r"cam's floor on test-gpu \(997 at the GPU's peaks"):
+        gpu_jobs(config)
+    # at or below the floor: used as configured
+    config = floor_config(costs, cam={"train_images_per_s": 900, "eval_images_per_s": 100})
+    assert method_throughput(config, "synthetic-luad", "cam").source == "assumed (config)"
+
+
+def test_counts_of_other_hyper_parameters_do_not_apply(tmp_path):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"methods": {"cam": {**COSTS["methods"]["cam"], "hparams": {"backbone": "resnet18"}}}}))
+    config = floor_config(costs)
+    assert floor_throughput(config, "synthetic-luad", "cam") is None
+    assert "| synthetic-luad | cam | cnn | not counted |" in format_floor(config)
+    costs.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"costs\.json \(floor\.costs_file\): not a costs file"):
+        gpu_jobs(config)
+
+
+def test_floor_table_has_the_images_and_hours_of_every_job(tmp_path):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps(COSTS))
+    config = {**floor_config(costs), "datasets": {"synthetic-luad": CONFIG["datasets"]["synthetic-luad"]}}
+    table = format_floor(config)
+    # per seed 3 epochs x 100 images trained; 3 x 20 selection + 50 test images predicted; 3 seeds
+    floor_hours = 3 * (300 * 1.0035e-3 + 110 * 0.5e-3) / 3600
+    estimate = sum(job.gpu_hours for job in gpu_jobs(config))
+    row = next(line for line in table.splitlines() if line.startswith("| synthetic-luad | cam |"))
+    assert row.split(" | ")[8:] == ["300 / 110", f"{floor_hours:.1f}", f"{estimate:.1f}",
+                                    f"{estimate / floor_hours:.1f} |"]
+    assert "Floor on test-gpu: 100 TFLOP/s bf16 (tensor), 10 TFLOP/s fp32, 1000 GB/s" in table
+
+
+def test_paper_config_derives_every_estimate_from_its_committed_counts():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # its costs_file: in the repository
+    for dataset in config["datasets"]:
+        for method in config["methods"]:
+            stages = ([1] if method in two_stage_methods() else []) + [None]
+            for stage in stages:
+                speed = method_throughput(config, dataset, method, stage)
+                floor = floor_throughput(config, dataset, method, stage)
+                assert speed.source.startswith("derived (a100-sxm4-80gb floor x "), (method, stage, speed.source)
+                assert speed.train_images_per_s <= floor.train_images_per_s
+                assert speed.eval_images_per_s <= floor.eval_images_per_s
+
+
+def test_an_efficiency_above_one_is_refused(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    config = floor_config(tmp_path / "costs.json")
+    config["floor"]["efficiency"]["cnn"] = 1.5
+    path.write_text(yaml.safe_dump(config))
+    assert "1.5 is greater than the maximum of 1" in cli_error(["plan", "--configfile", str(path)], capsys)
+
+
+def test_plan_floor_counts_each_method_once_and_prints_the_table(tmp_path, capsys):
+    costs = tmp_path / "costs.json"
+    config = floor_config(costs)
+    config.update(datasets={"synthetic-luad": CONFIG["datasets"]["synthetic-luad"]}, seeds=[0],
+                  methods={"cam": {"hparams": {"backbone": "resnet18", "output_stride": 32}}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", "--configfile", str(path), "--floor"]) == 0
+    record = json.loads(costs.read_text())
+    cam = record["methods"]["cam"]
+    assert cam["image_size"] == 32 and cam["hparams"] == {"backbone": "resnet18", "output_stride": 32}
+    # ResNet-18: 1.82 G multiply-adds per 224 px image (2 FLOPs each), x (32 / 224)^2: 0.074 GFLOPs
+    assert 0.07e9 < cam["eval"]["flops"] < 0.08e9 and 2 * cam["eval"]["flops"] < cam["train"]["flops"]
+    assert cam["train"]["bytes"] > cam["eval"]["bytes"] > 0 and cam["train"]["scan_exps"] == 0
+    assert "| synthetic-luad | cam | cnn |" in capsys.readouterr().out
+    before = costs.stat().st_mtime_ns
+    assert main(["plan", "--configfile", str(path), "--floor"]) == 0
+    assert costs.stat().st_mtime_ns == before  # counted already: not again

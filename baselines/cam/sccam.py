@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import image_logits
+from pathmamba.data.datasets import normalised_batch
 from pathmamba.models.backbones import stage_channels
 
 
@@ -110,7 +111,7 @@ class SCCAM(CAMClassifier):
         dataset.augment = False
         features, labels = [], []
         for images, targets in DataLoader(dataset, batch_size=loader.batch_size, shuffle=False):
-            features.append(self.features(images.to(device)).float().mean(dim=(2, 3)).cpu())
+            features.append(self.features(normalised_batch(images, device)).float().mean(dim=(2, 3)).cpu())
             labels.append(targets)
         self.train(was_training)
         return torch.cat(features), torch.cat(labels)

@@ -1,7 +1,9 @@
 """Torch datasets over indexed files: image-level labels for training, pixel masks for val/test.
 
-Decoding is the hot path of CPU training: one PIL decode, one numpy copy to float, in-place
-normalisation, no per-pixel Python.
+Decoding is the hot path of training: one PIL decode and one uint8 copy per image, no per-pixel
+Python. Images leave the datasets as uint8, a quarter of the bytes of float32 between loader workers
+and the main process and to the device; :func:`normalised_batch` widens and normalises a batch where
+the model runs (benchmarks/data_loading.py measures both).
 """
 
 from __future__ import annotations
@@ -31,6 +33,26 @@ def to_chw(image: np.ndarray) -> torch.Tensor:
 def normalise(chw: torch.Tensor) -> torch.Tensor:
     """(3, H, W) uint8 -> (3, H, W) float32 normalised with the ImageNet mean and std."""
     return chw.float().sub_(_MEAN_255).div_(_STD_255)
+
+
+def normalised_batch(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> on ``device``, (B, 3, H, W) float32 normalised with the ImageNet mean and std.
+
+    The arithmetic of :func:`normalise` (widen, subtract, divide; each element on its own), so a batch is
+    bitwise what normalising its images one by one on the CPU gives. ``channels_last``: the NHWC layout
+    (for a model converted to it), set while the batch is still uint8.
+    """
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.float().sub_(_MEAN_255.to(device)).div_(_STD_255.to(device))
+
+
+def default_workers(device: torch.device, threads: int) -> int:
+    """Loader workers for a job given ``threads`` CPU threads: on CUDA all but one thread decode
+    images while the GPU computes; on the CPU none, because the model's own compute needs every core
+    (measured with benchmarks/training_throughput.py)."""
+    return max(0, threads - 1) if device.type == "cuda" else 0
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -64,7 +86,7 @@ class ImageLabelDataset(Dataset):
     """Training images with image-level labels.
 
     ``items``: (image path, label) pairs, label K ints 0/1 (K the dataset's classes). ``__getitem__`` returns
-    (image (3, H, W) float32 normalised, label (K,) float32 multi-hot).
+    (image (3, H, W) uint8, label (K,) float32 multi-hot).
     """
 
     def __init__(self, items: list[tuple[Path, tuple[int, ...]]], augment: bool = False):
@@ -78,16 +100,15 @@ class ImageLabelDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = to_chw(read_image(self.paths[index]))
         if self.augment:
-            # On uint8, before normalising: a quarter of the bytes to move, the same result.
             (image,) = random_dihedral(image)
-        return normalise(image), self.labels[index]
+        return image, self.labels[index]
 
 
 class ImageMaskDataset(Dataset):
     """Images with pixel masks (val/test).
 
-    ``items``: (image path, mask path) pairs. ``__getitem__`` returns (image (3, H, W) float32
-    normalised, mask (H, W) int64 with 0..K-1 tissue and K the ignored background, the item's index).
+    ``items``: (image path, mask path) pairs. ``__getitem__`` returns (image (3, H, W) uint8, mask
+    (H, W) int64 with 0..K-1 tissue and K the ignored background, the item's index).
     """
 
     def __init__(self, items: list[tuple[Path, Path]], spec: DatasetSpec, augment: bool = False):
@@ -111,7 +132,7 @@ class ImageMaskDataset(Dataset):
         mask_tensor = torch.from_numpy(mask.astype(np.int64))
         if self.augment:
             image_tensor, mask_tensor = random_dihedral(image_tensor, mask_tensor)
-        return normalise(image_tensor), mask_tensor, index
+        return image_tensor, mask_tensor, index
 
 
 #: The record a pseudo-mask folder ends with (``pathmamba.pseudo_masks``): which masks, for how many images.
@@ -123,7 +144,7 @@ class PseudoMaskDataset(Dataset):
 
     ``folder`` holds one sub-folder per mask kind (listed in its ``manifest.json`` under ``masks``), each
     with a P-mode PNG per training image under the image's file name. ``__getitem__`` returns (image
-    (3, H, W) float32 normalised, masks (K, H, W) int64 with the classes and the ignored background index), one dihedral
+    (3, H, W) uint8, masks (kinds, H, W) int64 with the classes and the ignored background index), one dihedral
     augmentation applied to all of them alike.
     """
 
@@ -157,4 +178,4 @@ class PseudoMaskDataset(Dataset):
                              f"px but its image {self.images[index]} is {image.shape[-1]}x{image.shape[-2]} px")
         if self.augment:
             image, masks = random_dihedral(image, masks)
-        return normalise(image), masks
+        return image, masks

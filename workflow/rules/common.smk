@@ -35,7 +35,7 @@ from pathmamba.config import (
     method_hparams,
     train_settings,
 )
-from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool
+from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool, threads_per_job
 from pathmamba import cpu_pins, layout
 from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
 from pathmamba.registry import two_stage_methods
@@ -137,6 +137,15 @@ if workflow.is_main_process and "gpu" not in workflow.global_resources:
         workflow.register_resource("gpu", len(GPU_POOL))
         os.environ[POOL_VARIABLE] = ",".join(GPU_POOL)
         os.environ.setdefault(LOCK_DIR_VARIABLE, str(default_lock_dir()))
+
+# `threads_per_job: auto` (pathmamba.gpus.threads_per_job): a local run splits its `--cores`, one kept
+# for Snakemake, between the units of the `gpu` resource (the GPUs of the pool), so that every GPU has a
+# job. The rules read the number from the config. A cluster run is refused at its start (onstart): the
+# executor is not known yet while this file is read, and the cores of this host say nothing of the nodes'.
+THREADS_PER_JOB_CONFIGURED = config["threads_per_job"]
+if THREADS_PER_JOB_CONFIGURED == "auto":
+    GPU_UNITS = workflow.global_resources["gpu"].value if "gpu" in workflow.global_resources else 0
+    config["threads_per_job"] = threads_per_job("auto", workflow.cores, GPU_UNITS or 0)
 
 
 wildcard_constraints:
@@ -302,6 +311,11 @@ onstart:
     from snakemake.logging import logger
     from pathmamba.locks import RunFolderBusy, lock_run_folder
 
+    if THREADS_PER_JOB_CONFIGURED == "auto" and workflow.executor_plugin.common_settings.non_local_exec:
+        raise WorkflowError(
+            "threads_per_job: auto splits the cores of this machine between its GPUs, for a local run; a "
+            "cluster run needs a number, the CPUs each job asks for: e.g. --config threads_per_job=8"
+        )
     try:
         handle, note = lock_run_folder(Path(RESULTS), Path.cwd())
     except RunFolderBusy as error:
