@@ -77,9 +77,15 @@ def test_missing_weights_file_is_an_error_before_any_measurement(tmp_path, monke
         calibration_hparams(config, "wsss-tissue", 1, random_init=False)
 
 
-def test_unconfigured_method_is_an_error_naming_it(capsys):
+def test_an_unknown_or_unconfigured_method_is_an_error_naming_it(tmp_path, capsys):
     message = cli_error(["calibrate", "--configfile", str(REPO / "config" / "demo.yaml"), "--methods", "sam"], capsys)
-    assert "methods: sam not configured; configured methods: cam, gradcam" in message
+    assert "argument --methods: unknown method 'sam'; registered methods: c-cam, cam" in message  # by the parser
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    del config["methods"]["unet"]
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    message = cli_error(["calibrate", "--configfile", str(configfile), "--methods", "unet"], capsys)
+    assert f"{configfile}: methods: unet not configured; configured methods: c-cam, cam, gradcam" in message
 
 
 @pytest.mark.parametrize(("n_val", "val_fraction"), [(24, 0.2), (300, 0.2), (7, 0.5), (2, 0.1)])
