@@ -28,7 +28,7 @@ from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.evaluate import load_model
-from pathmamba.train import TrainSettings, train
+from pathmamba.train import EpochSeeded, TrainSettings, train
 
 TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
 TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}
@@ -324,6 +324,22 @@ def test_engine_reclusters_sccam_between_epochs_and_resumes(tiny_luad, tmp_path)
     train("sc-cam", "synthetic-luad", tiny_luad, tmp_path / "resumed", tmp_path / "ckpt-resumed", seed=0,
           hparams=hparams, settings=settings)
     assert [row["loss"] for row in _history(tmp_path / "resumed")] == [row["loss"] for row in rows]
+
+
+def test_sccam_clusters_the_unaugmented_training_images_under_the_engines_wrapper(tiny_luad):
+    """extract_feature.py: features of the plain training images, also when the loader's dataset is the
+    engine's seeded, augmenting wrapper (EpochSeeded)."""
+    torch.manual_seed(0)
+    model = SCCAM(num_classes=4, subcategories=2, cam_epochs=1, round_epochs=(1,), **TINY)
+    index = index_dataset(tiny_luad, get_dataset_spec("synthetic-luad"))
+    augmented = EpochSeeded(ImageLabelDataset(index.train, augment=True), seed=0)
+    features, _ = model.pooled_training_features(DataLoader(augmented, batch_size=4), CPU)
+    plain = ImageLabelDataset(index.train)
+    images = torch.stack([plain[i][0] for i in range(len(plain))])
+    with torch.no_grad():
+        expected = model.eval().features(normalised_batch(images, CPU)).float().mean(dim=(2, 3))
+    torch.testing.assert_close(features, expected)
+    assert augmented.dataset.augment  # the training loader's own dataset still augments
 
 
 def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_luad, tmp_path, caplog):

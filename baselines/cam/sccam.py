@@ -107,7 +107,9 @@ class SCCAM(CAMClassifier):
         augmentation (as the original's ``extract_feature.py``)."""
         was_training = self.training
         self.eval()
-        dataset = copy.copy(loader.dataset)
+        # The engine's loader wraps the dataset (pathmamba.train.EpochSeeded, seeding its augmentation):
+        # augmentation is switched off on the dataset that draws it.
+        dataset = copy.copy(getattr(loader.dataset, "dataset", loader.dataset))
         dataset.augment = False
         features, labels = [], []
         for images, targets in DataLoader(dataset, batch_size=loader.batch_size, shuffle=False):
