@@ -17,6 +17,7 @@ from pathmamba.layout import PER_IMAGE, TEST_METRICS, TRIVIAL
 from pathmamba.metrics import SegmentationMeter
 from pathmamba.model_files import build_recorded_model, check_model_record, load_checked_weights
 from pathmamba.models.scan import select_scan
+from pathmamba.registry import selection_predictor
 from pathmamba.runtime import (
     ProgressLog,
     atomic_write_json,
@@ -44,8 +45,10 @@ def flip_averaged_scores(model, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_split(model, loader: DataLoader, device: torch.device, num_classes: int, tta: bool = False,
                   names: list[str] | None = None, on_batch=None, channels_last: bool = False,
-                  precision: str = "fp32") -> SegmentationMeter:
+                  precision: str = "fp32", selection: bool = False) -> SegmentationMeter:
     """Predict every batch of (uint8 image, mask, index) and accumulate the metrics of ``num_classes`` classes.
+
+    ``selection``: predict as model selection does (:func:`pathmamba.registry.selection_predictor`).
 
     ``channels_last``: feed batches in the NHWC layout (for a model converted to it, on CUDA).
     ``precision``: a resolved precision (:func:`pathmamba.runtime.resolve_precision`).
@@ -54,10 +57,11 @@ def predict_split(model, loader: DataLoader, device: torch.device, num_classes: 
     """
     model.eval()
     meter = SegmentationMeter(num_classes)
+    predict = selection_predictor(model) if selection else model.predict
     for images, masks, indices in loader:
         images = normalised_batch(images, device, channels_last)
         with autocast(device, precision):
-            scores = flip_averaged_scores(model, images) if tta else model.predict(images)
+            scores = flip_averaged_scores(model, images) if tta else predict(images)
         predicted = scores.float().argmax(1).cpu()
         meter.update(predicted, masks, [names[i] for i in indices.tolist()] if names else None)
         if on_batch is not None:

@@ -22,6 +22,11 @@ recomputed from the weights, so that a resumed run equals an uninterrupted one.
 Optional (:class:`SelectsEpochs`): ``selectable_epoch(epoch, epochs) -> bool``, the epochs that model
 selection may keep (SC-CAM: its original's final model, not the best val epoch); see :func:`selectable_epoch`.
 
+Optional (:class:`SelectsOnDevice`): ``selection_scores(images) -> scores``, what model selection ranks the
+epochs by when ``predict`` has a step the model's device cannot run (HistoSegNet's dense CRF, on the CPU,
+while the GPU would wait); ``predict`` still gives the masks of ``evaluate`` and ``predict``. See
+:func:`selection_predictor`.
+
 Two-stage methods (``MethodSpec.stage1``, WSSS-Tissue): the first stage is trained as a run of its own
 (``build_method(name, stage=1)``, image supervision) whose model must also have (:class:`FirstStage`)
 ``pseudo_masks(images, targets, dataset) -> [(B, H, W) int64] * K`` and ``pseudo_mask_names`` (K folder
@@ -72,6 +77,20 @@ def selectable_epoch(model: object, epoch: int, epochs: int) -> bool:
     """Whether the engine's model selection may keep ``epoch`` (1-based) of ``epochs``: every epoch of a
     method without :class:`SelectsEpochs`; the final epoch always, so that every run ends with a model."""
     return epoch == epochs or not isinstance(model, SelectsEpochs) or model.selectable_epoch(epoch, epochs)
+
+
+@runtime_checkable
+class SelectsOnDevice(Protocol):
+    """A method whose ``predict`` ends in a step off the model's device: model selection scores the val
+    images with ``selection_scores`` instead, (B, C, H, W) like ``predict``, all on the device."""
+
+    def selection_scores(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def selection_predictor(model: object):
+    """What the engine's model selection predicts with: ``selection_scores`` of a :class:`SelectsOnDevice`
+    method, ``predict`` of every other."""
+    return model.selection_scores if isinstance(model, SelectsOnDevice) else model.predict
 
 
 @runtime_checkable

@@ -521,7 +521,7 @@ def _fit(run: _Run, progress: _Progress, checkpoint_dir: Path, seed: int, datase
                                    run.channels_last, run.precision, between_steps=sigterm.check,
                                    lr_factor_at=lambda step, first=(epoch - 1) * steps, total=epochs * steps:
                                    lr_factor(run.settings.lr_schedule, first + step, total))
-                meter = predict_split(run.model, run.select_loader, run.device, run.num_classes,
+                meter = predict_split(run.model, run.select_loader, run.device, run.num_classes, selection=True,
                                       channels_last=run.channels_last,
                                       precision=run.precision)
                 scores = meter.summary()["ignore_background"]

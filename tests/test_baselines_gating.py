@@ -15,7 +15,9 @@ from baselines.cam.histosegnet import HistoSegNet
 from baselines.cam.sccam import SCCAM
 from baselines.cam.toolbox import REJECTED_SCORE, gate_classes, multiscale_flip_maps
 from baselines.cam.wsss_tissue import WSSSTissue, WSSSTissueClassifier
-from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, normalised_batch
+from pathmamba.evaluate import predict_split
+from pathmamba.registry import selection_predictor
 
 TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
 TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}
@@ -83,8 +85,8 @@ def test_histosegnet_masks_hold_only_kept_classes(monkeypatch):
     model = HistoSegNet(num_classes=4, **TINY).eval()
     cams = torch.relu(crafted_maps()) / 3
     cams[:, 0] = 1.0
-    monkeypatch.setattr(histosegnet_module, "histosegnet_grad_cam", lambda *args: cams)
-    monkeypatch.setattr(model, "forward", lambda images: crafted_maps().mean(dim=(2, 3)))
+    monkeypatch.setattr(histosegnet_module, "resized_grad_cam", lambda *args: cams)
+    monkeypatch.setattr(model.classifier, "forward", lambda features: crafted_maps())  # logits: their means
     marginals, _ = model.crf_marginals(tissue_images())
     assert (marginals[:, 0] == 0).all()  # a zero map stays out of the CRF, as in the original
     assert_only_kept_classes(model.predict(tissue_images()), tied_winner=None)
@@ -95,15 +97,55 @@ def test_histosegnet_maps_scale_by_confidence_and_subtract_over_all_labels(monke
     subtraction over the C + 2 labels, "other" exempt."""
     model = HistoSegNet(num_classes=4, **TINY).eval()
     cams = torch.full((1, 4, SIZE, SIZE), 0.5)
-    monkeypatch.setattr(histosegnet_module, "histosegnet_grad_cam", lambda *args: cams)
+    monkeypatch.setattr(histosegnet_module, "resized_grad_cam", lambda *args: cams)
     logits = torch.tensor([[2.0, 0.0, -3.0, -3.0]])  # probabilities 0.881, 0.5, rejected, rejected
-    monkeypatch.setattr(model, "forward", lambda images: logits)
+    monkeypatch.setattr(model.classifier, "forward", lambda features: logits[:, :, None, None])
     maps, _ = model.label_maps(tissue_images())
     p0, p1 = torch.sigmoid(logits[0, :2])
     other = 0.05 * (1 - 0.5 * p0)
     torch.testing.assert_close(maps[0, 0], torch.full((SIZE, SIZE), float(0.5 * p0 - max(0.5 * p1, other))))
     assert (maps[0, 1:5] == 0).all()
     torch.testing.assert_close(maps[0, 5], torch.full((SIZE, SIZE), float(other)))
+
+
+def test_histosegnet_runs_the_backbone_once_for_probabilities_and_grad_cam():
+    """label_maps takes the class probabilities from the Grad-CAM's features: one backbone pass, the
+    same probabilities as the model's forward, bit for bit."""
+    torch.manual_seed(0)
+    model = HistoSegNet(num_classes=4, **TINY).eval()
+    images = torch.randn(2, 3, SIZE, SIZE)
+    passes = []
+    hook = model.features.register_forward_hook(lambda *args: passes.append(1))
+    _, probabilities = model.label_maps(images)
+    hook.remove()
+    assert len(passes) == 1
+    with torch.no_grad():
+        assert torch.equal(probabilities, torch.sigmoid(model(images)))
+
+
+def test_histosegnet_selects_without_the_crf_and_predicts_with_it(monkeypatch):
+    """Model selection (predict_split with selection=True, as training calls it) scores the CRF's input
+    maps of the kept classes and never runs the CRF; evaluation (selection=False) runs it per image."""
+    torch.manual_seed(0)
+    model = HistoSegNet(num_classes=4, **TINY).eval()
+    crf_images, real_dense_crf = [], histosegnet_module.dense_crf
+
+    def counted_dense_crf(image, maps, settings):
+        crf_images.append(image.shape)
+        return real_dense_crf(image, maps, settings)
+
+    monkeypatch.setattr(histosegnet_module, "dense_crf", counted_dense_crf)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    loader = [(images, torch.zeros(2, SIZE, SIZE, dtype=torch.int64), torch.arange(2))]
+    assert selection_predictor(model) == model.selection_scores
+    assert selection_predictor(CAMClassifier(num_classes=4, **TINY)).__name__ == "predict"
+    predict_split(model, loader, torch.device("cpu"), 4, selection=True)
+    assert crf_images == []
+    predict_split(model, loader, torch.device("cpu"), 4)
+    assert len(crf_images) == 2
+    normalised = normalised_batch(images, torch.device("cpu"))
+    maps, probabilities = model.label_maps(normalised)
+    torch.testing.assert_close(model.selection_scores(normalised), gate_classes(maps[:, :4], probabilities))
 
 
 def test_wsss_tissue_masks_hold_only_kept_classes(monkeypatch):

@@ -1,38 +1,50 @@
-"""Grad-CAM (Selvaraju et al., ICCV 2017) with the ``grad-cam`` package on the shared classifier."""
+"""Grad-CAM (Selvaraju et al., ICCV 2017) on the shared classifier, as the ``grad-cam`` package computes
+it, every class from one forward pass."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+import torch.nn.functional as F
 from torch import nn
 
 from baselines.cam.cam import CAMClassifier
 from baselines.cam.toolbox import gate_classes
 
 
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's ``scale_cam_image`` per (image, class) map: minus its minimum, over 1e-7 + its new
+    maximum."""
+    maps = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return maps / (1e-7 + maps.amax(dim=(-2, -1), keepdim=True))
+
+
 def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torch.Tensor,
                   num_classes: int) -> torch.Tensor:
     """Grad-CAM of every class: (B, 3, H, W) images -> (B, C, H, W) maps in [0, 1] on the images' device.
 
-    ``model(images)`` must give (B, C) logits. pytorch-grad-cam weights the activations of
-    ``target_layers`` by the spatial mean of the logit's gradient, applies ReLU, resizes to H x W and
-    scales each map to [0, 1] (min-max per image and class). One forward and backward pass per class.
-    Gradients are needed, so this runs under ``torch.enable_grad`` even when called inside
-    ``torch.no_grad`` (the engine's evaluation), in float32 (the package converts to numpy, which has no
-    bfloat16), and leaves no parameter gradients behind.
+    ``model(images)`` must give (B, C) logits. pytorch-grad-cam's GradCAM, computed in torch: the
+    activations of each target layer weighted by the spatial mean of the gradient of the class's logit,
+    summed, ReLU, min-max scaled per map, resized bilinearly to H x W; the mean over the target layers
+    min-max scaled again. The package runs the whole forward and backward once per class; here one
+    forward serves all classes, and each class's gradient comes from a backward through the layers
+    after the target layers only, the graph kept between classes. ``tests/test_baselines.py`` checks
+    the result against the package's to float precision.
 
-    Only the target layers' parameters require gradients meanwhile: their outputs then still carry the
-    gradient Grad-CAM needs, and the backward pass stops at the target layers instead of running through
-    the whole backbone. So each target layer must have parameters (a ResNet stage, a convolution).
+    Gradients are needed, so this runs under ``torch.enable_grad`` even when called inside
+    ``torch.no_grad`` (the engine's evaluation), in float32 as the package does (it converts to numpy,
+    which has no bfloat16), with the model in eval mode as the package leaves it, and leaves no
+    parameter gradients behind. Only the target layers' parameters require gradients meanwhile: their
+    outputs then carry the gradient Grad-CAM needs, and nothing before them is recorded. So each target
+    layer must have parameters (a ResNet stage, a convolution).
     """
     for layer in target_layers:
         if not any(True for _ in layer.parameters()):
             raise ValueError(f"grad_cam_maps: target layer {type(layer).__name__} has no parameters; "
                              "choose a layer with weights, e.g. a ResNet stage")
-    maps = []
     images = images.float()
+    activations = {}
+    hooks = [layer.register_forward_hook(lambda module, inputs, output, i=i: activations.__setitem__(i, output))
+             for i, layer in enumerate(target_layers)]
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     try:
         for parameter in model.parameters():
@@ -40,15 +52,26 @@ def grad_cam_maps(model: nn.Module, target_layers: list[nn.Module], images: torc
         for layer in target_layers:
             for parameter in layer.parameters():
                 parameter.requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(images.device.type, enabled=False), \
-                GradCAM(model=model, target_layers=target_layers) as cam:
+        model.eval()
+        with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+            logits = model(images)
+            outputs = [activations[i] for i in range(len(target_layers))]
+            weights = []  # per class: the spatial mean of the gradient at each target layer, (B, F, 1, 1)
             for c in range(num_classes):
-                maps.append(cam(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images)))
+                grads = torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=c < num_classes - 1)
+                weights.append([grad.mean(dim=(2, 3), keepdim=True) for grad in grads])
+        per_layer = []
+        for i, output in enumerate(outputs):
+            output = output.detach()
+            cams = torch.stack([(w[i] * output).sum(dim=1) for w in weights], dim=1)  # (B, C, h, w)
+            cams = _min_max(F.relu(cams))
+            per_layer.append(F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False))
     finally:
+        for hook in hooks:
+            hook.remove()
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
-        model.zero_grad(set_to_none=True)
-    return torch.from_numpy(np.stack(maps, axis=1)).to(images.device)
+    return _min_max(F.relu(torch.stack(per_layer)).mean(dim=0))
 
 
 def last_layer_grad_cam(model: CAMClassifier, images: torch.Tensor) -> torch.Tensor:

@@ -40,17 +40,23 @@ def signed_grad_cam(features: torch.Tensor, head, num_classes: int) -> torch.Ten
 
 
 def histosegnet_grad_cam(model: MultiLabelResNet, images: torch.Tensor) -> torch.Tensor:
-    """HistoSegNet's Grad-CAM of every class of ``model`` at its last ResNet layer, in the order of
-    ``grad_cam_batch``: the signed map resized bilinearly to the image (OpenCV's default, half-pixel
-    centres), then ReLU, then divided by its maximum (at least 1e-7). (B, 3, H, W) -> (B, C, H, W) in [0, 1].
+    """HistoSegNet's Grad-CAM of every class of ``model`` at its last ResNet layer (:func:`resized_grad_cam`
+    of its features): (B, 3, H, W) -> (B, C, H, W) in [0, 1]."""
+    with torch.no_grad():
+        features = model.features(images.float())
+    return resized_grad_cam(model, features, images.shape[-2:])
+
+
+def resized_grad_cam(model: MultiLabelResNet, features: torch.Tensor, size) -> torch.Tensor:
+    """HistoSegNet's Grad-CAM of every class from the last-layer ``features`` (B, F, h, w) of ``model``, in
+    the order of ``grad_cam_batch``: the signed map resized bilinearly to ``size`` (OpenCV's default,
+    half-pixel centres), then ReLU, then divided by its maximum (at least 1e-7). -> (B, C, *size) in [0, 1].
 
     pytorch-grad-cam (``baselines/cam/gradcam.py``) applies ReLU and a min-max scaling on the feature grid
     and resizes after: a different map wherever a positive region borders a negative one.
     """
-    with torch.no_grad():
-        features = model.features(images.float())
     cams = signed_grad_cam(features, lambda a: image_logits(model.classifier(a)), model.num_classes)
-    cams = F.relu(F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False))
+    cams = F.relu(F.interpolate(cams, size=size, mode="bilinear", align_corners=False))
     return cams / cams.amax(dim=(2, 3), keepdim=True).clamp_min(1e-7)
 
 
@@ -94,6 +100,10 @@ class HistoSegNet(MultiLabelResNet):
     pixels are not scored): a pixel the original gives to background or "other" gets the kept tissue
     class with the highest marginal. :meth:`crf_marginals` gives all C + 2 marginals, so the share of
     such pixels can be measured (``benchmarks/rejected_class_pixels.py``).
+
+    Model selection (the engine's val pass after every epoch) ranks epochs by :meth:`selection_scores`,
+    the CRF's input maps without the CRF: the dense CRF runs on one CPU core per image, and in every
+    epoch's selection pass the GPU would wait for it (docs/baselines.md, "Model selection").
     """
 
     def __init__(self, num_classes: int = 4, backbone: str = "resnet50", pretrained: str = "none",
@@ -115,9 +125,11 @@ class HistoSegNet(MultiLabelResNet):
         """The CRF's input maps (B, C + 2, H, W) in [0, 1] and the class probabilities (B, C)."""
         self.eval()
         with torch.no_grad():
-            probabilities = torch.sigmoid(self(images.float()))
+            features = self.features(images.float())
+            # self(images) without a second backbone pass: the same operations on the same features
+            probabilities = torch.sigmoid(image_logits(self.classifier(features)))
         keep = kept_classes(probabilities, self.threshold)
-        cams = histosegnet_grad_cam(self, images)
+        cams = resized_grad_cam(self, features, images.shape[-2:])
         # gen_gradcam: the maps of the predicted classes only, each scaled by its confidence score
         cams = cams * (probabilities * keep)[:, :, None, None]
         background = background_map(to_rgb255(images.float()), self.background_scale,
@@ -138,6 +150,12 @@ class HistoSegNet(MultiLabelResNet):
             present = label_maps.sum(axis=(1, 2)) > 0
             marginals[i, present] = dense_crf(np.ascontiguousarray(image), label_maps[present], self.crf_settings)
         return torch.from_numpy(marginals).to(images.device), probabilities
+
+    def selection_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C, H, W) for model selection: the CRF's input maps of the kept tissue classes (after
+        class subtraction), every step on the images' device; ``predict`` without its CRF."""
+        maps, probabilities = self.label_maps(images)
+        return gate_classes(maps[:, : self.num_classes], probabilities, self.threshold)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Scores (B, C, H, W): CRF marginals of the kept tissue classes; the mask is their argmax over C."""

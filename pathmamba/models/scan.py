@@ -102,10 +102,11 @@ def selected_scan() -> str:
     return _selected
 
 
-# Bytes of one (T, B, D, N) chunk buffer; backward holds about five of them. Measured on 2 cores
-# (training step of the demo model, and scans at L = 196-3136): 1-4 MiB are within noise of each
-# other, 16 MiB up to 25% slower (the working set leaves the cache), and much smaller chunks pay
-# Python overhead per chunk.
+# Bytes of one (T, B, G, N, D // G) chunk buffer; forward holds two of them, backward three. Measured
+# on 2 cores (training step of the demo model, and scans at L = 196-3136): 1-4 MiB are within noise of
+# each other, 16 MiB up to 25% slower (the working set leaves the cache), and much smaller chunks pay
+# Python overhead per chunk; again with today's layout (the paper's first-stage scan, one thread):
+# 0.5-4 MiB within 15% of each other, 8 MiB 25% slower.
 CHUNK_BYTES = 4 * 2**20
 
 
@@ -152,107 +153,133 @@ def _chunk_len(Bsz: int, Dch: int, N: int, L: int, itemsize: int, chunk_size: in
     return max(1, min(L, chunk_size))
 
 
-def _chunk_inputs(A, delta_c, u_c, B_c, G):
-    """dA = exp(delta A) and dBu = delta u B for one chunk, as (T, B, D, N) contiguous buffers.
+def _chunk_inputs(A, delta_c, u_c, B_c, dA, xs):
+    """Fill dA = exp(delta A) and xs = delta u B for one chunk: (T, B, G, N, Dg) buffers.
 
-    delta_c, u_c are (T, B, D); B_c is (T, B, G, N).
+    delta_c, u_c are (T, B, G, 1, Dg); A is (G, N, Dg); B_c is (T, B, G, N, 1).
     """
-    T, Bsz, Dch = delta_c.shape
-    dA = (delta_c.unsqueeze(-1) * A).exp_()
-    dBu = (delta_c * u_c).view(T, Bsz, G, Dch // G, 1) * B_c.unsqueeze(3)
-    return dA, dBu.view(T, Bsz, Dch, -1)
+    torch.mul(delta_c, A, out=dA).exp_()
+    torch.mul(delta_c * u_c, B_c, out=xs)
 
 
-def _scan_states(dA, dBu, x0):
-    """In place: dBu[t] <- dA[t] * x_{t-1} + dBu[t], i.e. dBu becomes the states x_t of the chunk."""
+def _scan_states(dA, xs, x0):
+    """In place: xs[t] <- dA[t] * x_{t-1} + xs[t], i.e. xs becomes the states x_t of the chunk.
+
+    The only sequential part: one small in-place operation per step, everything else is one
+    operation per chunk.
+    """
     x = x0
-    for a_t, x_t in zip(dA.unbind(0), dBu.unbind(0), strict=True):
+    for a_t, x_t in zip(dA.unbind(0), xs.unbind(0), strict=True):
         x_t.addcmul_(a_t, x)
         x = x_t
-    return dBu
+
+
+def _l_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, ..., L) -> (L, B, ...) contiguous: a copy."""
+    return t.movedim(-1, 0).contiguous()
+
+
+def _from_l_major(t: torch.Tensor) -> torch.Tensor:
+    """(L, B, ...) -> (B, ..., L) contiguous: a copy."""
+    return t.movedim(0, -1).contiguous()
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Core scan over (L, B, D[, N])-major tensors: u, delta (L, B, D); B, C (L, B, G, N); A (D, N)."""
+    """The core ``(u, delta, A, B, C) -> (y, last state)``: u, delta, y (B, D, L); A (D, N); B, C (B, G, N, L);
+    last state (B, D, N).
+
+    Inside, sequences are L-major (u, delta (L, B, D); B, C (L, B, G, N)), so that every step reads and
+    writes one contiguous block, and states are (B, G, N, Dg) with Dg = D // G channels innermost; a
+    chunk of T steps works in (T, B, G, N, Dg) buffers allocated once per call. Channels innermost
+    makes every contraction over N a sum across rows of Dg-wide vectors or a (1, N) x (N, Dg) matrix
+    product: on the CPU 2-8x faster than with N innermost, where sums over 16 contiguous values and
+    (Dg, N) x (N, 1) products dominate (docs/scan.md). Inputs, outputs and gradients are transposed
+    here, one explicit copy each, so that what runs around the core (softplus, the skip D, gradient
+    accumulation) sees contiguous tensors instead of strided views.
+    """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, chunk):
-        L, Bsz, Dch = u.shape
-        G, N = B.shape[2], A.shape[1]
+        Bsz, Dch, L = u.shape
+        G, N = B.shape[1], A.shape[1]
+        Dg = Dch // G
+        u, delta, B, C = _l_major(u), _l_major(delta), _l_major(B), _l_major(C)
+        A = A.view(G, Dg, N).transpose(1, 2).contiguous()
         y = u.new_empty(L, Bsz, Dch)
-        x = u.new_zeros(Bsz, Dch, N)
+        x = u.new_zeros(Bsz, G, N, Dg)
+        dA_buf, xs_buf = (u.new_empty(min(chunk, L), Bsz, G, N, Dg) for _ in range(2))
         starts = []  # the state entering each chunk, all that backward needs to recompute the rest
         for s in range(0, L, chunk):
             e = min(s + chunk, L)
+            T = e - s
             starts.append(x)
-            dA, dBu = _chunk_inputs(A, delta[s:e], u[s:e], B[s:e], G)
-            xs = _scan_states(dA, dBu, x)
-            xs_g = xs.view(e - s, Bsz, G, Dch // G, N)
-            y[s:e] = torch.einsum("tbgdn,tbgn->tbgd", xs_g, C[s:e]).reshape(e - s, Bsz, Dch)
-            x = xs[-1].clone()  # a copy, so that the chunk's buffers can be freed
+            dA, xs = dA_buf[:T], xs_buf[:T]  # the last chunk can be shorter
+            d_c, u_c = delta[s:e].view(T, Bsz, G, 1, Dg), u[s:e].view(T, Bsz, G, 1, Dg)
+            _chunk_inputs(A, d_c, u_c, B[s:e].unsqueeze(-1), dA, xs)
+            _scan_states(dA, xs, x)
+            # y_t = C_t . x_t: a (1, N) x (N, Dg) product per (step, batch, group)
+            torch.bmm(C[s:e].view(-1, 1, N), xs.view(-1, N, Dg), out=y[s:e].view(-1, 1, Dg))
+            x = xs[-1].clone()  # a copy: the buffer is overwritten by the next chunk
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
         ctx.chunk = chunk
-        return y, x
+        return _from_l_major(y), x.transpose(2, 3).reshape(Bsz, Dch, N)
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, starts = ctx.saved_tensors
         chunk = ctx.chunk
         L, Bsz, Dch = u.shape
-        G, N = B.shape[2], A.shape[1]
-        Dg = Dch // G
+        G, N, Dg = A.shape
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dA_param = torch.zeros_like(A)
+        bufs = [u.new_empty(min(chunk, L), Bsz, G, N, Dg) for _ in range(3)]
         # carry = d loss / d x_{s-1} flowing back through step s of the chunk after this one
-        carry = dlast.contiguous() if dlast is not None else u.new_zeros(Bsz, Dch, N)
-        dy = dy.contiguous()
+        if dlast is None:
+            carry = u.new_zeros(Bsz, G, N, Dg)
+        else:
+            carry = dlast.view(Bsz, G, Dg, N).transpose(2, 3).contiguous()
+        dy = _l_major(dy)
         for i in reversed(range(len(starts))):
             s = i * chunk
             e = min(s + chunk, L)
             T = e - s
             x0 = starts[i]
-            d_c, u_c, B_c, C_c, dy_c = delta[s:e], u[s:e], B[s:e], C[s:e], dy[s:e]
-            dA, xs = _chunk_inputs(A, d_c, u_c, B_c, G)
-            xs = _scan_states(dA, xs, x0)
-            xs_g = xs.view(T, Bsz, G, Dg, N)
-            dC[s:e] = torch.einsum("tbgd,tbgdn->tbgn", dy_c.view(T, Bsz, G, Dg), xs_g)
+            dA, xs, g = (b[:T] for b in bufs)
+            d_c, u_c = delta[s:e].view(T, Bsz, G, 1, Dg), u[s:e].view(T, Bsz, G, 1, Dg)
+            dy_c = dy[s:e].view(T, Bsz, G, 1, Dg)
+            _chunk_inputs(A, d_c, u_c, B[s:e].unsqueeze(-1), dA, xs)
+            _scan_states(dA, xs, x0)
+            # through y_t = C_t . x_t
+            torch.bmm(dy_c.view(-1, 1, Dg), xs.view(-1, N, Dg).transpose(1, 2), out=dC[s:e].view(-1, 1, N))
             # g_t = dL/dx_t = dy_t C_t + dA_{t+1} g_{t+1}, reversed and in place in one buffer
-            g = (dy_c.view(T, Bsz, G, Dg, 1) * C_c.unsqueeze(3)).view(T, Bsz, Dch, N)
+            torch.mul(dy_c, C[s:e].unsqueeze(-1), out=g)
             g[-1].add_(carry)
+            g_steps, dA_steps = g.unbind(0), dA.unbind(0)
             for t in range(T - 2, -1, -1):
-                g[t].addcmul_(dA[t + 1], g[t + 1])
-            g_g = g.view(T, Bsz, G, Dg, N)
-            # through dBu = delta u B
-            gB = torch.einsum("tbgdn,tbgn->tbgd", g_g, B_c).reshape(T, Bsz, Dch)
-            du[s:e] = gB * d_c
-            ddelta[s:e] = gB * u_c
-            dB[s:e] = torch.einsum("tbgdn,tbgd->tbgn", g_g, (d_c * u_c).view(T, Bsz, G, Dg))
-            # through dA = exp(delta A): d(delta A)_t = g_t * x_{t-1} * dA_t
+                g_steps[t].addcmul_(dA_steps[t + 1], g_steps[t + 1])
+            # through delta u B: gB = B_t . g_t as y above, dB = (delta u)_t . g_t
+            gB = torch.bmm(B[s:e].view(-1, 1, N), g.view(-1, N, Dg)).view(T, Bsz, Dch)
+            torch.mul(gB, delta[s:e], out=du[s:e])
+            torch.mul(gB, u[s:e], out=ddelta[s:e])
+            torch.bmm((d_c * u_c).view(-1, 1, Dg), g.view(-1, N, Dg).transpose(1, 2), out=dB[s:e].view(-1, 1, N))
+            # through dA = exp(delta A): d(delta A)_t = g_t * dA_t * x_{t-1}
             h = g.mul_(dA)
             carry = h[0].clone()
             h[1:].mul_(xs[:-1])
             h[0].mul_(x0)
-            # mul + sum: at these shapes 2-7x faster on CPU than einsum's reshapes into bmm
-            ddelta[s:e] += (h * A).sum(-1)
-            dA_param += (h * d_c.unsqueeze(-1)).sum((0, 1))
-        return du, ddelta, dA_param, dB, dC, None
+            # xs and dA are spent: their buffers take the products before the sums
+            ddelta[s:e].view(T, Bsz, G, Dg).add_(torch.mul(h, A, out=xs).sum(3))
+            dA_param += torch.mul(h, d_c, out=dA).sum((0, 1))
+        dA_param = dA_param.transpose(1, 2).reshape(Dch, N)
+        return _from_l_major(du), _from_l_major(ddelta), dA_param, _from_l_major(dB), _from_l_major(dC), None
 
 
 def _chunked_core(chunk_size):
     def core(u, delta, A, B, C):
         Bsz, Dch, L = u.shape
         chunk = _chunk_len(Bsz, Dch, A.shape[1], L, u.element_size(), chunk_size)
-        # L-major layout: every step of the loop reads and writes one contiguous (B, D, N) block.
-        y, last = _ChunkedScan.apply(
-            u.permute(2, 0, 1).contiguous(),
-            delta.permute(2, 0, 1).contiguous(),
-            A.contiguous(),
-            B.permute(3, 0, 1, 2).contiguous(),
-            C.permute(3, 0, 1, 2).contiguous(),
-            chunk,
-        )
-        return y.permute(1, 2, 0), last
+        return _ChunkedScan.apply(u, delta, A, B, C, chunk)
 
     return core
 
