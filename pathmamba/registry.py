@@ -185,7 +185,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "gradcam": MethodSpec(
         "baselines.cam.gradcam:GradCAMClassifier",
-        summary="Grad-CAM (pytorch-grad-cam) of a multi-label ResNet classifier (Selvaraju et al., ICCV 2017)",
+        summary="Grad-CAM of a multi-label ResNet classifier, every class from one forward (Selvaraju et al., ICCV 2017)",
         reference="with global average pooling and a linear classifier, Grad-CAM of the last layer equals CAM",
         baseline=True,
         heatmaps=(HeatMap("baselines.cam.gradcam:last_layer_grad_cam", "Grad-CAM", "Grad-CAM: min-max scaled"),),

@@ -305,7 +305,7 @@ def _json_default(value: Any) -> Any:
 #: Distributions whose versions are recorded with every result (those installed: a rule's conda
 #: environment has no snakemake). pyproject.toml names this project's distribution pathmamba-benchmark.
 RECORDED_PACKAGES = ("pathmamba-benchmark", "torch", "torchvision", "numpy", "pillow", "scikit-learn",
-                     "segmentation-models-pytorch", "grad-cam", "snakemake")
+                     "segmentation-models-pytorch", "snakemake")
 
 
 def _git(*args: str) -> str | None:

@@ -157,7 +157,7 @@ def test_select_fused_without_the_kernel_says_why_and_what_to_do(no_kernel):
     with pytest.raises(RuntimeError, match="cannot be imported") as raised:
         scan.select_scan("fused", torch.device("cuda"))  # only named: nothing is allocated on it
     message = str(raised.value)
-    assert "selective_scan_cuda" in message and "`mamba` extra" in message and "scan: pytorch" in message
+    assert "selective_scan_cuda" in message and "`make kernels`" in message and "scan: pytorch" in message
 
 
 def test_select_fused_on_the_cpu_is_an_error(no_kernel):

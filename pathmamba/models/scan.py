@@ -78,8 +78,8 @@ def select_scan(name: str, device) -> str:
             )
         if reason is not None:
             raise RuntimeError(
-                f"scan 'fused': mamba_ssm's selective-scan kernel cannot be imported ({reason}). Install the "
-                "`mamba` extra on this CUDA machine (docs/scan.md), or set `scan: pytorch`"
+                f"scan 'fused': mamba_ssm's selective-scan kernel cannot be imported ({reason}). Build it "
+                "on this CUDA machine with `make kernels` (docs/environment.md), or set `scan: pytorch`"
             )
     if name == "auto":
         name = "fused" if on_cuda and reason is None else "pytorch"
@@ -87,7 +87,7 @@ def select_scan(name: str, device) -> str:
             log.warning(
                 "scan 'auto' on CUDA runs the PyTorch selective scan, a loop of small kernels over the "
                 "sequence, many times slower than mamba_ssm's fused kernel, which cannot be imported: %s. "
-                "Install the `mamba` extra (docs/scan.md), or set `scan: pytorch` to choose this knowingly",
+                "Build it with `make kernels` (docs/environment.md), or set `scan: pytorch` to choose this knowingly",
                 reason,
             )
     global _selected
