@@ -12,6 +12,7 @@ class FixedModel(nn.Module):
     column of every image, class 2 the rest."""
 
     threshold = 0.5
+    num_classes = 4
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.tensor([[-3.0, 2.0, 1.0, -3.0]]).expand(len(images), 4)
