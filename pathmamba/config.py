@@ -209,8 +209,8 @@ def schedule_problems(config: dict[str, Any], method: str) -> list[str]:
     if epochs == scheduled:
         return []
     named = " + ".join(f"{key} {value!r}" for key, value in parts.items())
-    return [f"methods.{method}.train.epochs: {epochs!r}, but {method}'s schedule ({named}) takes {scheduled} "
-            f"epochs; set methods.{method}.train.epochs: {scheduled} or change its schedule's hparams"]
+    return [(f"methods.{method}.train.epochs: {epochs!r}, but {method}'s schedule ({named}) takes {scheduled} "
+             f"epochs; set methods.{method}.train.epochs: {scheduled} or change its schedule's hparams")]
 
 
 def _stage_hparams(method: str, entry: dict[str, Any]):
@@ -230,8 +230,8 @@ AT_LEAST_ONE = frozenset({"width", "backbone_width", "dims", "depths", "decoder_
                           "cam_epochs", "round_epochs", "background_min_size"})
 #: Builder keywords renamed, old name -> new name, and why (a config with the old name is refused naming
 #: the new one).
-RENAMED_HPARAMS = {"scan": ("mixer", "PathMamba's token mixer, 'selective-scan' or 'conv', a registry preset; the "
-                             "training setting train.scan picks the selective scan's implementation")}
+RENAMED_HPARAMS = {"scan": ("mixer", ("PathMamba's token mixer, 'selective-scan' or 'conv', a registry preset; the "
+                                      "training setting train.scan picks the selective scan's implementation"))}
 #: What a scalar annotation accepts from YAML or JSON (a bool is no number there).
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
             "dict": (dict,)}
@@ -355,7 +355,7 @@ def _class_arguments(module: str, name: str) -> dict[str, tuple[str, ast.expr | 
     if init and [*init.args.args[1:], *init.args.kwonlyargs]:
         positional = init.args.args[1:]
         defaults = [None] * (len(positional) - len(init.args.defaults)) + list(init.args.defaults)
-        pairs = [*zip(positional, defaults), *zip(init.args.kwonlyargs, init.args.kw_defaults)]
+        pairs = [*zip(positional, defaults, strict=True), *zip(init.args.kwonlyargs, init.args.kw_defaults, strict=True)]
         return {argument.arg: (ast.unparse(argument.annotation) if argument.annotation else "Any", default)
                 for argument, default in pairs}
     base = ast.unparse(found.bases[0])

@@ -135,11 +135,11 @@ def test_an_hparams_mistake_is_refused_at_start_up_naming_method_key_and_value(m
 
 
 @pytest.mark.parametrize(("hparams", "epochs", "expected"), [
-    ({}, 100, "methods.sc-cam.train.epochs: 100, but sc-cam's schedule (cam_epochs 15 + round_epochs (31, 41, 51)) "
-              "takes 138 epochs; set methods.sc-cam.train.epochs: 138 or change its schedule's hparams"),
+    ({}, 100, ("methods.sc-cam.train.epochs: 100, but sc-cam's schedule (cam_epochs 15 + round_epochs (31, 41, 51)) "
+               "takes 138 epochs; set methods.sc-cam.train.epochs: 138 or change its schedule's hparams")),
     ({"cam_epochs": 2, "round_epochs": [1, 1, 2]}, 6, None),
-    ({"cam_epochs": 2, "round_epochs": [1, 1, 2]}, 4, "methods.sc-cam.train.epochs: 4, but sc-cam's schedule "
-                                                     "(cam_epochs 2 + round_epochs [1, 1, 2]) takes 6 epochs"),
+    ({"cam_epochs": 2, "round_epochs": [1, 1, 2]}, 4, ("methods.sc-cam.train.epochs: 4, but sc-cam's schedule "
+                                                      "(cam_epochs 2 + round_epochs [1, 1, 2]) takes 6 epochs")),
 ])
 def test_sccams_own_schedule_must_fill_its_training_epochs(hparams, epochs, expected):
     """SC-CAM keeps the last epoch of its last round: a schedule shorter or longer than train.epochs would
