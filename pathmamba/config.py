@@ -328,21 +328,19 @@ def builder_keywords(method: str, stage: int | None = None) -> dict[str, str]:
 def builder_defaults(method: str, stage: int | None = None) -> dict[str, Any]:
     """``{keyword: default value}`` of the builder of ``method`` for the keywords whose default is a
     literal (read as :func:`builder_keywords` reads the keywords)."""
-    return {key: ast.literal_eval(default) for key, (_, default) in
-            _builder_arguments(get_spec(method, stage).target).items()
-            if default is not None and _is_literal(default)}
+    defaults = {}
+    for key, (_, node) in _builder_arguments(get_spec(method, stage).target).items():
+        try:
+            defaults[key] = ast.literal_eval(node)
+        except ValueError:  # no default (None), or one that is not a literal
+            continue
+    return defaults
 
 
-def _is_literal(node: ast.expr) -> bool:
-    try:
-        ast.literal_eval(node)
-    except ValueError:
-        return False
-    return True
-
-
+@cache
 def _builder_arguments(target: str) -> dict[str, tuple[str, ast.expr | None]]:
-    """``{keyword: (annotation source text, default node or None)}`` of the class ``module:name``."""
+    """``{keyword: (annotation source text, default node or None)}`` of the class ``module:name``, its
+    source parsed once per process (config checks ask for every method's keywords and defaults)."""
     module, _, name = target.partition(":")
     return _class_arguments(module, name)
 
