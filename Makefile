@@ -17,11 +17,11 @@ install: $(BIN)/.installed
 
 # mamba-ssm's fused selective-scan CUDA extension, compiled for this machine's GPUs (or ARCH=9.0; JOBS=N
 # compile jobs, default sized to the memory) and installed into the virtualenv: docs/environment.md.
-# ARCH and JOBS reach pathmamba.kernels through its environment, not through the shell's command line.
+# ARCH and JOBS reach pathmamba.operations.kernels through its environment, not through the shell's command line.
 kernels: export PATHMAMBA_KERNEL_ARCH = $(ARCH)
 kernels: export PATHMAMBA_KERNEL_JOBS = $(JOBS)
 kernels: install
-	$(BIN)/python -m pathmamba.kernels
+	$(BIN)/python -m pathmamba.operations.kernels
 
 demo: install
 	$(BIN)/snakemake --cores all --configfile config/demo.yaml

@@ -1,4 +1,4 @@
-"""Benchmark: what the CPU instruction-set pins (pathmamba/cpu_pins.py) cost, side by side in one run.
+"""Benchmark: what the CPU instruction-set pins (pathmamba/core/cpu_pins.py) cost, side by side in one run.
 
 Trains each of the demo's model families (its ``config/demo.yaml`` hparams, 64 px synthetic data, batch
 16, one thread) for ``--epochs`` epochs in a fresh process with ``PATHMAMBA_CPU_PINS=avx2`` (the default)
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pathmamba import cpu_pins
+from pathmamba.core import cpu_pins
 from pathmamba.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]

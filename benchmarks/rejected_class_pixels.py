@@ -29,7 +29,7 @@ from baselines.cam.wsss_tissue import WSSSTissue
 from pathmamba.data.datasets import ImageMaskDataset, normalised_batch
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.evaluate import load_model
+from pathmamba.engine.evaluate import load_model
 
 CAM_FAMILY = ("cam", "gradcam", "histosegnet", "sc-cam", "c-cam", "wsss-tissue")
 

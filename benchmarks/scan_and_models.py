@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pathmamba.engine.registry import build_method
 from pathmamba.models import scan as scan_mod
 from pathmamba.models.cmb import DCMamba
-from pathmamba.registry import build_method
 
 VARIANTS = [
     "pathmamba-b",

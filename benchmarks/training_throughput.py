@@ -1,4 +1,4 @@
-"""Benchmark: training throughput of the real engine (``pathmamba.train.train``) at the demo's size.
+"""Benchmark: training throughput of the real engine (``pathmamba.engine.train.train``) at the demo's size.
 
 For CAM and PathMamba with the hyper-parameters of ``config/demo.yaml`` on a synthetic dataset of the
 demo's image size, trains a few epochs with 0 and 1 data loader workers (on CUDA also with and
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from pathmamba.core.devices import resolve_device
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.runtime import resolve_device
-from pathmamba.train import TrainSettings, train
+from pathmamba.engine.train import TrainSettings, train
 
 REPO = Path(__file__).resolve().parents[1]
 

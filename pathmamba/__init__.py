@@ -20,7 +20,7 @@ def _version() -> str:
 
 __version__ = _version()
 
-# Before torch or numpy is imported anywhere (they read the pins when they load): pathmamba/cpu_pins.py.
-from pathmamba import cpu_pins as _cpu_pins
+# Before torch or numpy is imported anywhere (they read the pins when they load): pathmamba/core/cpu_pins.py.
+from pathmamba.core import cpu_pins as _cpu_pins
 
 _cpu_pins.apply()

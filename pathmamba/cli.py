@@ -14,8 +14,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pathmamba import __version__, layout
-from pathmamba.settings import PRECISIONS, SCAN_IMPLEMENTATIONS
+from pathmamba import __version__
+from pathmamba.core import layout
+from pathmamba.core.settings import PRECISIONS, SCAN_IMPLEMENTATIONS
 
 
 def _json_object(text: str) -> dict:
@@ -49,7 +50,7 @@ def _device(text: str) -> str:
 
 def _method(text: str) -> str:
     """An argparse type: a registered method's name."""
-    from pathmamba.registry import method_names
+    from pathmamba.engine.registry import method_names
 
     if text not in method_names():
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; registered methods: {', '.join(method_names())}")
@@ -99,8 +100,8 @@ def _add_make_demo_data(commands) -> None:
 
 
 def _add_train(commands) -> None:
-    from pathmamba.registry import method_names
-    from pathmamba.settings import TrainSettings
+    from pathmamba.core.settings import TrainSettings
+    from pathmamba.engine.registry import method_names
 
     defaults = TrainSettings()
     parser = commands.add_parser("train", help="train one method on one dataset with one seed")
@@ -256,7 +257,7 @@ def _add_grid_arguments(parser, several_run_dirs: bool = False) -> None:
     parser.add_argument("--datasets", nargs="+", type=_dataset_name, default=None)
     parser.add_argument("--methods", nargs="+", type=_method, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
-    parser.add_argument("--paper", type=Path, default=Path(__file__).resolve().parents[1] / "config" / "paper_results.yaml",
+    parser.add_argument("--paper", type=Path, default=layout.REPO / "config" / "paper_results.yaml",
                         help="the paper's reported values (config/paper_results.yaml)")
     parser.add_argument("--out-dir", required=True, type=Path)
 
@@ -283,7 +284,7 @@ def _add_figures(commands) -> None:
     parser.add_argument("--n-images", type=int, default=4, help="test images in the qualitative grid")
 
 
-#: What ``compare --fail-on`` can fail on (:func:`pathmamba.compare.failed`): a verdict ``differs``, or anything
+#: What ``compare --fail-on`` can fail on (:func:`pathmamba.reporting.compare.failed`): a verdict ``differs``, or anything
 #: short of ``identical``.
 FAIL_ON = ("differs", "not-identical")
 
@@ -370,9 +371,9 @@ def _add_dataset_commands(commands) -> None:
 
 
 def _claim_gpu(args) -> None:
-    """A job that may use a GPU claims one of the workflow's pool (pathmamba/gpus.py) before CUDA starts.
+    """A job that may use a GPU claims one of the workflow's pool (pathmamba/core/gpus.py) before CUDA starts.
     A device pinned to an index (``cuda:1``) is the user's choice and claims nothing."""
-    from pathmamba.gpus import claim_workflow_gpu
+    from pathmamba.core.gpus import claim_workflow_gpu
 
     device = args.settings.get("device", "auto") if args.command == "train" else args.device
     if device in ("auto", "cuda") and (slot := claim_workflow_gpu()) is not None:
@@ -398,12 +399,14 @@ EXIT_INPUT = 2
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can fix, each raised with a message naming the file or argument at fault."""
-    from pathmamba.config import ConfigError
-    from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, DownloadFailed
+    from pathmamba.core.devices import DeviceUnavailable
+    from pathmamba.core.download import DownloadFailed
+    from pathmamba.core.errors import DiskFull, FileSafetyError, InputError
+    from pathmamba.data.acquire import ArchiveError, ChecksumMismatch
     from pathmamba.data.readers import DatasetLayoutError, LabelError, MaskError
     from pathmamba.data.validate import DatasetInvalid
-    from pathmamba.runtime import DeviceUnavailable, DiskFull, FileSafetyError, InputError
-    from pathmamba.train import TrainingDiverged
+    from pathmamba.engine.config import ConfigError
+    from pathmamba.engine.train import TrainingDiverged
 
     return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
             ArchiveError, ChecksumMismatch, DownloadFailed, TrainingDiverged, DeviceUnavailable, DiskFull,
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pathmamba {args.command}: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT) from None
     except OSError as error:
-        from pathmamba.runtime import NO_ROOM, disk_full
+        from pathmamba.core.errors import NO_ROOM, disk_full
 
         # A full disk met by a writer other than this tool's own (PIL, zipfile, ...): named all the same, by
         # the file if the error has it (a write to an open file does not), else by the command's output.
@@ -527,8 +530,8 @@ def _validate_dataset(args) -> None:
 
 
 def _train(args) -> int | None:
-    from pathmamba.runtime import InputError
-    from pathmamba.train import TrainingInterrupted, TrainSettings, train
+    from pathmamba.core.errors import InputError
+    from pathmamba.engine.train import TrainingInterrupted, TrainSettings, train
 
     try:
         settings = TrainSettings(**args.settings)
@@ -543,34 +546,34 @@ def _train(args) -> int | None:
 
 
 def _pseudo_masks(args) -> None:
-    from pathmamba.pseudo_masks import write_pseudo_masks
+    from pathmamba.engine.pseudo_masks import write_pseudo_masks
 
     write_pseudo_masks(args.model, args.data_root, args.out, args.device, args.batch_size, scan=args.scan,
                        precision=args.precision)
 
 
 def _evaluate(args) -> None:
-    from pathmamba.evaluate import evaluate
+    from pathmamba.engine.evaluate import evaluate
 
     evaluate(args.model, args.data_root, args.out, args.masks_dir, args.n_masks, args.tta, args.device,
              args.batch_size, scan=args.scan, precision=args.precision)
 
 
 def _evaluate_trivial(args) -> None:
-    from pathmamba.evaluate import evaluate_trivial
+    from pathmamba.engine.evaluate import evaluate_trivial
 
     evaluate_trivial(args.dataset, args.data_root, args.out)
 
 
 def _predict(args) -> None:
-    from pathmamba.predict import predict
+    from pathmamba.engine.predict import predict
 
     predict(args.model, args.input, args.out, args.device, args.batch_size, args.tile_size, scan=args.scan,
             precision=args.precision)
 
 
 def _export(args) -> None:
-    from pathmamba.export import export_model
+    from pathmamba.engine.export import export_model
 
     export_model(args.model, args.out)
 
@@ -583,8 +586,8 @@ def _fetch_weights(args) -> None:
 
 @contextmanager
 def _config_named(configfile: Path):
-    """A config problem as a :class:`pathmamba.config.ConfigError` that names ``configfile``."""
-    from pathmamba.config import ConfigError, ConfigFileError
+    """A config problem as a :class:`pathmamba.engine.config.ConfigError` that names ``configfile``."""
+    from pathmamba.engine.config import ConfigError, ConfigFileError
 
     try:
         yield
@@ -595,8 +598,8 @@ def _config_named(configfile: Path):
 
 
 def _doctor(args) -> int:
-    from pathmamba.doctor import FAIL, format_checks, run_checks
-    from pathmamba.plan import load_workflow_config
+    from pathmamba.operations.doctor import FAIL, format_checks, run_checks
+    from pathmamba.operations.plan import load_workflow_config
 
     with _config_named(args.configfile):
         checks = run_checks(load_workflow_config(args.configfile))
@@ -605,15 +608,15 @@ def _doctor(args) -> int:
 
 
 def _plan(args) -> None:
-    from pathmamba.config import check_methods, grid_methods
-    from pathmamba.plan import format_plan, gpu_jobs, load_workflow_config
+    from pathmamba.engine.config import check_methods, grid_methods
+    from pathmamba.operations.plan import format_plan, gpu_jobs, load_workflow_config
 
     with _config_named(args.configfile):
         config = load_workflow_config(args.configfile)
         check_methods(config, grid_methods(config))
         if args.floor:
-            from pathmamba.costs import update_costs
-            from pathmamba.plan import format_floor
+            from pathmamba.operations.costs import update_costs
+            from pathmamba.operations.plan import format_floor
 
             counted = update_costs(config)
             if counted:
@@ -625,7 +628,7 @@ def _plan(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from pathmamba.calibrate import format_calibration, write_calibration
+    from pathmamba.operations.calibrate import format_calibration, write_calibration
 
     with _config_named(args.configfile):
         out, record = write_calibration(args.configfile, args.out, device=args.device, steps=args.steps,
@@ -637,7 +640,7 @@ def _calibrate(args) -> None:
 
 
 def _selection(args):
-    from pathmamba.results import select_runs
+    from pathmamba.reporting.results import select_runs
 
     run_dirs = [args.run_dir] if isinstance(args.run_dir, Path) else args.run_dir
     return select_runs(args.configfile, run_dirs, args.datasets, args.methods, args.seeds,
@@ -645,8 +648,8 @@ def _selection(args):
 
 
 def _tables(args) -> None:
-    from pathmamba.config import report_settings
-    from pathmamba.tables import write_tables
+    from pathmamba.engine.config import report_settings
+    from pathmamba.reporting.tables import write_tables
 
     selection = _selection(args)
     with _config_named(args.configfile):
@@ -659,8 +662,8 @@ def _tables(args) -> None:
 
 
 def _figures(args) -> None:
-    from pathmamba.plots import write_figures
-    from pathmamba.results import load_paper_results
+    from pathmamba.reporting.plots import write_figures
+    from pathmamba.reporting.results import load_paper_results
 
     selection = _selection(args)
     grid = selection.grid
@@ -669,7 +672,7 @@ def _figures(args) -> None:
 
 
 def _compare(args) -> int:
-    from pathmamba.compare import compare, failed, markdown, write_comparison
+    from pathmamba.reporting.compare import compare, failed, markdown, write_comparison
 
     comparison = compare(args.a, args.b, args.accept, args.n_resamples, args.bootstrap_seed)
     if args.out:
@@ -679,8 +682,8 @@ def _compare(args) -> int:
 
 
 def _readme(args) -> int:
-    from pathmamba import layout
-    from pathmamba.readme import splice_readme, unpinned_runs
+    from pathmamba.core import layout
+    from pathmamba.reporting.readme import splice_readme, unpinned_runs
 
     diff = splice_readme(args.readme, args.table, check=args.check)
     if diff:
@@ -697,8 +700,8 @@ def _readme(args) -> int:
 
 
 def _rehearse(args) -> int:
-    from pathmamba.rehearsal import OVERLAY, PAPER_CONFIG, RehearsalError, rehearse
-    from pathmamba.runtime import InputError
+    from pathmamba.core.errors import InputError
+    from pathmamba.operations.rehearsal import OVERLAY, PAPER_CONFIG, RehearsalError, rehearse
 
     try:
         return rehearse(args.folder, args.paper or PAPER_CONFIG, args.overlay or OVERLAY, args.cores)

@@ -59,8 +59,8 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 #: What a job imports before its first step, besides the registered methods' modules. torch._dynamo:
 #: every torch.optim optimizer imports it in its __init__ (1.3 s here).
-PRELOAD = ("torch", "torch._dynamo", "pathmamba.cli", "pathmamba.train", "pathmamba.evaluate",
-           "pathmamba.pseudo_masks", "scipy.ndimage", "sklearn.cluster")
+PRELOAD = ("torch", "torch._dynamo", "pathmamba.cli", "pathmamba.engine.train", "pathmamba.engine.evaluate",
+           "pathmamba.engine.pseudo_masks", "scipy.ndimage", "sklearn.cluster")
 
 #: Packages whose imported modules are the project's sources, watched for changes.
 PROJECT_PACKAGES = ("pathmamba", "baselines")
@@ -164,7 +164,7 @@ def _preload() -> dict[str, tuple[int, int]]:
     """Import what jobs import; (size, mtime) of every project source file imported."""
     import importlib
 
-    from pathmamba.registry import METHODS
+    from pathmamba.engine.registry import METHODS
 
     targets = [spec.target for spec in METHODS.values()]
     targets += [spec.stage1.target for spec in METHODS.values() if spec.stage1 is not None]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import pathmamba  # noqa: F401  (sets the CPU pins before any test imports torch or numpy: pathmamba/cpu_pins.py)
+import pathmamba  # noqa: F401  (sets the CPU pins before any test imports torch or numpy: pathmamba/core/cpu_pins.py)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The tissue classes of the published datasets and the demo's; their background is the mask index after
@@ -81,9 +81,9 @@ def train_like_the_workflow(method: str, dataset: str, data_root: Path, work: Pa
     method) as the workflow's jobs do: a two-stage method's first stage into work/stage1, its pseudo
     masks into work/pseudo_masks, then the method into work/run (checkpoints under work/). Every stage
     with ``settings``; returns the method's run record."""
-    from pathmamba.pseudo_masks import write_pseudo_masks
-    from pathmamba.registry import get_spec
-    from pathmamba.train import train
+    from pathmamba.engine.pseudo_masks import write_pseudo_masks
+    from pathmamba.engine.registry import get_spec
+    from pathmamba.engine.train import train
 
     stage_inputs = {}
     if get_spec(method).stage1 is not None:
@@ -108,14 +108,14 @@ def checkpoint_epoch(path: Path) -> int | None:
 
 def train_preempted_after(epoch: int, method: str, dataset: str, data_root: Path, out_dir: Path,
                           checkpoint_dir: Path, **kwargs) -> int:
-    """``pathmamba.train.train`` in this process, sent SIGTERM (as SLURM does before a preemption) once
+    """``pathmamba.engine.train.train`` in this process, sent SIGTERM (as SLURM does before a preemption) once
     ``checkpoint_dir/last.pt`` holds ``epoch`` or a later one: the run stops and keeps its checkpoints,
     as they are before a rerun resumes. Returns the epoch that ``last.pt`` holds."""
     import signal
     import threading
     import time
 
-    from pathmamba.train import TrainingInterrupted, train
+    from pathmamba.engine.train import TrainingInterrupted, train
 
     last = Path(checkpoint_dir) / "last.pt"
     stop = threading.Event()

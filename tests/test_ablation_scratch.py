@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from pathmamba.config import ConfigError, check_config, grid_datasets, grid_methods
+from pathmamba.engine.config import ConfigError, check_config, grid_datasets, grid_methods
 
 ABLATION_ROWS = ["pathmamba-b", "pathmamba-b-miml", "pathmamba-b-cmb", "pathmamba-b-miml-cmb", "pathmamba"]
 

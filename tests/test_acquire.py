@@ -15,19 +15,13 @@ import yaml
 from conftest import REPO
 from PIL import Image
 
-from pathmamba.config import ConfigError, check_config
-from pathmamba.data.acquire import (
-    ChecksumMismatch,
-    DownloadFailed,
-    download_dataset,
-    download_file,
-    partial_files,
-    prepare_dataset,
-    sha256,
-)
+from pathmamba.core.download import DownloadFailed, download_file, partial_files
+from pathmamba.core.files import file_sha256
+from pathmamba.data.acquire import ChecksumMismatch, download_dataset, prepare_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import published_copy, zip_folder
 from pathmamba.data.validate import validate_dataset
+from pathmamba.engine.config import ConfigError, check_config
 
 SPEC = get_dataset_spec("synthetic-luad")
 SIZE = 32
@@ -64,7 +58,7 @@ def test_archive_of_a_variant_becomes_the_canonical_layout(canonical, tmp_path):
 
     assert assert_canonical(out, canonical) == manifest
     assert manifest["counts"] == {"training": 6, "val": 3, "test": 3}
-    assert manifest["sha256"] == {"LUAD-HistoSeg.zip": sha256(archive)}
+    assert manifest["sha256"] == {"LUAD-HistoSeg.zip": file_sha256(archive)}
     assert sum(manifest["label_frequency"].values()) >= 6
     assert sum(manifest["pixel_frequency"]["test"].values()) == pytest.approx(1.0, abs=1e-5)
     notes = "\n".join(manifest["tolerated"])
@@ -96,7 +90,7 @@ def test_checksum_mismatch_stops_and_removes_nothing(canonical, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ChecksumMismatch) as error:
         prepare_dataset(SPEC, [archive], out, lock)
-    assert f"LUAD-HistoSeg.zip: sha256 {sha256(archive)}, the lock has {'0' * 64}" in str(error.value)
+    assert f"LUAD-HistoSeg.zip: sha256 {file_sha256(archive)}, the lock has {'0' * 64}" in str(error.value)
     assert f"delete {lock} to accept" in str(error.value)
     assert lock.read_bytes() == locked and archive.read_bytes() == archived and not out.exists()
 
@@ -142,7 +136,7 @@ def test_download_restarts_when_the_server_cannot_resume(server, tmp_path):
 def test_downloaded_archive_is_prepared_then_locked(server, canonical, tmp_path, caplog):
     server.files["LUAD-HistoSeg.zip"] = zip_folder(canonical, tmp_path / "served.zip").read_bytes()
     folder, lock = tmp_path / "downloads", tmp_path / "lock.json"
-    caplog.set_level(logging.INFO, logger="pathmamba.data")
+    caplog.set_level(logging.INFO, logger="pathmamba")
     [downloaded] = download_dataset(SPEC, folder, server.url("LUAD-HistoSeg.zip"))
     assert downloaded == folder / "LUAD-HistoSeg.zip"
     prepare_dataset(SPEC, [downloaded], tmp_path / "first", lock)

@@ -19,14 +19,15 @@ from conftest import NUM_CLASSES, cli_error
 from PIL import Image
 
 from pathmamba.cli import main as cli_main
+from pathmamba.core.download import DownloadFailed, download_file
+from pathmamba.core.errors import InputError
 from pathmamba.data import acquire
-from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, DownloadFailed, prepare_dataset
+from pathmamba.data.acquire import ArchiveError, ChecksumMismatch, prepare_dataset
 from pathmamba.data.readers import MaskError, read_mask
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset, zip_folder
 from pathmamba.data.validate import check_validated, dataset_fingerprint, validate_dataset
-from pathmamba.registry import build_method
-from pathmamba.runtime import InputError
+from pathmamba.engine.registry import build_method
 
 LUAD = get_dataset_spec("synthetic-luad")
 SIZE = 32
@@ -185,8 +186,9 @@ def test_an_error_page_saved_as_the_archive_is_removed_and_fetched_again(server,
     dest.write_bytes(ERROR_PAGE)  # what an earlier run saved
     archive = zip_folder(canonical, tmp_path / "served.zip").read_bytes()
     server.files["LUAD-HistoSeg.zip"] = archive
-    with caplog.at_level(logging.WARNING, "pathmamba.data"):
-        assert acquire.download_file(server.url("LUAD-HistoSeg.zip"), dest, retries=0, timeout=10) == dest
+    with caplog.at_level(logging.WARNING, "pathmamba.core.download"):
+        assert download_file(server.url("LUAD-HistoSeg.zip"), dest, check=acquire.not_a_zip, retries=0,
+                             timeout=10) == dest
     assert dest.read_bytes() == archive
     assert f"{dest}: not a zip archive: {len(ERROR_PAGE)} bytes starting b'<!DOCTYPE html>" in caplog.text
     assert "removed, downloading it again" in caplog.text
@@ -195,9 +197,9 @@ def test_an_error_page_saved_as_the_archive_is_removed_and_fetched_again(server,
 def test_a_server_sending_an_error_page_for_the_archive_fails_naming_the_url(server, tmp_path):
     server.files["LUAD-HistoSeg.zip"] = ERROR_PAGE
     dest, url = tmp_path / "LUAD-HistoSeg.zip", server.url("LUAD-HistoSeg.zip")
-    with pytest.raises(DownloadFailed, match=rf"^{url}: the server sent something else than the archive "
+    with pytest.raises(DownloadFailed, match=rf"^{url}: the server sent another file than the one asked for "
                                              r"\(not a zip archive: .* starting b'<!DOCTYPE html>"):
-        acquire.download_file(url, dest, retries=0, timeout=10)
+        download_file(url, dest, check=acquire.not_a_zip, retries=0, timeout=10)
     assert not dest.exists()  # the next run downloads it again instead of taking it as done
 
 

@@ -20,16 +20,16 @@ import yaml
 from conftest import NUM_CLASSES, REPO, cli_error
 from PIL import Image
 
-from pathmamba import train as train_module
 from pathmamba.cli import main as cli_main
-from pathmamba.config import ConfigError, check_config, hparams_problems
-from pathmamba.doctor import missing_gpu_indices
-from pathmamba.predict import predict, read_input_image
-from pathmamba.registry import build_method
-from pathmamba.results import Grid, finished_runs
-from pathmamba.runtime import InputError
-from pathmamba.tables import write_tables
-from pathmamba.train import TrainingDiverged, TrainSettings, train
+from pathmamba.core.errors import InputError
+from pathmamba.engine import train as train_module
+from pathmamba.engine.config import ConfigError, check_config, hparams_problems
+from pathmamba.engine.predict import predict, read_input_image
+from pathmamba.engine.registry import build_method
+from pathmamba.engine.train import TrainingDiverged, TrainSettings, train
+from pathmamba.operations.doctor import missing_gpu_indices
+from pathmamba.reporting.results import Grid, finished_runs
+from pathmamba.reporting.tables import write_tables
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
 SIZE = 32

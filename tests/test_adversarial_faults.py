@@ -25,7 +25,7 @@ from pathmamba.cli import main as cli_main
 from pathmamba.data.acquire import ArchiveError, prepare_dataset
 from pathmamba.data.readers import DatasetLayoutError
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.registry import build_method
+from pathmamba.engine.registry import build_method
 
 LUAD = get_dataset_spec("synthetic-luad")
 
@@ -97,9 +97,9 @@ def test_export_stopped_leaves_no_building_folder(tmp_path):
 
 
 def test_pseudo_masks_stopped_leaves_no_building_folder(canonical, tmp_path):
+    from pathmamba.core.settings import TrainSettings
     from pathmamba.data.synthetic import make_synthetic_dataset
-    from pathmamba.settings import TrainSettings
-    from pathmamba.train import train
+    from pathmamba.engine.train import train
 
     settings = TrainSettings(epochs=1, batch_size=4, device="cpu", workers=0)
     train("wsss-tissue", "synthetic-luad", canonical, tmp_path / "stage1", tmp_path / "checkpoints", 0,

@@ -21,9 +21,9 @@ from pathmamba.data.datasets import ImageMaskDataset, normalised_batch, to_tenso
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import load_model
-from pathmamba.registry import get_spec, method_names
-from pathmamba.train import TrainSettings
+from pathmamba.engine.evaluate import load_model
+from pathmamba.engine.registry import get_spec, method_names
+from pathmamba.engine.train import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())

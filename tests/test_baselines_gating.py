@@ -16,8 +16,8 @@ from baselines.cam.sccam import SCCAM
 from baselines.cam.toolbox import REJECTED_SCORE, gate_classes, multiscale_flip_maps
 from baselines.cam.wsss_tissue import WSSSTissue, WSSSTissueClassifier
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, normalised_batch
-from pathmamba.evaluate import predict_split
-from pathmamba.registry import selection_predictor
+from pathmamba.engine.evaluate import predict_split
+from pathmamba.engine.registry import selection_predictor
 
 TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
 TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}

@@ -27,8 +27,8 @@ from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageLabelDatas
 from pathmamba.data.readers import index_dataset
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import load_model
-from pathmamba.train import EpochSeeded, TrainSettings, train
+from pathmamba.engine.evaluate import load_model
+from pathmamba.engine.train import EpochSeeded, TrainSettings, train
 
 TINY = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
 TINY_SEGMENTER = {"segmenter_encoder": "tu-lcnet_050", "decoder_channels": 8}
@@ -378,7 +378,7 @@ def test_engine_trains_wsss_tissue_in_two_stages_on_written_pseudo_masks(tiny_lu
                           seed=0, hparams=TINY_SEGMENTER, settings=SETTINGS, **stage2)
     stage1_record = torch.load(tmp_path / "stage1" / "model.pt", weights_only=True)
     torch.save({**stage1_record, "val_mIoU": -1.0}, tmp_path / "stage1" / "model.pt")
-    with caplog.at_level(logging.WARNING, logger="pathmamba.train"):
+    with caplog.at_level(logging.WARNING, logger="pathmamba.engine.train"):
         train("wsss-tissue", "synthetic-luad", tiny_luad, tmp_path / "rerun", tmp_path / "ckpt-rerun", 0,
               TINY_SEGMENTER, SETTINGS, **stage2)
     assert "belongs to other settings" in caplog.text

@@ -13,7 +13,7 @@ from conftest import IGNORE_INDEX, NUM_CLASSES
 from torch.utils.data import DataLoader, TensorDataset
 
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.registry import build_method, get_spec, method_names, two_stage_methods
+from pathmamba.engine.registry import build_method, get_spec, method_names, two_stage_methods
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["methods"]

@@ -1,4 +1,4 @@
-"""Measured throughput (pathmamba/calibrate.py, `pathmamba calibrate`) and the plan that reads it."""
+"""Measured throughput (pathmamba/operations/calibrate.py, `pathmamba calibrate`) and the plan that reads it."""
 
 import contextlib
 import io
@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import REPO, cli_error
 
-from pathmamba.calibrate import calibration_hparams
 from pathmamba.cli import main
-from pathmamba.config import ConfigError
-from pathmamba.plan import training_images
-from pathmamba.train import split_for_pixel_supervision
+from pathmamba.engine.config import ConfigError
+from pathmamba.engine.train import split_for_pixel_supervision
+from pathmamba.operations.calibrate import calibration_hparams
+from pathmamba.operations.plan import training_images
 
 # One of each supervision: image labels, val masks, and a first stage with its pseudo masks.
 METHODS = ["cam", "unet", "wsss-tissue"]

@@ -12,12 +12,12 @@ from conftest import REPO, cli_error
 from scipy import stats as scipy_stats
 
 from pathmamba.cli import main
-from pathmamba.compare import CSV_COLUMNS, MARKDOWN_SIGNATURE, compare
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.metrics import METRICS, confusion_columns, scores_from_confusion
-from pathmamba.readme import splice_readme
-from pathmamba.results import Grid
-from pathmamba.tables import write_tables
+from pathmamba.engine.metrics import METRICS, confusion_columns, scores_from_confusion
+from pathmamba.reporting.compare import CSV_COLUMNS, MARKDOWN_SIGNATURE, compare
+from pathmamba.reporting.readme import splice_readme
+from pathmamba.reporting.results import Grid
+from pathmamba.reporting.tables import write_tables
 
 PAPER = REPO / "config" / "paper_results.yaml"
 DATASET = "synthetic-luad"
@@ -29,7 +29,7 @@ AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_C
 
 def environment(host: str = "workstation", cpu_model: str = "AMD EPYC 7B13", gpu: str | None = None,
                 pinned: bool = True, threads: int = 1) -> dict:
-    """An environment record as pathmamba.runtime.environment_record writes it."""
+    """An environment record as pathmamba.core.environment.environment_record writes it."""
     return {"pathmamba_version": "0.1.0", "python": "3.11.9", "torch": "2.14.1", "numpy": "2.3.0",
             "packages": {"scipy": "1.16.0"}, "device": "cuda:0" if gpu else "cpu", "device_name": gpu or "x86_64",
             "device_memory_gb": 80.0 if gpu else None, "cuda": "12.8", "cuda_driver": "580.1" if gpu else None,
@@ -346,8 +346,8 @@ def test_folders_without_runs_or_in_common_are_refused(tmp_path, capsys):
 
 
 def test_every_row_of_the_repository_readmes_results_section_is_read():
-    from pathmamba.compare import read_readme
-    from pathmamba.readme import RESULTS_END, RESULTS_START
+    from pathmamba.reporting.compare import read_readme
+    from pathmamba.reporting.readme import RESULTS_END, RESULTS_START
 
     section = (REPO / "README.md").read_text().split(RESULTS_START)[1].split(RESULTS_END)[0]
     rows = [line for line in section.splitlines()

@@ -1,10 +1,10 @@
-"""Counting the work of an image (pathmamba/costs.py): FLOPs, bytes moved, the selective scan apart."""
+"""Counting the work of an image (pathmamba/operations/costs.py): FLOPs, bytes moved, the selective scan apart."""
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pathmamba.costs import BATCH, BYTES_PER_ELEMENT, OpCounter, count, scan_work
 from pathmamba.models.cmb import DCMamba
+from pathmamba.operations.costs import BATCH, BYTES_PER_ELEMENT, OpCounter, count, scan_work
 
 
 def test_every_operator_counts_what_it_reads_and_writes_and_views_nothing():

@@ -1,4 +1,4 @@
-"""The CPU pins (pathmamba/cpu_pins.py): what each mode sets, takes back and records."""
+"""The CPU pins (pathmamba/core/cpu_pins.py): what each mode sets, takes back and records."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from pathmamba import cpu_pins
+from pathmamba.core import cpu_pins
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def test_importing_the_package_pins_a_fresh_process_before_torch_loads():
     env = {name: value for name, value in os.environ.items()
            if name not in cpu_pins.AVX2_PINS and name != cpu_pins.MODE_VARIABLE}
     code = ("import pathmamba, torch, numpy\nfrom numpy._core._multiarray_umath import __cpu_features__ as f\n"
-            "from pathmamba.cpu_pins import record\nr = record()\n"
+            "from pathmamba.core.cpu_pins import record\nr = record()\n"
             "print(r['capability'], r['pinned_isa'], f['X86_V4'])")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                             check=True)

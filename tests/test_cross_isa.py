@@ -1,4 +1,4 @@
-"""With the CPU pins (pathmamba/cpu_pins.py), results do not depend on the CPU's instruction set or vendor.
+"""With the CPU pins (pathmamba/core/cpu_pins.py), results do not depend on the CPU's instruction set or vendor.
 
 Shown on one machine: the same commands (demo data, then one training epoch and the test evaluation of
 every baseline family and of PathMamba with all its components) run natively and under QEMU's user-mode
@@ -28,7 +28,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from pathmamba import cpu_pins
+from pathmamba.core import cpu_pins
 
 pytestmark = pytest.mark.qemu
 

@@ -16,11 +16,11 @@ from PIL import Image
 
 from baselines.cam.wsss_tissue import WSSSTissueClassifier
 from baselines.unet import UNet
-from pathmamba.config import ConfigError, check_config
 from pathmamba.data.readers import LabelError, index_dataset, read_mask
 from pathmamba.data.specs import DescriptionError, dataset_names, get_dataset_spec, load_description
 from pathmamba.data.synthetic import make_synthetic_dataset
 from pathmamba.data.validate import validate_dataset
+from pathmamba.engine.config import ConfigError, check_config
 
 THREE = REPO / "config" / "datasets" / "synthetic-three.json"
 

@@ -149,7 +149,7 @@ def test_persistent_workers_see_each_epoch_and_draw_what_the_main_process_draws(
     augmentation is a function of (seed, epoch, image) with any number of workers."""
     from torch.utils.data import DataLoader
 
-    from pathmamba.train import EpochSeeded
+    from pathmamba.engine.train import EpochSeeded
 
     def epochs(workers: int) -> list[list[torch.Tensor]]:
         seeded = EpochSeeded(ImageLabelDataset(index.train, augment=True), seed=0)

@@ -10,7 +10,8 @@ import torch
 import yaml
 from conftest import REPO
 
-from pathmamba.runtime import describe_environment, environment_record, resolve_device, resolve_precision
+from pathmamba.core.devices import resolve_device, resolve_precision
+from pathmamba.core.environment import describe_environment, environment_record
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 
@@ -21,7 +22,7 @@ def test_cuda_without_a_gpu_is_an_error_naming_the_setting():
 
 
 def test_auto_without_a_gpu_runs_on_the_cpu_and_says_why(caplog):
-    with caplog.at_level(logging.WARNING, logger="pathmamba.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pathmamba.core.devices"):
         assert resolve_device("auto") == torch.device("cpu")
     assert "device 'auto' runs on the CPU: " in caplog.text
     assert torch.__version__ in caplog.text
@@ -104,7 +105,7 @@ def test_doctor_fails_the_paper_config_on_a_machine_without_cuda(tmp_path):
 def test_doctor_asks_for_the_python_that_pyproject_requires():
     import tomllib
 
-    from pathmamba.doctor import MINIMUM_PYTHON
+    from pathmamba.operations.doctor import MINIMUM_PYTHON
 
     required = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert required == ">=" + ".".join(map(str, MINIMUM_PYTHON))

@@ -20,7 +20,7 @@ from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pathmamba.envfiles import EnvFileError, pinned_requirements, read_pins, stale_files
+from pathmamba.operations.envfiles import EnvFileError, pinned_requirements, read_pins, stale_files
 
 JOB_ENV = REPO / "workflow" / "envs" / "pathmamba.yaml"
 HOST_ENV = REPO / "environment.yml"
@@ -46,7 +46,7 @@ def pip_part(env_file: Path) -> list[str]:
 
 def test_committed_env_files_are_what_the_generator_writes():
     diffs = stale_files()
-    assert not diffs, "run `python -m pathmamba.envfiles`:\n" + "\n".join(diffs)
+    assert not diffs, "run `python -m pathmamba.operations.envfiles`:\n" + "\n".join(diffs)
 
 
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=ENV_IDS)
@@ -75,18 +75,19 @@ def test_the_job_env_has_no_engine_and_no_test_tools_and_the_host_env_has_the_en
 
 
 def test_the_generator_does_not_import_torch():
-    code = "import sys, pathmamba.envfiles; sys.exit('torch' in sys.modules)"
+    code = "import sys, pathmamba.operations.envfiles; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
 
 
 def test_check_passes_on_this_repository_and_fails_naming_a_stale_file(tmp_path):
-    check = [sys.executable, "-m", "pathmamba.envfiles", "--check"]
+    check = [sys.executable, "-m", "pathmamba.operations.envfiles", "--check"]
     result = subprocess.run(check, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     # A copy of the repository's sources of truth, env files and generator, then one changed pin.
     repo = tmp_path / "repo"
     for name in ("pyproject.toml", "constraints.txt", "environment.yml", "workflow/envs/pathmamba.yaml",
-                 "pathmamba/__init__.py", "pathmamba/envfiles.py"):
+                 "pathmamba/__init__.py", "pathmamba/operations/envfiles.py", "pathmamba/core/__init__.py",
+                 "pathmamba/core/cpu_pins.py", "pathmamba/core/layout.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, repo / name)
     constraints = repo / "constraints.txt"
@@ -95,7 +96,7 @@ def test_check_passes_on_this_repository_and_fails_naming_a_stale_file(tmp_path)
     assert result.returncode == 1
     assert "--- environment.yml (committed)\n+++ environment.yml (generated)" in result.stdout
     assert "-      - gdown==6.5.1\n+      - gdown==6.5.2\n" in result.stdout
-    assert "run `python -m pathmamba.envfiles`" in result.stderr
+    assert "run `python -m pathmamba.operations.envfiles`" in result.stderr
     assert len(stale_files(repo)) == 2
 
 
@@ -127,14 +128,14 @@ def test_every_rule_that_runs_code_has_a_conda_environment():
     assert not rules_without_env, f"rules running code without a conda: environment: {rules_without_env}"
 
 
-# Imports every module of the project that a rule's job can run (not pathmamba.envfiles, a maintainer's
+# Imports every module of the project that a rule's job can run (not pathmamba.operations.envfiles, a maintainer's
 # tool, nor __main__, which runs the command line), then says whether snakemake is importable.
 IMPORT_EVERY_JOB_MODULE = """
 import importlib, importlib.util, pkgutil, sys
 import baselines, pathmamba
 for package in (pathmamba, baselines):
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        if module.name not in ("pathmamba.envfiles", "pathmamba.__main__"):
+        if module.name not in ("pathmamba.operations.envfiles", "pathmamba.__main__"):
             importlib.import_module(module.name)
 print(importlib.util.find_spec("snakemake") is not None)
 """

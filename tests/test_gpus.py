@@ -16,13 +16,13 @@ import pytest
 from conftest import REPO
 from test_workflow import TINY, run_snakemake
 
-from pathmamba.gpus import claim_workflow_gpu, gpu_pool, threads_per_job, visible_gpus
+from pathmamba.core.gpus import claim_workflow_gpu, gpu_pool, threads_per_job, visible_gpus
 
 # Claims a slot of the pool in argv[1] (locks in argv[2]), prints its id, holds it until stdin closes.
 HOLDER = """
 import sys
 from pathlib import Path
-from pathmamba.gpus import claim_gpu
+from pathmamba.core.gpus import claim_gpu
 slot = claim_gpu(sys.argv[1].split(","), Path(sys.argv[2]), retry_seconds=0.1)
 print(slot.gpu, flush=True)
 sys.stdin.read()

@@ -1,4 +1,4 @@
-"""pathmamba.kernels (`make kernels`): what it checks and changes before compiling mamba-ssm's extension.
+"""pathmamba.operations.kernels (`make kernels`): what it checks and changes before compiling mamba-ssm's extension.
 
 The build itself (tens of minutes) is not run here: docs/environment.md gives the one measured on this
 project's machine, and tests/test_scan_fused_convention.py checks the extension it installs where present.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from pathmamba import kernels
-from pathmamba.envfiles import read_pins
+from pathmamba.operations import kernels
+from pathmamba.operations.envfiles import read_pins
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +77,7 @@ def test_parallel_jobs_fit_the_memory():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, `make kernels` would start the build")
 def test_without_a_gpu_the_architecture_must_be_given():
-    done = subprocess.run([sys.executable, "-m", "pathmamba.kernels"], capture_output=True, text=True, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "pathmamba.operations.kernels"], capture_output=True, text=True, cwd=REPO,
                           check=False)
     assert done.returncode == 2
     assert "torch sees no CUDA GPU here: give the architecture to build for, e.g. `--arch 9.0`" in done.stderr
@@ -87,7 +87,7 @@ def test_nvcc_must_know_the_architecture():
     toolkit = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     if not os.path.exists(os.path.join(toolkit, "bin", "nvcc")) or torch.version.cuda is None:
         pytest.skip(f"no nvcc in {toolkit} (CUDA_HOME), or a CPU-only torch")
-    done = subprocess.run([sys.executable, "-m", "pathmamba.kernels", "--arch", "3.0"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pathmamba.operations.kernels", "--arch", "3.0"], capture_output=True, text=True,
                           cwd=REPO, env=dict(os.environ, CUDA_HOME=toolkit), check=False)
     assert done.returncode == 2
     assert "nvcc cannot compile for 3.0; it knows compute_75" in done.stderr

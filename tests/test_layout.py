@@ -1,4 +1,4 @@
-"""The results layout has one owner, pathmamba/layout.py: rules and code build their paths from it."""
+"""The results layout has one owner, pathmamba/core/layout.py: rules and code build their paths from it."""
 
 import ast
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from pathmamba import layout
+from pathmamba.core import layout
 
 
 def test_run_path_fills_the_patterns():
@@ -91,7 +91,7 @@ def smk_pattern(names: set[str]) -> re.Pattern:
 
 #: Layout names that a module uses for something else: predict writes a folder of its own that has a masks/
 #: too.
-OTHER_MEANINGS = {"pathmamba/predict.py": {"masks"}}
+OTHER_MEANINGS = {"pathmamba/engine/predict.py": {"masks"}}
 
 
 def test_no_results_or_resources_path_is_built_outside_the_layout_module():
@@ -109,7 +109,7 @@ def test_no_results_or_resources_path_is_built_outside_the_layout_module():
         found += [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
                   for number, line in enumerate(path.read_text().splitlines(), 1)
                   if joined.search(line.split("#")[0])]
-    assert not found, "paths spelled outside pathmamba/layout.py:\n" + "\n".join(found)
+    assert not found, "paths spelled outside pathmamba/core/layout.py:\n" + "\n".join(found)
 
 
 def test_the_scan_finds_each_way_of_spelling_a_path():

@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score, precision_score, recall_score
 
-from pathmamba.metrics import (
+from pathmamba.engine.metrics import (
     SegmentationMeter,
     confusion_matrix,
     per_image_confusion,

@@ -1,4 +1,4 @@
-"""Optimiser parameter groups (pathmamba/optim.py): no weight decay on PathMamba's state-space parameters
+"""Optimiser parameter groups (pathmamba/engine/optim.py): no weight decay on PathMamba's state-space parameters
 and on the 1-D parameters of its CMB branch; everything else, baselines included, decayed as before."""
 
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 import yaml
 from torch import nn
 
-from pathmamba.config import method_hparams
-from pathmamba.optim import adam, parameter_groups
-from pathmamba.registry import build_method
+from pathmamba.engine.config import method_hparams
+from pathmamba.engine.optim import adam, parameter_groups
+from pathmamba.engine.registry import build_method
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -116,7 +116,7 @@ def test_adam_step_with_zero_gradient_moves_only_decayed_parameters():
     torch.manual_seed(0)
     model = demo_model()
     decay, no_decay, groups = split(model)
-    optimiser = torch.optim.Adam(groups, lr=1e-3)  # as pathmamba.train builds it
+    optimiser = torch.optim.Adam(groups, lr=1e-3)  # as pathmamba.engine.train builds it
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -194,7 +194,7 @@ def test_dc_mamba_without_contrast_is_vmunets_ss2d():
 def test_primary_protocol_is_wsss_tissues_scores():
     """scores(): prediction set to 4 where the truth is 4, one 5x5 histogram over all images, its [4, 4]
     cell zeroed, IoU of classes 0..3 = diag / (row + column - diag), nan-mean; mean accuracy = recall."""
-    from pathmamba.metrics import SegmentationMeter
+    from pathmamba.engine.metrics import SegmentationMeter
 
     rng = np.random.default_rng(0)
     truths = [rng.integers(0, 5, (6, 7)) for _ in range(5)]

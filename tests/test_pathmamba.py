@@ -5,9 +5,9 @@ from itertools import pairwise
 import pytest
 import torch
 
+from pathmamba.engine.registry import build_method
 from pathmamba.models.cmb import contrast_map
 from pathmamba.models.pathmamba import PathMamba, gm_pool
-from pathmamba.registry import build_method
 
 # Tiny widths keep a training step at 64 px to some tens of milliseconds on 2 cores. 64 px, not 32: at
 # 32 px the last stage is 1x1, a sequence of one step, where A rightly gets no gradient.

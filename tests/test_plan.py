@@ -1,4 +1,4 @@
-"""GPU planning: job counts and GPU-hours of a config's grid (pathmamba/plan.py, `pathmamba plan`)."""
+"""GPU planning: job counts and GPU-hours of a config's grid (pathmamba/operations/plan.py, `pathmamba plan`)."""
 
 import json
 import re
@@ -11,8 +11,9 @@ import yaml
 from conftest import REPO, cli_error
 
 from pathmamba.cli import main
-from pathmamba.config import ConfigError
-from pathmamba.plan import (
+from pathmamba.engine.config import ConfigError
+from pathmamba.engine.registry import two_stage_methods
+from pathmamba.operations.plan import (
     JOB_OVERHEAD_HOURS,
     evaluate_gpu_hours,
     floor_throughput,
@@ -24,7 +25,6 @@ from pathmamba.plan import (
     seconds_per_image,
     train_gpu_hours,
 )
-from pathmamba.registry import two_stage_methods
 
 CONFIG = {
     "run": "plan",
@@ -223,11 +223,11 @@ def test_an_invalid_throughput_file_is_an_error_naming_it(tmp_path, capsys):
 
 def test_plan_does_not_import_torch():
     # The Snakefile imports the plan at start-up, which must stay fast.
-    code = "import sys, pathmamba.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pathmamba.operations.plan; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-# --- the floor: counted work per image, GPU peaks, derived throughput (pathmamba/plan.py, costs.py) ---
+# --- the floor: counted work per image, GPU peaks, derived throughput (pathmamba/operations/plan.py, costs.py) ---
 
 GPU = {"bf16_tflops": 100, "fp32_tflops": 10, "hbm_gb_s": 1000, "exp_tera_per_s": 1, "source": "test sheet"}
 WORK = {"flops": 2e9, "bytes": 1e9, "scan_exps": 0, "scan_flops": 0, "scan_bytes": 0}

@@ -13,14 +13,15 @@ from conftest import REPO
 from PIL import Image
 from test_tables import scores_of, write_run
 
-from pathmamba import plots
+from pathmamba.core.layout import run_path
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import colour_mask, overlay_mask, save_palette_mask
-from pathmamba.layout import run_path
-from pathmamba.metrics import confusion_columns
-from pathmamba.plots import (
+from pathmamba.engine.evaluate import colour_mask, overlay_mask, save_palette_mask
+from pathmamba.engine.metrics import confusion_columns
+from pathmamba.engine.registry import build_method, get_spec, load_target, method_names
+from pathmamba.reporting import plots
+from pathmamba.reporting.plots import (
     PAPER_MARKER,
     TRIVIAL_LINE,
     class_heatmap,
@@ -32,8 +33,7 @@ from pathmamba.plots import (
     with_progress,
     write_figures,
 )
-from pathmamba.registry import build_method, get_spec, load_target, method_names
-from pathmamba.results import Grid, finished_runs, load_paper_results, load_per_image
+from pathmamba.reporting.results import Grid, finished_runs, load_paper_results, load_per_image
 
 DATASET = "synthetic-luad"
 FIGURES = ["qualitative_synthetic-luad", "heatmaps_synthetic-luad", "confusion_synthetic-luad", "miou_over_seeds",
@@ -122,7 +122,7 @@ def test_overlay_colours_tissue_and_leaves_background():
 
 
 def test_unscored_background_is_greyed_and_hatched_over_a_raw_prediction():
-    from pathmamba.plots import mark_unscored
+    from pathmamba.reporting.plots import mark_unscored
 
     spec = get_dataset_spec(DATASET)
     image = np.full((8, 8, 3), 100, np.uint8)

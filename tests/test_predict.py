@@ -17,15 +17,16 @@ from conftest import REPO
 from PIL import Image
 
 from pathmamba.cli import main as cli_main
+from pathmamba.core.errors import FileSafetyError, InputError
+from pathmamba.core.settings import TrainSettings
+from pathmamba.core.torch_files import atomic_torch_save
 from pathmamba.data.datasets import to_tensor
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import evaluate
-from pathmamba.export import CARD, WEIGHTS, export_model, load_export
-from pathmamba.predict import predict, ramp, segment, tile_starts
-from pathmamba.registry import build_method, method_names
-from pathmamba.runtime import FileSafetyError, InputError, atomic_torch_save
-from pathmamba.settings import TrainSettings
+from pathmamba.engine.evaluate import evaluate
+from pathmamba.engine.export import CARD, WEIGHTS, export_model, load_export
+from pathmamba.engine.predict import predict, ramp, segment, tile_starts
+from pathmamba.engine.registry import build_method, method_names
 
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["methods"]
 SIZE = 64  # the demo's training size
@@ -215,7 +216,7 @@ def test_version_flag(capsys):
 def test_training_records_size_and_version_and_logs_progress(tmp_path, monkeypatch, caplog, one_torch_thread):
     """A tiny real run: model.pt records the training size, run.json the version; training and evaluation
     log their progress (PROGRESS_SECONDS lowered so that a short epoch logs too)."""
-    from pathmamba import train as train_module
+    from pathmamba.engine import train as train_module
 
     root = tmp_path / "data"
     make_synthetic_dataset("synthetic-luad", root, n_train=16, n_val=4, n_test=4, size=32, seed=0)

@@ -9,8 +9,8 @@ from pathmamba.data.datasets import to_tensor
 from pathmamba.data.readers import index_dataset, read_image, read_mask
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import evaluate
-from pathmamba.registry import build_method
+from pathmamba.engine.evaluate import evaluate
+from pathmamba.engine.registry import build_method
 
 TINY = {"backbone": "resnet18", "width": 8}
 

@@ -1,4 +1,4 @@
-"""The registry: its factory, and the method contract (pathmamba/registry.py's protocols) for every entry."""
+"""The registry: its factory, and the method contract (pathmamba/engine/registry.py's protocols) for every entry."""
 
 import re
 
@@ -7,8 +7,8 @@ import torch
 import yaml
 from conftest import REPO
 
-from pathmamba import registry
-from pathmamba.registry import (
+from pathmamba.engine import registry
+from pathmamba.engine.registry import (
     EpochAware,
     FirstStage,
     Method,
@@ -74,8 +74,8 @@ def test_unknown_names_list_the_valid_ones():
 
 def test_a_preset_key_in_config_hparams_is_refused_at_start_up_naming_method_and_key():
     """pathmamba-b with use_miml: true would build the MIML variant and report it as Table 2's row a."""
-    from pathmamba.config import ConfigError, check_config
-    from pathmamba.doctor import FAIL, check_config_values
+    from pathmamba.engine.config import ConfigError, check_config
+    from pathmamba.operations.doctor import FAIL, check_config_values
 
     config = {"methods": {"pathmamba-b": {"hparams": {"use_miml": True, "dims": [8, 8, 8, 8]}},
                           "pathmamba-noscan": {"hparams": {"mixer": "selective-scan"}},

@@ -1,4 +1,4 @@
-"""The rehearsal's machinery (pathmamba/rehearsal.py): the overlay on the real paper config, the folder's
+"""The rehearsal's machinery (pathmamba/operations/rehearsal.py): the overlay on the real paper config, the folder's
 safety, archives through the real prepare-dataset and validate-dataset, weights files through the real
 loading code, and the checks after a run flagging a doctored run.json and a job over its memory request.
 The rehearsal itself (`make rehearse`) runs in CI after the test suite."""
@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
-from pathmamba.config import method_hparams, train_settings
-from pathmamba.registry import get_spec, two_stage_methods
-from pathmamba.rehearsal import (
+from pathmamba.engine.config import method_hparams, train_settings
+from pathmamba.engine.registry import get_spec, two_stage_methods
+from pathmamba.operations.rehearsal import (
     MARKER,
     OVERLAY,
     PAPER_CONFIG,
@@ -237,7 +237,7 @@ def test_checks_flag_a_doctored_run_json_and_a_job_over_its_memory_request(tmp_p
 
 def test_pathmamba_variants_without_the_miml_branch_name_no_weights_file():
     # Found by the rehearsal: pathmamba-b and pathmamba-b-cmb named the ResNet-50 file and never loaded it.
-    from pathmamba.registry import build_method
+    from pathmamba.engine.registry import build_method
 
     tiny = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "decoder_dim": 8}
     for method in ("pathmamba-b", "pathmamba-b-cmb"):

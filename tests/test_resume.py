@@ -20,8 +20,8 @@ from conftest import REPO, checkpoint_epoch
 from test_workflow import run_snakemake, snakemake_command
 
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import evaluate
-from pathmamba.train import TrainSettings, train
+from pathmamba.engine.evaluate import evaluate
+from pathmamba.engine.train import TrainSettings, train
 
 SYNTHETIC = {"n_train": 32, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
@@ -105,7 +105,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, 
     assert killed_after < SETTINGS["epochs"]
 
     # The last rerun finishes the run: same history and same test metrics as the uninterrupted run.
-    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+    with caplog.at_level(logging.INFO, logger="pathmamba.engine.train"):
         train_in_process(data_root, work)
     # A SIGKILL between the rotation of last.pt to previous.pt and the new last.pt: previous.pt serves.
     assert re.search(rf"resuming from {work / 'checkpoints'}/(last|previous)\.pt after epoch ", caplog.text)

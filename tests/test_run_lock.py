@@ -1,5 +1,5 @@
 """One run per results folder (issue 26, item 3): the run lock in ``<results_dir>/<run>``
-(pathmamba/locks.py, taken by the workflow's onstart hook) refuses a second Snakemake naming the
+(pathmamba/core/locks.py, taken by the workflow's onstart hook) refuses a second Snakemake naming the
 holder, is released however the holder ends, and the refused run deletes nothing of the first."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pathmamba.locks import RUN_LOCK, RunFolderBusy, lock_run_folder, release_run_folder
+from pathmamba.core.locks import RUN_LOCK, RunFolderBusy, lock_run_folder, release_run_folder
 
 # A process that takes the run lock of argv[1], says so, and waits to be killed.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pathmamba.locks import lock_run_folder
+from pathmamba.core.locks import lock_run_folder
 lock_run_folder(Path(sys.argv[1]), Path.cwd())
 print("locked", flush=True)
 time.sleep(600)

@@ -17,10 +17,11 @@ import pytest
 import torch
 from conftest import cli_error, train_preempted_after
 
+from pathmamba.core.errors import FileSafetyError
+from pathmamba.core.torch_files import load_torch_file
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.pseudo_masks import write_pseudo_masks
-from pathmamba.runtime import FileSafetyError, load_torch_file
-from pathmamba.train import LOCK_FILE, TrainSettings, checkpoint_lock, fingerprint_id, train
+from pathmamba.engine.pseudo_masks import write_pseudo_masks
+from pathmamba.engine.train import LOCK_FILE, TrainSettings, checkpoint_lock, fingerprint_id, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8, "pretrained": "none"}
 TINY_STAGE1 = {"backbone": "resnet18", "width": 8, "pretrained": "none", "output_stride": 8}
@@ -96,7 +97,7 @@ def test_checkpoint_of_other_settings_is_moved_aside_intact(data_root, tmp_path,
     fingerprint = state["fingerprint"]
 
     # Another seed on the same folder: the checkpoint is not resumed, and not deleted either.
-    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+    with caplog.at_level(logging.INFO, logger="pathmamba.engine.train"):
         train("cam", "synthetic-luad", data_root, tmp_path / "other", checkpoints, 1, TINY_CAM, SETTINGS)
     aside = checkpoints / f"superseded-{fingerprint_id(fingerprint)}"
     assert "belongs to other settings" in caplog.text and f"to {aside}" in caplog.text
@@ -114,7 +115,7 @@ def test_checkpoint_of_an_older_version_is_moved_aside_not_unpickled(data_root, 
     # Pickled numpy state as checkpoints held before: not loadable as tensors and plain data.
     torch.save({"epoch": 1, "rng": {"numpy": np.random.get_state()}}, checkpoints / "last.pt")
     before = (checkpoints / "last.pt").read_bytes()
-    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+    with caplog.at_level(logging.INFO, logger="pathmamba.engine.train"):
         train("cam", "synthetic-luad", data_root, tmp_path / "run", checkpoints, 0, TINY_CAM, SETTINGS)
     assert f"checkpoint {checkpoints / 'last.pt'} is unusable (FileSafetyError" in caplog.text
     (aside,) = checkpoints.iterdir()

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import pathmamba.train as train_module
+import pathmamba.engine.train as train_module
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.registry import SelectsEpochs, build_method, selectable_epoch
-from pathmamba.train import TrainSettings, train
+from pathmamba.engine.registry import SelectsEpochs, build_method, selectable_epoch
+from pathmamba.engine.train import TrainSettings, train
 
 TINY = {"backbone": "resnet18", "width": 8}
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from conftest import REPO, checkpoint_epoch
 
-from pathmamba.doctor import FAIL, OK, check_slurm_time_limits, slurm_minutes
-from pathmamba.plan import load_workflow_config
+from pathmamba.operations.doctor import FAIL, OK, check_slurm_time_limits, slurm_minutes
+from pathmamba.operations.plan import load_workflow_config
 
 SETUP = REPO / "tests" / "cluster" / "single_node_slurm.sh"
 REQUIRED = os.environ.get("PATHMAMBA_REQUIRE_SLURM") == "1"

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathmamba.stats import compare_to_reference, effect_sizes, holm, paired_bootstrap, wilcoxon_p
+from pathmamba.reporting.stats import compare_to_reference, effect_sizes, holm, paired_bootstrap, wilcoxon_p
 
 
 def test_holm_on_known_p_values():
@@ -80,7 +80,7 @@ def test_compare_to_reference_with_no_common_image_gives_nan_not_an_error():
 
 def _slow_split_level(reference, other, n_resamples, seed):
     """The split-level bootstrap one resample at a time with the same draws, from metrics' own scores."""
-    from pathmamba.metrics import scores_from_confusion
+    from pathmamba.engine.metrics import scores_from_confusion
 
     rng = np.random.default_rng(seed)
     n_images = reference.shape[1]
@@ -94,8 +94,8 @@ def _slow_split_level(reference, other, n_resamples, seed):
 
 
 def test_split_level_bootstrap_equals_a_resample_by_resample_reference():
-    from pathmamba.metrics import scores_from_confusion
-    from pathmamba.stats import split_level_bootstrap
+    from pathmamba.engine.metrics import scores_from_confusion
+    from pathmamba.reporting.stats import split_level_bootstrap
 
     rng = np.random.default_rng(3)
     reference = rng.integers(0, 50, size=(3, 7, 4, 4)).astype(float)
@@ -113,7 +113,7 @@ def test_split_level_bootstrap_equals_a_resample_by_resample_reference():
 
 
 def test_split_level_bootstrap_of_a_method_against_itself_is_zero_with_p_one():
-    from pathmamba.stats import split_level_bootstrap
+    from pathmamba.reporting.stats import split_level_bootstrap
 
     cms = np.random.default_rng(0).integers(0, 9, size=(2, 5, 4, 4)).astype(float)
     assert split_level_bootstrap(cms, cms, n_resamples=200) == {"diff": 0.0, "low": 0.0, "high": 0.0, "p": 1.0}
@@ -122,8 +122,8 @@ def test_split_level_bootstrap_of_a_method_against_itself_is_zero_with_p_one():
 
 
 def test_mean_scores_match_the_metrics_module_including_empty_classes():
-    from pathmamba.metrics import METRICS, scores_from_confusion
-    from pathmamba.stats import mean_score
+    from pathmamba.engine.metrics import METRICS, scores_from_confusion
+    from pathmamba.reporting.stats import mean_score
 
     cms = np.random.default_rng(1).integers(0, 20, size=(6, 4, 4)).astype(float)
     cms[1, 3, :] = cms[1, :, 3] = 0
@@ -136,8 +136,8 @@ def test_mean_scores_match_the_metrics_module_including_empty_classes():
 
 
 def test_split_level_intervals_of_every_metric_equal_a_resample_by_resample_reference():
-    from pathmamba.metrics import METRICS, scores_from_confusion
-    from pathmamba.stats import split_level_intervals
+    from pathmamba.engine.metrics import METRICS, scores_from_confusion
+    from pathmamba.reporting.stats import split_level_intervals
 
     rng = np.random.default_rng(4)
     a = rng.integers(0, 50, size=(3, 6, 4, 4)).astype(float)
@@ -163,7 +163,7 @@ def test_split_level_intervals_of_every_metric_equal_a_resample_by_resample_refe
 def test_welch_interval_on_known_values():
     from scipy import stats as scipy_stats
 
-    from pathmamba.stats import welch_interval
+    from pathmamba.reporting.stats import welch_interval
 
     # Samples (1, 2, 3) and (2, 4, 6, 8): variances 1 and 20/3.
     terms = 1 / 3, (20 / 3) / 4
@@ -183,7 +183,7 @@ def test_welch_interval_on_known_values():
 def test_one_sample_interval_equals_scipys_t_interval():
     from scipy import stats as scipy_stats
 
-    from pathmamba.stats import one_sample_interval
+    from pathmamba.reporting.stats import one_sample_interval
 
     values = np.array([0.61, 0.66, 0.58, 0.70])
     result = one_sample_interval(values.mean(), values.std(ddof=1), 4, 0.767)

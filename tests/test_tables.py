@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 from conftest import REPO, cli_error
 
-from pathmamba import registry
 from pathmamba.cli import main
 from pathmamba.data.specs import get_dataset_spec
-from pathmamba.metrics import METRICS, confusion_columns
-from pathmamba.readme import splice_readme
-from pathmamba.render import INCONSISTENT_MARK, latex_results
-from pathmamba.results import Grid, finished_runs, load_metrics, load_paper_results
-from pathmamba.tables import dice_iou_inconsistent, results_table, supervision_of, write_tables
+from pathmamba.engine import registry
+from pathmamba.engine.metrics import METRICS, confusion_columns
+from pathmamba.reporting.readme import splice_readme
+from pathmamba.reporting.render import INCONSISTENT_MARK, latex_results
+from pathmamba.reporting.results import Grid, finished_runs, load_metrics, load_paper_results
+from pathmamba.reporting.tables import dice_iou_inconsistent, results_table, supervision_of, write_tables
 
 PAPER = REPO / "config" / "paper_results.yaml"
 
@@ -352,7 +352,7 @@ def test_a_cell_whose_seeds_mixed_scans_or_precisions_is_marked_with_a_footnote(
 def write_evaluated_run(run_dir: Path, dataset: str, method: str, seed: int, truth, prediction) -> None:
     """A run folder written by evaluation's own meter from masks: test_metrics.json and per_image.csv
     agree as in a real run. truth, prediction: (N, H, W) integer tensors (truth 4 = background)."""
-    from pathmamba.metrics import SegmentationMeter
+    from pathmamba.engine.metrics import SegmentationMeter
 
     meter = SegmentationMeter(4)
     meter.update(prediction, truth, [f"img{i}.png" for i in range(len(truth))])
@@ -458,7 +458,7 @@ def test_table1_marks_reference_rows_and_points_to_the_baselines_document(partia
 
 
 def environment_of(device_name: str | None = None, cpu_model: str = "AMD EPYC 7B13", pinned: bool = True) -> dict:
-    """The parts of an environment record that say what computed a result (pathmamba.runtime)."""
+    """The parts of an environment record that say what computed a result (pathmamba.core.environment)."""
     return {"device": "cuda:0" if device_name else "cpu", "device_name": device_name or "x86_64",
             "scan": "pytorch", "precision": "fp32", "host": "h",
             "cpu": {"model": cpu_model, "pins_requested": "avx2" if pinned else "native",

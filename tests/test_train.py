@@ -17,13 +17,14 @@ import torch
 from conftest import train_preempted_after
 
 from pathmamba.cli import main as cli_main
+from pathmamba.core.download import DownloadFailed, download_file
+from pathmamba.core.files import file_sha256
+from pathmamba.core.settings import lr_factor
 from pathmamba.data.synthetic import make_synthetic_dataset
-from pathmamba.evaluate import evaluate
+from pathmamba.engine.evaluate import evaluate
+from pathmamba.engine.registry import build_method
+from pathmamba.engine.train import TrainSettings, train
 from pathmamba.models.backbones import RESNETS, build_resnet, resnet_stages, stage_channels
-from pathmamba.registry import build_method
-from pathmamba.runtime import download_file
-from pathmamba.settings import lr_factor
-from pathmamba.train import TrainSettings, train
 
 TINY_CAM = {"backbone": "resnet18", "width": 8}
 SETTINGS = TrainSettings(epochs=3, batch_size=8, lr=1e-3, device="cpu")  # workers unset: 0 on CPU
@@ -87,7 +88,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(dat
 
     last = checkpoints / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # a copy cut short, as a full disk leaves it
-    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+    with caplog.at_level(logging.INFO, logger="pathmamba.engine.train"):
         assert run_and_evaluate(data_root, work) == seed0_run
     assert f"checkpoint {last} is unusable" in caplog.text
     assert f"resuming from {checkpoints / 'previous.pt'} after epoch {kept - 1}" in caplog.text
@@ -98,7 +99,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one_then_to_scratch(dat
     caplog.clear()
     for name in ("last.pt", "previous.pt"):
         (checkpoints / name).write_bytes(b"")
-    with caplog.at_level(logging.INFO, logger="pathmamba.train"):
+    with caplog.at_level(logging.INFO, logger="pathmamba.engine.train"):
         assert run_and_evaluate(data_root, work) == seed0_run
     assert f"no usable checkpoint in {checkpoints}; training from scratch" in caplog.text
     assert "resuming" not in caplog.text
@@ -195,7 +196,7 @@ def test_fetched_weights_load_into_the_backbone(fake_weights, loopback_url, tmp_
     digest = hashlib.sha256(fake_weights.read_bytes()).hexdigest()
     for url in (loopback_url, fake_weights.as_uri()):
         out = tmp_path / "weights" / "resnet18-imagenet.pth"
-        download_file(url, out, sha256_prefix=digest[:8])
+        download_file(url, out, check=lambda path: None if file_sha256(path) == digest else "another file")
         assert out.read_bytes() == fake_weights.read_bytes()
         model = build_resnet("resnet18", pretrained=str(out))
         expected = torch.load(fake_weights, weights_only=True)
@@ -204,10 +205,14 @@ def test_fetched_weights_load_into_the_backbone(fake_weights, loopback_url, tmp_
         out.unlink()
 
 
-def test_fetch_weights_rejects_a_file_that_is_not_torchvisions(loopback_url, tmp_path):
+def test_fetch_weights_rejects_a_file_that_is_not_torchvisions(loopback_url, tmp_path, capsys):
     out = tmp_path / "resnet18-imagenet.pth"
-    with pytest.raises(ValueError, match="does not start with f37072fd"):
+    with pytest.raises(SystemExit) as exit_:
         cli_main(["fetch-weights", "--backbone", "resnet18", "--out", str(out), "--url", loopback_url])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"{loopback_url}: the server sent another file than the one asked for (SHA-256 " in err
+    assert "does not start with f37072fd" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -218,7 +223,7 @@ def test_missing_weights_file_is_an_error_not_a_random_init(tmp_path):
 
 def test_unreachable_weights_url_is_a_clear_error(tmp_path):
     url = (tmp_path / "nowhere.pth").as_uri()
-    with pytest.raises(OSError, match=f"cannot download {url} to .*resnet50-imagenet.pth: .*No such file"):
+    with pytest.raises(DownloadFailed, match=f"cannot download {url} to .*resnet50-imagenet.pth: .*No such file"):
         download_file(url, tmp_path / "resnet50-imagenet.pth")
     assert list(tmp_path.iterdir()) == []
 
@@ -226,7 +231,7 @@ def test_unreachable_weights_url_is_a_clear_error(tmp_path):
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     import os
 
-    from pathmamba.runtime import atomic_write_text
+    from pathmamba.core.files import atomic_write_text
 
     umask = os.umask(0o022)
     try:

@@ -75,13 +75,13 @@ class SCCAM(CAMClassifier):
                                 if self.restart_each_round else None)
 
     def selectable_epoch(self, epoch: int, epochs: int) -> bool:
-        """Model selection keeps the last epoch of the last round only (pathmamba.registry's ``SelectsEpochs``).
+        """Model selection keeps the last epoch of the last round only (pathmamba.engine.registry's ``SelectsEpochs``).
 
         The original's final model is a fixed epoch of its last round, taken without looking at val
         (``script.sh``: ``k10_R3_resnet_cls_ep50.pth``, the third round's ``train_cls.py``). The best val
         epoch over the whole run could be a plain CAM from before the first clustering, or an earlier
         round's model, since every round restarts. The config check makes ``epochs`` equal to
-        ``cam_epochs + sum(round_epochs)`` (pathmamba.config's schedule check).
+        ``cam_epochs + sum(round_epochs)`` (pathmamba.engine.config's schedule check).
         """
         return epoch == self.final_epoch
 
@@ -107,7 +107,7 @@ class SCCAM(CAMClassifier):
         augmentation (as the original's ``extract_feature.py``)."""
         was_training = self.training
         self.eval()
-        # The engine's loader wraps the dataset (pathmamba.train.EpochSeeded, seeding its augmentation):
+        # The engine's loader wraps the dataset (pathmamba.engine.train.EpochSeeded, seeding its augmentation):
         # augmentation is switched off on the dataset that draws it.
         dataset = copy.copy(getattr(loader.dataset, "dataset", loader.dataset))
         dataset.augment = False

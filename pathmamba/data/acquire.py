@@ -7,11 +7,10 @@ Four ways in (docs/design.md §3.3), chosen per dataset in the config:
     archive: PATH    zip file(s) downloaded by hand (a browser splits a large Drive folder into several)
     root: PATH       an extracted copy, used in place (nothing here runs for it)
 
-Downloads go to files that gdown names ``<file><8 random chars>.part`` and renames when complete, so a
-partial file is never used; a later call resumes it with an HTTP range request, or restarts from zero
-when the server cannot resume; a ``.zip`` that is not a zip archive (an HTML error page) is removed and
-fetched again. :func:`prepare_dataset` refuses archives whose members overlap or expand beyond the
-extraction limits before anything is extracted, extracts them (zip CRCs checked), moves
+Downloads go through :func:`pathmamba.core.download.download_file` (partial files resumed, never
+used); a ``.zip`` that is not a zip archive (an HTML error page) is removed and fetched again.
+:func:`prepare_dataset` refuses archives whose members overlap or expand beyond the extraction limits
+before anything is extracted, extracts them (zip CRCs checked), moves
 the files into the canonical layout of the dataset's description (the published datasets':
 ``<out>/training/*.png, <out>/{val,test}/{img,mask}/*.png``, and the label table if it has one; the
 variants of :mod:`pathmamba.data.readers` tolerated, RGB masks and masks in another palette rewritten as
@@ -23,21 +22,20 @@ published number of files per split); a mismatch stops before anything is extrac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
-import threading
-import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pathmamba.core.download import DownloadFailed, download_file
+from pathmamba.core.errors import InputError
+from pathmamba.core.files import atomic_write_json, file_sha256
+from pathmamba.core.progress import ProgressLog
 from pathmamba.data.readers import (
     RGB_MODES,
     DatasetLayoutError,
@@ -53,14 +51,10 @@ from pathmamba.data.readers import (
     training_labels,
 )
 from pathmamba.data.specs import DatasetSpec
-from pathmamba.runtime import InputError, ProgressLog, atomic_write_json, format_duration
 
 log = logging.getLogger("pathmamba.data")
 
 GDRIVE_FILE_URL = "https://drive.google.com/uc?id={}"
-HASH_BLOCK = 1 << 20
-DOWNLOAD_TIMEOUT_S = 60
-DOWNLOAD_RETRIES = 3
 # Extraction limits, checked on the archives' directories before anything is written. PNG members barely
 # compress (ratio ~1), so a member expanding more than MAX_RATIO times is a zip bomb, not a dataset;
 # members under RATIO_FLOOR (small text files) may compress well. Both published datasets extract to
@@ -68,10 +62,6 @@ DOWNLOAD_RETRIES = 3
 MAX_EXTRACTED_BYTES = 64 << 30
 MAX_RATIO = 100
 RATIO_FLOOR = 1 << 20
-
-
-class DownloadFailed(RuntimeError):
-    """A download did not complete; its partial file is kept for the next attempt to resume."""
 
 
 class ChecksumMismatch(RuntimeError):
@@ -82,100 +72,6 @@ class ArchiveError(ValueError):
     """A source archive cannot be read."""
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def partial_files(dest: Path) -> list[Path]:
-    """gdown's partial files of ``dest``: ``<name><8 random chars>.part`` beside it."""
-    if not dest.parent.is_dir():
-        return []
-    return sorted(p for p in dest.parent.iterdir()
-                  if p.name.startswith(dest.name) and p.name.endswith(".part")
-                  and len(p.name) == len(dest.name) + 8 + len(".part"))
-
-
-def download_file(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download ``url`` (a Google Drive file link or a plain URL) to ``dest``; return ``dest``.
-
-    ``dest`` only ever appears complete (gdown renames its partial file at the end); an existing
-    ``dest`` is taken as done. A partial file left by an interrupted run is resumed; if the server
-    refuses to resume it, the partial file is discarded and the transfer restarts once from zero.
-    Raises :class:`DownloadFailed` naming the URL and the kept partial file.
-    """
-    import gdown
-    from gdown.exceptions import DownloadError
-
-    dest = Path(dest)
-    if dest.exists() and (reason := not_a_zip(dest)):
-        # An error page saved under the archive's name by an earlier run: ours, worthless, fetched again.
-        log.warning("%s: %s; removed, downloading it again", dest, reason)
-        dest.unlink()
-    if dest.exists():
-        log.info("%s already downloaded", dest)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    quiet = not sys.stderr.isatty()  # progress bars on a terminal, not in log files
-    for attempt in ("resume", "restart") if partial_files(dest) else ("start",):
-        before = _partial_size(dest)
-        log.info("downloading %s to %s (%s)", url, dest, attempt)
-        try:
-            with _logging_transfer(dest):
-                gdown.download(url=url, output=str(dest), quiet=quiet, resume=True, retries=retries,
-                               timeout=timeout)
-        except (DownloadError, OSError) as error:
-            failure = error
-        else:
-            if reason := not_a_zip(dest):
-                dest.unlink()  # never "already downloaded" on the next run
-                raise DownloadFailed(f"{url}: the server sent something else than the archive ({reason}); "
-                                     f"removed {dest}; check the URL, or download it by hand")
-            return dest
-        if attempt == "resume" and _partial_size(dest) == before:
-            # Not one byte added: the server cannot continue this partial file (no range support, or
-            # the file changed), so our partial bytes are worthless and the transfer starts from zero.
-            log.warning("cannot resume %s (%s); restarting from zero", dest, failure)
-            for part in partial_files(dest):
-                part.unlink()
-        else:
-            break
-    parts = ", ".join(str(p) for p in partial_files(dest)) or "none"
-    raise DownloadFailed(f"{url}: download to {dest} failed ({failure}); partial file kept for "
-                         f"the next attempt to resume: {parts}")
-
-
-@contextmanager
-def _logging_transfer(dest: Path, every: float = 30.0):
-    """Log the bytes of ``dest`` downloaded so far and the rate every ``every`` seconds while the body
-    runs, and the total at its end: gdown's progress bar goes to a terminal only, not to a log file."""
-    stop = threading.Event()
-    started, before = time.monotonic(), _partial_size(dest)
-
-    def rate_line(size: int) -> str:
-        seconds = time.monotonic() - started
-        return (f"{size / 1e6:.1f} MB, {(size - before) / 1e6 / max(seconds, 1e-9):.2f} MB/s over "
-                f"{format_duration(seconds)}")
-
-    def report() -> None:
-        while not stop.wait(every):
-            log.info("downloading %s: %s", dest.name, rate_line(_partial_size(dest)))
-
-    thread = threading.Thread(target=report, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    if dest.exists():
-        log.info("downloaded %s: %s", dest.name, rate_line(dest.stat().st_size))
-
-
 def not_a_zip(path: Path) -> str | None:
     """Why a file named ``*.zip`` is not a zip archive (e.g. an HTML error page), None if it is one or if
     its name does not end with .zip (a Drive folder's files are of any kind)."""
@@ -184,10 +80,6 @@ def not_a_zip(path: Path) -> str | None:
     with open(path, "rb") as handle:
         start = handle.read(40)
     return f"not a zip archive: {path.stat().st_size} bytes starting {start!r}"
-
-
-def _partial_size(dest: Path) -> int:
-    return sum(p.stat().st_size for p in partial_files(dest))
 
 
 def list_gdrive_folder(folder_id: str) -> list[tuple[str, str]]:
@@ -213,12 +105,13 @@ def download_dataset(spec: DatasetSpec, folder: Path, url: str | None = None) ->
     folder = Path(folder)
     if url is not None:
         name = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or f"{spec.name}.zip"
-        return [download_file(url, folder / name)]
+        return [download_file(url, folder / name, check=not_a_zip)]
     if spec.gdrive_folder is None:
         raise InputError(f"{spec.name}: no published Google Drive folder; give 'archive', 'url' or 'root'")
     files = list_gdrive_folder(spec.gdrive_folder)
     log.info("%s: %d files in Google Drive folder %s", spec.name, len(files), spec.gdrive_folder)
-    return [download_file(GDRIVE_FILE_URL.format(file_id), folder / path) for file_id, path in files]
+    return [download_file(GDRIVE_FILE_URL.format(file_id), folder / path, check=not_a_zip)
+            for file_id, path in files]
 
 
 # --- checksum lock -----------------------------------------------------------------------------------
@@ -440,7 +333,7 @@ def prepare_dataset(spec: DatasetSpec, sources: list[Path], out: Path, lock: Pat
         raise InputError(f"{spec.name}: give zip archives or one extracted folder, not both: {sources}")
     files = sorted(p for p in folders[0].rglob("*") if p.is_file()) if folders else sources
     base = folders[0] if folders else None
-    sums = {(p.relative_to(base).as_posix() if base else p.name): sha256(p) for p in files}
+    sums = {(p.relative_to(base).as_posix() if base else p.name): file_sha256(p) for p in files}
     locked = check_lock(lock, sums)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not folders:

@@ -135,7 +135,7 @@ class ImageMaskDataset(Dataset):
         return image_tensor, mask_tensor, index
 
 
-#: The record a pseudo-mask folder ends with (``pathmamba.pseudo_masks``): which masks, for how many images.
+#: The record a pseudo-mask folder ends with (``pathmamba.engine.pseudo_masks``): which masks, for how many images.
 PSEUDO_MASK_MANIFEST = "manifest.json"
 
 

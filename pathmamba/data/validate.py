@@ -28,6 +28,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pathmamba.core.errors import InputError
+from pathmamba.core.files import atomic_write_json
+from pathmamba.core.progress import ProgressLog
 from pathmamba.data.readers import (
     RGB_MODES,
     DatasetIndex,
@@ -45,7 +48,6 @@ from pathmamba.data.readers import (
     training_folder,
 )
 from pathmamba.data.specs import DatasetSpec, DescriptionError, recorded_spec
-from pathmamba.runtime import InputError, ProgressLog, atomic_write_json
 
 log = logging.getLogger("pathmamba.data")
 

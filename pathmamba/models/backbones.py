@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pathmamba.core.download import download_file
+from pathmamba.core.files import file_sha256
+
 log = logging.getLogger("pathmamba.models")
 
 
@@ -170,10 +173,14 @@ def fetch_imagenet_weights(name: str, out: Path, url: str | None = None) -> None
     """Download backbone ``name``'s ImageNet weights file to ``out``, from ``url`` (a mirror) or
     torchvision's; either way its SHA-256 must start with the digits that torchvision's file name ends
     with (``resnet50-0676ba61.pth``)."""
-    from pathmamba.runtime import download_file
-
     official = imagenet_weights_url(name)
-    download_file(url or official, Path(out), sha256_prefix=official.rsplit("-", 1)[1].split(".")[0])
+    prefix = official.rsplit("-", 1)[1].split(".")[0]
+
+    def not_torchvisions(path: Path) -> str | None:
+        digest = file_sha256(path)
+        return None if digest.startswith(prefix) else f"SHA-256 {digest} does not start with {prefix}"
+
+    download_file(url or official, Path(out), check=not_torchvisions)
     log.info("wrote %s weights to %s", name, out)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scan import cross_merge, cross_scan, selective_scan
+from pathmamba.models.scan import cross_merge, cross_scan, selective_scan
 
 #: VM-UNet's stochastic-depth rate (``configs/config_setting.py``, ``model_config["drop_path_rate"]``, and
 #: the default of its ``VMUNet``), the VMamba setup the authors' ``models/mamba.py`` copies.
@@ -149,7 +149,7 @@ class DCMamba(nn.Module):
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * Di, 1))
         self.Ds = nn.Parameter(torch.ones(K * Di))
-        # No weight decay on the state-space parameters (mamba_ssm's flag, read by pathmamba.optim).
+        # No weight decay on the state-space parameters (mamba_ssm's flag, read by pathmamba.engine.optim).
         for p in (self.dt_projs_bias, self.A_logs, self.Ds):
             p._no_weight_decay = True
 
@@ -279,7 +279,7 @@ class CMBEncoder(nn.Module):
     patch merging's LayerNorms.
     """
 
-    # VMamba's optimiser rule: no weight decay on 1-D parameters (norms, biases); pathmamba.optim.
+    # VMamba's optimiser rule: no weight decay on 1-D parameters (norms, biases); pathmamba.engine.optim.
     _no_weight_decay_1d = True
 
     def __init__(

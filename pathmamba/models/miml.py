@@ -9,7 +9,7 @@ are the stem convolution (2), max-pool + layer1 (4) and layer2 (8). Their trunk 
 criss-cross attention, from SA-MIL) is not the paper's; the paper's ResNet-50 is kept. As docs/design.md
 §8.1 chooses, side maps have one channel per class (the paper's single-channel map is the per-class
 saliency max over them). The authors train the side classifiers at lr / 100 (``functions/train.py``,
-parameter groups of their own); ``side_lr_scale`` sets that multiple (pathmamba/optim.py's ``_lr_scale``).
+parameter groups of their own); ``side_lr_scale`` sets that multiple (pathmamba/engine/optim.py's ``_lr_scale``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
 
-from .backbones import build_resnet
+from pathmamba.models.backbones import build_resnet
 
 #: Output stride of each ResNet segment of :func:`resnet_segments`, in order.
 SEGMENT_STRIDES = (2, 4, 8, 16, 32)

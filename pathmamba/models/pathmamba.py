@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cmb import VMUNET_DROP_PATH_RATE, CMBEncoder, vmamba_init_
-from .miml import MIMLBranch
+from pathmamba.models.cmb import VMUNET_DROP_PATH_RATE, CMBEncoder, vmamba_init_
+from pathmamba.models.miml import MIMLBranch
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class MLPDecoder(nn.Module):
     than BatchNorm, so that the no-grad saliency pass of pathmamba-b-cmb leaves no running statistics.
     """
 
-    # Part of the CMB branch: no weight decay on its 1-D parameters, as the encoder (pathmamba.optim).
+    # Part of the CMB branch: no weight decay on its 1-D parameters, as the encoder (pathmamba.engine.optim).
     _no_weight_decay_1d = True
 
     def __init__(self, dims: Sequence[int], dim: int, num_classes: int):
@@ -195,7 +195,7 @@ class PathMamba(nn.Module):
             vmamba_init_(self.stage_classifiers, init_std)
         if self.stage_classifiers is not None:
             # heads on the CMB stages: VMamba's no-decay rule for 1-D parameters, as encoder and decoder;
-            # the MIML ResNet keeps the decay of every parameter, as the baselines' ResNets (pathmamba.optim)
+            # the MIML ResNet keeps the decay of every parameter, as the baselines' ResNets (pathmamba.engine.optim)
             self.stage_classifiers._no_weight_decay_1d = True
 
     def _cmb(self, images: torch.Tensor, saliency: torch.Tensor | None):

@@ -28,7 +28,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pathmamba.settings import SCAN_IMPLEMENTATIONS
+from pathmamba.core.settings import SCAN_IMPLEMENTATIONS
 
 log = logging.getLogger(__name__)
 

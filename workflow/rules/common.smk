@@ -24,7 +24,15 @@ def shell_word(text):
 # The fork server is started with the same PYTHONPATH (pathmamba/forkserver.py, job_environment).
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shell_word(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from pathmamba.config import (
+from pathmamba.core import cpu_pins, layout
+from pathmamba.core.gpus import (
+    LOCK_DIR_VARIABLE,
+    POOL_VARIABLE,
+    default_lock_dir,
+    gpu_pool,
+    threads_per_job,
+)
+from pathmamba.engine.config import (
     ConfigError,
     check_config,
     dataset_archives,
@@ -35,10 +43,13 @@ from pathmamba.config import (
     method_hparams,
     train_settings,
 )
-from pathmamba.gpus import LOCK_DIR_VARIABLE, POOL_VARIABLE, default_lock_dir, gpu_pool, threads_per_job
-from pathmamba import cpu_pins, layout
-from pathmamba.plan import evaluate_gpu_hours, pseudo_masks_gpu_hours, runtime_minutes, train_gpu_hours
-from pathmamba.registry import two_stage_methods
+from pathmamba.engine.registry import two_stage_methods
+from pathmamba.operations.plan import (
+    evaluate_gpu_hours,
+    pseudo_masks_gpu_hours,
+    runtime_minutes,
+    train_gpu_hours,
+)
 
 try:
     # Snakemake's own YAML reading lets a key given twice silently win; read each config file again.
@@ -53,7 +64,7 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
 # The CPU pins of every job and of the fork server, which inherit this process's environment; cluster
-# jobs evaluate this file again. Importing pathmamba set the default pins already (pathmamba/cpu_pins.py).
+# jobs evaluate this file again. Importing pathmamba set the default pins already (pathmamba/core/cpu_pins.py).
 cpu_pins.apply(config["cpu_pins"])
 
 
@@ -99,7 +110,7 @@ RESOURCES = config["resources_dir"]
 DATASETS = grid_datasets(config)
 METHODS = grid_methods(config)
 SEEDS = [int(seed) for seed in config["seeds"]]
-# The run folder's layout is pathmamba/layout.py's, for the rules and the code alike.
+# The run folder's layout is pathmamba/core/layout.py's, for the rules and the code alike.
 RUN_DIR = f"{RESULTS}/{layout.RUN}"
 TRIVIAL_RUN_DIR = f"{RESULTS}/{layout.TRIVIAL_RUN}"
 LOG_DIR = f"{RESULTS}/{layout.LOGS}"
@@ -126,7 +137,7 @@ def benchmark_file(job):
     return f"{BENCHMARK_DIR}/{layout.BENCHMARK_FILES[job]}"
 
 
-# GPUs of a local run (pathmamba/gpus.py): the `gpu` resource gets one unit per GPU of the pool, so that
+# GPUs of a local run (pathmamba/core/gpus.py): the `gpu` resource gets one unit per GPU of the pool, so that
 # no more GPU jobs than GPUs run at once, and the jobs (which inherit this process's environment) learn
 # the pool, from which each claims a GPU of its own. `--resources gpu=N` (given by the SLURM profile,
 # where SLURM assigns the GPUs) turns this off, as does a pool of no GPUs (GPU jobs are not limited
@@ -138,7 +149,7 @@ if workflow.is_main_process and "gpu" not in workflow.global_resources:
         os.environ[POOL_VARIABLE] = ",".join(GPU_POOL)
         os.environ.setdefault(LOCK_DIR_VARIABLE, str(default_lock_dir()))
 
-# `threads_per_job: auto` (pathmamba.gpus.threads_per_job): a local run splits its `--cores`, one kept
+# `threads_per_job: auto` (pathmamba.core.gpus.threads_per_job): a local run splits its `--cores`, one kept
 # for Snakemake, between the units of the `gpu` resource (the GPUs of the pool), so that every GPU has a
 # job. The rules read the number from the config. A cluster run is refused at its start (onstart): the
 # executor is not known yet while this file is read, and the cores of this host say nothing of the nodes'.
@@ -301,7 +312,7 @@ def forkserver_off_reason():
     return None
 
 
-# The run lock of the results folder (pathmamba/locks.py), held from the start of the jobs to the end of
+# The run lock of the results folder (pathmamba/core/locks.py), held from the start of the jobs to the end of
 # this process: a second Snakemake in another working folder whose config names the same results folder
 # is refused before it deletes anything. Snakemake's own lock covers only its working folder.
 RUN_LOCK = []
@@ -309,7 +320,7 @@ RUN_LOCK = []
 
 onstart:
     from snakemake.logging import logger
-    from pathmamba.locks import RunFolderBusy, lock_run_folder
+    from pathmamba.core.locks import RunFolderBusy, lock_run_folder
 
     if THREADS_PER_JOB_CONFIGURED == "auto" and workflow.executor_plugin.common_settings.non_local_exec:
         raise WorkflowError(
@@ -346,7 +357,7 @@ onstart:
 def end_of_run():
     """Stop the fork server and release the run lock (if Snakemake is killed, the server notices and ends
     by itself, and the kernel releases the lock)."""
-    from pathmamba.locks import release_run_folder
+    from pathmamba.core.locks import release_run_folder
 
     for server in FORKSERVER:
         server.stop()
@@ -369,12 +380,12 @@ FIGURES = f"{RESULTS}/{layout.FIGURES}"
 
 
 def table(stem, extension):
-    """A table file of the run (its name: pathmamba/layout.py)."""
+    """A table file of the run (its name: pathmamba/core/layout.py)."""
     return f"{TABLES}/{layout.table_file(stem, extension)}"
 
 
 def figure(stem, extension=layout.FIGURE_FORMATS[0]):
-    """A figure file of the run (its stem: pathmamba/layout.py)."""
+    """A figure file of the run (its stem: pathmamba/core/layout.py)."""
     return f"{FIGURES}/{stem}.{extension}"
 
 
