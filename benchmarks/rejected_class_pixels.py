@@ -1,7 +1,7 @@
 """Benchmark: how many scored test pixels each CAM-family model gives to a class its own image-level
 prediction rejects (issue 18). After the class gate of ``baselines/cam/toolbox.py`` this must be 0.
 
-For every ``runs/<dataset>/<method>/seed<k>/model.pt`` of a run folder whose method is in the CAM family,
+For every ``runs/<dataset>/<method>/seed<k>/model.pt`` of an experiment folder whose method is in the CAM family,
 the model predicts its dataset's test split as the evaluate job does (``model.predict``, argmax, white
 background of the ground truth not scored). The kept classes of an image are the method's own:
 probability >= its threshold (``threshold``; WSSS-Tissue: the stage-1 classifier at ``gate_threshold``),
@@ -9,7 +9,7 @@ plus the most probable class. HistoSegNet also reports the share of scored pixel
 all its labels is background or "other" (the original's mask has no tissue class there; ours gives them
 the best kept tissue class).
 
-    python benchmarks/rejected_class_pixels.py --run-dir results/demo --data-root resources/datasets
+    python benchmarks/rejected_class_pixels.py --experiment-dir results/demo --data-root resources/datasets
 
 Prints a markdown table: method, dataset, seeds, scored pixels, share given a rejected class, and for
 HistoSegNet the share lost to background / other.
@@ -69,7 +69,7 @@ def count_model(model: torch.nn.Module, loader: DataLoader) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a run folder, e.g. results/demo")
+    parser.add_argument("--experiment-dir", type=Path, required=True, help="an experiment folder, e.g. results/demo")
     parser.add_argument("--data-root", type=Path, required=True,
                         help="the folder holding one prepared dataset folder per dataset name, e.g. "
                              "resources/datasets")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     rows = []
-    for dataset_dir in sorted((args.run_dir / "runs").iterdir()):
+    for dataset_dir in sorted((args.experiment_dir / "runs").iterdir()):
         for method in CAM_FAMILY:
             models = sorted((dataset_dir / method).glob("seed*/model.pt"))
             if not models:

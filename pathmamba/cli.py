@@ -245,15 +245,16 @@ def _add_calibrate(commands) -> None:
                         help="bf16 autocast or fp32 instead of the config's train.precision")
 
 
-def _add_grid_arguments(parser, several_run_dirs: bool = False) -> None:
+def _add_grid_arguments(parser, several_experiment_dirs: bool = False) -> None:
     parser.add_argument("--configfile", type=Path, default=None,
-                        help="workflow config (YAML) to take the run folder, datasets, methods and seeds from")
-    if several_run_dirs:
-        parser.add_argument("--run-dir", type=Path, nargs="+", default=None,
-                            help="results/<run>, holding runs/; several (a grid split across machines) are combined: "
-                                 "a run in two of them must have the same results in both")
+                        help="workflow config (YAML) to take the experiment folder, datasets, methods and seeds from")
+    if several_experiment_dirs:
+        parser.add_argument("--experiment-dir", type=Path, nargs="+", default=None,
+                            help="results/<experiment>, holding runs/; several (a grid split across machines) are "
+                                 "combined: a run in two of them must have the same results in both")
     else:
-        parser.add_argument("--run-dir", type=Path, default=None, help="results/<run>, holding runs/ and benchmarks/")
+        parser.add_argument("--experiment-dir", type=Path, default=None,
+                            help="results/<experiment>, holding runs/ and benchmarks/")
     parser.add_argument("--datasets", nargs="+", type=_dataset_name, default=None)
     parser.add_argument("--methods", nargs="+", type=_method, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="the configured seeds")
@@ -266,7 +267,7 @@ def _add_tables(commands) -> None:
     parser = commands.add_parser("tables", help="Tables 1 and 2, per-class IoU, 5-class protocol and paired "
                                                 "statistics from whatever runs finished")
     parser.set_defaults(func=_tables)
-    _add_grid_arguments(parser, several_run_dirs=True)
+    _add_grid_arguments(parser, several_experiment_dirs=True)
     # Unset: the config's `report` settings (config/README.md), else the schema's defaults.
     parser.add_argument("--n-resamples", type=int, default=None, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=None)
@@ -294,9 +295,9 @@ def _add_compare(commands) -> None:
                                                  "the difference, 95%% intervals and a verdict (identical, within "
                                                  "seed noise, differs)")
     parser.set_defaults(func=_compare)
-    parser.add_argument("a", type=Path, metavar="A", help="a run folder (results/<run>)")
+    parser.add_argument("a", type=Path, metavar="A", help="an experiment folder (results/<experiment>)")
     parser.add_argument("b", type=Path, metavar="B",
-                        help="another run folder of the same configuration (another machine), a README with a "
+                        help="another experiment folder of the same configuration (another machine), a README with a "
                              "results section (README.md) or the paper's values (config/paper_results.yaml)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the comparison to this .md or .csv file (new, or one compare wrote)")
@@ -642,8 +643,8 @@ def _calibrate(args) -> None:
 def _selection(args):
     from pathmamba.reporting.results import select_runs
 
-    run_dirs = [args.run_dir] if isinstance(args.run_dir, Path) else args.run_dir
-    return select_runs(args.configfile, run_dirs, args.datasets, args.methods, args.seeds,
+    experiment_dirs = [args.experiment_dir] if isinstance(args.experiment_dir, Path) else args.experiment_dir
+    return select_runs(args.configfile, experiment_dirs, args.datasets, args.methods, args.seeds,
                        getattr(args, "data_root", []))
 
 
@@ -657,7 +658,7 @@ def _tables(args) -> None:
     given = {"n_resamples": args.n_resamples, "bootstrap_seed": args.bootstrap_seed,
              "reference_method": args.reference_method}
     report.update({key: value for key, value in given.items() if value is not None})
-    write_tables(selection.run_dirs, selection.grid, args.paper, args.out_dir, report["n_resamples"],
+    write_tables(selection.experiment_dirs, selection.grid, args.paper, args.out_dir, report["n_resamples"],
                  report["bootstrap_seed"], reference_method=report["reference_method"])
 
 
@@ -667,7 +668,7 @@ def _figures(args) -> None:
 
     selection = _selection(args)
     grid = selection.grid
-    write_figures(selection.run_dirs[0], grid.datasets, grid.methods, grid.seeds, selection.data_roots,
+    write_figures(selection.experiment_dirs[0], grid.datasets, grid.methods, grid.seeds, selection.data_roots,
                   load_paper_results(args.paper), args.out_dir, args.n_images)
 
 
@@ -689,11 +690,11 @@ def _readme(args) -> int:
     if diff:
         print("\n".join(diff))
         print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
-        unpinned = unpinned_runs(layout.run_dir_of_table(args.table))
+        unpinned = unpinned_runs(layout.experiment_dir_of_table(args.table))
         if unpinned:
             print(f"{len(unpinned)} runs of {args.table}'s run were not pinned to AVX2 (e.g. {unpinned[0]}): the "
                   "README's numbers are bitwise only for pinned runs (docs/reproducibility.md); compare the means "
-                  f"statistically with `python -m pathmamba compare {layout.run_dir_of_table(args.table)} "
+                  f"statistically with `python -m pathmamba compare {layout.experiment_dir_of_table(args.table)} "
                   f"{args.readme}`")
         return 1
     return 0

@@ -169,7 +169,7 @@ def test_workflow_prepares_and_validates_archives_before_training(canonical, tmp
     Image.fromarray(np.full((SIZE, SIZE), 7, dtype=np.uint8)).save(bad_mask)
     bad = zip_folder(bad_root, tmp_path / "bad.zip")
     config = {
-        "run": "tiny", "seeds": [0],
+        "experiment": "tiny", "seeds": [0],
         "datasets": {"synthetic-luad": {"archive": str(good), "validate": {"image_size": SIZE}},
                      "synthetic-bcss": {"archive": [str(bad)], "validate": {"image_size": SIZE}}},
         "train": {"epochs": 1}, "methods": {"cam": {}},

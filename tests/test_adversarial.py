@@ -225,8 +225,8 @@ def luad_model(tmp_path_factory) -> Path:
     return path
 
 
-def _tables(run_dir: Path, out_dir: Path, seeds: list[str]) -> list[str]:
-    return ["tables", "--run-dir", str(run_dir), "--datasets", "synthetic-luad", "--methods", "cam", "--seeds",
+def _tables(experiment_dir: Path, out_dir: Path, seeds: list[str]) -> list[str]:
+    return ["tables", "--experiment-dir", str(experiment_dir), "--datasets", "synthetic-luad", "--methods", "cam", "--seeds",
             *seeds, "--out-dir", str(out_dir)]
 
 
@@ -236,17 +236,17 @@ def test_tables_refuse_a_seed_given_twice(tmp_path, capsys):
     assert not (tmp_path / "tables").exists()
 
 
-def test_tables_refuse_a_run_folder_that_does_not_exist(tmp_path, capsys):
+def test_tables_refuse_a_experiment_folder_that_does_not_exist(tmp_path, capsys):
     message = cli_error(_tables(tmp_path / "typo", tmp_path / "tables", ["0"]), capsys)
-    assert message == (f"pathmamba tables: --run-dir: {tmp_path / 'typo'} is not a folder; expected results/<run> "
+    assert message == (f"pathmamba tables: --experiment-dir: {tmp_path / 'typo'} is not a folder; expected results/<experiment> "
                        "holding runs/")
     assert not (tmp_path / "tables").exists()
-    # Given beside a config, the mistyped --run-dir is still what the message names.
+    # Given beside a config, the mistyped --experiment-dir is still what the message names.
     config = tmp_path / "config.yaml"
-    config.write_text("run: r\nseeds: [0]\ndatasets: {synthetic-luad: {root: x}}\nmethods: {cam: {}}\n")
+    config.write_text("experiment: r\nseeds: [0]\ndatasets: {synthetic-luad: {root: x}}\nmethods: {cam: {}}\n")
     message = cli_error([*_tables(tmp_path / "typo", tmp_path / "tables", ["0"]), "--configfile", str(config)],
                         capsys)
-    assert message.startswith(f"pathmamba tables: --run-dir: {tmp_path / 'typo'} is not a folder")
+    assert message.startswith(f"pathmamba tables: --experiment-dir: {tmp_path / 'typo'} is not a folder")
 
 
 def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):

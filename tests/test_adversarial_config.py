@@ -98,7 +98,7 @@ def test_the_divergence_check_leaves_a_finite_run_bitwise_unchanged(canonical, t
 
 
 def _config(**methods) -> dict:
-    return {"run": "r", "seeds": [0], "datasets": {"synthetic-luad": {"synthetic": {}}},
+    return {"experiment": "r", "seeds": [0], "datasets": {"synthetic-luad": {"synthetic": {}}},
             "methods": methods or {"cam": {"hparams": dict(TINY_CAM)}}}
 
 
@@ -184,7 +184,7 @@ def test_a_cuda_index_this_machine_lacks_is_a_doctor_failure():
     assert missing_gpu_indices(config, 4) == []
 
 
-VALID_YAML = """run: r
+VALID_YAML = """experiment: r
 seeds: [0]
 datasets:
   synthetic-luad:
@@ -199,14 +199,17 @@ methods:
     (VALID_YAML + "  cam: {hparams: {width: 16}}\n",
      (", line 9, column 3: key 'cam' given twice in one mapping (first on line 8); the second would silently "
      "replace the first: remove one")),
-    (VALID_YAML.replace("seeds: [0]", "seeds: [0]\nrun: s"),
-     ", line 3, column 1: key 'run' given twice in one mapping (first on line 1)"),
+    (VALID_YAML.replace("seeds: [0]", "seeds: [0]\nexperiment: s"),
+     ", line 3, column 1: key 'experiment' given twice in one mapping (first on line 1)"),
     (VALID_YAML.replace("  cam:", "\tcam:"), (", line 8, column 1: found character '\\t' that cannot start any "
                                              "token; expected YAML (spaces, not tabs, for indentation)")),
     (VALID_YAML.replace("seeds: [0]", "seeds: [0"), ", line 3, column 9: expected ',' or ']', but got ':'"),
     ("", ": an empty file; expected a mapping of config keys"),
-    ("- run: r\n", ": a list; expected a mapping of config keys"),
-], ids=["method-twice", "top-key-twice", "tab", "unclosed-list", "empty", "list"])
+    ("- experiment: r\n", ": a list; expected a mapping of config keys"),
+    (VALID_YAML.replace("experiment: r", "run: r"),
+     (": run: was renamed 'experiment' (the name of the experiment folder <results_dir>/<experiment>; a run is "
+      "now one training run of it, a dataset, method and seed); write `experiment: r`")),
+], ids=["method-twice", "top-key-twice", "tab", "unclosed-list", "empty", "list", "renamed-key"])
 @pytest.mark.parametrize("command", ["plan", "doctor", "tables"])
 def test_a_broken_config_file_is_one_line_naming_file_line_and_column(tmp_path, capsys, text, expected, command):
     path = tmp_path / "config.yaml"
@@ -222,7 +225,8 @@ def test_a_broken_config_file_is_one_line_naming_file_line_and_column(tmp_path, 
      "{path}, line 9, column 1: key 'methods' given twice in one mapping (first on line 7)"),
     (VALID_YAML.replace("width: 8", "widht: 8").replace("seeds: [0]", "seeds: [0, 4294967296]"),
      "methods.cam.hparams.widht: cam has no such keyword; did you mean 'width'?"),
-], ids=["key-twice", "hparams-typo"])
+    (VALID_YAML.replace("experiment: r", "run: r"), "run: was renamed 'experiment' (the name of the experiment folder"),
+], ids=["key-twice", "hparams-typo", "renamed-key"])
 def test_the_workflow_refuses_a_config_mistake_at_a_dry_run(tmp_path, snakemake_bin, workflow_env, text, expected):
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -524,15 +528,15 @@ def test_doctor_reports_an_hparams_mistake_in_its_config_row_without_a_traceback
 def test_tables_leave_out_a_run_whose_history_shows_a_diverged_loss(tmp_path):
     from test_tables import scores_of, write_run
 
-    run_dir = tmp_path / "results" / "r"
+    experiment_dir = tmp_path / "results" / "r"
     for seed, value, losses in ((0, 0.5, "0.9,0.7"), (1, 0.132, "nan,nan"), (2, 0.6, "0.8,inf")):
-        folder = write_run(run_dir, "luad-histoseg", "cam", seed, scores_of(value))
+        folder = write_run(experiment_dir, "luad-histoseg", "cam", seed, scores_of(value))
         (folder / "history.csv").write_text("epoch,loss\n" + "".join(f"{epoch},{loss}\n" for epoch, loss in
                                                                      enumerate(losses.split(","), 1)))
-    write_run(run_dir, "luad-histoseg", "trivial", None, scores_of(0.2))
+    write_run(experiment_dir, "luad-histoseg", "trivial", None, scores_of(0.2))
     grid = Grid(["luad-histoseg"], ["cam"], [0, 1, 2])
-    assert finished_runs(run_dir, grid)["method"].tolist() == ["cam", "trivial"]
-    tables = write_tables(run_dir, grid, REPO / "config" / "paper_results.yaml", tmp_path / "tables", n_resamples=100)
+    assert finished_runs(experiment_dir, grid)["method"].tolist() == ["cam", "trivial"]
+    tables = write_tables(experiment_dir, grid, REPO / "config" / "paper_results.yaml", tmp_path / "tables", n_resamples=100)
     cam = tables["table1"].query("method == 'cam' and metric == 'mIoU'").iloc[0]
     assert (cam["mean"], cam["n_seeds"]) == (0.5, 1)  # seed 0 alone: neither 0.132 nor inf's run
     markdown = (tmp_path / "tables" / "table1_comparison.md").read_text()

@@ -297,8 +297,8 @@ def tiny_luad(tmp_path_factory):
     return root
 
 
-def _history(run_dir) -> list[dict]:
-    with open(run_dir / "history.csv") as handle:
+def _history(experiment_dir) -> list[dict]:
+    with open(experiment_dir / "history.csv") as handle:
         return list(csv.DictReader(handle))
 
 

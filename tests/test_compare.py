@@ -1,5 +1,5 @@
-"""``python -m pathmamba compare``: two run folders, a run against the README's table and against the
-paper's values, on hand-written run folders whose numbers come from known confusion matrices."""
+"""``python -m pathmamba compare``: two experiment folders, a run against the README's table and against the
+paper's values, on hand-written experiment folders whose numbers come from known confusion matrices."""
 
 import json
 import math
@@ -56,11 +56,11 @@ def evaluation(quality: float, noise_seed: int) -> np.ndarray:
     return matrices
 
 
-def write_run(run_dir: Path, method: str, seed: int | None, matrices: np.ndarray, env: dict | None = None,
+def write_run(experiment_dir: Path, method: str, seed: int | None, matrices: np.ndarray, env: dict | None = None,
               settings: dict | None = None, dataset: str = DATASET) -> Path:
     """A finished run as train and evaluate write it: run.json (settings, environment; none for the trivial
     reference), test_metrics.json (scores of the summed matrices) and per_image.csv (a row per image)."""
-    folder = run_dir / "runs" / dataset / method / ("" if seed is None else f"seed{seed}")
+    folder = experiment_dir / "runs" / dataset / method / ("" if seed is None else f"seed{seed}")
     folder.mkdir(parents=True)
     env = env or environment()
     scores = scores_from_confusion(matrices.sum(0))
@@ -72,7 +72,7 @@ def write_run(run_dir: Path, method: str, seed: int | None, matrices: np.ndarray
         record["environment"] = env
         run = {"method": method, "stage": None, "dataset": dataset, "seed": seed, "hparams": {"pretrained": "none"},
                "settings": {"epochs": 5, "lr": 0.001, "workers": 0, "device": "auto", **(settings or {})},
-               "data_root": str(run_dir / "data"), "best_epoch": 3, "wall_seconds_this_run": 10.0 + seed,
+               "data_root": str(experiment_dir / "data"), "best_epoch": 3, "wall_seconds_this_run": 10.0 + seed,
                "environment": env}
         (folder / "run.json").write_text(json.dumps(run))
     (folder / "test_metrics.json").write_text(json.dumps(record))
@@ -87,25 +87,25 @@ def write_run(run_dir: Path, method: str, seed: int | None, matrices: np.ndarray
 QUALITY = {"cam": 0.6, "pathmamba": 0.8}
 
 
-def write_demo(run_dir: Path, seeds=(0, 1, 2), shift: dict | None = None, env: dict | None = None,
+def write_demo(experiment_dir: Path, seeds=(0, 1, 2), shift: dict | None = None, env: dict | None = None,
                settings: dict | None = None, machine: int = 0) -> Path:
-    """A run folder of cam and pathmamba on DATASET with ``seeds`` and the trivial reference. ``shift``:
+    """An experiment folder of cam and pathmamba on DATASET with ``seeds`` and the trivial reference. ``shift``:
     a quality change per method; ``machine``: another machine's last bits (different per-seed noise)."""
     for method, quality in QUALITY.items():
         for seed in seeds:
             seed_quality = quality + 0.03 * (seed % 3 - 1) + (shift or {}).get(method, 0.0)
-            write_run(run_dir, method, seed, evaluation(seed_quality, 100 * seed + machine), env, settings)
-    write_run(run_dir, "trivial", None, evaluation(0.5, 999))
-    return run_dir
+            write_run(experiment_dir, method, seed, evaluation(seed_quality, 100 * seed + machine), env, settings)
+    write_run(experiment_dir, "trivial", None, evaluation(0.5, 999))
+    return experiment_dir
 
 
 def rows_of(comparison) -> pd.DataFrame:
     return comparison.rows.set_index(["method", "metric"])
 
 
-def test_a_run_folder_against_a_copy_of_itself_is_identical_everywhere(tmp_path):
-    run_dir = write_demo(tmp_path / "results" / "demo")
-    comparison = compare(run_dir, run_dir, n_resamples=200)
+def test_a_experiment_folder_against_a_copy_of_itself_is_identical_everywhere(tmp_path):
+    experiment_dir = write_demo(tmp_path / "results" / "demo")
+    comparison = compare(experiment_dir, experiment_dir, n_resamples=200)
     assert set(comparison.rows["verdict"]) == {"identical"}
     assert len(comparison.rows) == 3 * 4 and not comparison.one_sided
     assert (comparison.rows["difference"] == 0).all()
@@ -222,9 +222,9 @@ def test_different_test_images_get_no_image_interval(tmp_path):
     assert row["images_interval"] == "the sides scored different test images"
 
 
-def readme_of(run_dir: Path, tmp_path: Path) -> Path:
+def readme_of(experiment_dir: Path, tmp_path: Path) -> Path:
     """A README whose results section is this run's Table 1, as `make demo` then `make readme` write it."""
-    write_tables(run_dir, Grid([DATASET], list(QUALITY), [0, 1, 2]), PAPER, tmp_path / "tables", n_resamples=20)
+    write_tables(experiment_dir, Grid([DATASET], list(QUALITY), [0, 1, 2]), PAPER, tmp_path / "tables", n_resamples=20)
     readme = tmp_path / "README.md"
     readme.write_text("# Demo\n\n<!-- results:start -->\n<!-- results:end -->\n\nMore text.\n")
     splice_readme(readme, tmp_path / "tables" / "table1_comparison.md")
@@ -233,9 +233,9 @@ def readme_of(run_dir: Path, tmp_path: Path) -> Path:
 
 def test_this_checkouts_run_against_the_readme_table(tmp_path):
     """Use case (b): only means ± std and seed counts are published: a Welch interval from them."""
-    run_dir = write_demo(tmp_path / "demo")
-    readme = readme_of(run_dir, tmp_path)
-    comparison = compare(run_dir, readme, n_resamples=20)
+    experiment_dir = write_demo(tmp_path / "demo")
+    readme = readme_of(experiment_dir, tmp_path)
+    comparison = compare(experiment_dir, readme, n_resamples=20)
     assert set(comparison.rows["verdict"]) == {"identical"} and len(comparison.rows) == 12
     assert any(note.startswith("B is a published table: means ± std with three decimals") for note in comparison.notes)
 
@@ -257,23 +257,23 @@ def test_this_checkouts_run_against_the_readme_table(tmp_path):
 
 
 def test_a_readme_row_marked_for_mixed_hardware_and_a_missing_row_are_read(tmp_path):
-    run_dir = write_demo(tmp_path / "demo")
-    readme = readme_of(run_dir, tmp_path)
+    experiment_dir = write_demo(tmp_path / "demo")
+    readme = readme_of(experiment_dir, tmp_path)
     text = readme.read_text().replace("| cam |", "| cam † |")
     readme.write_text(text.replace("| pathmamba | weak (image labels) | 3 |",
                                    "| pathmamba | weak (image labels) | — |"))
-    comparison = compare(run_dir, readme, n_resamples=20)
+    comparison = compare(experiment_dir, readme, n_resamples=20)
     assert rows_of(comparison).loc[("cam", "mIoU"), "verdict"] == "identical"
     assert comparison.one_sided == [(DATASET, "pathmamba")]
 
 
 def test_a_run_against_the_papers_values_is_a_one_sample_interval(tmp_path):
     """Use case (c): the paper gives one number per cell; its rounding widens the interval."""
-    run_dir = tmp_path / "rehearsal"
+    experiment_dir = tmp_path / "rehearsal"
     for seed, quality in enumerate((0.86, 0.9, 0.88)):
-        write_run(run_dir, "pathmamba", seed, evaluation(quality, seed), dataset="luad-histoseg")
-    write_run(run_dir, "cam", 0, evaluation(0.6, 7), dataset="luad-histoseg")
-    comparison = compare(run_dir, PAPER, n_resamples=400)
+        write_run(experiment_dir, "pathmamba", seed, evaluation(quality, seed), dataset="luad-histoseg")
+    write_run(experiment_dir, "cam", 0, evaluation(0.6, 7), dataset="luad-histoseg")
+    comparison = compare(experiment_dir, PAPER, n_resamples=400)
     rows = rows_of(comparison)
     miou = [scores_from_confusion(evaluation(q, s).sum(0))["mIoU"] for s, q in enumerate((0.86, 0.9, 0.88))]
     expected = scipy_stats.ttest_1samp(miou, 0.767).confidence_interval(0.95)
@@ -288,9 +288,9 @@ def test_a_run_against_the_papers_values_is_a_one_sample_interval(tmp_path):
 
 
 def test_one_seed_against_the_paper_is_decided_by_its_test_images(tmp_path):
-    run_dir = tmp_path / "rehearsal"
-    write_run(run_dir, "pathmamba", 0, evaluation(0.3, 0), dataset="luad-histoseg")
-    row = rows_of(compare(run_dir, PAPER, n_resamples=300)).loc[("pathmamba", "mIoU")]
+    experiment_dir = tmp_path / "rehearsal"
+    write_run(experiment_dir, "pathmamba", 0, evaluation(0.3, 0), dataset="luad-histoseg")
+    row = rows_of(compare(experiment_dir, PAPER, n_resamples=300)).loc[("pathmamba", "mIoU")]
     assert row["seeds_interval"] == "fewer than 2 seeds in A"
     assert row["images_interval"] == "bootstrap of A's 12 test images, B's rounding ±0.0005"
     assert row["images_high"] < 0 and row["verdict"] == "differs"
@@ -326,22 +326,22 @@ def test_compare_command_prints_markdown_writes_out_files_and_fails_on_request(t
 
 
 @pytest.mark.parametrize(("b", "expected"), [
-    ("missing.json", "is neither a run folder (results/<run>), a README with a results section (.md) nor"),
+    ("missing.json", "is neither an experiment folder (results/<experiment>), a README with a results section (.md) nor"),
     ("README.md", "has no results section between <!-- results:start --> and <!-- results:end -->"),
 ])
 def test_a_b_that_is_none_of_the_three_is_refused(tmp_path, capsys, b, expected):
-    run_dir = write_demo(tmp_path / "demo")
+    experiment_dir = write_demo(tmp_path / "demo")
     (tmp_path / "README.md").write_text("# no results\n")
-    assert expected in cli_error(["compare", str(run_dir), str(tmp_path / b)], capsys)
+    assert expected in cli_error(["compare", str(experiment_dir), str(tmp_path / b)], capsys)
 
 
 def test_folders_without_runs_or_in_common_are_refused(tmp_path, capsys):
-    run_dir = write_demo(tmp_path / "demo")
+    experiment_dir = write_demo(tmp_path / "demo")
     (tmp_path / "empty").mkdir()
-    assert cli_error(["compare", str(tmp_path / "empty"), str(run_dir)], capsys) == (
+    assert cli_error(["compare", str(tmp_path / "empty"), str(experiment_dir)], capsys) == (
         f"pathmamba compare: A: {tmp_path / 'empty'} holds no finished run "
         "(runs/<dataset>/<method>/seed<N>/test_metrics.json)")
-    message = cli_error(["compare", str(run_dir), str(PAPER)], capsys)
+    message = cli_error(["compare", str(experiment_dir), str(PAPER)], capsys)
     assert "have no dataset and method in common: A has synthetic-luad cam, synthetic-luad pathmamba" in message
 
 

@@ -200,7 +200,7 @@ def test_three_class_models_score_three_classes_and_ignore_index_3():
 
 
 THREE_CLASS_RUN = {
-    "run": "three",
+    "experiment": "three",
     "seeds": [0],
     "datasets": {"synthetic-three": {"description": "descriptions/synthetic three.json",
                                      "synthetic": {"n_train": 16, "n_val": 4, "n_test": 6, "size": 64, "seed": 0}}},

@@ -19,7 +19,7 @@ def test_run_path_fills_the_patterns():
 SPELLED_LAYOUT = re.compile(r"""["'/](runs|logs|checkpoints|benchmarks)/|["']datasets/\{""")
 
 
-def test_nothing_but_the_layout_module_spells_the_run_folders():
+def test_nothing_but_the_layout_module_spells_the_experiment_folders():
     files = [*sorted((REPO / "workflow" / "rules").glob("*.smk")), REPO / "workflow" / "Snakefile",
              *sorted((REPO / "pathmamba").rglob("*.py"))]
     spelled = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
@@ -29,9 +29,9 @@ def test_nothing_but_the_layout_module_spells_the_run_folders():
     assert not spelled, "\n".join(spelled)
 
 
-def test_run_dir_of_a_run_file():
+def test_experiment_dir_of_a_run_file():
     run_file = layout.run_path(Path("results/my run"), "d", "m", 0) / "test_metrics.json"
-    assert layout.run_dir_of(run_file) == Path("results/my run")
+    assert layout.experiment_dir_of(run_file) == Path("results/my run")
 
 
 def layout_names() -> set[str]:
@@ -81,7 +81,7 @@ def hand_built_paths(source: str, names: set[str]) -> list[int]:
 
 
 def smk_pattern(names: set[str]) -> re.Pattern:
-    """A rule file's path expression spelling a layout name: joined to a placeholder (``f"{RUN_DIR}/model.pt"``)
+    """A rule file's path expression spelling a layout name: joined to a placeholder (``f"{EXPERIMENT_DIR}/model.pt"``)
     or by pathlib (``/ "tables"``), a literal that begins a path with it (``"runs/..."``), or a file name
     given alone (``run_files("history.csv")``)."""
     alternatives = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
@@ -122,8 +122,8 @@ def test_the_scan_finds_each_way_of_spelling_a_path():
               'e = "a message about masks, no path"\n'
               'f = folder / layout.MODEL\n')
     assert hand_built_paths(source, names) == [2, 3, 4, 5]
-    rules = ['        model=f"{RUN_DIR}/model.pt",', '        runs=run_files("test_metrics.json"),',
+    rules = ['        model=f"{EXPERIMENT_DIR}/model.pt",', '        runs=run_files("test_metrics.json"),',
              '        f"{RESOURCES}/datasets/{{dataset}}",', '        folder=f"runs/{RUN}",',
-             '        model=f"{RUN_DIR}/{layout.MODEL}",', '        entry = config["datasets"][wildcards.dataset]',
+             '        model=f"{EXPERIMENT_DIR}/{layout.MODEL}",', '        entry = config["datasets"][wildcards.dataset]',
              '        job_log("tables", REPORT_LOG_DIR),']
     assert [bool(smk_pattern(names).search(line)) for line in rules] == [True] * 4 + [False] * 3

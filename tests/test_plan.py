@@ -27,7 +27,7 @@ from pathmamba.operations.plan import (
 )
 
 CONFIG = {
-    "run": "plan",
+    "experiment": "plan",
     "seeds": [0, 1, 2],
     "datasets": {
         "synthetic-luad": {"synthetic": {"n_train": 100, "n_val": 20, "n_test": 50, "size": 32, "seed": 0}},

@@ -61,19 +61,19 @@ def captured(monkeypatch):
         matplotlib.pyplot.close(figure)
 
 
-def save_tiny_model(run_dir, method, seed):
+def save_tiny_model(experiment_dir, method, seed):
     torch.manual_seed(seed)
     model = build_method(method, num_classes=4, **TINY[method])
-    folder = run_path(run_dir, DATASET, method, seed)
+    folder = run_path(experiment_dir, DATASET, method, seed)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"method": method, "stage": None, "dataset": DATASET, "seed": seed, "epoch": 1,
                 "hparams": TINY[method], "state_dict": model.state_dict()}, folder / "model.pt")
     return model
 
 
-def fake_training(run_dir, method, seed, spec, test_pairs, value):
+def fake_training(experiment_dir, method, seed, spec, test_pairs, value):
     """Masks (class 0 everywhere, as saved: raw predictions), history, run.json and benchmark of one run."""
-    folder = write_run(run_dir, DATASET, method, seed, scores_of(value))
+    folder = write_run(experiment_dir, DATASET, method, seed, scores_of(value))
     (folder / "masks").mkdir()
     for image, mask in test_pairs[:2]:
         truth = read_mask(mask, spec)
@@ -81,7 +81,7 @@ def fake_training(run_dir, method, seed, spec, test_pairs, value):
     pd.DataFrame({"epoch": [1, 2], "loss": [0.7, 0.5 - seed / 10], "val_mIoU": [0.2, value]}).to_csv(
         folder / "history.csv", index=False)
     (folder / "run.json").write_text(json.dumps({"environment": {"device": "cpu"}}))
-    bench = run_dir / "benchmarks" / DATASET / method / f"seed{seed}"
+    bench = experiment_dir / "benchmarks" / DATASET / method / f"seed{seed}"
     bench.mkdir(parents=True)
     (bench / "train.tsv").write_text(f"s\th:m:s\tmax_rss\n{3600 * value:.2f}\t0:00:01\t800.0\n")
 
@@ -91,15 +91,15 @@ def test_all_figures_are_written_for_a_partial_grid(tmp_path):
     data_root = tmp_path / "data"
     make_synthetic_dataset(DATASET, data_root, n_train=4, n_val=2, n_test=3, size=32, seed=0)
     test_pairs = sorted(index_dataset(data_root, spec).test, key=lambda pair: pair[0].name)
-    run_dir = tmp_path / "run"
+    experiment_dir = tmp_path / "experiment"
     for seed, value in ((0, 0.5), (1, 0.6)):
-        fake_training(run_dir, "pathmamba", seed, spec, test_pairs, value)
-    fake_training(run_dir, "pathmamba-b", 1, spec, test_pairs, 0.4)
-    write_run(run_dir, DATASET, "trivial", None, scores_of(0.3))
+        fake_training(experiment_dir, "pathmamba", seed, spec, test_pairs, value)
+    fake_training(experiment_dir, "pathmamba-b", 1, spec, test_pairs, 0.4)
+    write_run(experiment_dir, DATASET, "trivial", None, scores_of(0.3))
     methods = ["pathmamba-b", "cam", "pathmamba"]  # cam never ran
-    save_tiny_model(run_dir, "pathmamba", 1)  # the heat maps' model: seed 0 has none
+    save_tiny_model(experiment_dir, "pathmamba", 1)  # the heat maps' model: seed 0 has none
 
-    written = write_figures(run_dir, [DATASET], methods, [0, 1], {DATASET: data_root},
+    written = write_figures(experiment_dir, [DATASET], methods, [0, 1], {DATASET: data_root},
                             load_paper_results(REPO / "config" / "paper_results.yaml"), tmp_path / "figures",
                             n_images=3)
     expected = {tmp_path / "figures" / f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
@@ -159,13 +159,13 @@ def test_image_label_keeps_long_names_apart():
 def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(tmp_path, one_torch_thread, captured):
     data_root = tmp_path / "data"
     make_synthetic_dataset(DATASET, data_root, n_train=4, n_val=2, n_test=2, size=32, seed=0)
-    run_dir = tmp_path / "run"
-    cam = save_tiny_model(run_dir, "cam", 2)
-    save_tiny_model(run_dir, "pathmamba", 1)
-    pathmamba = save_tiny_model(run_dir, "pathmamba", 2)  # not shown: seed 1 is the lowest with a model
-    write_run(run_dir, DATASET, "pathmamba", 0, scores_of(0.5))  # finished run without model.pt: skipped
+    experiment_dir = tmp_path / "experiment"
+    cam = save_tiny_model(experiment_dir, "cam", 2)
+    save_tiny_model(experiment_dir, "pathmamba", 1)
+    pathmamba = save_tiny_model(experiment_dir, "pathmamba", 2)  # not shown: seed 1 is the lowest with a model
+    write_run(experiment_dir, DATASET, "pathmamba", 0, scores_of(0.5))  # finished run without model.pt: skipped
 
-    columns = plots._heatmap_columns(DATASET, run_dir, ["unet", "cam", "pathmamba"], [0, 1, 2])
+    columns = plots._heatmap_columns(DATASET, experiment_dir, ["unet", "cam", "pathmamba"], [0, 1, 2])
     assert [(c["method"], c["seed"], c["heatmap"].title) for c in columns] == [
         ("cam", 2, "class activation map"), ("pathmamba", 1, "Y\u2032 (MIML fused map)"),
         ("pathmamba", 1, "Y\u2033 (CMB map)")]
@@ -187,7 +187,7 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
     expected = expected / expected.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     np.testing.assert_allclose(maps[0], expected[0].numpy(), atol=1e-5)
 
-    paths = plots.class_heatmaps(DATASET, data_root, run_dir, ["cam", "pathmamba"], [0, 1, 2],
+    paths = plots.class_heatmaps(DATASET, data_root, experiment_dir, ["cam", "pathmamba"], [0, 1, 2],
                                  tmp_path / "figures" / "heatmaps", n_images=2)
     assert all(path.stat().st_size > 1000 for path in paths)
     axes = captured["heatmaps"].axes
@@ -197,8 +197,8 @@ def test_heatmaps_show_cam_and_pathmamba_y1_y2_of_the_lowest_seed_with_a_model(t
     assert "class:" in axes[0].get_ylabel()
 
 
-def write_confusion(run_dir, method, seed, cells: dict):
-    folder = write_run(run_dir, DATASET, method, seed, scores_of(0.5))
+def write_confusion(experiment_dir, method, seed, cells: dict):
+    folder = write_run(experiment_dir, DATASET, method, seed, scores_of(0.5))
     row = {"image": "a.png", "mDice": 0.5, "mIoU": 0.5, "mPrecision": 0.5, "mRecall": 0.5, "pixels": 1,
            **dict.fromkeys(confusion_columns(4), 0), **cells}
     pd.DataFrame([row, {**row, "image": "b.png", **dict.fromkeys(confusion_columns(4), 0)}]).to_csv(
@@ -206,11 +206,11 @@ def write_confusion(run_dir, method, seed, cells: dict):
 
 
 def test_confusion_matrix_sums_images_and_seeds_and_normalises_rows(tmp_path, captured):
-    run_dir = tmp_path / "run"
-    write_confusion(run_dir, "cam", 0, {"cm_t0_p0": 30, "cm_t0_p1": 10})
-    write_confusion(run_dir, "cam", 1, {"cm_t0_p0": 50, "cm_t0_p2": 10, "cm_t1_p1": 20})
-    write_confusion(run_dir, "trivial", None, {"cm_t2_p2": 5, "cm_t2_p3": 15})
-    per_image = load_per_image(finished_runs(run_dir, Grid([DATASET], ["cam", "pathmamba"], [0, 1])))
+    experiment_dir = tmp_path / "experiment"
+    write_confusion(experiment_dir, "cam", 0, {"cm_t0_p0": 30, "cm_t0_p1": 10})
+    write_confusion(experiment_dir, "cam", 1, {"cm_t0_p0": 50, "cm_t0_p2": 10, "cm_t1_p1": 20})
+    write_confusion(experiment_dir, "trivial", None, {"cm_t2_p2": 5, "cm_t2_p3": 15})
+    per_image = load_per_image(finished_runs(experiment_dir, Grid([DATASET], ["cam", "pathmamba"], [0, 1])))
 
     matrix = normalised_confusion(per_image, DATASET, "cam")
     assert np.allclose(matrix[:2], [[0.8, 0.1, 0.1, 0.0], [0.0, 1.0, 0.0, 0.0]])
@@ -228,18 +228,18 @@ def test_confusion_matrix_sums_images_and_seeds_and_normalises_rows(tmp_path, ca
 
 
 def test_training_curves_share_a_normalised_epoch_axis(tmp_path, captured):
-    run_dir = tmp_path / "run"
+    experiment_dir = tmp_path / "experiment"
     for method, epochs in (("unet", 60), ("cam", 5)):
-        folder = run_path(run_dir, DATASET, method, 0)
+        folder = run_path(experiment_dir, DATASET, method, 0)
         folder.mkdir(parents=True)
         pd.DataFrame({"epoch": range(1, epochs + 1), "loss": 1.0, "val_mIoU": 0.5}).to_csv(
             folder / "history.csv", index=False)
         (folder / "run.json").write_text(json.dumps({"settings": {"epochs": epochs}}))
-    histories = with_progress(load_histories(run_dir, [DATASET], ["cam", "unet"], [0]))
+    histories = with_progress(load_histories(experiment_dir, [DATASET], ["cam", "unet"], [0]))
     ends = histories.groupby("method")["progress"].agg(["min", "max"])
     assert ends.loc["unet"].tolist() == [1 / 60, 1.0] and ends.loc["cam"].tolist() == [0.2, 1.0]
 
-    plots.training_curves(load_histories(run_dir, [DATASET], ["cam", "unet"], [0]), [DATASET], ["cam", "unet"],
+    plots.training_curves(load_histories(experiment_dir, [DATASET], ["cam", "unet"], [0]), [DATASET], ["cam", "unet"],
                           tmp_path / "figures" / "curves")
     lines = [line for line in captured["curves"].axes[1].get_lines() if len(line.get_xdata()) > 1]
     assert len(lines) == 2 and all(line.get_xdata().max() == 1.0 for line in lines)
@@ -248,12 +248,12 @@ def test_training_curves_share_a_normalised_epoch_axis(tmp_path, captured):
 
 
 def test_seed_spread_and_ablation_draw_the_trivial_reference_and_method_styles(tmp_path, captured):
-    run_dir = tmp_path / "run"
+    experiment_dir = tmp_path / "experiment"
     for method, values in (("pathmamba-b", (0.4, 0.5)), ("pathmamba", (0.6, 0.7))):
         for seed, value in enumerate(values):
-            write_run(run_dir, DATASET, method, seed, scores_of(value))
-    write_run(run_dir, DATASET, "trivial", None, scores_of(0.3))
-    runs = finished_runs(run_dir, Grid([DATASET], ["pathmamba-b", "pathmamba"], [0, 1]))
+            write_run(experiment_dir, DATASET, method, seed, scores_of(value))
+    write_run(experiment_dir, DATASET, "trivial", None, scores_of(0.3))
+    runs = finished_runs(experiment_dir, Grid([DATASET], ["pathmamba-b", "pathmamba"], [0, 1]))
     metrics = plots.load_metrics([p / "test_metrics.json" for p in runs.loc[runs["method"] != "trivial", "path"]])
     trivial = plots.load_metrics([p / "test_metrics.json" for p in runs.loc[runs["method"] == "trivial", "path"]])
     styles = method_styles(["pathmamba-b", "pathmamba"])

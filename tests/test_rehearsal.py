@@ -161,13 +161,13 @@ def test_weights_files_have_torchvision_keys_and_load_with_the_real_code(tmp_pat
 
 # A paper config small enough to train for real in seconds; the overlay changes its counts only.
 TINY_PAPER = {
-    "run": "paper", "results_dir": "results", "resources_dir": "resources", "seeds": [0, 1],
+    "experiment": "paper", "results_dir": "results", "resources_dir": "resources", "seeds": [0, 1],
     "datasets": {"luad-histoseg": {"source": "gdrive"}},
     "train": {"epochs": 3, "batch_size": 16, "lr": 1.0e-3, "device": "cpu"},
     "methods": {"cam": {"hparams": {"backbone": "resnet18", "pretrained": "resources/weights/resnet18-imagenet.pth",
                                     "output_stride": 8, "threshold": 0.4}}},
 }
-TINY_OVERLAY = {"run": "rehearsal", "seeds": [0], "datasets": {"luad-histoseg": {"archive": "data.zip",
+TINY_OVERLAY = {"experiment": "rehearsal", "seeds": [0], "datasets": {"luad-histoseg": {"archive": "data.zip",
                                                                                  "validate": {"image_size": 32}}},
                 "train": {"epochs": 1, "batch_size": 4}}
 
@@ -175,7 +175,7 @@ TINY_OVERLAY = {"run": "rehearsal", "seeds": [0], "datasets": {"luad-histoseg": 
 def test_checks_flag_a_doctored_run_json_and_a_job_over_its_memory_request(tmp_path, monkeypatch, caplog):
     effective = apply_overlay(TINY_PAPER, TINY_OVERLAY)
     assert changed_keys(TINY_PAPER, effective) == [
-        "run", "seeds", "datasets.luad-histoseg.source", "datasets.luad-histoseg.archive",
+        "experiment", "seeds", "datasets.luad-histoseg.source", "datasets.luad-histoseg.archive",
         "datasets.luad-histoseg.validate", "train.epochs", "train.batch_size"]
     folder = claim_folder(tmp_path / "a rehearsal")
     write_archive(folder / "data.zip", "luad-histoseg", n_train=4, n_val=2, n_test=2, seed=0, rgb_masks=0,

@@ -120,7 +120,7 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, 
 
 # The same training run as one pipeline: one dataset, one method, one seed, up to the tables.
 PIPELINE = {
-    "run": "resume",
+    "experiment": "resume",
     "seeds": [0],
     "threads_per_job": THREADS,
     "datasets": {"synthetic-luad": {"synthetic": SYNTHETIC}},

@@ -1,4 +1,4 @@
-"""One run per results folder (issue 26, item 3): the run lock in ``<results_dir>/<run>``
+"""One run per results folder (issue 26, item 3): the experiment lock in ``<results_dir>/<experiment>``
 (pathmamba/core/locks.py, taken by the workflow's onstart hook) refuses a second Snakemake naming the
 holder, is released however the holder ends, and the refused run deletes nothing of the first."""
 
@@ -15,14 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from pathmamba.core.locks import RUN_LOCK, RunFolderBusy, lock_run_folder, release_run_folder
+from pathmamba.core.locks import (
+    EXPERIMENT_LOCK,
+    ExperimentFolderBusy,
+    lock_experiment_folder,
+    release_experiment_folder,
+)
 
-# A process that takes the run lock of argv[1], says so, and waits to be killed.
+# A process that takes the experiment lock of argv[1], says so, and waits to be killed.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pathmamba.core.locks import lock_run_folder
-lock_run_folder(Path(sys.argv[1]), Path.cwd())
+from pathmamba.core.locks import lock_experiment_folder
+lock_experiment_folder(Path(sys.argv[1]), Path.cwd())
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -38,15 +43,15 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
     folder = tmp_path / "results" / "run"
     holder = start_holder(folder, tmp_path)
     try:
-        with pytest.raises(RunFolderBusy) as refused:
-            lock_run_folder(folder, tmp_path / "elsewhere")
+        with pytest.raises(ExperimentFolderBusy) as refused:
+            lock_experiment_folder(folder, tmp_path / "elsewhere")
     finally:
         holder.kill()
         holder.wait()
     assert str(refused.value).startswith(
         f"{folder} is in use by another Snakemake run (pid {holder.pid} on host {platform.node()}, working folder "
         f"{tmp_path}, since ")
-    assert f"lock {folder / RUN_LOCK}); two runs writing one results folder delete each other's files" in str(refused.value)
+    assert f"lock {folder / EXPERIMENT_LOCK}); two runs writing one results folder delete each other's files" in str(refused.value)
 
 
 def test_a_lock_left_by_a_killed_holder_is_taken_over_saying_so(tmp_path):
@@ -56,18 +61,18 @@ def test_a_lock_left_by_a_killed_holder_is_taken_over_saying_so(tmp_path):
     holder = start_holder(folder, tmp_path)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    handle, note = lock_run_folder(folder, tmp_path)
+    handle, note = lock_experiment_folder(folder, tmp_path)
     try:
-        assert note.startswith(f"{folder / RUN_LOCK}: taken over from a run that ended without releasing it (pid "
+        assert note.startswith(f"{folder / EXPERIMENT_LOCK}: taken over from a run that ended without releasing it (pid "
                                f"{holder.pid} on host {platform.node()}, working folder {tmp_path}, since ")
         assert note.endswith(f"; pid {holder.pid} is not running: it was killed or crashed")
-        record = json.loads((folder / RUN_LOCK).read_text())
+        record = json.loads((folder / EXPERIMENT_LOCK).read_text())
         assert record["pid"] == os.getpid() and record["working_folder"] == str(tmp_path)
     finally:
-        release_run_folder(handle)
-    assert (folder / RUN_LOCK).read_text() == ""  # released cleanly: the next one takes it without a note
-    handle, note = lock_run_folder(folder, tmp_path)
-    release_run_folder(handle)
+        release_experiment_folder(handle)
+    assert (folder / EXPERIMENT_LOCK).read_text() == ""  # released cleanly: the next one takes it without a note
+    handle, note = lock_experiment_folder(folder, tmp_path)
+    release_experiment_folder(handle)
     assert note is None
     assert (folder / "model.pt").read_bytes() == b"the first run's file"
 
@@ -98,7 +103,7 @@ def test_two_working_folders_sharing_one_results_folder(tmp_path, snakemake_bin,
         first = subprocess.Popen(snakemake_command(snakemake_bin, first_folder, config), env=workflow_env,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        lock = results / "tiny" / RUN_LOCK
+        lock = results / "tiny" / EXPERIMENT_LOCK
         holder = json.loads(wait_for(lambda: lock.exists() and lock.read_text()))
         assert holder["pid"] == first.pid and holder["working_folder"] == str(first_folder)
         report = results / "tiny" / "datasets" / "synthetic-luad" / "validation.json"

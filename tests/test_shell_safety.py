@@ -27,7 +27,7 @@ RESULTS_DIR = "res ult's-ü"
 RULES = REPO / "workflow" / "rules"
 # Options whose argument is a path (one each; --archive: one or more).
 PATH_OPTIONS = {"--data-root", "--out", "--model", "--masks-dir", "--checkpoint-dir", "--folder", "--record",
-                "--lock", "--archive", "--downloaded", "--stage1-model", "--pseudo-masks", "--run-dir",
+                "--lock", "--archive", "--downloaded", "--stage1-model", "--pseudo-masks", "--experiment-dir",
                 "--out-dir", "--paper", "--validated"}
 
 
@@ -78,7 +78,7 @@ def dry_run_config(tmp_path: Path, sources: str) -> dict:
         real = {"luad-histoseg": {"archive": [str(archive) for archive in archives]}, "bcss-wsss": {"source": "gdrive"}}
     resources = f"rsc {ODD}"
     return {
-        "run": "odd",
+        "experiment": "odd",
         "results_dir": f"{RESULTS_DIR} {ODD}",
         "resources_dir": resources,
         "seeds": [0],
@@ -143,7 +143,7 @@ def check_command(rule: str, command: str, config: dict) -> None:
     if rule in ("tables", "figures"):
         # (In the order of config.yaml, which has its keys sorted.)
         assert given["--datasets"] == sorted(datasets) and given["--methods"] == sorted(config["methods"])
-        assert given["--seeds"] == ["0"] and given["--run-dir"] == [f"{config['results_dir']}/odd"]
+        assert given["--seeds"] == ["0"] and given["--experiment-dir"] == [f"{config['results_dir']}/odd"]
     if rule == "figures":
         assert given["--data-root"] == [
             f"{name}={entry.get('root', config['resources_dir'] + '/datasets/' + name)}"
@@ -175,7 +175,7 @@ def test_every_shell_command_keeps_odd_values_as_whole_arguments(tmp_path, snake
     ids=["braces", "line-break", "leading-dash", "empty"],
 )
 def test_unusable_configured_paths_fail_at_start_up(tmp_path, snakemake_bin, workflow_env, key, path, expected):
-    config = {"run": "odd", "seeds": [0], "train": {"epochs": 1}, "methods": {"cam": {}},
+    config = {"experiment": "odd", "seeds": [0], "train": {"epochs": 1}, "methods": {"cam": {}},
               "datasets": {"synthetic-luad": {"synthetic": {"n_train": 8, "n_val": 4, "n_test": 2, "size": 32,
                                                             "seed": 0}}}}
     if key == "root":
@@ -196,7 +196,7 @@ def test_a_checkout_in_an_odd_folder_runs_its_jobs(tmp_path, snakemake_bin, work
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
     work = tmp_path / "work"
     work.mkdir()
-    config = {"run": "odd", "seeds": [0], "train": {"epochs": 1}, "methods": {"cam": {}},
+    config = {"experiment": "odd", "seeds": [0], "train": {"epochs": 1}, "methods": {"cam": {}},
               "datasets": {"synthetic-luad": {"synthetic": {"n_train": 4, "n_val": 2, "n_test": 1, "size": 32,
                                                             "seed": 0}}}}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
@@ -222,7 +222,7 @@ def test_pipeline_runs_with_odd_paths_and_no_shell_injection(tmp_path, snakemake
     weights.parent.mkdir()
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     config = {
-        "run": "odd",
+        "experiment": "odd",
         "results_dir": RESULTS_DIR,
         "resources_dir": f"rsc {ODD}",
         "seeds": [0],

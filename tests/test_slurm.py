@@ -37,7 +37,7 @@ RUN_TIMEOUT_S = 600
 # two seconds: enough of them to cancel seed 0's training between its first epoch and its end.
 EPOCHS = 6
 TINY = {
-    "run": "tiny",
+    "experiment": "tiny",
     "seeds": [0, 1],
     "threads_per_job": 1,
     "datasets": {"synthetic-luad": {"synthetic": {"n_train": 16, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}}},

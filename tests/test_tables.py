@@ -1,4 +1,4 @@
-"""The paper's tables (finding runs, tables, rendering, README splicing), on hand-built run folders with
+"""The paper's tables (finding runs, tables, rendering, README splicing), on hand-built experiment folders with
 known numbers."""
 
 import json
@@ -24,13 +24,13 @@ from pathmamba.reporting.tables import dice_iou_inconsistent, results_table, sup
 PAPER = REPO / "config" / "paper_results.yaml"
 
 
-def write_run(run_dir: Path, dataset: str, method: str, seed, scores: dict, per_image: dict | None = None,
+def write_run(experiment_dir: Path, dataset: str, method: str, seed, scores: dict, per_image: dict | None = None,
               with_background: dict | None = None) -> Path:
     """A finished run as evaluation writes it: test_metrics.json (both protocols) and per_image.csv.
 
     scores: the four m-metrics plus ``IoU`` (per-class list); per_image: ``{image name: mIoU}``.
     """
-    folder = run_dir / "runs" / dataset / method / ("" if seed is None else f"seed{seed}")
+    folder = experiment_dir / "runs" / dataset / method / ("" if seed is None else f"seed{seed}")
     folder.mkdir(parents=True, exist_ok=True)
     protocol = {metric: scores[metric] for metric in METRICS}
     protocol["per_class"] = {"IoU": scores.get("IoU", [scores["mIoU"]] * 4)}
@@ -54,19 +54,19 @@ def scores_of(value: float, **overrides) -> dict:
 @pytest.fixture()
 def partial_run(tmp_path):
     """luad-histoseg: pathmamba 3 seeds (mIoU 0.5/0.6/0.7), cam only seeds 0 and 1, pathmamba-b none."""
-    run_dir = tmp_path / "results" / "r"
+    experiment_dir = tmp_path / "results" / "r"
     images = ["i0.png", "i1.png", "i2.png", "i3.png"]
     for seed, value in zip((0, 1, 2), (0.5, 0.6, 0.7), strict=True):
-        write_run(run_dir, "luad-histoseg", "pathmamba", seed,
+        write_run(experiment_dir, "luad-histoseg", "pathmamba", seed,
                   scores_of(value, mDice=0.8 + 0.01 * seed, IoU=[value, value + 0.1, value - 0.1, value]),
                   per_image={name: value + 0.1 * i for i, name in enumerate(images)},
                   with_background={"mIoU": value / 2})
     for seed, value in zip((0, 1), (0.3, 0.4), strict=True):
-        write_run(run_dir, "luad-histoseg", "cam", seed, scores_of(value),
+        write_run(experiment_dir, "luad-histoseg", "cam", seed, scores_of(value),
                   per_image={name: value for name in images})
-    write_run(run_dir, "luad-histoseg", "trivial", None, scores_of(0.2), per_image={name: 0.2 for name in images})
+    write_run(experiment_dir, "luad-histoseg", "trivial", None, scores_of(0.2), per_image={name: 0.2 for name in images})
     grid = Grid(["luad-histoseg"], ["cam", "pathmamba-b", "pathmamba"], [0, 1, 2])
-    return run_dir, grid
+    return experiment_dir, grid
 
 
 def test_paper_results_transcribe_table1_and_table2():
@@ -89,8 +89,8 @@ def test_paper_results_reject_a_missing_metric(tmp_path):
 
 
 def test_partial_grid_gives_exact_means_flags_and_missing_cells(partial_run):
-    run_dir, grid = partial_run
-    runs = finished_runs(run_dir, grid)
+    experiment_dir, grid = partial_run
+    runs = finished_runs(experiment_dir, grid)
     assert sorted(runs["method"].unique()) == ["cam", "pathmamba", "trivial"]
     metrics = load_metrics([Path(p) / "test_metrics.json" for p in runs["path"]])
     table = results_table(metrics, [*grid.methods, "trivial"], grid.datasets, 3,
@@ -114,9 +114,9 @@ def test_partial_grid_gives_exact_means_flags_and_missing_cells(partial_run):
 
 
 def test_write_tables_on_a_partial_grid(partial_run, tmp_path):
-    run_dir, grid = partial_run
+    experiment_dir, grid = partial_run
     out = tmp_path / "tables"
-    tables = write_tables(run_dir, grid, PAPER, out, n_resamples=500, bootstrap_seed=3)
+    tables = write_tables(experiment_dir, grid, PAPER, out, n_resamples=500, bootstrap_seed=3)
     for name in ("table1_comparison.csv", "table1_comparison.md", "table1_comparison.tex",
                  "table2_ablation.csv", "table2_ablation.md", "table2_ablation.tex", "per_class_iou.csv",
                  "per_class_iou.md", "sensitivity_with_background.csv", "sensitivity_with_background.md",
@@ -175,9 +175,9 @@ def tabular_columns(tex: str) -> tuple[int, list[int]]:
 
 
 def test_latex_table_is_a_consistent_tabular(partial_run, tmp_path):
-    run_dir, grid = partial_run
+    experiment_dir, grid = partial_run
     grid = Grid(["luad-histoseg", "bcss-wsss"], grid.methods, grid.seeds)
-    write_tables(run_dir, grid, PAPER, tmp_path, n_resamples=100)
+    write_tables(experiment_dir, grid, PAPER, tmp_path, n_resamples=100)
     tex = (tmp_path / "table1_comparison.tex").read_text()
     declared, counts = tabular_columns(tex)
     assert declared == 2 + 5 * 2
@@ -193,8 +193,8 @@ def test_latex_table_is_a_consistent_tabular(partial_run, tmp_path):
 
 
 def test_a_table_with_no_configured_method_is_written_empty_and_labelled(partial_run, tmp_path):
-    run_dir, _ = partial_run
-    write_tables(run_dir, Grid(["luad-histoseg"], ["cam"], [0, 1]), PAPER, tmp_path, n_resamples=100)
+    experiment_dir, _ = partial_run
+    write_tables(experiment_dir, Grid(["luad-histoseg"], ["cam"], [0, 1]), PAPER, tmp_path, n_resamples=100)
     assert "\\begin{tabular}" not in (tmp_path / "table2_ablation.tex").read_text()
     assert "None of this table's methods is configured." in (tmp_path / "table2_ablation.md").read_text()
     assert "No finished run of pathmamba to compare." in (tmp_path / "statistics.md").read_text()
@@ -210,9 +210,9 @@ def test_latex_table_of_an_unfinished_method_marks_missing_cells():
 
 
 def test_tables_command_reads_the_configfile(partial_run, tmp_path):
-    run_dir, _ = partial_run
+    experiment_dir, _ = partial_run
     config = tmp_path / "config.yaml"
-    config.write_text(f"run: r\nresults_dir: {run_dir.parent}\nseeds: [0, 1, 2]\n"
+    config.write_text(f"experiment: r\nresults_dir: {experiment_dir.parent}\nseeds: [0, 1, 2]\n"
                       "datasets: {luad-histoseg: {root: x}}\nmethods: {cam: {}, pathmamba: {}}\n"
                       "report: {reference_method: cam, n_resamples: 100}\n")
     assert main(["tables", "--configfile", str(config), "--out-dir", str(tmp_path / "t")]) == 0
@@ -228,8 +228,8 @@ def test_tables_command_reads_the_configfile(partial_run, tmp_path):
 
 def test_a_reference_method_that_is_not_registered_is_refused_before_anything_is_written(partial_run, tmp_path,
                                                                                           capsys):
-    run_dir, grid = partial_run
-    message = cli_error(["tables", "--run-dir", str(run_dir), "--datasets", *grid.datasets, "--methods", *grid.methods,
+    experiment_dir, grid = partial_run
+    message = cli_error(["tables", "--experiment-dir", str(experiment_dir), "--datasets", *grid.datasets, "--methods", *grid.methods,
                          "--seeds", "0", "1", "2", "--reference-method", "path-mamba", "--out-dir",
                          str(tmp_path / "t")], capsys)
     assert "reference method 'path-mamba': not a registered method" in message and "pathmamba-noscan" in message
@@ -240,15 +240,15 @@ def test_a_new_methods_footnotes_rows_and_reference_come_from_its_registry_entry
                                                                                  monkeypatch):
     """Adding a method adds a registry entry, nothing in the tables: its footnote, its reference row, its Table 2
     row (by position) and Table 2 note follow from the entry, and it can be the statistics' reference."""
-    run_dir, _ = partial_run
+    experiment_dir, _ = partial_run
     monkeypatch.setitem(registry.METHODS, "my-variant", registry.MethodSpec(
         "pathmamba.models.pathmamba:PathMamba", note="my-variant trains on half the data.",
         reference="a control the paper lacks", ablation=registry.AblationRow(0, note="my-variant comes first.")))
     for seed in (0, 1, 2):
-        write_run(run_dir, "luad-histoseg", "my-variant", seed, scores_of(0.4),
+        write_run(experiment_dir, "luad-histoseg", "my-variant", seed, scores_of(0.4),
                   per_image={f"i{i}.png": 0.4 for i in range(4)})
     grid = Grid(["luad-histoseg"], ["pathmamba", "my-variant", "cam"], [0, 1, 2])
-    tables = write_tables(run_dir, grid, PAPER, tmp_path / "t", n_resamples=20, reference_method="my-variant")
+    tables = write_tables(experiment_dir, grid, PAPER, tmp_path / "t", n_resamples=20, reference_method="my-variant")
     table1, table2, statistics = ((tmp_path / "t" / name).read_text()
                                   for name in ("table1_comparison.md", "table2_ablation.md", "statistics.md"))
     assert "my-variant trains on half the data." in table1 and "my-variant trains on half the data." in table2
@@ -264,11 +264,11 @@ def test_a_new_methods_footnotes_rows_and_reference_come_from_its_registry_entry
 @pytest.mark.parametrize(("name", "damage"), [("test_metrics.json", '{"dataset": "luad-his'),
                                                ("per_image.csv", "")])
 def test_a_damaged_run_file_is_named_and_nothing_is_written(partial_run, tmp_path, capsys, name, damage):
-    run_dir, _ = partial_run
-    damaged = run_dir / "runs" / "luad-histoseg" / "cam" / "seed1" / name
+    experiment_dir, _ = partial_run
+    damaged = experiment_dir / "runs" / "luad-histoseg" / "cam" / "seed1" / name
     damaged.write_text(damage)
     out = tmp_path / "tables"
-    message = cli_error(["tables", "--run-dir", str(run_dir), "--datasets", "luad-histoseg", "--methods", "cam",
+    message = cli_error(["tables", "--experiment-dir", str(experiment_dir), "--datasets", "luad-histoseg", "--methods", "cam",
                          "pathmamba", "--seeds", "0", "1", "2", "--paper", str(PAPER), "--n-resamples", "50",
                          "--out-dir", str(out)], capsys)
     assert str(damaged) in message and "run the" in message
@@ -330,18 +330,18 @@ def test_supervision_column_counts_pseudo_mask_training_as_weak():
 
 
 def test_a_cell_whose_seeds_mixed_scans_or_precisions_is_marked_with_a_footnote(partial_run, tmp_path):
-    run_dir, grid = partial_run
+    experiment_dir, grid = partial_run
     ran = {0: ("fused", "bf16"), 1: ("fused", "bf16"), 2: ("pytorch", "fp32")}
     for seed, (scan, precision) in ran.items():
-        folder = run_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}"
+        folder = experiment_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}"
         (folder / "run.json").write_text(json.dumps({"environment": {"scan": scan, "precision": precision}}))
         record = json.loads((folder / "test_metrics.json").read_text())
         record["environment"] = {"scan": scan, "precision": precision}
         (folder / "test_metrics.json").write_text(json.dumps(record))
     for seed in (0, 1):
-        folder = run_dir / "runs" / "luad-histoseg" / "cam" / f"seed{seed}"
+        folder = experiment_dir / "runs" / "luad-histoseg" / "cam" / f"seed{seed}"
         (folder / "run.json").write_text(json.dumps({"environment": {"scan": "pytorch", "precision": "fp32"}}))
-    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
     table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
     assert "| pathmamba † |" in table1 and "| cam |" in table1
     assert ("† luad-histoseg, pathmamba: its seeds ran with different selective scans or precisions "
@@ -349,14 +349,14 @@ def test_a_cell_whose_seeds_mixed_scans_or_precisions_is_marked_with_a_footnote(
     assert "cam:" not in table1.split("†", 1)[1]
 
 
-def write_evaluated_run(run_dir: Path, dataset: str, method: str, seed: int, truth, prediction) -> None:
-    """A run folder written by evaluation's own meter from masks: test_metrics.json and per_image.csv
+def write_evaluated_run(experiment_dir: Path, dataset: str, method: str, seed: int, truth, prediction) -> None:
+    """An experiment folder written by evaluation's own meter from masks: test_metrics.json and per_image.csv
     agree as in a real run. truth, prediction: (N, H, W) integer tensors (truth 4 = background)."""
     from pathmamba.engine.metrics import SegmentationMeter
 
     meter = SegmentationMeter(4)
     meter.update(prediction, truth, [f"img{i}.png" for i in range(len(truth))])
-    folder = run_dir / "runs" / dataset / method / f"seed{seed}"
+    folder = experiment_dir / "runs" / dataset / method / f"seed{seed}"
     folder.mkdir(parents=True)
     record = {"method": method, "dataset": dataset, "seed": seed, "classes": list(get_dataset_spec(dataset).classes),
               "protocols": meter.summary()}
@@ -371,14 +371,14 @@ def test_split_level_statistics_give_table1s_difference_with_an_interval(tmp_pat
     generator = torch.Generator().manual_seed(0)
     truth = torch.randint(0, 5, (12, 16, 16), generator=generator)
     truth[:6, :12] = 4  # half the images mostly background: per-image and split means differ
-    run_dir = tmp_path / "results" / "r"
+    experiment_dir = tmp_path / "results" / "r"
     for seed in (0, 1, 2):
         for method, keep in (("pathmamba", 0.8), ("cam", 0.5)):
             noise = torch.randint(0, 4, truth.shape, generator=generator)
             right = torch.rand(truth.shape, generator=generator) < keep + 0.05 * seed
-            write_evaluated_run(run_dir, "luad-histoseg", method, seed, truth, torch.where(right, truth % 4, noise))
+            write_evaluated_run(experiment_dir, "luad-histoseg", method, seed, truth, torch.where(right, truth % 4, noise))
     grid = Grid(["luad-histoseg"], ["cam", "pathmamba"], [0, 1, 2])
-    tables = write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=500)
+    tables = write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=500)
     table1 = tables["table1"].set_index(["method", "metric"])["mean"]
     table1_diff = table1[("pathmamba", "mIoU")] - table1[("cam", "mIoU")]
     row = tables["statistics"].set_index("other").loc["cam"]
@@ -392,11 +392,11 @@ def test_split_level_statistics_give_table1s_difference_with_an_interval(tmp_pat
 
 
 def test_per_image_files_without_confusion_matrices_are_refused_by_name(partial_run, tmp_path):
-    run_dir, grid = partial_run
-    old = run_dir / "runs" / "luad-histoseg" / "cam" / "seed0" / "per_image.csv"
+    experiment_dir, grid = partial_run
+    old = experiment_dir / "runs" / "luad-histoseg" / "cam" / "seed0" / "per_image.csv"
     pd.read_csv(old).drop(columns=confusion_columns(4)).to_csv(old, index=False)
     with pytest.raises(ValueError, match=re.escape(str(old)) + ".*run it again"):
-        write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=10)
+        write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=10)
 
 
 def test_paper_cells_that_no_evaluation_can_give_are_flagged_in_every_rendering(partial_run, tmp_path):
@@ -411,10 +411,10 @@ def test_paper_cells_that_no_evaluation_can_give_are_flagged_in_every_rendering(
                if dice_iou_inconsistent(values["mDice"], values["mIoU"])]
     assert flagged == [("table1", "bcss-wsss", "histosegnet")]
 
-    run_dir, _ = partial_run
-    write_run(run_dir, "bcss-wsss", "histosegnet", 0, scores_of(0.4))
+    experiment_dir, _ = partial_run
+    write_run(experiment_dir, "bcss-wsss", "histosegnet", 0, scores_of(0.4))
     out = tmp_path / "tables"
-    tables = write_tables(run_dir, Grid(["bcss-wsss"], ["histosegnet"], [0]), PAPER, out, n_resamples=10)
+    tables = write_tables(experiment_dir, Grid(["bcss-wsss"], ["histosegnet"], [0]), PAPER, out, n_resamples=10)
     cells = tables["table1"].set_index(["method", "metric"])["paper_inconsistent"]
     assert cells[("histosegnet", "mIoU")] and cells[("histosegnet", "mDice")]
     assert not cells[("histosegnet", "mPrecision")] and not cells[("trivial", "mIoU")]
@@ -430,25 +430,25 @@ def test_paper_cells_that_no_evaluation_can_give_are_flagged_in_every_rendering(
 
 
 def test_table2_says_which_variants_start_from_imagenet_weights(partial_run, tmp_path):
-    run_dir, _ = partial_run
+    experiment_dir, _ = partial_run
     for method, pretrained in (("pathmamba-b", "none"), ("pathmamba-b-cmb", "none"),
                                ("pathmamba", "resources/weights/resnet50-imagenet.pth")):
-        folder = write_run(run_dir, "luad-histoseg", method, 0, scores_of(0.5))
+        folder = write_run(experiment_dir, "luad-histoseg", method, 0, scores_of(0.5))
         (folder / "run.json").write_text(json.dumps({"hparams": {"pretrained": pretrained}}))
     grid = Grid(["luad-histoseg"], ["pathmamba-b", "pathmamba-b-cmb", "pathmamba"], [0])
-    write_tables(run_dir, grid, PAPER, tmp_path / "paper", n_resamples=10)
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "paper", n_resamples=10)
     text = (tmp_path / "paper" / "table2_ablation.md").read_text()
     assert "ImageNet weights in pathmamba (resnet50-imagenet.pth), so the a → b and c → d steps" in text
     assert "runs its CMB network twice per image" in text
-    (run_dir / "runs" / "luad-histoseg" / "pathmamba" / "seed0" / "run.json").write_text(
+    (experiment_dir / "runs" / "luad-histoseg" / "pathmamba" / "seed0" / "run.json").write_text(
         json.dumps({"hparams": {"pretrained": "none"}}))
-    write_tables(run_dir, grid, PAPER, tmp_path / "scratch", n_resamples=10)
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "scratch", n_resamples=10)
     assert "every variant of this run started from random weights" in (tmp_path / "scratch" / "table2_ablation.md").read_text()
 
 
 def test_table1_marks_reference_rows_and_points_to_the_baselines_document(partial_run, tmp_path):
-    run_dir, grid = partial_run
-    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
+    experiment_dir, grid = partial_run
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=50)
     table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
     table2 = (tmp_path / "tables" / "table2_ablation.md").read_text()
     assert ("Reference rows beyond the paper, whose Table 1 does not report them: cam (the class activation maps "
@@ -465,31 +465,31 @@ def environment_of(device_name: str | None = None, cpu_model: str = "AMD EPYC 7B
                     "capability": "AVX2" if pinned else "AVX512", "pinned_isa": "avx2" if pinned else None}}
 
 
-def record_environment(run_dir: Path, method: str, seed: int, environment: dict) -> None:
+def record_environment(experiment_dir: Path, method: str, seed: int, environment: dict) -> None:
     """``environment`` into a run's run.json and test_metrics.json, as its training and evaluation wrote it."""
-    folder = run_dir / "runs" / "luad-histoseg" / method / f"seed{seed}"
+    folder = experiment_dir / "runs" / "luad-histoseg" / method / f"seed{seed}"
     (folder / "run.json").write_text(json.dumps({"environment": environment}))
     record = json.loads((folder / "test_metrics.json").read_text())
     (folder / "test_metrics.json").write_text(json.dumps({**record, "environment": environment}))
 
 
-def test_tables_combine_run_folders_of_several_machines(partial_run, tmp_path, capsys):
+def test_tables_combine_experiment_folders_of_several_machines(partial_run, tmp_path, capsys):
     """A grid split across machines: each folder holds some seeds; a run in both must be the same run."""
-    run_dir, grid = partial_run
+    experiment_dir, grid = partial_run
     workstation, cluster = tmp_path / "results" / "workstation", tmp_path / "results" / "cluster"
     for seed in (0, 1, 2):
         target = workstation if seed < 2 else cluster
-        shutil.copytree(run_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}",
+        shutil.copytree(experiment_dir / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}",
                         target / "runs" / "luad-histoseg" / "pathmamba" / f"seed{seed}")
-    shutil.copytree(run_dir / "runs" / "luad-histoseg" / "cam", workstation / "runs" / "luad-histoseg" / "cam")
+    shutil.copytree(experiment_dir / "runs" / "luad-histoseg" / "cam", workstation / "runs" / "luad-histoseg" / "cam")
     for folder in (workstation, cluster):  # identical copies of one run: accepted
-        shutil.copytree(run_dir / "runs" / "luad-histoseg" / "trivial", folder / "runs" / "luad-histoseg" / "trivial")
-    shutil.copytree(run_dir / "runs" / "luad-histoseg" / "cam" / "seed0", cluster / "runs" / "luad-histoseg" / "cam" / "seed0")
-    arguments = ["tables", "--run-dir", str(workstation), str(cluster), "--datasets", "luad-histoseg", "--methods",
+        shutil.copytree(experiment_dir / "runs" / "luad-histoseg" / "trivial", folder / "runs" / "luad-histoseg" / "trivial")
+    shutil.copytree(experiment_dir / "runs" / "luad-histoseg" / "cam" / "seed0", cluster / "runs" / "luad-histoseg" / "cam" / "seed0")
+    arguments = ["tables", "--experiment-dir", str(workstation), str(cluster), "--datasets", "luad-histoseg", "--methods",
                  "cam", "pathmamba-b", "pathmamba", "--seeds", "0", "1", "2", "--paper", str(PAPER),
                  "--n-resamples", "50"]
     assert main([*arguments, "--out-dir", str(tmp_path / "combined")]) == 0
-    write_tables(run_dir, grid, PAPER, tmp_path / "one", n_resamples=50)
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "one", n_resamples=50)
     for name in ("table1_comparison.md", "table1_comparison.csv", "statistics.csv", "per_class_iou.csv"):
         assert (tmp_path / "combined" / name).read_text() == (tmp_path / "one" / name).read_text(), name
 
@@ -503,7 +503,7 @@ def test_tables_combine_run_folders_of_several_machines(partial_run, tmp_path, c
                        "must have one result: remove the copy that should not count")
     assert not (tmp_path / "refused").exists()
     repeated = [*arguments[:3], str(workstation), *arguments[4:], "--out-dir", "t"]
-    assert cli_error(repeated, capsys) == (f"pathmamba tables: --run-dir: {workstation} given more than once; each "
+    assert cli_error(repeated, capsys) == (f"pathmamba tables: --experiment-dir: {workstation} given more than once; each "
                                            "must be unique")
 
 
@@ -517,10 +517,10 @@ def test_tables_combine_run_folders_of_several_machines(partial_run, tmp_path, c
 ])
 def test_a_cell_whose_seeds_ran_on_different_gpus_or_cpu_pins_is_marked(partial_run, tmp_path, environments, note):
     """Pinned CPUs give the same numbers on any x86-64 CPU: their models do not mark a cell."""
-    run_dir, grid = partial_run
+    experiment_dir, grid = partial_run
     for seed, environment in environments.items():
-        record_environment(run_dir, "pathmamba", seed, environment)
-    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
+        record_environment(experiment_dir, "pathmamba", seed, environment)
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
     table1 = (tmp_path / "tables" / "table1_comparison.md").read_text()
     if note is None:
         assert "†" not in table1
@@ -531,11 +531,11 @@ def test_a_cell_whose_seeds_ran_on_different_gpus_or_cpu_pins_is_marked(partial_
 
 
 def test_a_cell_whose_seeds_mixed_hardware_and_precisions_names_both(partial_run, tmp_path):
-    run_dir, grid = partial_run
-    record_environment(run_dir, "pathmamba", 0, environment_of("NVIDIA H100 80GB HBM3") | {"precision": "bf16"})
+    experiment_dir, grid = partial_run
+    record_environment(experiment_dir, "pathmamba", 0, environment_of("NVIDIA H100 80GB HBM3") | {"precision": "bf16"})
     for seed in (1, 2):
-        record_environment(run_dir, "pathmamba", seed, environment_of())
-    write_tables(run_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
+        record_environment(experiment_dir, "pathmamba", seed, environment_of())
+    write_tables(experiment_dir, grid, PAPER, tmp_path / "tables", n_resamples=20)
     assert ("its seeds ran on different hardware (GPU model, CPU or its pins) and with different selective scans or "
             "precisions (seed 0: GPU NVIDIA H100 80GB HBM3, CPU pinned to AVX2, scan/precision pytorch/bf16; seed 1, 2: "
             "CPU pinned to AVX2, scan/precision pytorch/fp32)") in (tmp_path / "tables" / "table1_comparison.md").read_text()

@@ -12,7 +12,7 @@ from conftest import REPO
 from PIL import Image
 
 TINY = {
-    "run": "tiny",
+    "experiment": "tiny",
     "seeds": [0, 1],
     "datasets": {
         "synthetic-luad": {"synthetic": {"n_train": 24, "n_val": 6, "n_test": 6, "size": 64, "seed": 0}},

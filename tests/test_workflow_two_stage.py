@@ -8,7 +8,7 @@ import pytest
 from test_workflow import run_snakemake
 
 TWO_STAGE = {
-    "run": "two-stage",
+    "experiment": "two-stage",
     "seeds": [0],
     "threads_per_job": 1,
     "datasets": {"synthetic-luad": {"synthetic": {"n_train": 16, "n_val": 4, "n_test": 4, "size": 32, "seed": 0}}},

@@ -26,7 +26,7 @@ def disk_full(path: Path, needed: int | None, about: bool = False) -> DiskFull:
 
 
 class InputError(ValueError):
-    """A bad argument or input file the user can fix (seeds given twice, a run folder that does not exist,
+    """A bad argument or input file the user can fix (seeds given twice, an experiment folder that does not exist,
     data of another dataset). The message is one line naming it; the CLI prints it without a traceback and
     exits with status 2."""
 

@@ -1,10 +1,14 @@
-"""The layout of a run's outputs, ``<results_dir>/<run>/``, and of ``<resources_dir>/``: the one place
-that names their folders and files, tables and figures included.
+"""The layout of an experiment's outputs, ``<results_dir>/<experiment>/``, and of ``<resources_dir>/``: the one
+place that names their folders and files, tables and figures included.
+
+Two words, one meaning each: an *experiment* is one config's grid (its ``experiment`` key names the folder
+``<results_dir>/<experiment>``, which holds the tables, figures and logs); a *run* is one training run
+of it, a dataset, method and seed, in the folder :data:`RUN` with its ``run.json``.
 
 The workflow's rules build their file patterns from these (``workflow/rules/*.smk``), and the package
 finds and writes results with them; nothing else spells a results or resources path
-(``tests/test_layout.py`` greps the package and the rules for one). Patterns are relative to the run
-folder (or the resources folder) and hold ``{dataset}``, ``{method}``, ``{seed}`` (or ``{backbone}``,
+(``tests/test_layout.py`` greps the package and the rules for one). Patterns are relative to the
+experiment folder (or the resources folder) and hold ``{dataset}``, ``{method}``, ``{seed}`` (or ``{backbone}``,
 ``{device_type}``) to fill. Imports nothing heavy: the Snakefile reads it at start-up.
 """
 
@@ -43,7 +47,7 @@ VALIDATION_REPORT = "datasets/{dataset}/validation.json"
 FORKSERVER_LOG = "logs/forkserver.log"
 TABLES = "tables"
 FIGURES = "figures"
-#: The HTML report that ``snakemake --report`` writes of a run.
+#: The HTML report that ``snakemake --report`` writes of an experiment.
 REPORT = "report.html"
 
 # The files of one run's folder (RUN): training writes the first three, evaluation the rest.
@@ -114,34 +118,34 @@ def table_file(stem: str, extension: str) -> str:
 
 
 def figure_stems(datasets: list[str]) -> list[str]:
-    """The file stems of every figure of a run over ``datasets`` (in :data:`FIGURES`): per dataset
+    """The file stems of every figure of an experiment over ``datasets`` (in :data:`FIGURES`): per dataset
     :data:`DATASET_FIGURES`, then :data:`RUN_FIGURES`."""
     return [*(stem.format(dataset=dataset) for dataset in datasets for stem in DATASET_FIGURES.values()),
             *RUN_FIGURES.values()]
 
 
-def configured_run_dir(results_dir: str | Path, run: str) -> Path:
-    """A config's run folder, ``<results_dir>/<run>``: the patterns above are relative to it."""
-    return Path(results_dir) / run
+def configured_experiment_dir(results_dir: str | Path, experiment: str) -> Path:
+    """A config's experiment folder, ``<results_dir>/<experiment>``: the patterns above are relative to it."""
+    return Path(results_dir) / experiment
 
 
-def run_path(run_dir: Path, dataset: str, method: str, seed: int | None) -> Path:
-    """Folder of one run under the run folder ``run_dir``; the trivial reference has no seed."""
+def run_path(experiment_dir: Path, dataset: str, method: str, seed: int | None) -> Path:
+    """Folder of one run under the experiment folder ``experiment_dir``; the trivial reference has no seed."""
     if seed is None:
-        return Path(run_dir) / TRIVIAL_RUN.format(dataset=dataset)
-    return Path(run_dir) / RUN.format(dataset=dataset, method=method, seed=seed)
+        return Path(experiment_dir) / TRIVIAL_RUN.format(dataset=dataset)
+    return Path(experiment_dir) / RUN.format(dataset=dataset, method=method, seed=seed)
 
 
-def run_dir_of_table(table_file: str | Path) -> Path:
-    """The run folder whose :data:`TABLES` folder holds ``table_file``."""
+def experiment_dir_of_table(table_file: str | Path) -> Path:
+    """The experiment folder whose :data:`TABLES` folder holds ``table_file``."""
     return Path(table_file).parent.parent
 
 
-def run_dir_of(run_file: str | Path) -> Path:
-    """The run folder that holds ``run_file``, a file directly inside one run's folder (:data:`RUN`)."""
+def experiment_dir_of(run_file: str | Path) -> Path:
+    """The experiment folder that holds ``run_file``, a file directly inside one run's folder (:data:`RUN`)."""
     return Path(run_file).parents[len(Path(RUN).parts)]
 
 
-def benchmark_path(run_dir: Path, dataset: str, method: str, seed: int) -> Path:
-    """Folder of one run's benchmark files under the run folder ``run_dir``."""
-    return Path(run_dir) / BENCHMARKS.format(dataset=dataset, method=method, seed=seed)
+def benchmark_path(experiment_dir: Path, dataset: str, method: str, seed: int) -> Path:
+    """Folder of one run's benchmark files under the experiment folder ``experiment_dir``."""
+    return Path(experiment_dir) / BENCHMARKS.format(dataset=dataset, method=method, seed=seed)

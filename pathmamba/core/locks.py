@@ -37,16 +37,16 @@ def lock_holder(path: Path) -> str:
         return "holder unknown"
 
 
-# --- the run lock: one Snakemake at a time writes into <results_dir>/<run> ---------------------------------
+# --- the experiment lock: one Snakemake at a time writes into <results_dir>/<experiment> ---------------------------------
 
-#: The run lock's file in ``<results_dir>/<run>``. Snakemake's own lock lies in its working folder
+#: The experiment lock's file in ``<results_dir>/<experiment>``. Snakemake's own lock lies in its working folder
 #: (``.snakemake/locks``), so two working folders whose configs name one results folder would not see
 #: each other, and each deletes what it takes for its own incomplete outputs.
-RUN_LOCK = ".pathmamba-run.lock"
+EXPERIMENT_LOCK = ".pathmamba-experiment.lock"
 
 
-class RunFolderBusy(Exception):
-    """Another process (named in the message) holds the run lock of a results folder."""
+class ExperimentFolderBusy(Exception):
+    """Another process (named in the message) holds the experiment lock of a results folder."""
 
 
 def _holder_record(working_folder: Path) -> dict:
@@ -91,16 +91,16 @@ def _why_released(holder: dict) -> str:
     return f"pid {holder.get('pid')} is not running: it was killed or crashed"
 
 
-def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int | None, str | None]:
-    """Lock the results folder ``folder`` (``<results_dir>/<run>``, created if absent) for this process,
-    recording it, ``working_folder`` and the time in :data:`RUN_LOCK`. Returns the open descriptor, which
-    holds the lock until :func:`release_run_folder` or the process's end (SIGKILL too: the kernel
+def lock_experiment_folder(folder: Path, working_folder: Path) -> tuple[int | None, str | None]:
+    """Lock the results folder ``folder`` (``<results_dir>/<experiment>``, created if absent) for this process,
+    recording it, ``working_folder`` and the time in :data:`EXPERIMENT_LOCK`. Returns the open descriptor, which
+    holds the lock until :func:`release_experiment_folder` or the process's end (SIGKILL too: the kernel
     releases it), and a note when a holder that ended without releasing it was taken over; (None, why)
-    on a file system without locks. Raises :class:`RunFolderBusy` naming the holder when another process
+    on a file system without locks. Raises :class:`ExperimentFolderBusy` naming the holder when another process
     holds it. Deletes nothing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RUN_LOCK
+    path = folder / EXPERIMENT_LOCK
     handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,10 +108,10 @@ def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int | None, str
         holder = _read_holder(handle)
         os.close(handle)
         described = _describe(holder) if holder else "holder not written yet"
-        raise RunFolderBusy(
+        raise ExperimentFolderBusy(
             f"{folder} is in use by another Snakemake run ({described}; lock {path}); two runs writing one "
-            "results folder delete each other's files. Wait for it to end, stop it, or give this run another "
-            "`run` or `results_dir` in the config") from None
+            "results folder delete each other's files. Wait for it to end, stop it, or give this experiment another "
+            "`experiment` name or `results_dir` in the config") from None
     except OSError as error:
         if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
             raise
@@ -128,8 +128,8 @@ def lock_run_folder(folder: Path, working_folder: Path) -> tuple[int | None, str
     return handle, note
 
 
-def release_run_folder(handle: int) -> None:
-    """Clear the holder and release a lock of :func:`lock_run_folder` (the file stays: removing a file
+def release_experiment_folder(handle: int) -> None:
+    """Clear the holder and release a lock of :func:`lock_experiment_folder` (the file stays: removing a file
     that another process may be opening to lock would let two processes lock two different files)."""
     os.ftruncate(handle, 0)
     os.close(handle)

@@ -74,9 +74,27 @@ def load_config_mapping(path: Path) -> dict[str, Any]:
     config = load_yaml(path)
     if not isinstance(config, dict):
         found = "an empty file" if config is None else f"a {type(config).__name__}"
-        raise ConfigFileError(f"{path}: {found}; expected a mapping of config keys (run, seeds, datasets, "
+        raise ConfigFileError(f"{path}: {found}; expected a mapping of config keys (experiment, seeds, datasets, "
                               "methods, train, ...), config/README.md")
+    try:
+        check_renamed_keys(config)
+    except ConfigError as error:
+        raise ConfigFileError(f"{path}: {error}") from None
     return config
+
+
+#: Top-level config keys renamed: the old name -> the new one and what it is. An old name is refused with
+#: this message rather than as an unknown key.
+RENAMED_KEYS = {"run": ("experiment", ("the name of the experiment folder <results_dir>/<experiment>; a run is now "
+                                       "one training run of it, a dataset, method and seed"))}
+
+
+def check_renamed_keys(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the new name of every renamed key that ``config`` still uses."""
+    problems = [f"{old}: was renamed {new!r} ({what}); write `{new}: {config[old]}`"
+                for old, (new, what) in RENAMED_KEYS.items() if old in config]
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_schema(config: dict[str, Any]) -> None:
@@ -85,6 +103,7 @@ def check_schema(config: dict[str, Any]) -> None:
     everything is checked), but with jsonschema alone: ``plan``, ``doctor``, ``calibrate`` and ``rehearse``
     run where Snakemake is not installed (a rule's conda environment). Raises :class:`ConfigError`
     naming the key of every value the schema refuses."""
+    check_renamed_keys(config)
     _check_against(load_yaml(SCHEMA), config, "")
 
 

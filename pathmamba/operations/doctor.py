@@ -23,7 +23,7 @@ import torch
 
 from pathmamba.core.devices import cuda_unavailable_reason
 from pathmamba.core.gpus import gpu_pool, nvidia_driver
-from pathmamba.core.layout import VALIDATION_REPORT, configured_run_dir
+from pathmamba.core.layout import VALIDATION_REPORT, configured_experiment_dir
 from pathmamba.engine.config import (
     ConfigError,
     all_fetched_weights,
@@ -160,7 +160,8 @@ def check_datasets(config: dict[str, Any]) -> list[Check]:
     checks = []
     for name in grid_datasets(config):
         entry = config["datasets"][name]
-        report = configured_run_dir(config["results_dir"], config["run"]) / VALIDATION_REPORT.format(dataset=name)
+        experiment_dir = configured_experiment_dir(config["results_dir"], config["experiment"])
+        report = experiment_dir / VALIDATION_REPORT.format(dataset=name)
         label = f"dataset {name}"
         if report.is_file():
             record = json.loads(report.read_text())

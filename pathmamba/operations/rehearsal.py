@@ -57,7 +57,7 @@ from pathmamba.core.layout import (
     STAGE1,
     TEST_METRICS,
     WEIGHTS,
-    configured_run_dir,
+    configured_experiment_dir,
     run_path,
     weights_backbone,
 )
@@ -86,7 +86,7 @@ MARKER = ".pathmamba-rehearsal"
 #: epoch counts, ``MethodSpec.epochs_from``, included), the batch size (capped by the few generated
 #: images), and what a CPU-only machine cannot follow (device, fused scan, bf16).
 CHANGEABLE = (
-    "run", "seeds", "threads_per_job", "datasets.*",
+    "experiment", "seeds", "threads_per_job", "datasets.*",
     "train.epochs", "train.batch_size", "train.device", "train.scan", "train.precision",
     "methods.*.train.epochs", "methods.*.train.batch_size",
     "methods.*.stage1.train.epochs", "methods.*.stage1.train.batch_size",
@@ -340,8 +340,8 @@ def parse_job_blocks(text: str) -> dict[str, tuple[str, int]]:
 # --- checks after the run --------------------------------------------------------------------------------
 
 
-def run_folder(config: dict[str, Any], folder: Path) -> Path:
-    return folder / configured_run_dir(config["results_dir"], config["run"])
+def experiment_folder(config: dict[str, Any], folder: Path) -> Path:
+    return folder / configured_experiment_dir(config["results_dir"], config["experiment"])
 
 
 def expected_record(paper: dict[str, Any], effective: dict[str, Any], method: str,
@@ -366,13 +366,13 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
     :func:`expected_record`'s (settings of :data:`RESOLVED_AT_RUN_TIME` that the paper leaves unset
     excepted). Empty when all agree."""
     problems = []
-    run_dir = run_folder(effective, folder)
+    experiment_dir = experiment_folder(effective, folder)
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
                 stages = [1, None] if method in two_stage_methods() else [None]
                 for stage in stages:
-                    path = run_path(run_dir, dataset, method, seed) / (STAGE1 if stage else "") / RUN_RECORD
+                    path = run_path(experiment_dir, dataset, method, seed) / (STAGE1 if stage else "") / RUN_RECORD
                     if not path.is_file():
                         problems.append(f"{path}: missing")
                         continue
@@ -392,14 +392,14 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
 def check_weights_loaded(effective: dict[str, Any], folder: Path) -> list[str]:
     """Problems: a training log without the loader's line for a weights file its job names."""
     problems = []
-    run_dir = run_folder(effective, folder)
+    experiment_dir = experiment_folder(effective, folder)
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
                 for job, stage in (("train", None), ("train_stage1", 1)):
                     if stage == 1 and method not in two_stage_methods():
                         continue
-                    log_path = run_dir / LOGS.format(dataset=dataset, method=method, seed=seed) / f"{job}.log"
+                    log_path = experiment_dir / LOGS.format(dataset=dataset, method=method, seed=seed) / f"{job}.log"
                     text = log_path.read_text() if log_path.is_file() else ""
                     for value in fetched_weights(effective, method, stage):
                         if not re.search(rf"loaded .*weights from {re.escape(value)}$", text, flags=re.MULTILINE):
@@ -442,7 +442,7 @@ def _images(run: Path, job: str) -> tuple[int | None, float | None]:
 
 def job_costs(effective: dict[str, Any], folder: Path, requests: dict[str, tuple[str, int]]) -> list[JobCost]:
     """Every job with a benchmark file of the grid, in the dry run's order of datasets, methods, jobs."""
-    results = configured_run_dir(effective["results_dir"], effective["run"])
+    results = configured_experiment_dir(effective["results_dir"], effective["experiment"])
     costs = []
     for benchmark, (rule, mem_mb) in sorted(requests.items()):
         path = folder / benchmark
@@ -451,7 +451,7 @@ def job_costs(effective: dict[str, Any], folder: Path, requests: dict[str, tuple
             continue
         with open(path) as handle:
             row = next(csv.DictReader(handle, delimiter="\t"))
-        run = run_path(run_folder(effective, folder), parts[0], parts[1], int(parts[2].removeprefix("seed")))
+        run = run_path(experiment_folder(effective, folder), parts[0], parts[1], int(parts[2].removeprefix("seed")))
         images, loop = _images(run, rule)
         costs.append(JobCost(parts[0], parts[1], rule, float(row["s"]), images, loop,
                              float(row["max_rss"]), mem_mb))
@@ -522,7 +522,7 @@ def rehearse(folder: Path, paper_path: Path = PAPER_CONFIG, overlay_path: Path =
     status = run_logged(snakemake_command(folder, config_path, "--cores", str(cores or os.cpu_count()),
                                           *(["--resources", *resources] if resources else [])), run_log)
     if status == 0:
-        report_path = str(configured_run_dir(effective["results_dir"], effective["run"]) / REPORT)
+        report_path = str(configured_experiment_dir(effective["results_dir"], effective["experiment"]) / REPORT)
         status = run_logged(snakemake_command(folder, config_path, "--report", report_path), run_log)
     problems = check_runs(paper, effective, folder) + check_weights_loaded(effective, folder)
     if status != 0:

@@ -1,8 +1,8 @@
 """Do two results agree? ``python -m pathmamba compare A B`` (docs/comparing-runs.md).
 
-A is a run folder (``results/<run>``). B is one of:
+A is an experiment folder (``results/<experiment>``). B is one of:
 
-- another run folder: the same configuration run elsewhere (another machine or GPU, other seeds). Its
+- another experiment folder: the same configuration run elsewhere (another machine or GPU, other seeds). Its
   runs must have A's configuration but for the hardware keys (:data:`HARDWARE_KEYS`); anything else that
   differs is refused, naming the keys, unless each is accepted by name.
 - a README whose results section ``python -m pathmamba readme`` wrote: the published table, which holds
@@ -86,7 +86,7 @@ CSV_COLUMNS = ["dataset", "method", "metric", "a_seeds", "a_n", "a_mean", "a_std
 
 @dataclass(frozen=True)
 class SeedRun:
-    """One finished run of a run folder: a seed (None for the trivial reference) of a dataset and method."""
+    """One finished run of an experiment folder: a seed (None for the trivial reference) of a dataset and method."""
 
     seed: int | None
     path: Path
@@ -113,7 +113,7 @@ class Published:
 
 @dataclass(frozen=True)
 class Side:
-    """B: a run folder's runs, or published cells, by (dataset, method); ``kind``: run, readme or paper."""
+    """B: an experiment folder's runs, or published cells, by (dataset, method); ``kind``: experiment, readme or paper."""
 
     kind: str
     cells: dict
@@ -155,15 +155,15 @@ class Comparison:
 # Reading the two sides.
 
 
-def read_run_folder(run_dir: Path, role: str) -> dict[tuple[str, str], list[SeedRun]]:
-    """Every finished run under ``run_dir`` (``role``: "A" or "B", for messages), by (dataset, method)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"{role}: {run_dir} is not a folder; expected results/<run> holding runs/")
+def read_experiment_folder(experiment_dir: Path, role: str) -> dict[tuple[str, str], list[SeedRun]]:
+    """Every finished run under ``experiment_dir`` (``role``: "A" or "B", for messages), by (dataset, method)."""
+    experiment_dir = Path(experiment_dir)
+    if not experiment_dir.is_dir():
+        raise InputError(f"{role}: {experiment_dir} is not a folder; expected results/<experiment> holding runs/")
     patterns = [RUN.format(dataset="*", method="*", seed="*"), TRIVIAL_RUN.format(dataset="*")]
-    folders = sorted({path.parent for pattern in patterns for path in run_dir.glob(f"{pattern}/{TEST_METRICS}")})
+    folders = sorted({path.parent for pattern in patterns for path in experiment_dir.glob(f"{pattern}/{TEST_METRICS}")})
     if not folders:
-        raise InputError(f"{role}: {run_dir} holds no finished run "
+        raise InputError(f"{role}: {experiment_dir} holds no finished run "
                          f"({RUN.format(dataset='<dataset>', method='<method>', seed='<N>')}/{TEST_METRICS})")
     cells: dict[tuple[str, str], list[SeedRun]] = {}
     for folder in folders:
@@ -260,15 +260,15 @@ def read_paper(path: Path) -> dict[tuple[str, str], Published]:
 
 
 def read_side_b(path: Path) -> Side:
-    """B by what it is: a run folder, a README (``.md``) or the paper's values (``.yaml``)."""
+    """B by what it is: an experiment folder, a README (``.md``) or the paper's values (``.yaml``)."""
     path = Path(path)
     if path.is_dir():
-        return Side("run", read_run_folder(path, "B"))
+        return Side("experiment", read_experiment_folder(path, "B"))
     if path.suffix == ".md":
         return Side("readme", read_readme(path))
     if path.suffix in (".yaml", ".yml"):
         return Side("paper", read_paper(path))
-    raise InputError(f"B: {path} is neither a run folder (results/<run>), a README with a results section "
+    raise InputError(f"B: {path} is neither an experiment folder (results/<experiment>), a README with a results section "
                      "(.md) nor the paper's values (config/paper_results.yaml)")
 
 
@@ -417,7 +417,7 @@ def _seeds_text(runs: list[SeedRun]) -> str:
 
 def compare_run_cells(a: list[SeedRun], b: list[SeedRun], cell: tuple[str, str], n_resamples: int,
                       seed: int) -> list[dict]:
-    """The rows of one cell of two run folders."""
+    """The rows of one cell of two experiment folders."""
     summary_a, summary_b = _summary(a), _summary(b)
     identical = [(run.seed, run.results) for run in a] == [(run.seed, run.results) for run in b]
     images = _image_intervals(a, b, n_resamples, seed)
@@ -434,7 +434,7 @@ def compare_run_cells(a: list[SeedRun], b: list[SeedRun], cell: tuple[str, str],
 
 def compare_published_cell(a: list[SeedRun], b: Published, kind: str, cell: tuple[str, str], n_resamples: int,
                            seed: int) -> list[dict]:
-    """The rows of one cell of a run folder against a README's (``kind`` readme) or the paper's cell."""
+    """The rows of one cell of an experiment folder against a README's (``kind`` readme) or the paper's cell."""
     summary_a = _summary(a)
     trivial = all(run.seed is None for run in a)
     if kind == "paper":
@@ -469,17 +469,17 @@ def _paper_interval(mean: float, std: float, n: int, value: float, rounding: flo
 
 def compare(path_a: Path, path_b: Path, accept: Sequence[str] = (), n_resamples: int = 10000,
             seed: int = 0) -> Comparison:
-    """Compare the run folder ``path_a`` with ``path_b`` (module docstring). Two run folders whose runs'
+    """Compare the experiment folder ``path_a`` with ``path_b`` (module docstring). Two experiment folders whose runs'
     configurations differ in a key that is not hardware and not in or under one in ``accept`` raise
     :class:`InputError` naming every such key, its first cell and both values."""
-    a = read_run_folder(Path(path_a), "A")
+    a = read_experiment_folder(Path(path_a), "A")
     b = read_side_b(Path(path_b))
     common = [cell for cell in a if cell in b.cells]
     if not common:
         raise InputError(f"A ({path_a}) and B ({path_b}) have no dataset and method in common: A has "
                          f"{_cells_text(a)}; B has {_cells_text(b.cells)}")
     notes = []
-    if b.kind == "run":
+    if b.kind == "experiment":
         differences = configuration_differences(a, b.cells, common)
         refused = {key: where for key, where in differences.items() if not under(key, accept)}
         if refused:
@@ -491,7 +491,7 @@ def compare(path_a: Path, path_b: Path, accept: Sequence[str] = (), n_resamples:
         notes += [f"Hardware of {name}: {_hardware_text(cells, common)}." for name, cells in (("A", a), ("B", b.cells))]
     rows = []
     for cell in common:
-        if b.kind == "run":
+        if b.kind == "experiment":
             rows += compare_run_cells(a[cell], b.cells[cell], cell, n_resamples, seed)
         else:
             rows += compare_published_cell(a[cell], b.cells[cell], b.kind, cell, n_resamples, seed)
@@ -526,7 +526,7 @@ def _verdict_counts(table: pd.DataFrame) -> str:
 
 
 def _intervals_note(kind: str, n_resamples: int, seed: int) -> str:
-    """How the intervals against B of ``kind`` (run, readme, paper) were computed."""
+    """How the intervals against B of ``kind`` (experiment, readme, paper) were computed."""
     bootstrap = f"{n_resamples} resamples, numpy seed {seed}"
     if kind == "readme":
         return ("B is a published table: means ± std with three decimals and seed counts, nothing per seed. "

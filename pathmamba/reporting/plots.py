@@ -1,4 +1,4 @@
-"""The figures of a run, each written as PNG and PDF (matplotlib/seaborn, colour-blind-safe palette).
+"""The figures of an experiment, each written as PNG and PDF (matplotlib/seaborn, colour-blind-safe palette).
 
 (a) :func:`qualitative_grid`     image, ground truth and each method's predicted mask overlaid on the H&E
                                  image (like the paper's Fig. 3)
@@ -139,8 +139,8 @@ def image_label(stem: str, width: int = 26) -> str:
     return f"{stem[:half]}\n{stem[half:]}"
 
 
-def _test_images(dataset: str, data_root: Path, n_images: int, run_dir: Path):
-    spec = recorded_dataset_spec(run_dir, dataset)
+def _test_images(dataset: str, data_root: Path, n_images: int, experiment_dir: Path):
+    spec = recorded_dataset_spec(experiment_dir, dataset)
     return spec, sorted(index_dataset(Path(data_root), spec).test, key=lambda pair: pair[0].name)[:n_images]
 
 
@@ -162,7 +162,7 @@ def mark_unscored(overlay: np.ndarray, truth: np.ndarray, background: int) -> np
     return np.where(unscored[..., None], washed, overlay)
 
 
-def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
+def qualitative_grid(dataset: str, data_root: Path, experiment_dir: Path, methods: list[str], seeds: list[int],
                      stem: Path, n_images: int = 4) -> list[Path]:
     """Rows: the first ``n_images`` test images by file name (those whose masks evaluation saves).
     Columns: image, ground truth, then each method's predicted mask from its first finished seed
@@ -170,10 +170,10 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     (opacity :data:`MASK_ALPHA`), with a legend. The ground truth's background is left uncoloured; over
     a prediction (saved raw, every pixel a class) the pixels it covers, not scored, are greyed and
     hatched (:func:`mark_unscored`). The PNG has exactly :func:`grid_pixel_size` pixels."""
-    spec, test = _test_images(dataset, data_root, n_images, run_dir)
+    spec, test = _test_images(dataset, data_root, n_images, experiment_dir)
     columns = []
     for method in methods:
-        found = [seed for seed in seeds if (run_path(run_dir, dataset, method, seed) / MASKS).is_dir()]
+        found = [seed for seed in seeds if (run_path(experiment_dir, dataset, method, seed) / MASKS).is_dir()]
         columns.append((method, found[0] if found else None))
     width, height = grid_pixel_size(len(test), len(methods))
     figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -197,7 +197,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
         axes[row, 1].imshow(overlay_mask(image, truth, spec.palette, MASK_ALPHA))
         axes[row, 0].set_ylabel(image_label(image_path.stem), fontsize=5)
         for col, (method, seed) in enumerate(columns, start=2):
-            predicted = None if seed is None else run_path(run_dir, dataset, method, seed) / MASKS / image_path.name
+            predicted = None if seed is None else run_path(experiment_dir, dataset, method, seed) / MASKS / image_path.name
             if predicted is not None and predicted.exists():
                 overlay = overlay_mask(image, read_mask(predicted, spec), spec.palette, MASK_ALPHA)
                 axes[row, col].imshow(mark_unscored(overlay, truth, spec.background))
@@ -208,7 +208,7 @@ def qualitative_grid(dataset: str, data_root: Path, run_dir: Path, methods: list
     return save_figure(figure, stem, tight=False)
 
 
-def _heatmap_columns(dataset: str, run_dir: Path, methods: list[str], seeds: list[int]) -> list[dict]:
+def _heatmap_columns(dataset: str, experiment_dir: Path, methods: list[str], seeds: list[int]) -> list[dict]:
     """The heat-map columns: per method its registry entry's ``heatmaps`` (none: no column), each from the
     lowest seed whose ``model.pt`` exists, loaded on the CPU. A column: method, seed, model, heatmap (the
     :class:`pathmamba.engine.registry.HeatMap`), maps (its function), title."""
@@ -218,10 +218,10 @@ def _heatmap_columns(dataset: str, run_dir: Path, methods: list[str], seeds: lis
     columns = []
     for method in methods:
         heatmaps = METHODS[method].heatmaps if method in METHODS else ()
-        found = [seed for seed in sorted(seeds) if (run_path(run_dir, dataset, method, seed) / MODEL).exists()]
+        found = [seed for seed in sorted(seeds) if (run_path(experiment_dir, dataset, method, seed) / MODEL).exists()]
         if not heatmaps or not found:
             continue
-        _, model = load_model(run_path(run_dir, dataset, method, found[0]) / MODEL)
+        _, model = load_model(run_path(experiment_dir, dataset, method, found[0]) / MODEL)
         model.eval()
         columns += [{"method": method, "seed": found[0], "model": model, "heatmap": heatmap,
                      "maps": load_target(heatmap.maps), "title": f"{method} (seed {found[0]})\n{heatmap.title}"}
@@ -238,14 +238,14 @@ def class_heatmap(column: dict, image: np.ndarray) -> np.ndarray:
     return column["maps"](column["model"], to_tensor(image)[None])[0].float().numpy()
 
 
-def class_heatmaps(dataset: str, data_root: Path, run_dir: Path, methods: list[str], seeds: list[int],
+def class_heatmaps(dataset: str, data_root: Path, experiment_dir: Path, methods: list[str], seeds: list[int],
                    stem: Path, n_images: int = 4) -> list[Path]:
     """Rows: the qualitative grid's test images; columns: the image with its ground truth overlaid, then
     the heat maps of each method that has them (:func:`_heatmap_columns`), each over
     the grey-scale image. Each row shows the map of the image's most frequent ground-truth class (named
     at the left), the same class in every column, on a common 0..1 colour scale."""
-    spec, test = _test_images(dataset, data_root, n_images, run_dir)
-    columns = _heatmap_columns(dataset, run_dir, methods, seeds)
+    spec, test = _test_images(dataset, data_root, n_images, experiment_dir)
+    columns = _heatmap_columns(dataset, experiment_dir, methods, seeds)
     n_rows, n_cols = max(len(test), 1), 1 + max(len(columns), 1)
     figure = plt.figure(figsize=(0.35 + GRID_CELL_INCHES * n_cols, 0.85 + GRID_CELL_INCHES * n_rows), dpi=DPI)
     axes = figure.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"wspace": 0.04, "hspace": 0.06})
@@ -504,14 +504,14 @@ def confusion_matrices(per_image: pd.DataFrame, dataset: str, classes: list[str]
     return save_figure(figure, stem)
 
 
-def load_histories(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
+def load_histories(experiment_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
     """Every finished ``history.csv`` with dataset, method and seed columns added, and ``epochs``: the
     epochs the run was configured for (``run.json``'s settings; without it, its last epoch)."""
     frames = []
     for dataset in datasets:
         for method in methods:
             for seed in seeds:
-                folder = run_path(run_dir, dataset, method, seed)
+                folder = run_path(experiment_dir, dataset, method, seed)
                 if not (folder / HISTORY).exists():
                     continue
                 history = pd.read_csv(folder / HISTORY)
@@ -580,7 +580,7 @@ def training_curves(histories: pd.DataFrame, datasets: list[str], methods: list[
 TRAINING_BENCHMARKS = tuple(BENCHMARK_FILES[rule] for rule in ("train_stage1", "pseudo_masks", "train"))
 
 
-def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
+def load_benchmarks(experiment_dir: Path, datasets: list[str], methods: list[str], seeds: list[int]) -> pd.DataFrame:
     """Training cost per finished run: dataset, method, seed, hours (benchmark ``s`` / 3600, summed over
     the run's training jobs, :data:`TRAINING_BENCHMARKS`: a two-stage method's first stage and pseudo
     masks too, not the evaluation), max_rss (MB), device (from run.json's environment; "unknown" without it)."""
@@ -588,12 +588,12 @@ def load_benchmarks(run_dir: Path, datasets: list[str], methods: list[str], seed
     for dataset in datasets:
         for method in methods:
             for seed in seeds:
-                folder = benchmark_path(run_dir, dataset, method, seed)
+                folder = benchmark_path(experiment_dir, dataset, method, seed)
                 if not (folder / BENCHMARK_FILES["train"]).exists():
                     continue
                 bench = pd.concat([pd.read_csv(folder / name, sep="\t") for name in TRAINING_BENCHMARKS
                                    if (folder / name).exists()])
-                run_json = run_path(run_dir, dataset, method, seed) / RUN_RECORD
+                run_json = run_path(experiment_dir, dataset, method, seed) / RUN_RECORD
                 device = "unknown"
                 if run_json.exists():
                     device = pd.read_json(run_json, typ="series")["environment"].get("device", "unknown")
@@ -632,14 +632,14 @@ def compute_cost(benchmarks: pd.DataFrame, datasets: list[str], methods: list[st
     return save_figure(figure, stem)
 
 
-def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds: list[int], data_roots: dict,
+def write_figures(experiment_dir: Path, datasets: list[str], methods: list[str], seeds: list[int], data_roots: dict,
                   paper: dict, out_dir: Path, n_images: int = 4) -> list[Path]:
-    """Every figure of the module docstring for what finished under ``run_dir``; returns the paths.
+    """Every figure of the module docstring for what finished under ``experiment_dir``; returns the paths.
 
     data_roots: ``{dataset: folder}`` for the qualitative grid and the heat maps; paper: the parsed
     ``config/paper_results.yaml``."""
     out_dir = Path(out_dir)
-    every = finished_runs(run_dir, Grid(datasets, methods, seeds))
+    every = finished_runs(experiment_dir, Grid(datasets, methods, seeds))
     runs = every[every["method"] != TRIVIAL]
     metrics = load_metrics([Path(path) / TEST_METRICS for path in runs["path"]])
     trivial = load_metrics([Path(path) / TEST_METRICS for path in every.loc[every["method"] == TRIVIAL, "path"]])
@@ -652,10 +652,11 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
     written = []
     for dataset in datasets:
         stems = {figure: out_dir / stem.format(dataset=dataset) for figure, stem in DATASET_FIGURES.items()}
-        written += qualitative_grid(dataset, data_roots[dataset], run_dir, methods, seeds, stems["qualitative"],
+        written += qualitative_grid(dataset, data_roots[dataset], experiment_dir, methods, seeds, stems["qualitative"],
                                     n_images)
-        written += class_heatmaps(dataset, data_roots[dataset], run_dir, methods, seeds, stems["heatmaps"], n_images)
-        classes = list(recorded_dataset_spec(run_dir, dataset).classes)
+        written += class_heatmaps(dataset, data_roots[dataset], experiment_dir, methods, seeds, stems["heatmaps"],
+                                  n_images)
+        classes = list(recorded_dataset_spec(experiment_dir, dataset).classes)
         written += confusion_matrices(per_image, dataset, classes, methods, stems["confusion"])
     stems = {figure: out_dir / stem for figure, stem in RUN_FIGURES.items()}
     written += seed_spread(metrics, paper["table1"], datasets, methods, stems["seed_spread"], trivial=trivial,
@@ -663,8 +664,8 @@ def write_figures(run_dir: Path, datasets: list[str], methods: list[str], seeds:
     written += ablation_steps(metrics, paper["table2"], datasets, variants, labels, stems["ablation"],
                               trivial=trivial, styles=styles)
     written += per_class_chart(per_class, datasets, methods, stems["per_class"], styles=styles)
-    written += training_curves(load_histories(run_dir, datasets, methods, seeds), datasets, methods,
+    written += training_curves(load_histories(experiment_dir, datasets, methods, seeds), datasets, methods,
                                stems["training_curves"], styles=styles)
-    written += compute_cost(load_benchmarks(run_dir, datasets, methods, seeds), datasets, methods,
+    written += compute_cost(load_benchmarks(experiment_dir, datasets, methods, seeds), datasets, methods,
                             stems["compute_cost"])
     return written

@@ -40,13 +40,13 @@ def splice_readme(readme: Path, table_md: Path, start: str = RESULTS_START, end:
     return []
 
 
-def unpinned_runs(run_dir: Path) -> list[str]:
-    """The runs under ``run_dir`` (their ``run.json``) whose CPU pins did not hold, as paths relative to
+def unpinned_runs(experiment_dir: Path) -> list[str]:
+    """The runs under ``experiment_dir`` (their ``run.json``) whose CPU pins did not hold, as paths relative to
     it; runs recorded before the pins were recorded count as unpinned."""
     found = []
     runs = layout.RUN.format(dataset="*", method="*", seed="*")
-    for record_path in sorted(Path(run_dir).glob(f"{runs}/{layout.RUN_RECORD}")):
+    for record_path in sorted(Path(experiment_dir).glob(f"{runs}/{layout.RUN_RECORD}")):
         cpu = json.loads(record_path.read_text()).get("environment", {}).get("cpu") or {}
         if not cpu.get("pinned_isa"):
-            found.append(str(record_path.parent.relative_to(run_dir)))
+            found.append(str(record_path.parent.relative_to(experiment_dir)))
     return found

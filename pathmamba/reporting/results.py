@@ -1,6 +1,6 @@
 """Finding a run's finished results and loading them (docs/design.md §4.5); shared by tables and plots.
 
-Everything here reads what finished under the run folder (:mod:`pathmamba.core.layout`) and never needs a
+Everything here reads what finished under the experiment folder (:mod:`pathmamba.core.layout`) and never needs a
 GPU. A run counts as finished when its ``test_metrics.json`` exists.
 """
 
@@ -23,7 +23,7 @@ from pathmamba.core.layout import (
     RUN_RECORD,
     TEST_METRICS,
     TRIVIAL,
-    configured_run_dir,
+    configured_experiment_dir,
     run_path,
 )
 from pathmamba.data.specs import DatasetSpec, get_dataset_spec, recorded_spec
@@ -53,19 +53,19 @@ class Grid:
 
 @dataclass(frozen=True)
 class Selection:
-    """What a ``tables`` or ``figures`` command reads: the run folders (one, or several whose runs are
+    """What a ``tables`` or ``figures`` command reads: the experiment folders (one, or several whose runs are
     combined), their grid, the datasets' folders."""
 
-    run_dirs: list[Path]
+    experiment_dirs: list[Path]
     grid: Grid
     data_roots: dict[str, str]
 
 
-def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = None,
+def select_runs(configfile: Path | None = None, experiment_dirs: list[Path] | None = None,
                 datasets: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None,
                 data_roots: list[str] = ()) -> Selection:
-    """The runs a command reads: each of ``run_dirs``, ``datasets``, ``methods``, ``seeds`` given, else the
-    workflow config ``configfile``'s (its run folder and ``grid``); ``data_roots`` (``DATASET=FOLDER``) over
+    """The runs a command reads: each of ``experiment_dirs``, ``datasets``, ``methods``, ``seeds`` given, else the
+    workflow config ``configfile``'s (its experiment folder and ``grid``); ``data_roots`` (``DATASET=FOLDER``) over
     the config's dataset folders. Raises :class:`InputError` naming the argument for what is missing,
     repeated or not a folder."""
     from pathmamba.engine.config import grid_datasets, grid_methods, load_config_mapping
@@ -79,10 +79,10 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
         if not sep:
             raise InputError(f"--data-root: expected DATASET=FOLDER, got {item!r}")
         roots[name] = folder
-    given = {"run-dir": run_dirs, "datasets": datasets, "methods": methods, "seeds": seeds}
-    if not run_dirs and "run" in config:
-        run_dirs = [configured_run_dir(config.get("results_dir", "results"), config["run"])]
-    chosen = {"run-dir": [Path(folder) for folder in run_dirs or []],
+    given = {"experiment-dir": experiment_dirs, "datasets": datasets, "methods": methods, "seeds": seeds}
+    if not experiment_dirs and "experiment" in config:
+        experiment_dirs = [configured_experiment_dir(config.get("results_dir", "results"), config["experiment"])]
+    chosen = {"experiment-dir": [Path(folder) for folder in experiment_dirs or []],
               "datasets": datasets or (grid_datasets(config) if config else []),
               "methods": methods or (grid_methods(config) if config else []),
               "seeds": seeds or [int(seed) for seed in config.get("seeds", [])]}
@@ -95,40 +95,42 @@ def select_runs(configfile: Path | None = None, run_dirs: list[Path] | None = No
         if repeated:
             where = f"--{key}" if given[key] else f"{configfile}: {key}"
             raise InputError(f"{where}: {', '.join(repeated)} given more than once; each must be unique")
-    for run_dir in chosen["run-dir"]:
-        if not run_dir.is_dir():
-            # A mistyped run folder would give tables of "—" (no finished run) and exit 0.
-            where = "--run-dir" if given["run-dir"] else f"{configfile}: results_dir/run"
-            raise InputError(f"{where}: {run_dir} is not a folder; expected results/<run> holding runs/")
-    return Selection(chosen["run-dir"], Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
+    for experiment_dir in chosen["experiment-dir"]:
+        if not experiment_dir.is_dir():
+            # A mistyped experiment folder would give tables of "—" (no finished run) and exit 0.
+            where = "--experiment-dir" if given["experiment-dir"] else f"{configfile}: results_dir/experiment"
+            raise InputError(f"{where}: {experiment_dir} is not a folder; expected results/<experiment> holding runs/")
+    return Selection(chosen["experiment-dir"], Grid(chosen["datasets"], chosen["methods"], chosen["seeds"]), roots)
 
 
-def finished_runs(run_dirs: Path | Sequence[Path], grid: Grid) -> pd.DataFrame:
+def finished_runs(experiment_dirs: Path | Sequence[Path], grid: Grid) -> pd.DataFrame:
     """The runs of ``grid`` whose ``test_metrics.json`` exists, plus each dataset's trivial reference, in
-    the run folder ``run_dirs`` or in several (a grid split across machines); a run whose training
+    the experiment folder ``experiment_dirs`` or in several (a grid split across machines); a run whose training
     diverged (:func:`diverged`) is never one.
 
     A run found in several folders must have the same results in each (:func:`agreeing_copy`); the first
     folder's copy is used. Columns: dataset, method, seed (None for trivial), path (the run's folder).
     """
     rows = [{"dataset": dataset, "method": method, "seed": seed, "path": path}
-            for dataset, method, seed, path in _evaluated_runs(run_dirs, grid) if not diverged(path)]
+            for dataset, method, seed, path in _evaluated_runs(experiment_dirs, grid) if not diverged(path)]
     return pd.DataFrame(rows, columns=["dataset", "method", "seed", "path"])
 
 
-def diverged_runs(run_dirs: Path | Sequence[Path], grid: Grid) -> list[tuple[str, str, int]]:
+def diverged_runs(experiment_dirs: Path | Sequence[Path], grid: Grid) -> list[tuple[str, str, int]]:
     """(dataset, method, seed) of the evaluated runs of ``grid`` left out of :func:`finished_runs` because
     their training diverged."""
-    return [(dataset, method, seed) for dataset, method, seed, path in _evaluated_runs(run_dirs, grid)
+    return [(dataset, method, seed) for dataset, method, seed, path in _evaluated_runs(experiment_dirs, grid)
             if diverged(path)]
 
 
-def _evaluated_runs(run_dirs: Path | Sequence[Path], grid: Grid):
-    """(dataset, method, seed, folder) of every run of ``grid`` with a ``test_metrics.json`` in ``run_dirs``."""
-    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(folder) for folder in run_dirs]
+def _evaluated_runs(experiment_dirs: Path | Sequence[Path], grid: Grid):
+    """(dataset, method, seed, folder) of every run of ``grid`` with a ``test_metrics.json`` in ``experiment_dirs``."""
+    if isinstance(experiment_dirs, (str, Path)):
+        experiment_dirs = [experiment_dirs]
+    experiment_dirs = [Path(folder) for folder in experiment_dirs]
     for dataset, method, seed in _grid_runs(grid):
         run = run_path(Path(), dataset, method, seed)
-        holding = [run_dir for run_dir in run_dirs if (run_dir / run / TEST_METRICS).exists()]
+        holding = [folder for folder in experiment_dirs if (folder / run / TEST_METRICS).exists()]
         if holding:
             yield dataset, method, seed, agreeing_copy(holding, run)
 
@@ -168,19 +170,19 @@ def flat_record(record: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def agreeing_copy(run_dirs: list[Path], run: Path) -> Path:
-    """``run`` (a run's folder relative to a run folder) in the first of ``run_dirs``, once its results
+def agreeing_copy(experiment_dirs: list[Path], run: Path) -> Path:
+    """``run`` (a run's folder relative to an experiment folder) in the first of ``experiment_dirs``, once its results
     (the ``protocols`` of ``test_metrics.json``) are the same in every other: copies that disagree raise
-    :class:`InputError` naming both run folders, the run and the first metric that differs."""
-    first = flat_record(read_run_json(run_dirs[0] / run / TEST_METRICS)["protocols"])
-    for run_dir in run_dirs[1:]:
-        other = flat_record(read_run_json(run_dir / run / TEST_METRICS)["protocols"])
+    :class:`InputError` naming both experiment folders, the run and the first metric that differs."""
+    first = flat_record(read_run_json(experiment_dirs[0] / run / TEST_METRICS)["protocols"])
+    for experiment_dir in experiment_dirs[1:]:
+        other = flat_record(read_run_json(experiment_dir / run / TEST_METRICS)["protocols"])
         differing = next((key for key in {**first, **other} if first.get(key) != other.get(key)), None)
         if differing is not None:
-            raise InputError(f"{run} is in {run_dirs[0]} and in {run_dir} with different results: {differing} "
-                             f"{first.get(differing)} vs {other.get(differing)}; a run of one dataset, method and "
+            raise InputError(f"{run} is in {experiment_dirs[0]} and in {experiment_dir} with different results: "
+                             f"{differing} {first.get(differing)} vs {other.get(differing)}; a run of one dataset, method and "
                              "seed must have one result: remove the copy that should not count")
-    return run_dirs[0] / run
+    return experiment_dirs[0] / run
 
 
 def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.DataFrame:
@@ -194,12 +196,12 @@ def load_metrics(paths: list[Path], protocol: str = "ignore_background") -> pd.D
     return pd.DataFrame(rows, columns=["dataset", "method", "seed", *METRICS])
 
 
-def recorded_dataset_spec(run_dirs: Path | Sequence[Path], dataset: str) -> DatasetSpec:
+def recorded_dataset_spec(experiment_dirs: Path | Sequence[Path], dataset: str) -> DatasetSpec:
     """``dataset``'s spec as its results recorded it: the description in its trivial reference's
-    test_metrics.json in the first of ``run_dirs`` that has one (a user's dataset has no shipped
+    test_metrics.json in the first of ``experiment_dirs`` that has one (a user's dataset has no shipped
     description to look up by name), else the shipped dataset of that name."""
-    for run_dir in [run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs:
-        path = run_path(run_dir, dataset, TRIVIAL, None) / TEST_METRICS
+    for experiment_dir in [experiment_dirs] if isinstance(experiment_dirs, (str, Path)) else experiment_dirs:
+        path = run_path(experiment_dir, dataset, TRIVIAL, None) / TEST_METRICS
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("dataset_description"):

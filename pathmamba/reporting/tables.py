@@ -1,4 +1,4 @@
-"""The paper's tables from a run's finished results (docs/design.md §4.5), in one run folder or several
+"""The paper's tables from a run's finished results (docs/design.md §4.5), in one experiment folder or several
 (a grid split across machines: a run found in two folders must have the same results in both, and a cell
 whose seeds ran on different hardware is marked).
 
@@ -258,7 +258,7 @@ def ablation_weights_notes(runs: pd.DataFrame, methods: list[str]) -> list[str]:
     starts: dict[str, set[str]] = {}
     for run in runs[runs["method"].isin(methods)].itertuples(index=False):
         path = Path(run.path) / RUN_RECORD
-        if not path.exists():  # evaluated without a training record (hand-made run folders)
+        if not path.exists():  # evaluated without a training record (hand-made experiment folders)
             continue
         weights = read_run_json(path).get("hparams", {}).get("pretrained", "none")
         starts.setdefault(run.method, set()).add("random" if weights == "none" else Path(weights).name)
@@ -288,19 +288,19 @@ def _write_results(table: pd.DataFrame, stem: Path, title: str, notes: list[str]
         atomic_write_text(stem.with_suffix(".tex"), latex_results(table, title, inconsistent))
 
 
-def diverged_note(run_dirs: Path | Sequence[Path], grid: Grid) -> list[str]:
+def diverged_note(experiment_dirs: Path | Sequence[Path], grid: Grid) -> list[str]:
     """A footnote naming the runs left out because their training diverged (none: no footnote)."""
-    left_out = diverged_runs(run_dirs, grid)
+    left_out = diverged_runs(experiment_dirs, grid)
     if not left_out:
         return []
     runs = "; ".join(f"{dataset} {method} seed {seed}" for dataset, method, seed in left_out)
     return [f"Not counted, their training diverged (a nan or infinite loss in history.csv): {runs}."]
 
 
-def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, out_dir: Path,
+def write_tables(experiment_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, out_dir: Path,
                  n_resamples: int = 10000, bootstrap_seed: int = 0,
                  reference_method: str | None = None) -> dict[str, pd.DataFrame]:
-    """Write every table of the module docstring from what finished under the run folder ``run_dirs``, or
+    """Write every table of the module docstring from what finished under the experiment folder ``experiment_dirs``, or
     several (:func:`pathmamba.reporting.results.finished_runs`: a run in two of them must have one result); returns
     them. ``reference_method``: the registered method the paired statistics compare with every other (a
     grid without it gets a statistics table that says so); None: the config schema's default
@@ -311,7 +311,7 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
                          f"{', '.join(method_names())}")
     out_dir = Path(out_dir)
     paper = load_paper_results(paper_path)
-    runs = finished_runs(run_dirs, grid)
+    runs = finished_runs(experiment_dirs, grid)
     paths = [Path(path) / TEST_METRICS for path in runs["path"]]
     n_expected = len(grid.seeds)
     rows = [*grid.methods, TRIVIAL]
@@ -327,7 +327,7 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
     tables["table1"] = results_table(primary, rows, grid.datasets, n_expected, paper["table1"])
     has_paper = tables["table1"]["paper"].notna().any()
     _write_results(tables["table1"], out_dir / TABLE1, "Table 1: comparison on the test split",
-                   _footnotes(rows, "ignore_background", source, has_paper) + diverged_note(run_dirs, grid),
+                   _footnotes(rows, "ignore_background", source, has_paper) + diverged_note(experiment_dirs, grid),
                    latex=True, runs=runs)
 
     ablation = [method for method in ablation_methods() if method in grid.methods]
@@ -342,10 +342,9 @@ def write_tables(run_dirs: Path | Sequence[Path], grid: Grid, paper_path: Path, 
                    notes, latex=True, labels=labels, runs=runs)
 
     atomic_write_text(out_dir / table_file(PER_CLASS_TABLE, "csv"), tables["per_class"].to_csv(index=False, float_format="%.6f"))
+    class_names = {dataset: list(recorded_dataset_spec(experiment_dirs, dataset).classes) for dataset in grid.datasets}
     write_markdown(out_dir / table_file(PER_CLASS_TABLE, "md"),
-                   markdown_per_class(tables["per_class"], {dataset: list(recorded_dataset_spec(run_dirs, dataset).classes)
-                                                            for dataset in grid.datasets},
-                                      rows, PROTOCOL_NOTES["ignore_background"]),
+                   markdown_per_class(tables["per_class"], class_names, rows, PROTOCOL_NOTES["ignore_background"]),
                    "Per-class IoU")
 
     tables["sensitivity"] = results_table(with_background, rows, grid.datasets, n_expected)

@@ -1,6 +1,6 @@
-# Tables, statistics and figures of a run; `snakemake --report results/<run>/report.html` gathers them.
+# Tables, statistics and figures of a run; `snakemake --report results/<experiment>/report.html` gathers them.
 # The CLI commands behind these rules also run by hand on a partial grid (whatever finished):
-#   python -m pathmamba tables --configfile <config> --out-dir results/<run>/tables
+#   python -m pathmamba tables --configfile <config> --out-dir results/<experiment>/tables
 
 from types import SimpleNamespace
 
@@ -15,7 +15,7 @@ REPORT_LOG_DIR = f"{RESULTS}/{layout.REPORT_LOGS}"
 
 rule tables:
     input:
-        trivial=expand(f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
+        trivial=expand(f"{TRIVIAL_EXPERIMENT_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
         runs=run_files(layout.TEST_METRICS),
         per_image=run_files(layout.PER_IMAGE),
         paper=PAPER_RESULTS,
@@ -73,7 +73,7 @@ rule tables:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
-        run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
+        experiment_dir=lambda wildcards, input: str(layout.experiment_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         datasets=DATASETS,
         methods=METHODS,
@@ -82,7 +82,7 @@ rule tables:
         bootstrap_seed=REPORT_SETTINGS["bootstrap_seed"],
         reference_method=REPORT_SETTINGS["reference_method"],
     shell:
-        "python -m pathmamba tables --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
+        "python -m pathmamba tables --experiment-dir {params.experiment_dir:q} --datasets {params.datasets:q}"
         " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
         " --n-resamples {params.n_resamples:q} --bootstrap-seed {params.bootstrap_seed:q}"
         " --reference-method {params.reference_method:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
@@ -103,10 +103,10 @@ rule figures:
         runs=run_files(layout.TEST_METRICS),
         # The confusion matrices sum their per-image cells; the trivial reference is drawn too.
         per_image=run_files(layout.PER_IMAGE),
-        trivial=expand(f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
+        trivial=expand(f"{TRIVIAL_EXPERIMENT_DIR}/{layout.TEST_METRICS}", dataset=DATASETS),
         masks=run_files(layout.MASKS),
         # The heat maps run the lowest seed's models on the CPU for the few images shown.
-        models=expand(f"{RUN_DIR}/{layout.MODEL}", dataset=DATASETS, method=METHODS, seed=min(SEEDS)),
+        models=expand(f"{EXPERIMENT_DIR}/{layout.MODEL}", dataset=DATASETS, method=METHODS, seed=min(SEEDS)),
         data=[dataset_root(SimpleNamespace(dataset=dataset)) for dataset in DATASETS],
         paper=PAPER_RESULTS,
     output:
@@ -178,7 +178,7 @@ rule figures:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
-        run_dir=lambda wildcards, input: str(layout.run_dir_of(input.runs[0])),
+        experiment_dir=lambda wildcards, input: str(layout.experiment_dir_of(input.runs[0])),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         datasets=DATASETS,
         methods=METHODS,
@@ -186,7 +186,7 @@ rule figures:
         data_roots=[f"{d}={dataset_root(SimpleNamespace(dataset=d))}" for d in DATASETS],
         n_images=max(1, min(REPORT_SETTINGS["n_images"], config["evaluate"]["n_masks"])),
     shell:
-        "python -m pathmamba figures --run-dir {params.run_dir:q} --datasets {params.datasets:q}"
+        "python -m pathmamba figures --experiment-dir {params.experiment_dir:q} --datasets {params.datasets:q}"
         " --methods {params.methods:q} --seeds {params.seeds:q} --paper {input.paper:q}"
         " --data-root {params.data_roots:q} --n-images {params.n_images:q} --out-dir {params.out_dir:q}"
         " > {log:q} 2>&1"

@@ -35,6 +35,7 @@ from pathmamba.core.gpus import (
 from pathmamba.engine.config import (
     ConfigError,
     check_config,
+    check_renamed_keys,
     dataset_archives,
     fetched_weights,
     grid_datasets,
@@ -55,6 +56,7 @@ try:
     # Snakemake's own YAML reading lets a key given twice silently win; read each config file again.
     for configfile in workflow.configfiles:
         load_yaml(configfile)
+    check_renamed_keys(config)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 validate(config, "../schemas/config.schema.yaml")
@@ -105,14 +107,14 @@ PATH_PROBLEMS = [problem for key, path in config_paths() if (problem := path_pro
 if PATH_PROBLEMS:
     raise WorkflowError("invalid config:\n  " + "\n  ".join(PATH_PROBLEMS))
 
-RESULTS = str(layout.configured_run_dir(config["results_dir"], config["run"]))
+RESULTS = str(layout.configured_experiment_dir(config["results_dir"], config["experiment"]))
 RESOURCES = config["resources_dir"]
 DATASETS = grid_datasets(config)
 METHODS = grid_methods(config)
 SEEDS = [int(seed) for seed in config["seeds"]]
-# The run folder's layout is pathmamba/core/layout.py's, for the rules and the code alike.
-RUN_DIR = f"{RESULTS}/{layout.RUN}"
-TRIVIAL_RUN_DIR = f"{RESULTS}/{layout.TRIVIAL_RUN}"
+# The experiment folder's layout is pathmamba/core/layout.py's, for the rules and the code alike.
+EXPERIMENT_DIR = f"{RESULTS}/{layout.RUN}"
+TRIVIAL_EXPERIMENT_DIR = f"{RESULTS}/{layout.TRIVIAL_RUN}"
 LOG_DIR = f"{RESULTS}/{layout.LOGS}"
 CHECKPOINT_DIR = f"{RESULTS}/{layout.CHECKPOINTS}"
 BENCHMARK_DIR = f"{RESULTS}/{layout.BENCHMARKS}"
@@ -120,9 +122,9 @@ BENCHMARK_DIR = f"{RESULTS}/{layout.BENCHMARKS}"
 # training images, then the method itself trained on them; three jobs, so a change to a later step
 # does not redo the earlier ones.
 TWO_STAGE_METHODS = [method for method in METHODS if method in two_stage_methods()]
-STAGE1_DIR = f"{RUN_DIR}/{layout.STAGE1}"
+STAGE1_DIR = f"{EXPERIMENT_DIR}/{layout.STAGE1}"
 STAGE1_MODEL = f"{STAGE1_DIR}/{layout.MODEL}"
-PSEUDO_MASKS = f"{RUN_DIR}/{layout.PSEUDO_MASKS}"
+PSEUDO_MASKS = f"{EXPERIMENT_DIR}/{layout.PSEUDO_MASKS}"
 # <resources_dir>/: datasets, downloads, checksums and weights, shared by every run.
 DATASET_DIR = f"{RESOURCES}/{layout.DATASET}"
 
@@ -165,7 +167,7 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def run_files(name, pattern=RUN_DIR):
+def run_files(name, pattern=EXPERIMENT_DIR):
     """``name`` in the folder ``pattern`` of every run of the grid."""
     return expand(f"{pattern}/{name}", dataset=DATASETS, method=METHODS, seed=SEEDS)
 
@@ -312,15 +314,15 @@ def forkserver_off_reason():
     return None
 
 
-# The run lock of the results folder (pathmamba/core/locks.py), held from the start of the jobs to the end of
+# The experiment lock of the results folder (pathmamba/core/locks.py), held from the start of the jobs to the end of
 # this process: a second Snakemake in another working folder whose config names the same results folder
 # is refused before it deletes anything. Snakemake's own lock covers only its working folder.
-RUN_LOCK = []
+EXPERIMENT_LOCK = []
 
 
 onstart:
     from snakemake.logging import logger
-    from pathmamba.core.locks import RunFolderBusy, lock_run_folder
+    from pathmamba.core.locks import ExperimentFolderBusy, lock_experiment_folder
 
     if THREADS_PER_JOB_CONFIGURED == "auto" and workflow.executor_plugin.common_settings.non_local_exec:
         raise WorkflowError(
@@ -328,11 +330,11 @@ onstart:
             "cluster run needs a number, the CPUs each job asks for: e.g. --config threads_per_job=8"
         )
     try:
-        handle, note = lock_run_folder(Path(RESULTS), Path.cwd())
-    except RunFolderBusy as error:
+        handle, note = lock_experiment_folder(Path(RESULTS), Path.cwd())
+    except ExperimentFolderBusy as error:
         raise WorkflowError(str(error)) from None
     if handle is not None:
-        RUN_LOCK.append(handle)
+        EXPERIMENT_LOCK.append(handle)
     if note:
         logger.warning(note)
     if config["forkserver"]:
@@ -355,14 +357,14 @@ onstart:
 
 
 def end_of_run():
-    """Stop the fork server and release the run lock (if Snakemake is killed, the server notices and ends
+    """Stop the fork server and release the experiment lock (if Snakemake is killed, the server notices and ends
     by itself, and the kernel releases the lock)."""
-    from pathmamba.core.locks import release_run_folder
+    from pathmamba.core.locks import release_experiment_folder
 
     for server in FORKSERVER:
         server.stop()
-    for handle in RUN_LOCK:
-        release_run_folder(handle)
+    for handle in EXPERIMENT_LOCK:
+        release_experiment_folder(handle)
 
 
 onsuccess:

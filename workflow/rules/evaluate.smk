@@ -1,13 +1,13 @@
 rule evaluate:
     input:
-        model=f"{RUN_DIR}/{layout.MODEL}",
+        model=f"{EXPERIMENT_DIR}/{layout.MODEL}",
         data=dataset_root,
         # The data must be the files that were validated (its fingerprint), not only a folder of that name.
         validated=VALIDATION_REPORT,
     output:
-        metrics=f"{RUN_DIR}/{layout.TEST_METRICS}",
-        per_image=f"{RUN_DIR}/{layout.PER_IMAGE}",
-        masks=directory(f"{RUN_DIR}/{layout.MASKS}"),
+        metrics=f"{EXPERIMENT_DIR}/{layout.TEST_METRICS}",
+        per_image=f"{EXPERIMENT_DIR}/{layout.PER_IMAGE}",
+        masks=directory(f"{EXPERIMENT_DIR}/{layout.MASKS}"),
     log:
         job_log("evaluate"),
     # Time and peak memory (max_rss) against the mem_mb request; not part of the training cost figure.
@@ -40,8 +40,8 @@ rule evaluate_trivial:
         data=dataset_root,
         validated=VALIDATION_REPORT,
     output:
-        metrics=f"{TRIVIAL_RUN_DIR}/{layout.TEST_METRICS}",
-        per_image=f"{TRIVIAL_RUN_DIR}/{layout.PER_IMAGE}",
+        metrics=f"{TRIVIAL_EXPERIMENT_DIR}/{layout.TEST_METRICS}",
+        per_image=f"{TRIVIAL_EXPERIMENT_DIR}/{layout.PER_IMAGE}",
     log:
         f"{RESULTS}/{layout.TRIVIAL_LOG}",
     conda:

@@ -5,9 +5,9 @@ rule train:
         validated=VALIDATION_REPORT,
         weights=pretrained_weights,
     output:
-        model=f"{RUN_DIR}/{layout.MODEL}",
-        history=f"{RUN_DIR}/{layout.HISTORY}",
-        run=f"{RUN_DIR}/{layout.RUN_RECORD}",
+        model=f"{EXPERIMENT_DIR}/{layout.MODEL}",
+        history=f"{EXPERIMENT_DIR}/{layout.HISTORY}",
+        run=f"{EXPERIMENT_DIR}/{layout.RUN_RECORD}",
     log:
         job_log("train"),
     benchmark:
