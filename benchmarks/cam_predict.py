@@ -28,7 +28,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,17 +39,14 @@ from baselines.cam.crf import dense_crf
 from baselines.cam.gradcam import GradCAMClassifier
 from baselines.cam.histosegnet import (
     HistoSegNet,
-    background_map,
-    histosegnet_grad_cam,
-    subtract_other_classes,
     to_rgb255,
 )
-from baselines.cam.toolbox import gate_classes, kept_classes
+from baselines.cam.toolbox import gate_classes
+from pathmamba.core.layout import REPO
 from pathmamba.data.datasets import normalised_batch
 from pathmamba.data.specs import get_dataset_spec
 from pathmamba.data.synthetic import make_patch
 
-REPO = Path(__file__).resolve().parents[1]
 BCSS_VAL_IMAGES = 3418
 EPOCHS = 100
 PAPER = {"backbone": "resnet50", "pretrained": "none", "output_stride": 8, "num_classes": 4}
@@ -89,17 +85,11 @@ class GradCAMBefore(GradCAMClassifier):
 
 class HistoSegNetBefore(HistoSegNet):
     def label_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Before: the probabilities came from a backbone pass of their own, the Grad-CAM from another.
         self.eval()
         with torch.no_grad():
-            probabilities = torch.sigmoid(self(images.float()))
-        keep = kept_classes(probabilities, self.threshold)
-        cams = histosegnet_grad_cam(self, images)
-        cams = cams * (probabilities * keep)[:, :, None, None]
-        background = background_map(to_rgb255(images.float()), self.background_scale,
-                                    sigma=self.background_sigma)
-        other = self.other_scale * (1 - torch.cat([cams, background], dim=1).amax(dim=1, keepdim=True))
-        maps = torch.cat([cams, background, other], dim=1)
-        return subtract_other_classes(maps, exempt=self.num_classes + 1), probabilities
+            self(images.float())
+        return super().label_maps(images)
 
 
 # --- measuring -----------------------------------------------------------------------------------------

@@ -71,11 +71,10 @@ def _dataset(text: str) -> str:
 def _dataset_name(text: str) -> str:
     """An argparse type: a dataset's name as results carry it (a user's dataset has no shipped description
     to look up by name; tables and figures read the description its results recorded)."""
-    from pathmamba.data.specs import NAME_PATTERN
+    from pathmamba.data.specs import NAME_PATTERN, NAME_RULE
 
     if not NAME_PATTERN.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset name; expected lower-case letters, digits, "
-                                         "'.', '_' or '-'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset name; expected {NAME_RULE}")
     return text
 
 
@@ -400,14 +399,18 @@ EXIT_INPUT = 2
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can fix, each raised with a message naming the file or argument at fault."""
-    from pathmamba.core.devices import DeviceUnavailable
     from pathmamba.core.download import DownloadFailed
-    from pathmamba.core.errors import DiskFull, FileSafetyError, InputError
+    from pathmamba.core.errors import (
+        DeviceUnavailable,
+        DiskFull,
+        FileSafetyError,
+        InputError,
+        TrainingDiverged,
+    )
     from pathmamba.data.acquire import ArchiveError, ChecksumMismatch
     from pathmamba.data.readers import DatasetLayoutError, LabelError, MaskError
     from pathmamba.data.validate import DatasetInvalid
     from pathmamba.engine.config import ConfigError
-    from pathmamba.engine.train import TrainingDiverged
 
     return (InputError, FileSafetyError, ConfigError, DatasetLayoutError, LabelError, MaskError, DatasetInvalid,
             ArchiveError, ChecksumMismatch, DownloadFailed, TrainingDiverged, DeviceUnavailable, DiskFull,
@@ -683,19 +686,18 @@ def _compare(args) -> int:
 
 
 def _readme(args) -> int:
-    from pathmamba.core import layout
     from pathmamba.reporting.readme import splice_readme, unpinned_runs
 
     diff = splice_readme(args.readme, args.table, check=args.check)
     if diff:
         print("\n".join(diff))
         print(f"{args.readme}: its results differ from {args.table}; `make readme` splices them in")
-        unpinned = unpinned_runs(layout.experiment_dir_of_table(args.table))
+        experiment_dir = layout.experiment_dir_of_table(args.table)
+        unpinned = unpinned_runs(experiment_dir)
         if unpinned:
-            print(f"{len(unpinned)} runs of {args.table}'s run were not pinned to AVX2 (e.g. {unpinned[0]}): the "
+            print(f"{len(unpinned)} runs of {experiment_dir} were not pinned to AVX2 (e.g. {unpinned[0]}): the "
                   "README's numbers are bitwise only for pinned runs (docs/reproducibility.md); compare the means "
-                  f"statistically with `python -m pathmamba compare {layout.experiment_dir_of_table(args.table)} "
-                  f"{args.readme}`")
+                  f"statistically with `python -m pathmamba compare {experiment_dir} {args.readme}`")
         return 1
     return 0
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from baselines.cam.cam import CAMClassifier
 from baselines.cam.classifier import image_logits
-from pathmamba.data.datasets import normalised_batch
+from pathmamba.data.datasets import normalised_batch, without_augmentation
 from pathmamba.models.backbones import stage_channels
 
 
@@ -107,12 +107,9 @@ class SCCAM(CAMClassifier):
         augmentation (as the original's ``extract_feature.py``)."""
         was_training = self.training
         self.eval()
-        # The engine's loader wraps the dataset (pathmamba.engine.train.EpochSeeded, seeding its augmentation):
-        # augmentation is switched off on the dataset that draws it.
-        dataset = copy.copy(getattr(loader.dataset, "dataset", loader.dataset))
-        dataset.augment = False
         features, labels = [], []
-        for images, targets in DataLoader(dataset, batch_size=loader.batch_size, shuffle=False):
+        unaugmented = DataLoader(without_augmentation(loader.dataset), batch_size=loader.batch_size, shuffle=False)
+        for images, targets in unaugmented:
             features.append(self.features(normalised_batch(images, device)).float().mean(dim=(2, 3)).cpu())
             labels.append(targets)
         self.train(was_training)

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from pathmamba.core.errors import DeviceUnavailable
 from pathmamba.core.settings import PRECISIONS
 
 log = logging.getLogger("pathmamba.core.devices")
@@ -42,11 +43,6 @@ def resolve_device(name: str = "auto") -> torch.device:
                                 "'cpu' (the demo config does); `python -m pathmamba doctor` checks a machine "
                                 "before a run")
     return torch.device(name)
-
-
-class DeviceUnavailable(RuntimeError):
-    """A device setting this machine cannot follow (``cuda`` without a usable GPU); the message names the
-    setting. The CLI prints it without a traceback."""
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

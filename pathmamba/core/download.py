@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pathmamba.core.errors import NO_ROOM, disk_full
-from pathmamba.core.files import _temporary_sibling
+from pathmamba.core.files import temporary_sibling
 from pathmamba.core.progress import format_duration
 
 log = logging.getLogger("pathmamba.core.download")
@@ -74,7 +74,7 @@ def download_file(url: str, dest: Path, check: FileCheck | None = None, retries:
 
 def _copy_local(url: str, dest: Path) -> None:
     source = Path(unquote(urlparse(url).path))
-    tmp = _temporary_sibling(dest)
+    tmp = temporary_sibling(dest)
     try:
         try:
             shutil.copyfile(source, tmp)

@@ -6,7 +6,6 @@ import os
 import platform
 import subprocess
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from pathmamba import __version__
 from pathmamba.core import cpu_pins
 from pathmamba.core.gpus import claimed_gpu, nvidia_driver
+from pathmamba.core.layout import REPO
 
 #: Distributions whose versions are recorded with every result (those installed: a rule's conda
 #: environment has no snakemake). pyproject.toml names this project's distribution pathmamba-benchmark.
@@ -25,7 +25,7 @@ RECORDED_PACKAGES = ("pathmamba-benchmark", "torch", "torchvision", "numpy", "pi
 def _git(*args: str) -> str | None:
     try:
         result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False,
-                                cwd=Path(__file__).resolve().parent)
+                                cwd=REPO)
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None

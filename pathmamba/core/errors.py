@@ -34,3 +34,12 @@ class InputError(ValueError):
 class FileSafetyError(RuntimeError):
     """A refusal that protects files: a folder or file this tool did not write, or a checkpoint folder
     another trainer holds. The message is one line for the user (the CLI prints it without a traceback)."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """A device setting this machine cannot follow (``cuda`` without a usable GPU); the message names the
+    setting. The CLI prints it without a traceback."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became nan or infinite: the run has no result and writes none."""

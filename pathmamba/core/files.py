@@ -37,7 +37,7 @@ def _write_bytes(path: Path, data: bytes, sync: bool) -> None:
             os.fsync(handle.fileno())
 
 
-def _temporary_sibling(path: Path) -> Path:
+def temporary_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,15 +47,21 @@ def _temporary_sibling(path: Path) -> Path:
         raise
     os.close(handle)
     # mkstemp creates the file private (0600); results are shared on clusters, so give the renamed file
-    # the permissions an ordinary write would have (0666 minus the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
+    # the permissions an ordinary write would have.
+    give_ordinary_mode(Path(name))
     return Path(name)
 
 
-def _atomic_write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
-    tmp = _temporary_sibling(path)
+def give_ordinary_mode(path: Path) -> None:
+    """Set ``path``'s permissions to those an ordinary write or mkdir gives (0666, folders 0777, minus the
+    umask): mkstemp, mkdtemp and safetensors create theirs private, and results are shared on clusters."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def atomic_write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
+    tmp = temporary_sibling(path)
     try:
         _write_bytes(tmp, data, sync)
         os.replace(tmp, path)
@@ -89,7 +95,7 @@ def normalised_path(path: Path) -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` (UTF-8) into ``path`` through a temporary file beside it: never a half-written file. A full
     disk is a :class:`DiskFull` naming the file and the bytes needed and free."""
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -11,7 +11,6 @@ refused, never deleted or written into.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from pathmamba.core.errors import FileSafetyError
+from pathmamba.core.files import give_ordinary_mode
 
 #: Why an existing folder is not an output of this tool (None: it is, or it is empty).
 Ownership = Callable[[Path], "str | None"]
@@ -61,9 +61,7 @@ def new_sibling(out_dir: Path, role: str) -> Path:
     permissions an ordinary mkdir gives (mkdtemp makes it private)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{role}-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    give_ordinary_mode(folder)
     return folder
 
 

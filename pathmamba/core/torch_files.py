@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pathmamba.core.errors import FileSafetyError
-from pathmamba.core.files import _atomic_write_bytes
+from pathmamba.core.files import atomic_write_bytes
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -22,7 +22,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     # On disk before the rename: a crash of the machine must not leave an empty checkpoint.
-    _atomic_write_bytes(Path(path), buffer.getbuffer(), sync=True)
+    atomic_write_bytes(Path(path), buffer.getbuffer(), sync=True)
 
 
 def plain_data(value: Any) -> Any:

@@ -8,7 +8,9 @@ the model runs (benchmarks/data_loading.py measures both).
 
 from __future__ import annotations
 
+import copy
 import json
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,15 @@ from pathmamba.data.specs import DatasetSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Mean and std on the 0..255 scale, so uint8 pixels are normalised in one subtract and one divide.
-_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-_STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
+
+@cache
+def _scale_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on the 0..255 scale, (3, 1, 1) on ``device``, so uint8 pixels are normalised in one
+    subtract and one divide; made once per device (a copy to a GPU per batch would wait for the GPU)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    return mean.to(device), std.to(device)
 
 
 def to_chw(image: np.ndarray) -> torch.Tensor:
@@ -31,8 +39,10 @@ def to_chw(image: np.ndarray) -> torch.Tensor:
 
 
 def normalise(chw: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, H, W) float32 normalised with the ImageNet mean and std."""
-    return chw.float().sub_(_MEAN_255).div_(_STD_255)
+    """(3, H, W) or (B, 3, H, W) uint8 -> float32 of that shape, normalised with the ImageNet mean and std
+    on the tensor's device."""
+    mean, std = _scale_255(chw.device)
+    return chw.float().sub_(mean).div_(std)
 
 
 def normalised_batch(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -45,14 +55,14 @@ def normalised_batch(images: torch.Tensor, device: torch.device, channels_last: 
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images.float().sub_(_MEAN_255.to(device)).div_(_STD_255.to(device))
+    return normalise(images)
 
 
-def default_workers(device: torch.device, threads: int) -> int:
-    """Loader workers for a job given ``threads`` CPU threads: on CUDA all but one thread decode
+def default_workers(device: torch.device) -> int:
+    """Loader workers for a job on ``device`` with torch's CPU threads: on CUDA all but one thread decode
     images while the GPU computes; on the CPU none, because the model's own compute needs every core
     (measured with benchmarks/training_throughput.py)."""
-    return max(0, threads - 1) if device.type == "cuda" else 0
+    return max(0, torch.get_num_threads() - 1) if device.type == "cuda" else 0
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -82,7 +92,26 @@ def random_dihedral(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-class ImageLabelDataset(Dataset):
+class AugmentableDataset(Dataset):
+    """A dataset that augments its items at random when ``augment`` is set."""
+
+    augment: bool
+
+    def unaugmented(self) -> AugmentableDataset:
+        """A shallow copy of this dataset that gives its items without augmentation (e.g. to extract
+        features of the training images, as SC-CAM's clustering does)."""
+        dataset = copy.copy(self)
+        dataset.augment = False
+        return dataset
+
+
+def without_augmentation(dataset: Dataset) -> Dataset:
+    """``dataset`` giving its items unaugmented: its :meth:`~AugmentableDataset.unaugmented` copy (the engine's
+    seeding wrapper passes it on), or ``dataset`` itself when it has no augmentation to switch off."""
+    return dataset.unaugmented() if hasattr(dataset, "unaugmented") else dataset
+
+
+class ImageLabelDataset(AugmentableDataset):
     """Training images with image-level labels.
 
     ``items``: (image path, label) pairs, label K ints 0/1 (K the dataset's classes). ``__getitem__`` returns
@@ -104,7 +133,7 @@ class ImageLabelDataset(Dataset):
         return image, self.labels[index]
 
 
-class ImageMaskDataset(Dataset):
+class ImageMaskDataset(AugmentableDataset):
     """Images with pixel masks (val/test).
 
     ``items``: (image path, mask path) pairs. ``__getitem__`` returns (image (3, H, W) uint8, mask
@@ -139,7 +168,7 @@ class ImageMaskDataset(Dataset):
 PSEUDO_MASK_MANIFEST = "manifest.json"
 
 
-class PseudoMaskDataset(Dataset):
+class PseudoMaskDataset(AugmentableDataset):
     """Training images with the pseudo masks a two-stage method's first stage wrote for them.
 
     ``folder`` holds one sub-folder per mask kind (listed in its ``manifest.json`` under ``masks``), each

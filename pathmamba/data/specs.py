@@ -22,6 +22,8 @@ from typing import Any
 SHIPPED = Path(__file__).parent / "descriptions"
 DESCRIPTION_SUFFIX = ".json"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+#: What :data:`NAME_PATTERN` allows, in words, for error messages.
+NAME_RULE = "lower-case letters, digits, '.', '_' or '-'"
 LABEL_SOURCES = ("file name", "table")
 SPLITS = ("training", "val", "test")
 FOLDER_KEYS = (*SPLITS, "images", "masks")
@@ -165,7 +167,7 @@ def spec_from_description(content: Any, source: str) -> DatasetSpec:
                  optional=("about", "counts", "download", "synthetic"))
     name = check.string(content["name"], "name")
     if not NAME_PATTERN.match(name):
-        check.fail("name", f"{name!r}; expected lower-case letters, digits, '.', '_' or '-' (it names folders)")
+        check.fail("name", f"{name!r}; expected {NAME_RULE} (it names folders)")
     if "about" in content:
         check.string(content["about"], "about")
 

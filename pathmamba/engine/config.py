@@ -22,7 +22,7 @@ import yaml
 
 from pathmamba.core.layout import REPO, WEIGHTS_FOLDER
 from pathmamba.data.specs import DatasetSpec, DescriptionError, dataset_names, get_dataset_spec
-from pathmamba.engine.registry import get_spec, method_names, two_stage_methods
+from pathmamba.engine.registry import get_spec, method_names, training_stages, two_stage_methods
 
 #: The largest seed: numpy's and torch's seeding take 32-bit unsigned integers.
 MAX_SEED = 2**32 - 1
@@ -443,5 +443,5 @@ def fetched_weights(config: dict[str, Any], method: str, stage: int | None = Non
 def all_fetched_weights(config: dict[str, Any]) -> list[str]:
     """:func:`fetched_weights` of every configured method and first stage, sorted, each once."""
     return sorted({path for method in grid_methods(config)
-                   for stage in ((None, 1) if method in two_stage_methods() else (None,))
+                   for stage in training_stages(method)
                    for path in fetched_weights(config, method, stage)})

@@ -142,7 +142,7 @@ def evaluate(model_path: Path, data_root: Path, out_dir: Path, masks_dir: Path |
         model.to(memory_format=torch.channels_last)
     names = [image.name for image, _ in index.test]
     if workers is None:
-        workers = default_workers(torch_device, torch.get_num_threads())
+        workers = default_workers(torch_device)
     loader = DataLoader(ImageMaskDataset(index.test, spec), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=torch_device.type == "cuda")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from pathmamba.core.environment import environment_record
 from pathmamba.core.errors import NO_ROOM, InputError, disk_full
-from pathmamba.core.files import atomic_write_json, file_sha256, normalised_path
+from pathmamba.core.files import atomic_write_json, file_sha256, give_ordinary_mode, normalised_path
 from pathmamba.core.layout import RUN_RECORD, TEST_METRICS
 from pathmamba.core.outputs import check_replaceable, listed_in, new_sibling, put_in_place
 from pathmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -114,10 +113,7 @@ def export_model(model_path: Path, out_dir: Path) -> dict[str, Any]:
             (building / WEIGHTS).unlink(missing_ok=True)
             needed = sum(tensor.nbytes for tensor in model.state_dict().values())
             raise disk_full(out_dir / WEIGHTS, needed, about=True) from None
-        # safetensors creates the file private (0600); exports are shared: an ordinary file's permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        (building / WEIGHTS).chmod(0o666 & ~umask)
+        give_ordinary_mode(building / WEIGHTS)  # safetensors creates it private (0600); exports are shared
         card["weights_sha256"] = file_sha256(building / WEIGHTS)
         atomic_write_json(building / CARD, card)
         put_in_place(building, out_dir, listed_in(CARD), "an export folder")

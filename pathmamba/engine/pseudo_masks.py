@@ -17,7 +17,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from pathmamba.core.devices import autocast
@@ -84,7 +83,7 @@ def write_pseudo_masks(model_path: Path, data_root: Path, out_dir: Path, device:
         for kind in kinds:
             (building / kind).mkdir()
         if workers is None:
-            workers = default_workers(torch_device, torch.get_num_threads())
+            workers = default_workers(torch_device)
         loader = DataLoader(ImageLabelDataset(index.train), batch_size=batch_size, shuffle=False,
                             num_workers=workers, pin_memory=torch_device.type == "cuda")
         names = [image.name for image, _ in index.train]

@@ -170,7 +170,8 @@ class MethodSpec:
                              f"{', '.join(SUPERVISION_KINDS)}")
 
 
-_PATHMAMBA = "pathmamba.models.pathmamba:PathMamba"
+#: The builder of PathMamba and its ablation variants (the ``mamba`` model family of the GPU-hour floor).
+PATHMAMBA_TARGET = "pathmamba.models.pathmamba:PathMamba"
 #: The CAM family's class activation maps as their predictions scale them.
 _CAM_HEATMAP = HeatMap("baselines.cam.toolbox:class_activation_heatmaps", "class activation map",
                        "CAM: ReLU, divided by its maximum")
@@ -234,19 +235,19 @@ METHODS: dict[str, MethodSpec] = {
     ),
     # PathMamba's ablation (paper Table 2, rows a, b, c, d, f) and a control: one class, flags in the preset.
     "pathmamba-b": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="PathMamba baseline (Table 2 a): VMamba-style encoder + MLP head, plain selective scan",
         preset={"use_miml": False, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
         ablation=AblationRow(1),
     ),
     "pathmamba-b-miml": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="PathMamba baseline + MIML pixel-level branch (Table 2 b)",
         preset={"use_miml": True, "use_contrast": False, "use_dcl": False, "mixer": "selective-scan"},
         ablation=AblationRow(2),
     ),
     "pathmamba-b-cmb": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="PathMamba baseline + Contrastive Mamba Block, contrast from its own class maps (Table 2 c)",
         preset={"use_miml": False, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
         ablation=AblationRow(3, note="c (pathmamba-b-cmb) has no MIML branch to give the CMB its saliency map: it "
@@ -255,13 +256,13 @@ METHODS: dict[str, MethodSpec] = {
                                      "is trained and scored."),
     ),
     "pathmamba-b-miml-cmb": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="PathMamba baseline + MIML + Contrastive Mamba Block (Table 2 d)",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": False, "mixer": "selective-scan"},
         ablation=AblationRow(4),
     ),
     "pathmamba": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="PathMamba: MIML + Contrastive Mamba Block + Deep Contrast Supervised Loss (Fan et al., MICCAI 2024)",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "selective-scan"},
         ablation=AblationRow(5),
@@ -270,7 +271,7 @@ METHODS: dict[str, MethodSpec] = {
                   HeatMap("pathmamba.models.pathmamba:cmb_heatmaps", "Y\u2033 (CMB map)", "Y\u2033: sigmoid")),
     ),
     "pathmamba-noscan": MethodSpec(
-        _PATHMAMBA,
+        PATHMAMBA_TARGET,
         summary="Control: full PathMamba with the selective scan replaced by a depthwise 7x7 convolution",
         preset={"use_miml": True, "use_contrast": True, "use_dcl": True, "mixer": "conv"},
         ablation=AblationRow(6, note="pathmamba-noscan is a control beyond the paper (selective scan replaced by a "
@@ -299,6 +300,12 @@ def load_target(target: str) -> Any:
 def two_stage_methods() -> list[str]:
     """Names of the registered methods that train a first stage of their own, sorted."""
     return [name for name in method_names() if METHODS[name].stage1 is not None]
+
+
+def training_stages(name: str) -> tuple[int | None, ...]:
+    """The stages method ``name`` trains, in the order they run: ``(1, None)`` (its first stage, then the
+    method itself) for a two-stage method, else ``(None,)``."""
+    return (1, None) if METHODS[name].stage1 is not None else (None,)
 
 
 def get_spec(name: str, stage: int | None = None) -> MethodSpec:

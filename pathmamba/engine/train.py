@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from pathmamba import __version__
 from pathmamba.core.devices import autocast, resolve_device, resolve_precision
 from pathmamba.core.environment import describe_environment, environment_record
-from pathmamba.core.errors import FileSafetyError
+from pathmamba.core.errors import FileSafetyError, TrainingDiverged
 from pathmamba.core.files import atomic_write_json, atomic_write_text, csv_text, file_sha256
 from pathmamba.core.layout import HISTORY, MODEL, RUN_RECORD
 from pathmamba.core.locks import lock_holder, try_lock
@@ -91,10 +91,6 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or a gradient became nan or infinite: the run has no result and writes none."""
-
-
 def split_for_pixel_supervision(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
     """A fixed seeded split of ``n`` val images into (train, select) index lists."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(PIXEL_SPLIT_SEED)).tolist()
@@ -125,6 +121,10 @@ class EpochSeeded(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def unaugmented(self) -> Dataset:
+        """The wrapped dataset without augmentation: nothing random is left to seed."""
+        return self.dataset.unaugmented()
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
@@ -450,7 +450,7 @@ def _build(method: str, spec: DatasetSpec, data_root: Path, seed: int, hparams: 
         log.warning("dataset %s: %s", dataset, note)
 
     if settings.workers is None:
-        settings = replace(settings, workers=default_workers(device, torch.get_num_threads()))
+        settings = replace(settings, workers=default_workers(device))
     channels_last = settings.channels_last and device.type == "cuda"
     seed_everything(seed, settings.deterministic)
     model = build_method(method, num_classes=spec.num_classes, stage=stage, **hparams)

@@ -47,7 +47,6 @@ from pathmamba.engine.config import (
     ConfigError,
     check_methods,
     configured_dataset_spec,
-    grid_datasets,
     grid_methods,
     method_hparams,
     train_settings,
@@ -55,10 +54,16 @@ from pathmamba.engine.config import (
 )
 from pathmamba.engine.evaluate import predict_split
 from pathmamba.engine.optim import adam
-from pathmamba.engine.registry import EpochAware, build_method, get_spec, two_stage_methods
+from pathmamba.engine.registry import EpochAware, build_method, get_spec, training_stages, two_stage_methods
 from pathmamba.engine.train import _train_epoch
 from pathmamba.models.scan import select_scan
-from pathmamba.operations.plan import dataset_image_size, default_throughput_path, load_workflow_config
+from pathmamba.operations.costs import random_targets
+from pathmamba.operations.plan import (
+    dataset_image_size,
+    default_throughput_path,
+    largest_image_dataset,
+    load_workflow_config,
+)
 
 log = logging.getLogger("pathmamba.operations.calibrate")
 
@@ -114,17 +119,6 @@ def _seconds(device: torch.device, run) -> float:
     return time.perf_counter() - started
 
 
-def _random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds: int,
-                    num_classes: int) -> torch.Tensor:
-    """Training targets as the engine's datasets batch them: multi-hot labels (image), a mask with
-    ignored pixels (pixel; the index ``num_classes``), or one such mask per pseudo-mask kind (pseudo)."""
-    if supervision == "image":
-        return torch.randint(0, 2, (n, num_classes)).float()
-    side = (image_size, image_size)
-    shape = (n, *side) if supervision == "pixel" else (n, pseudo_mask_kinds, *side)
-    return torch.randint(0, num_classes + 1, shape)
-
-
 def _random_loaders(supervision: str, batches: int, batch_size: int, image_size: int,
                     pseudo_mask_kinds: int, num_classes: int) -> dict[str, DataLoader]:
     """``batches`` batches of random uint8 images, as the datasets give them, for training (with
@@ -134,7 +128,7 @@ def _random_loaders(supervision: str, batches: int, batch_size: int, image_size:
     images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8)
     masks = torch.randint(0, num_classes + 1, (n, image_size, image_size))
     labels = torch.randint(0, 2, (n, num_classes)).float()
-    targets = _random_targets(supervision, n, image_size, pseudo_mask_kinds, num_classes)
+    targets = random_targets(supervision, n, image_size, pseudo_mask_kinds, num_classes)
     datasets = {"train": TensorDataset(images, targets),
                 "eval": TensorDataset(images, masks, torch.arange(n)),
                 "pseudo_masks": TensorDataset(images, labels)}
@@ -260,14 +254,14 @@ def calibrate(config: dict[str, Any], device: str | None = None, steps: int = 5,
         raise ConfigError(f"methods: {', '.join(unknown)} not configured; configured methods: "
                           f"{', '.join(config['methods'])}")
     check_methods(config, methods)  # before any model is built: a typo is not a traceback
-    dataset = max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
+    dataset = largest_image_dataset(config)
     image_size = dataset_image_size(config, dataset)
     configured = config.get("threads_per_job", torch.get_num_threads())
     torch.set_num_threads(threads or threads_per_job(configured, os.cpu_count() or 1,
                                                      len(gpu_pool(config.get("gpus", "auto")))))
     torch_device = resolve_device(device or config["train"].get("device", TrainSettings.device))
     # Every weights file, scan and precision checked before the first (slow) measurement.
-    stages = {method: ([1] if method in two_stage_methods() else []) + [None] for method in methods}
+    stages = {method: training_stages(method) for method in methods}
     hparams = {(method, stage): calibration_hparams(config, method, stage, random_init)
                for method in methods for stage in stages[method]}
     overrides = {key: value for key, value in (("scan", scan), ("precision", precision)) if value is not None}

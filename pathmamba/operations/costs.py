@@ -48,15 +48,20 @@ from pathmamba.data.specs import DatasetSpec
 from pathmamba.engine.config import (
     ConfigError,
     configured_dataset_spec,
-    grid_datasets,
     grid_methods,
     method_hparams,
     train_settings,
     without_weights_files,
 )
-from pathmamba.engine.registry import EpochAware, build_method, get_spec, two_stage_methods
+from pathmamba.engine.registry import EpochAware, build_method, get_spec, training_stages
 from pathmamba.models import cmb
-from pathmamba.operations.plan import costs_path, dataset_image_size, load_costs, method_costs
+from pathmamba.operations.plan import (
+    costs_path,
+    dataset_image_size,
+    largest_image_dataset,
+    load_costs,
+    method_costs,
+)
 
 log = logging.getLogger("pathmamba.operations.costs")
 
@@ -162,13 +167,15 @@ def scan_counted_apart(work: dict[str, int], backward: bool):
         cmb.selective_scan = real
 
 
-def random_targets(supervision: str, classes: int, image_size: int) -> torch.Tensor:
-    """Training targets of a batch as the engine's datasets give them: multi-hot labels (image), a mask
-    with ignored pixels (pixel: index ``classes``), or :data:`PSEUDO_MASK_KINDS` such masks (pseudo)."""
+def random_targets(supervision: str, n: int, image_size: int, pseudo_mask_kinds: int,
+                   num_classes: int) -> torch.Tensor:
+    """Training targets as the engine's datasets batch them: multi-hot labels (image), a mask with
+    ignored pixels (pixel; the index ``num_classes``), or one such mask per pseudo-mask kind (pseudo)."""
     if supervision == "image":
-        return torch.randint(0, 2, (BATCH, classes)).float()
-    kinds = () if supervision == "pixel" else (PSEUDO_MASK_KINDS,)
-    return torch.randint(0, classes + 1, (BATCH, *kinds, image_size, image_size))
+        return torch.randint(0, 2, (n, num_classes)).float()
+    side = (image_size, image_size)
+    shape = (n, *side) if supervision == "pixel" else (n, pseudo_mask_kinds, *side)
+    return torch.randint(0, num_classes + 1, shape)
 
 
 def count(run, backward: bool) -> dict[str, float]:
@@ -199,7 +206,7 @@ def count_method(method: str, hparams: dict[str, Any], image_size: int, dataset:
     model = build_method(method, num_classes=classes, stage=stage, **build)
     uint8 = torch.randint(0, 256, (BATCH, 3, image_size, image_size), dtype=torch.uint8)
     images = normalised_batch(uint8, torch.device("cpu"))
-    targets = random_targets(supervision, classes, image_size)
+    targets = random_targets(supervision, BATCH, image_size, PSEUDO_MASK_KINDS, classes)
     if isinstance(model, EpochAware):
         loader = DataLoader(TensorDataset(uint8, targets), batch_size=BATCH)
         for epoch in range(1, epochs + 1):
@@ -254,15 +261,10 @@ def costs_record(methods: dict[str, Any]) -> dict[str, Any]:
 def uncounted_methods(config: dict[str, Any]) -> list[str]:
     """Methods of the grid whose work (or their first stage's) the costs file lacks at the grid's largest
     image size and their hyper-parameters."""
-    dataset = counting_dataset(config)
+    dataset = largest_image_dataset(config)
     return [method for method in grid_methods(config)
             if any(method_costs(config, dataset, method, stage) is None
-                   for stage in ([1] if method in two_stage_methods() else []) + [None])]
-
-
-def counting_dataset(config: dict[str, Any]) -> str:
-    """The grid's dataset with the largest images (the first of them): the size the work is counted at."""
-    return max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
+                   for stage in training_stages(method))]
 
 
 def update_costs(config: dict[str, Any]) -> list[str]:
@@ -275,7 +277,7 @@ def update_costs(config: dict[str, Any]) -> list[str]:
                           "file), as in config/config.yaml")
     counted = (load_costs(config) or {}).get("methods", {})
     methods = uncounted_methods(config)
-    dataset = counting_dataset(config)
+    dataset = largest_image_dataset(config)
     for method in methods:  # written after each, so that an interrupted count keeps what it counted
         counted = {**counted, **count_config(config, [method], dataset_image_size(config, dataset), dataset)}
         atomic_write_json(costs_path(config), costs_record(counted))

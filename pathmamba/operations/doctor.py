@@ -34,7 +34,7 @@ from pathmamba.engine.config import (
     train_settings,
     without_weights_files,
 )
-from pathmamba.engine.registry import build_method, two_stage_methods
+from pathmamba.engine.registry import build_method, training_stages
 from pathmamba.models.scan import compare_fused_with_fallback, fused_scan_unavailable_reason
 from pathmamba.operations.plan import gpu_jobs, runtime_minutes
 
@@ -64,7 +64,7 @@ class Check:
 def _uses_cuda(config: dict[str, Any]) -> bool:
     """Whether the config's jobs ask for a GPU (``cuda`` or ``auto``) anywhere."""
     devices = {train_settings(config, method, stage).get("device", "auto") for method in grid_methods(config)
-               for stage in ((None, 1) if method in two_stage_methods() else (None,))}
+               for stage in training_stages(method)}
     return any(device != "cpu" for device in devices)
 
 
@@ -191,7 +191,7 @@ def grid_disk_bytes(config: dict[str, Any], concurrent_jobs: int) -> dict[str, i
     seeds, datasets = len(config["seeds"]), grid_datasets(config)
     models, pseudo, largest = 0, 0, 0
     for method in grid_methods(config):
-        stages = (None, 1) if method in two_stage_methods() else (None,)
+        stages = training_stages(method)
         for stage in stages:
             size = _model_bytes(config, method, stage)
             largest = max(largest, size)

@@ -49,7 +49,7 @@ from pathmamba.engine.config import (
     method_hparams,
     train_settings,
 )
-from pathmamba.engine.registry import get_spec, two_stage_methods
+from pathmamba.engine.registry import PATHMAMBA_TARGET, get_spec, training_stages, two_stage_methods
 
 # A GPU job's fixed cost beyond the images: start-up, imports, data indexing, checkpoint writes.
 JOB_OVERHEAD_HOURS = 5 / 60
@@ -59,8 +59,6 @@ RUNTIME_MARGIN = 1.5
 #: Patch side of the real datasets when the config does not say otherwise (``validate.image_size``).
 REAL_IMAGE_SIZE = 224
 SPEED_KEYS = ("train_images_per_s", "eval_images_per_s")
-#: The builder of the PathMamba variants: the ``mamba`` model family; every other method is ``cnn``.
-MAMBA_FAMILY_TARGET = "pathmamba.models.pathmamba:PathMamba"
 #: Adam's memory traffic per trainable parameter and step: it reads the weight, its gradient and both
 #: moments and writes the weight and both moments, in float32.
 ADAM_BYTES_PER_PARAMETER = 7 * 4
@@ -111,6 +109,12 @@ def dataset_counts(config: dict[str, Any], dataset: str) -> dict[str, int]:
         raise ConfigError(f"datasets.{dataset}: no published image counts to plan with; "
                           "give a 'synthetic' block or use a dataset with known counts")
     return counts
+
+
+def largest_image_dataset(config: dict[str, Any]) -> str:
+    """The grid's dataset with the largest images (the first of them): the size that ``calibrate`` measures
+    and ``plan --floor`` counts at."""
+    return max(grid_datasets(config), key=lambda name: dataset_image_size(config, name))
 
 
 def dataset_image_size(config: dict[str, Any], dataset: str) -> int:
@@ -219,7 +223,7 @@ def load_measured_throughput(path: Path) -> dict[str, Any] | None:
 
 def model_family(method: str) -> str:
     """``mamba`` (the PathMamba variants) or ``cnn`` (the baselines): the key of ``floor.efficiency``."""
-    return "mamba" if get_spec(method).target == MAMBA_FAMILY_TARGET else "cnn"
+    return "mamba" if get_spec(method).target == PATHMAMBA_TARGET else "cnn"
 
 
 def floor_gpu(config: dict[str, Any]) -> dict[str, Any]:
@@ -470,7 +474,7 @@ def floor_rows(config: dict[str, Any]) -> list[FloorRow]:
     for dataset in grid_datasets(config):
         counts = dataset_counts(config, dataset)
         for method in grid_methods(config):
-            stages = ([1] if method in two_stage_methods() else []) + [None]
+            stages = training_stages(method)
             trained = predicted = 0
             for stage in stages:
                 fit, select = training_images(config, dataset, method, stage)

@@ -71,7 +71,7 @@ from pathmamba.engine.config import (
     method_hparams,
     train_settings,
 )
-from pathmamba.engine.registry import get_spec, method_names, two_stage_methods
+from pathmamba.engine.registry import get_spec, method_names, training_stages, two_stage_methods
 from pathmamba.operations.plan import REAL_IMAGE_SIZE
 
 log = logging.getLogger("pathmamba.operations.rehearsal")
@@ -370,8 +370,7 @@ def check_runs(paper: dict[str, Any], effective: dict[str, Any], folder: Path) -
     for dataset in effective["datasets"]:
         for method in effective["methods"]:
             for seed in effective["seeds"]:
-                stages = [1, None] if method in two_stage_methods() else [None]
-                for stage in stages:
+                for stage in training_stages(method):
                     path = run_path(experiment_dir, dataset, method, seed) / (STAGE1 if stage else "") / RUN_RECORD
                     if not path.is_file():
                         problems.append(f"{path}: missing")
@@ -451,7 +450,7 @@ def job_costs(effective: dict[str, Any], folder: Path, requests: dict[str, tuple
             continue
         with open(path) as handle:
             row = next(csv.DictReader(handle, delimiter="\t"))
-        run = run_path(experiment_folder(effective, folder), parts[0], parts[1], int(parts[2].removeprefix("seed")))
+        run = run_path(folder / results, parts[0], parts[1], int(parts[2].removeprefix("seed")))
         images, loop = _images(run, rule)
         costs.append(JobCost(parts[0], parts[1], rule, float(row["s"]), images, loop,
                              float(row["max_rss"]), mem_mb))
