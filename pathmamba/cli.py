@@ -426,24 +426,53 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _terminate(signum, _frame) -> None:
+#: A stop signal that arrived while a module was being imported, raised once the import is done.
+_deferred_stop: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    import signal
+
+    # Raised inside an import, the exception may be swallowed by whatever imports (a library's bare
+    # `except:` around an optional import): the command would go on as if never stopped. Retried every
+    # 10 ms (SIGALRM) until no import is under way.
+    if _importing(frame):
+        _deferred_stop[:] = [signum]
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
     raise Terminated(signum)
+
+
+def _retry_deferred_stop(_signum, frame) -> None:
+    if _deferred_stop:
+        _terminate(_deferred_stop[0], frame)
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
 def _stopping_cleanly():
-    """SIGTERM and SIGHUP raise :class:`Terminated` (main thread only) while the command runs; a SIGINT
-    raises KeyboardInterrupt already."""
+    """SIGTERM and SIGHUP raise :class:`Terminated` (main thread only) while the command runs, once no
+    import is under way; a SIGINT raises KeyboardInterrupt already."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    handlers = {signal.SIGTERM: _terminate, signal.SIGHUP: _terminate, signal.SIGALRM: _retry_deferred_stop}
+    before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _deferred_stop.clear()
         for signum, handler in before.items():
             signal.signal(signum, handler)
 

@@ -153,6 +153,23 @@ def test_rehearse_stopped_while_writing_its_archives_leaves_no_building_folder(t
     assert not (folder / "snakemake.log").exists()  # stopped before Snakemake started
 
 
+def test_a_stop_signal_during_an_import_is_raised_once_the_import_is_done():
+    """A SIGTERM handled while a module is being imported is not raised there (the importer may swallow it,
+    as a library's bare `except:` did in the rehearsal) but right after the import."""
+    from pathmamba.cli import Terminated, _stopping_cleanly
+
+    # Code whose frames look like the import machinery's: the signal is handled inside it.
+    importing = compile("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.001)\n"
+                        "finished.append(True)\n", "<frozen importlib._bootstrap>", "exec")
+    finished = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), _stopping_cleanly():
+        exec(importing, {"finished": finished})  # noqa: S102 - our code, under the import machinery's name
+        time.sleep(1)  # the deferred stop arrives here
+    assert finished == [True]  # the "import" ran to its end
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # --- a full disk ------------------------------------------------------------------------------------------
 
 

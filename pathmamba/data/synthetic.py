@@ -329,8 +329,10 @@ def make_synthetic_dataset(
     # A hidden sibling on the same file system, so the final rename is atomic; named by process so
     # that a leftover of a killed run never clashes. mkdir (unlike mkdtemp) honours the umask.
     building = out.parent / f".{out.name}.building-{os.getpid()}"
-    building.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # Made inside the try: a stop signal that lands just after the mkdir still removes it.
+        building.mkdir()
         for split, n in counts.items():
             _write_split(building, spec, split, n, size, seed)
         building.rename(out)
